@@ -1,0 +1,185 @@
+"""The `autodidact` command.
+
+    autodidact serve SERVICE [--port PORT]   host one service
+    autodidact up                            host every implemented service, loopback ports
+    autodidact generate "PROMPT"             sample from a running generator
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+from autodidact.runtime.logging import configure_logging
+from autodidact.runtime.settings import ServerSettings
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"AUTODIDACT_{name}", default)
+
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning, error")
+    parser.add_argument(
+        "--log-format", choices=("auto", "json", "console"), default=_env("LOG_FORMAT", "auto"),
+        help="auto: JSON unless stderr is a terminal",
+    )
+
+
+def _add_server_args(parser: argparse.ArgumentParser, default_host: str) -> None:
+    defaults = ServerSettings()
+    parser.add_argument("--host", default=_env("HOST", default_host), help=f"address to bind (default {default_host})")
+    parser.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "9464") or 0),
+                        help="Prometheus /metrics port; 0 turns it off (default 9464)")
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=defaults.max_concurrent_rpcs,
+                        help=f"RPCs in progress at once per service; more get RESOURCE_EXHAUSTED (default {defaults.max_concurrent_rpcs})")
+    parser.add_argument("--max-message-mib", type=float, default=defaults.max_message_bytes / 2**20,
+                        help="largest message in MiB (default 8)")
+    parser.add_argument("--grace", type=float, default=defaults.grace_seconds,
+                        help=f"seconds in-flight calls get after SIGTERM (default {defaults.grace_seconds:g})")
+    parser.add_argument("--model", default=_env("MODEL"), help="GGUF file for the embedded backend (default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--context-length", type=int, default=2048, help="tokens per llama.cpp context (default 2048)")
+    parser.add_argument("--contexts", type=int, default=1, help="llama.cpp contexts, i.e. generations at once (default 1)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per context; 0: cores / contexts")
+    parser.add_argument("--max-samples", type=int, default=64, help="largest n accepted by Generate (default 64, at most 64)")
+    _add_logging_args(parser)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from autodidact.stack import DEFAULT_PORTS
+
+    parser = argparse.ArgumentParser(prog="autodidact", description="Language models write and filter their own training data.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="host one service")
+    serve.add_argument("service", choices=sorted(DEFAULT_PORTS))
+    serve.add_argument("--port", type=int, help="port (default: the service's, see README)")
+    _add_server_args(serve, default_host="0.0.0.0")
+
+    up = commands.add_parser("up", help="host every implemented service in one process on loopback")
+    _add_server_args(up, default_host="127.0.0.1")
+
+    generate = commands.add_parser("generate", help="sample from a running generator")
+    generate.add_argument("prompt")
+    generate.add_argument("--target", default=f"localhost:{DEFAULT_PORTS['generator']}")
+    generate.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    generate.add_argument("-n", type=int, default=1, help="samples (default 1)")
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--max-tokens", type=int, default=128)
+    generate.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    generate.add_argument("--seed", type=int, help="base seed; sample i uses seed + i")
+    generate.add_argument("--wait", type=float, default=0, help="seconds to wait for the generator to be SERVING")
+    generate.add_argument("--timeout", type=float, default=300, help="deadline of the call in seconds")
+    generate.add_argument("--json", action="store_true", help="print the response as JSON")
+    return parser
+
+
+def _options(args: argparse.Namespace):  # -> StackOptions
+    from autodidact.backends.llm.llamacpp import LlamaCppSettings
+    from autodidact.generator.requests import GeneratorLimits
+    from autodidact.stack import StackOptions
+
+    return StackOptions(
+        llamacpp=LlamaCppSettings(
+            model_path=args.model, context_length=args.context_length, contexts=args.contexts, threads=args.threads
+        ),
+        generator=GeneratorLimits(max_samples=args.max_samples),
+    )
+
+
+def _server_settings(args: argparse.Namespace, port: int, metrics_port: int | None) -> ServerSettings:
+    return ServerSettings(
+        host=args.host,
+        port=port,
+        max_message_bytes=int(args.max_message_mib * 2**20),
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        grace_seconds=args.grace,
+        metrics_port=metrics_port,
+    )
+
+
+async def _serve(names: list[str], args: argparse.Namespace) -> None:
+    from autodidact.runtime.server import ServiceHost
+    from autodidact.stack import DEFAULT_PORTS, build_component
+
+    options = _options(args)
+    metrics_port = args.metrics_port or None
+    hosts = []
+    for i, name in enumerate(names):
+        port = args.port if getattr(args, "port", None) is not None else DEFAULT_PORTS[name]
+        # One metrics endpoint per process: the first host starts it.
+        settings = _server_settings(args, port, metrics_port if i == 0 else None)
+        hosts.append(ServiceHost([build_component(name, options)], settings))
+    await asyncio.gather(*(host.run_until_signalled() for host in hosts))
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf import json_format
+
+    from autodidact.client import wait_until_serving
+    from autodidact.runtime.channels import create_channel
+    from autodidact.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+
+    if args.chat:
+        prompt = common_pb2.Prompt(chat=common_pb2.Chat(messages=[common_pb2.ChatMessage(role="user", content=args.prompt)]))
+    else:
+        prompt = common_pb2.Prompt(text=args.prompt)
+    sampling = common_pb2.SamplingParams(top_k=args.top_k, max_tokens=args.max_tokens, stop=args.stop)
+    if args.temperature is not None:
+        sampling.temperature = args.temperature
+    if args.top_p is not None:
+        sampling.top_p = args.top_p
+    request = generator_pb2.GenerateRequest(prompt=prompt, sampling=sampling, n=args.n)
+    if args.seed is not None:
+        request.seed = args.seed
+    async with create_channel(args.target, timeout_seconds=args.timeout) as channel:
+        try:
+            if args.wait:
+                await wait_until_serving(channel, timeout=args.wait)
+            response = await generator_pb2_grpc.GeneratorServiceStub(channel).Generate(request, timeout=args.timeout)
+        except grpc.aio.AioRpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+        except TimeoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(response), indent=2))
+        return 0
+    print(f"model: {response.model.model} ({response.model.backend}); base seed {response.seed}; "
+          f"{response.usage.prompt_tokens} prompt + {response.usage.completion_tokens} completion tokens")
+    for sample in response.samples:
+        reason = common_pb2.FinishReason.Name(sample.finish_reason).removeprefix("FINISH_REASON_").lower()
+        print(f"\n--- sample seed={sample.seed} tokens={sample.completion_tokens} finish={reason}")
+        print(sample.text.strip())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    json_logs = {"auto": None, "json": True, "console": False}[getattr(args, "log_format", "auto")]
+    configure_logging(getattr(args, "log_level", "info"), json=json_logs)
+    if args.command == "generate":
+        return asyncio.run(_generate(args))
+    if args.command == "serve":
+        names = [args.service]
+    else:
+        from autodidact.stack import IMPLEMENTED
+
+        names = list(IMPLEMENTED)
+    try:
+        asyncio.run(_serve(names, args))
+    except ValueError as exc:  # an unimplemented service, a bad option
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Prometheus metrics of a process, and the endpoint that exposes them.
+
+RPC metrics are recorded by the metrics interceptor for every method; data
+metrics (tokens, samples) by the services that produce the data.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+RPC_REQUESTS = Counter(
+    "autodidact_rpc_requests_total",
+    "RPCs handled, by method and status code.",
+    ["method", "code"],
+)
+RPC_LATENCY = Histogram(
+    "autodidact_rpc_latency_seconds",
+    "Time from receiving an RPC to its last response, by method.",
+    ["method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+GENERATED_SAMPLES = Counter("autodidact_generated_samples_total", "Samples generated.", ["backend"])
+GENERATED_TOKENS = Counter("autodidact_generated_tokens_total", "Tokens generated.", ["backend"])
+PROMPT_TOKENS = Counter("autodidact_prompt_tokens_total", "Prompt tokens evaluated.", ["backend"])
+
+
+def start_metrics_endpoint(port: int, host: str = "0.0.0.0") -> int:
+    """Serves /metrics over HTTP on a daemon thread; returns the bound port."""
+    server, _thread = start_http_server(port, addr=host)
+    return int(server.server_port)

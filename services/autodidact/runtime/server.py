@@ -1,0 +1,148 @@
+"""The gRPC host every autodidact service runs in.
+
+One ServiceHost serves one or more components (a servicer plus the backend it
+needs) on one port, with:
+- the standard health service: NOT_SERVING for each component until its
+  backend is loaded, SERVING after; the overall status ("") turns SERVING once
+  every component is;
+- reflection, so outside clients (grpcurl) can list and call methods;
+- the request-id, metrics and error interceptors;
+- explicit message size limits, keepalive and `maximum_concurrent_rpcs`;
+- graceful shutdown: health goes NOT_SERVING, new calls are refused, calls in
+  flight get `grace_seconds` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from autodidact.runtime.interceptors import server_interceptors
+from autodidact.runtime.metrics import start_metrics_endpoint
+from autodidact.runtime.settings import SERVER_KEEPALIVE_OPTIONS, ServerSettings
+
+log = structlog.get_logger("autodidact.server")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Component:
+    """A service to host: its full proto name, how to add its servicer to a
+    server, and how to load and release the backend it needs."""
+
+    name: str  # e.g. "autodidact.v1.GeneratorService"
+    register: Callable[[grpc.aio.Server], None]
+    load: Callable[[], Awaitable[None]] = _nothing
+    close: Callable[[], Awaitable[None]] = _nothing
+
+
+@dataclass
+class ServiceHost:
+    components: list[Component]
+    settings: ServerSettings = field(default_factory=ServerSettings)
+    port: int = 0
+    _server: grpc.aio.Server | None = None
+    _health: health.aio.HealthServicer | None = None
+    _loading: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        """Binds, starts serving (health NOT_SERVING) and starts loading backends.
+
+        Returns the bound port.
+        """
+        size = self.settings.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=server_interceptors(),
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+                *SERVER_KEEPALIVE_OPTIONS,
+            ],
+            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        for component in self.components:
+            component.register(server)
+            await self._health.set(component.name, NOT_SERVING)
+        await self._health.set("", NOT_SERVING)
+        names = [c.name for c in self.components]
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+        )
+        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
+        await server.start()
+        self._server = server
+        log.info("listening", services=names, host=self.settings.host, port=self.port)
+        if self.settings.metrics_port is not None:
+            metrics_port = start_metrics_endpoint(self.settings.metrics_port, self.settings.host)
+            log.info("metrics endpoint", port=metrics_port, path="/metrics")
+        self._loading = asyncio.create_task(self._load_components())
+        return self.port
+
+    async def _load_components(self) -> None:
+        assert self._health is not None
+        for component in self.components:
+            await component.load()
+            await self._health.set(component.name, SERVING)
+            log.info("serving", service=component.name)
+        await self._health.set("", SERVING)
+
+    async def wait_ready(self) -> None:
+        """Returns once every backend is loaded; raises what a failed load raised."""
+        assert self._loading is not None, "start() first"
+        await self._loading
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health to NOT_SERVING, refuse new calls, let in-flight calls finish
+        within the grace period, then release the backends."""
+        if self._server is None:
+            return
+        grace = self.settings.grace_seconds if grace is None else grace
+        log.info("stopping", grace_seconds=grace)
+        assert self._health is not None
+        await self._health.enter_graceful_shutdown()
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        await self._server.stop(grace)
+        self._server = None
+        for component in self.components:
+            await component.close()
+        log.info("stopped")
+
+    async def run_until_signalled(self) -> None:
+        """Serves until SIGTERM or SIGINT, then stops gracefully.
+
+        A backend that fails to load stops the process with that error, so an
+        orchestrator restarts it instead of it staying NOT_SERVING forever.
+        """
+        stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_requested.set)
+        await self.start()
+        assert self._loading is not None
+        stop_waiter = asyncio.create_task(stop_requested.wait())
+        await asyncio.wait({self._loading, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if self._loading.done() and self._loading.exception() is not None:
+            stop_waiter.cancel()
+            await self.stop(grace=0)
+            raise self._loading.exception()  # type: ignore[misc]
+        await stop_waiter
+        log.info("signal received")
+        await self.stop()

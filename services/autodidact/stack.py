@@ -1,0 +1,49 @@
+"""Which services exist, where they listen by default, and how each is built.
+
+`autodidact serve NAME` hosts one of them; `autodidact up` hosts every
+implemented one in one process, each on its own loopback port, so a local
+stack is addressed exactly like a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autodidact.backends.llm.llamacpp import LlamaCppLLM, LlamaCppSettings
+from autodidact.generator.requests import GeneratorLimits
+from autodidact.generator.service import generator_component
+from autodidact.runtime.server import Component
+
+# Default ports of every service of the architecture (README "Ports").
+DEFAULT_PORTS = {
+    "coordinator": 50050,
+    "generator": 50051,
+    "scorer": 50052,
+    "critic": 50053,
+    "tool-executor": 50054,
+    "dedup": 50055,
+}
+DEFAULT_METRICS_PORT = 9464
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """What the implemented services need to build their backends."""
+
+    llamacpp: LlamaCppSettings = LlamaCppSettings()
+    generator: GeneratorLimits = GeneratorLimits()
+
+
+def _generator(options: StackOptions) -> Component:
+    return generator_component(lambda: LlamaCppLLM.load(options.llamacpp), options.generator)
+
+
+BUILDERS = {"generator": _generator}
+IMPLEMENTED = tuple(BUILDERS)
+
+
+def build_component(name: str, options: StackOptions) -> Component:
+    if name not in BUILDERS:
+        known = ", ".join(IMPLEMENTED)
+        raise ValueError(f"service {name!r} is not implemented yet; implemented: {known}")
+    return BUILDERS[name](options)

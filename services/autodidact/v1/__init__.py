@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of protos/autodidact/v1. Never edit by hand: run scripts/generate_stubs.py."""
