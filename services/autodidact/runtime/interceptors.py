@@ -10,6 +10,7 @@ of RPC; for streaming responses it spans the whole stream.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -57,8 +58,14 @@ def _wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around) -> Any:
 
     async def streaming_behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with around(context):
-            async for response in streaming(request, context):
-                yield response
+            responses = streaming(request, context)
+            if inspect.isasyncgen(responses):
+                async for response in responses:
+                    yield response
+            else:
+                # A write-style handler (the health service's Watch): it sends
+                # through context.write() and returns nothing.
+                await responses
 
     factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
     return factory(streaming_behaviour, handler.request_deserializer, handler.response_serializer)

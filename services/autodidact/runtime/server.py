@@ -8,8 +8,8 @@ needs) on one port, with:
 - reflection, so outside clients (grpcurl) can list and call methods;
 - the request-id, metrics and error interceptors;
 - explicit message size limits, keepalive and `maximum_concurrent_rpcs`;
-- graceful shutdown: health goes NOT_SERVING, new calls are refused, calls in
-  flight get `grace_seconds` to finish.
+- graceful shutdown: health goes NOT_SERVING (health Watch streams then end),
+  new calls are refused, calls in flight get `grace_seconds` to finish.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from autodidact.runtime.health import HealthServicer
 from autodidact.runtime.interceptors import server_interceptors
 from autodidact.runtime.metrics import start_metrics_endpoint
 from autodidact.runtime.settings import SERVER_KEEPALIVE_OPTIONS, ServerSettings
@@ -55,7 +56,7 @@ class ServiceHost:
     settings: ServerSettings = field(default_factory=ServerSettings)
     port: int = 0
     _server: grpc.aio.Server | None = None
-    _health: health.aio.HealthServicer | None = None
+    _health: HealthServicer | None = None
     _loading: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
@@ -73,7 +74,7 @@ class ServiceHost:
             ],
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for component in self.components:
             component.register(server)

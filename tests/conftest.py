@@ -1,0 +1,52 @@
+"""Shared fixtures: real servers with the embedded model on port 0."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from autodidact.backends.llm.llamacpp import LlamaCppSettings
+from autodidact.runtime.channels import create_channel
+from autodidact.runtime.server import ServiceHost
+from autodidact.runtime.settings import ServerSettings
+from autodidact.stack import StackOptions, build_component
+from autodidact.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+
+# Two threads: the machines this runs on have two cores.
+MODEL = LlamaCppSettings(context_length=2048, threads=2)
+
+
+def text_request(text: str, **fields: Any) -> generator_pb2.GenerateRequest:
+    sampling = fields.pop("sampling", common_pb2.SamplingParams(max_tokens=16))
+    return generator_pb2.GenerateRequest(prompt=common_pb2.Prompt(text=text), sampling=sampling, **fields)
+
+
+StartHost = Callable[..., Awaitable[ServiceHost]]
+
+
+@pytest.fixture
+async def start_generator() -> AsyncIterator[StartHost]:
+    """Starts generator hosts on free ports; stops them after the test."""
+    hosts: list[ServiceHost] = []
+
+    async def start(**settings: Any) -> ServiceHost:
+        options = StackOptions(llamacpp=settings.pop("llamacpp", MODEL))
+        host = ServiceHost([build_component("generator", options)], ServerSettings(**{"grace_seconds": 1.0, **settings}))
+        hosts.append(host)
+        await host.start()
+        await host.wait_ready()
+        return host
+
+    yield start
+    for host in hosts:
+        await host.stop(grace=0)
+
+
+@pytest.fixture
+async def generator(start_generator: StartHost) -> AsyncIterator[generator_pb2_grpc.GeneratorServiceStub]:
+    """A stub connected to a running generator with default settings."""
+    host = await start_generator()
+    async with create_channel(f"127.0.0.1:{host.port}", timeout_seconds=120) as channel:
+        yield generator_pb2_grpc.GeneratorServiceStub(channel)
