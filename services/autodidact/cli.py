@@ -104,7 +104,7 @@ def _server_settings(args: argparse.Namespace, port: int, metrics_port: int | No
 
 
 async def _serve(names: list[str], args: argparse.Namespace) -> None:
-    from autodidact.runtime.server import ServiceHost
+    from autodidact.runtime.server import ServiceHost, run_until_signalled
     from autodidact.stack import DEFAULT_PORTS, build_component
 
     options = _options(args)
@@ -115,7 +115,7 @@ async def _serve(names: list[str], args: argparse.Namespace) -> None:
         # One metrics endpoint per process: the first host starts it.
         settings = _server_settings(args, port, metrics_port if i == 0 else None)
         hosts.append(ServiceHost([build_component(name, options)], settings))
-    await asyncio.gather(*(host.run_until_signalled() for host in hosts))
+    await run_until_signalled(hosts)
 
 
 async def _generate(args: argparse.Namespace) -> int:

@@ -154,3 +154,61 @@ async def test_metrics_endpoint_serves_prometheus_text(start_generator):
     body = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode())
     assert 'autodidact_rpc_requests_total{code="OK",method="/autodidact.v1.GeneratorService/Generate"}' in body
     assert "autodidact_rpc_latency_seconds_bucket" in body
+
+
+def requests_with_code(code: str) -> float:
+    from prometheus_client import REGISTRY
+
+    labels = {"method": "/autodidact.v1.GeneratorService/Generate", "code": code}
+    return REGISTRY.get_sample_value("autodidact_rpc_requests_total", labels) or 0.0
+
+
+async def test_channels_retry_unavailable_but_nothing_else():
+    never = asyncio.Event()
+
+    async def never_loads() -> LlamaCppLLM:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    host = ServiceHost([generator_component(never_loads)], ServerSettings(grace_seconds=0))
+    await host.start()
+    try:
+        async with create_channel(f"127.0.0.1:{host.port}", timeout_seconds=30) as channel:
+            before = requests_with_code("UNAVAILABLE")
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await generator_pb2_grpc.GeneratorServiceStub(channel).Generate(text_request("Hi"))
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert requests_with_code("UNAVAILABLE") - before == 4  # maxAttempts of the service config
+    finally:
+        await host.stop(grace=0)
+
+
+async def test_channels_send_invalid_arguments_once(generator):
+    before = requests_with_code("INVALID_ARGUMENT")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await generator.Generate(text_request(""))
+    assert requests_with_code("INVALID_ARGUMENT") - before == 1
+
+
+async def test_channels_balance_round_robin_over_every_address(start_generator):
+    from autodidact.v1 import generator_pb2
+
+    # Two servers that answer GetModelInfo differently, so replies show who answered.
+    first = await start_generator(max_samples=10)
+    second = await start_generator(max_samples=20)
+    async with create_channel(f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}") as channel:
+        stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+        answers = [(await stub.GetModelInfo(generator_pb2.GetModelInfoRequest())).max_samples for _ in range(8)]
+    assert sorted(set(answers)) == [10, 20]
+    assert answers.count(10) == answers.count(20) == 4, answers
+
+
+async def test_channels_propagate_the_callers_request_id(generator_target):
+    import structlog
+
+    async with create_channel(generator_target) as channel:
+        stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+        with structlog.contextvars.bound_contextvars(request_id="upstream-77"):
+            call = stub.Generate(text_request("Hi", seed=1))
+            await call
+        assert dict(await call.trailing_metadata())["x-request-id"] == "upstream-77"

@@ -126,24 +126,28 @@ class ServiceHost:
             await component.close()
         log.info("stopped")
 
-    async def run_until_signalled(self) -> None:
-        """Serves until SIGTERM or SIGINT, then stops gracefully.
 
-        A backend that fails to load stops the process with that error, so an
-        orchestrator restarts it instead of it staying NOT_SERVING forever.
-        """
-        stop_requested = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop_requested.set)
-        await self.start()
-        assert self._loading is not None
-        stop_waiter = asyncio.create_task(stop_requested.wait())
-        await asyncio.wait({self._loading, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if self._loading.done() and self._loading.exception() is not None:
-            stop_waiter.cancel()
-            await self.stop(grace=0)
-            raise self._loading.exception()  # type: ignore[misc]
-        await stop_waiter
-        log.info("signal received")
-        await self.stop()
+async def run_until_signalled(hosts: list[ServiceHost]) -> None:
+    """Serves every host until SIGTERM or SIGINT, then stops them all gracefully.
+
+    One set of signal handlers for the whole process (`autodidact up` runs
+    several hosts). A backend that fails to load stops the process with that
+    error, so an orchestrator restarts it instead of it staying NOT_SERVING.
+    """
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    for host in hosts:
+        await host.start()
+    loaded = asyncio.ensure_future(asyncio.gather(*(host.wait_ready() for host in hosts)))
+    signalled = asyncio.ensure_future(stop_requested.wait())
+    await asyncio.wait({loaded, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if loaded.done() and loaded.exception() is not None:
+        signalled.cancel()
+        await asyncio.gather(*(host.stop(grace=0) for host in hosts))
+        raise loaded.exception()  # type: ignore[misc]
+    await signalled
+    loaded.cancel()  # still loading: stop() cancels the loads
+    log.info("signal received")
+    await asyncio.gather(*(host.stop() for host in hosts))

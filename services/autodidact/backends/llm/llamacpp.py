@@ -155,7 +155,8 @@ class LlamaCppLLM:
         return await self._generation.run(lambda llm, _cancelled: self._tokenize(llm, text))
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        # Off the loop: a generation still running (past the grace period) stops at its next token.
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     # --- everything below runs on an executor thread, with a context of its own ---
 
