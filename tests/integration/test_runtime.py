@@ -198,8 +198,17 @@ async def test_channels_balance_round_robin_over_every_address(start_generator):
     second = await start_generator(max_samples=20)
     async with create_channel(f"ipv4:127.0.0.1:{first.port},127.0.0.1:{second.port}") as channel:
         stub = generator_pb2_grpc.GeneratorServiceStub(channel)
-        answers = [(await stub.GetModelInfo(generator_pb2.GetModelInfoRequest())).max_samples for _ in range(8)]
-    assert sorted(set(answers)) == [10, 20]
+
+        async def who_answers() -> int:
+            return (await stub.GetModelInfo(generator_pb2.GetModelInfoRequest())).max_samples
+
+        # Until both subchannels have connected, calls go to the one that is ready.
+        seen: set[int] = set()
+        deadline = asyncio.get_running_loop().time() + 10
+        while seen != {10, 20} and asyncio.get_running_loop().time() < deadline:
+            seen.add(await who_answers())
+        assert seen == {10, 20}
+        answers = [await who_answers() for _ in range(8)]
     assert answers.count(10) == answers.count(20) == 4, answers
 
 
