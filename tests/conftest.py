@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,6 +19,13 @@ from autodidact.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
 # Two threads: the machines this runs on have two cores.
 MODEL = LlamaCppSettings(context_length=2048, threads=2)
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (for servers started outside this process)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def text_request(text: str, **fields: Any) -> generator_pb2.GenerateRequest:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from autodidact.client import wait_until_serving
 from autodidact.v1 import common_pb2, generator_pb2_grpc
-from tests.conftest import text_request
+from tests.conftest import free_port, text_request
 
 pytestmark = pytest.mark.slow
 
 AUTODIDACT = str(Path(sys.executable).parent / "autodidact")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start_server(port: int, *extra: str) -> subprocess.Popen[str]:
@@ -125,3 +118,25 @@ def test_cli_serve_refuses_a_service_that_is_not_built_yet():
     result = cli("serve", "scorer", "--port", str(free_port()), "--metrics-port", "0")
     assert result.returncode == 2
     assert "not implemented yet" in result.stderr
+
+
+def test_logs_are_json_off_a_terminal_and_carry_the_request_id():
+    import json
+
+    port = free_port()
+    # No --log-format: "auto" must choose JSON because stdout/stderr are pipes here.
+    process = subprocess.Popen(
+        [AUTODIDACT, "serve", "generator", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--threads", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={k: v for k, v in os.environ.items() if not k.startswith("AUTODIDACT_")},
+    )
+    try:
+        refused = cli("generate", "--target", f"127.0.0.1:{port}", "--wait", "60", "--top-p", "0", "hello")
+        assert refused.returncode == 1
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    lines = [json.loads(line) for line in output.splitlines() if line.strip()]
+    assert {"listening", "serving", "stopped"} <= {line["event"] for line in lines}
+    refusal = next(line for line in lines if line["event"] == "rpc refused")
+    assert refusal["code"] == "INVALID_ARGUMENT" and refusal["reason"].startswith("sampling.top_p")
+    assert len(refusal["request_id"]) == 32 and refusal["method"] == "/autodidact.v1.GeneratorService/Generate"

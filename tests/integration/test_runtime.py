@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 import json
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from autodidact.runtime.channels import create_channel
 from autodidact.runtime.server import ServiceHost
 from autodidact.runtime.settings import ServerSettings
 from autodidact.v1 import generator_pb2_grpc
-from tests.conftest import MODEL, text_request
+from tests.conftest import MODEL, free_port, text_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -59,7 +60,9 @@ async def test_health_is_serving_only_once_the_model_is_loaded():
         await host.stop(grace=0)
 
 
-async def test_loading_answers_unavailable_with_a_reason():
+@pytest.fixture
+async def still_loading() -> AsyncIterator[ServiceHost]:
+    """A generator host whose model never finishes loading."""
     never = asyncio.Event()
 
     async def never_loads() -> LlamaCppLLM:
@@ -68,15 +71,17 @@ async def test_loading_answers_unavailable_with_a_reason():
 
     host = ServiceHost([generator_component(never_loads)], ServerSettings(grace_seconds=0))
     await host.start()
-    try:
-        # A plain channel without the retry policy, to see the first answer.
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await generator_pb2_grpc.GeneratorServiceStub(channel).Generate(text_request("Hi"), timeout=5)
-        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "still loading" in raised.value.details()
-    finally:
-        await host.stop(grace=0)
+    yield host
+    await host.stop(grace=0)
+
+
+async def test_loading_answers_unavailable_with_a_reason(still_loading):
+    # A plain channel without the retry policy, to see the first answer.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{still_loading.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await generator_pb2_grpc.GeneratorServiceStub(channel).Generate(text_request("Hi"), timeout=5)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "still loading" in raised.value.details()
 
 
 class BrokenBackend:
@@ -143,11 +148,7 @@ async def test_an_outside_client_lists_services_by_reflection_and_calls_generate
 
 
 async def test_metrics_endpoint_serves_prometheus_text(start_generator):
-    import socket
-
-    with socket.socket() as probe:  # a free port for the HTTP endpoint
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
+    metrics_port = free_port()
     host = await start_generator(metrics_port=metrics_port)
     async with create_channel(f"127.0.0.1:{host.port}") as channel:
         await generator_pb2_grpc.GeneratorServiceStub(channel).Generate(text_request("Hi", seed=1))
@@ -163,24 +164,13 @@ def requests_with_code(code: str) -> float:
     return REGISTRY.get_sample_value("autodidact_rpc_requests_total", labels) or 0.0
 
 
-async def test_channels_retry_unavailable_but_nothing_else():
-    never = asyncio.Event()
-
-    async def never_loads() -> LlamaCppLLM:
-        await never.wait()
-        raise AssertionError("unreachable")
-
-    host = ServiceHost([generator_component(never_loads)], ServerSettings(grace_seconds=0))
-    await host.start()
-    try:
-        async with create_channel(f"127.0.0.1:{host.port}", timeout_seconds=30) as channel:
-            before = requests_with_code("UNAVAILABLE")
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await generator_pb2_grpc.GeneratorServiceStub(channel).Generate(text_request("Hi"))
-            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert requests_with_code("UNAVAILABLE") - before == 4  # maxAttempts of the service config
-    finally:
-        await host.stop(grace=0)
+async def test_channels_retry_unavailable_but_nothing_else(still_loading):
+    async with create_channel(f"127.0.0.1:{still_loading.port}", timeout_seconds=30) as channel:
+        before = requests_with_code("UNAVAILABLE")
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await generator_pb2_grpc.GeneratorServiceStub(channel).Generate(text_request("Hi"))
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert requests_with_code("UNAVAILABLE") - before == 4  # maxAttempts of the service config
 
 
 async def test_channels_send_invalid_arguments_once(generator):
