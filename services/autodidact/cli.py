@@ -3,6 +3,7 @@
     autodidact serve SERVICE [--port PORT]   host one service
     autodidact up                            host every implemented service, loopback ports
     autodidact generate "PROMPT"             sample from a running generator
+    autodidact run RECIPE.yaml               run a recipe as a job, with progress and a summary
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 
 from autodidact.runtime.logging import configure_logging
 from autodidact.runtime.settings import ServerSettings
@@ -45,6 +47,9 @@ def _add_server_args(parser: argparse.ArgumentParser, default_host: str) -> None
     parser.add_argument("--contexts", type=int, default=1, help="llama.cpp contexts, i.e. generations at once (default 1)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per context; 0: cores / contexts")
     parser.add_argument("--max-samples", type=int, default=64, help="largest n accepted by Generate (default 64, at most 64)")
+    parser.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", ".autodidact") or ".autodidact"),
+                        help="where the coordinator's job store and the dedup namespaces live (default .autodidact)")
+    parser.add_argument("--embed-threads", type=int, default=0, help="torch threads of the embedder; 0: every core")
     _add_logging_args(parser)
 
 
@@ -57,10 +62,24 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="host one service")
     serve.add_argument("service", choices=sorted(DEFAULT_PORTS))
     serve.add_argument("--port", type=int, help="port (default: the service's, see README)")
+    serve.add_argument("--generator-target", default=_env("GENERATOR_TARGET", f"localhost:{DEFAULT_PORTS['generator']}"),
+                       help="coordinator: where the generator is (default localhost:50051)")
+    serve.add_argument("--dedup-target", default=_env("DEDUP_TARGET", f"localhost:{DEFAULT_PORTS['dedup']}"),
+                       help="coordinator: where the dedup service is (default localhost:50055)")
     _add_server_args(serve, default_host="0.0.0.0")
 
     up = commands.add_parser("up", help="host every implemented service in one process on loopback")
     _add_server_args(up, default_host="127.0.0.1")
+
+    run = commands.add_parser("run", help="run a recipe file as a job: progress, dataset files, summary")
+    run.add_argument("recipe", type=Path, help="YAML: the JSON mapping of JobSpec (see examples/)")
+    run.add_argument("--coordinator", help="host:port of a running coordinator; default: run the stack in this process")
+    run.add_argument("--job-id", help="default: the file name and a hash of its content (running it again resumes)")
+    run.add_argument("--out", type=Path, help="dataset folder (default out/JOB_ID; on a remote coordinator, its own default)")
+    run.add_argument("--data-dir", type=Path, default=Path(".autodidact"), help="in-process stack: store and namespaces (default .autodidact)")
+    run.add_argument("--threads", type=int, default=0, help="in-process stack: CPU threads for the models; 0: every core")
+    run.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_logging_args(run)
 
     generate = commands.add_parser("generate", help="sample from a running generator")
     generate.add_argument("prompt")
@@ -79,8 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _options(args: argparse.Namespace):  # -> StackOptions
+def _options(args: argparse.Namespace, generator_target: str, dedup_target: str):  # -> StackOptions
+    from autodidact.backends.embed.local import LocalEmbedderSettings
     from autodidact.backends.llm.llamacpp import LlamaCppSettings
+    from autodidact.coordinator.service import CoordinatorSettings
     from autodidact.generator.requests import GeneratorLimits
     from autodidact.stack import StackOptions
 
@@ -89,6 +110,11 @@ def _options(args: argparse.Namespace):  # -> StackOptions
             model_path=args.model, context_length=args.context_length, contexts=args.contexts, threads=args.threads
         ),
         generator=GeneratorLimits(max_samples=args.max_samples),
+        embedder=LocalEmbedderSettings(threads=args.embed_threads),
+        dedup_data_dir=args.data_dir / "dedup",
+        coordinator=CoordinatorSettings(
+            data_dir=args.data_dir / "coordinator", generator_target=generator_target, dedup_target=dedup_target
+        ),
     )
 
 
@@ -107,7 +133,11 @@ async def _serve(names: list[str], args: argparse.Namespace) -> None:
     from autodidact.runtime.server import ServiceHost, run_until_signalled
     from autodidact.stack import DEFAULT_PORTS, build_component
 
-    options = _options(args)
+    if args.command == "up":  # the coordinator calls its neighbours on loopback
+        targets = (f"127.0.0.1:{DEFAULT_PORTS['generator']}", f"127.0.0.1:{DEFAULT_PORTS['dedup']}")
+    else:
+        targets = (args.generator_target, args.dedup_target)
+    options = _options(args, *targets)
     metrics_port = args.metrics_port or None
     hosts = []
     for i, name in enumerate(names):
@@ -161,12 +191,38 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from autodidact.backends.embed.local import LocalEmbedderSettings
+    from autodidact.backends.llm.llamacpp import LlamaCppSettings
+    from autodidact.runner import RecipeError, default_job_id, load_recipe, run_in_process, run_job
+    from autodidact.stack import StackOptions
+
+    try:
+        spec = load_recipe(args.recipe, args.out)
+        job_id = args.job_id or default_job_id(args.recipe, spec)
+        if args.out is None and not args.coordinator:
+            spec = load_recipe(args.recipe, Path("out") / job_id)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.coordinator:
+        return await run_job(args.coordinator, job_id, spec, show_progress=not args.quiet)
+    options = replace(
+        StackOptions(), llamacpp=LlamaCppSettings(threads=args.threads), embedder=LocalEmbedderSettings(threads=args.threads)
+    )
+    return await run_in_process(spec, job_id, args.data_dir, options, show_progress=not args.quiet)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     json_logs = {"auto": None, "json": True, "console": False}[getattr(args, "log_format", "auto")]
     configure_logging(getattr(args, "log_level", "info"), json=json_logs)
     if args.command == "generate":
         return asyncio.run(_generate(args))
+    if args.command == "run":
+        return asyncio.run(_run(args))
     if args.command == "serve":
         names = [args.service]
     else:

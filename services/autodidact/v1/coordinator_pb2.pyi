@@ -74,10 +74,13 @@ class SelfInstructSpec(_message.Message):
     DEDUP_NAMESPACE_FIELD_NUMBER: _builtins.int
     INSTRUCTION_SAMPLING_FIELD_NUMBER: _builtins.int
     INSTANCE_SAMPLING_FIELD_NUMBER: _builtins.int
+    MAX_ROUNDS_FIELD_NUMBER: _builtins.int
     seed_tasks_path: _builtins.str
     """Seed tasks in the original seed_tasks.jsonl format. Required."""
     target_instructions: _builtins.int
-    """Stop when this many new instructions were kept. Bounds [1, 1,000,000]."""
+    """Stop when this many new instructions were kept. Required. Bounds
+    [1, 1,000,000].
+    """
     human_per_prompt: _builtins.int
     """Human instructions per prompt. Default 6. Bounds [1, 16]."""
     machine_per_prompt: _builtins.int
@@ -90,15 +93,23 @@ class SelfInstructSpec(_message.Message):
     """Dedup namespace; share one across jobs for cross-run diversity. Default:
     the job id.
     """
+    max_rounds: _builtins.int
+    """Stop after this many prompting rounds even when the target is not
+    reached. Default 10 × target_instructions, at least 20. Bounds
+    [1, 1,000,000].
+    """
     @_builtins.property
     def instruction_sampling(self) -> _common_pb2.SamplingParams:
         """Sampling for new instructions. Default temperature 0.7, top_p 0.5,
-        presence_penalty 2.
+        presence_penalty 2, max_tokens 1024; generation also stops at the 16th
+        list item, as in the paper.
         """
 
     @_builtins.property
     def instance_sampling(self) -> _common_pb2.SamplingParams:
-        """Sampling for instances. Default greedy, presence_penalty 1.5."""
+        """Sampling for instances. Default greedy, presence_penalty 1.5, max_tokens
+        256.
+        """
 
     def __init__(
         self,
@@ -106,18 +117,24 @@ class SelfInstructSpec(_message.Message):
         seed_tasks_path: _builtins.str = ...,
         target_instructions: _builtins.int = ...,
         human_per_prompt: _builtins.int = ...,
-        machine_per_prompt: _builtins.int = ...,
+        machine_per_prompt: _builtins.int | None = ...,
         similarity_threshold: _builtins.float | None = ...,
         dedup_namespace: _builtins.str = ...,
         instruction_sampling: _common_pb2.SamplingParams | None = ...,
         instance_sampling: _common_pb2.SamplingParams | None = ...,
+        max_rounds: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_similarity_threshold", b"_similarity_threshold", "instance_sampling", b"instance_sampling", "instruction_sampling", b"instruction_sampling", "similarity_threshold", b"similarity_threshold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_machine_per_prompt", b"_machine_per_prompt", "_similarity_threshold", b"_similarity_threshold", "instance_sampling", b"instance_sampling", "instruction_sampling", b"instruction_sampling", "machine_per_prompt", b"machine_per_prompt", "similarity_threshold", b"similarity_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_similarity_threshold", b"_similarity_threshold", "dedup_namespace", b"dedup_namespace", "human_per_prompt", b"human_per_prompt", "instance_sampling", b"instance_sampling", "instruction_sampling", b"instruction_sampling", "machine_per_prompt", b"machine_per_prompt", "seed_tasks_path", b"seed_tasks_path", "similarity_threshold", b"similarity_threshold", "target_instructions", b"target_instructions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_machine_per_prompt", b"_machine_per_prompt", "_similarity_threshold", b"_similarity_threshold", "dedup_namespace", b"dedup_namespace", "human_per_prompt", b"human_per_prompt", "instance_sampling", b"instance_sampling", "instruction_sampling", b"instruction_sampling", "machine_per_prompt", b"machine_per_prompt", "max_rounds", b"max_rounds", "seed_tasks_path", b"seed_tasks_path", "similarity_threshold", b"similarity_threshold", "target_instructions", b"target_instructions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__machine_per_prompt: _TypeAlias = _typing.Literal["machine_per_prompt"]  # noqa: Y015
+    _WhichOneofArgType__machine_per_prompt: _TypeAlias = _typing.Literal["_machine_per_prompt", b"_machine_per_prompt"]  # noqa: Y015
     _WhichOneofReturnType__similarity_threshold: _TypeAlias = _typing.Literal["similarity_threshold"]  # noqa: Y015
     _WhichOneofArgType__similarity_threshold: _TypeAlias = _typing.Literal["_similarity_threshold", b"_similarity_threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__machine_per_prompt) -> _WhichOneofReturnType__machine_per_prompt | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__similarity_threshold) -> _WhichOneofReturnType__similarity_threshold | None: ...
 
 Global___SelfInstructSpec: _TypeAlias = SelfInstructSpec  # noqa: Y015

@@ -1,0 +1,1 @@
+"""The coordinator: jobs, recipes, the durable job store, progress, lineage and export."""

@@ -1,0 +1,256 @@
+"""Jobs: submission, the task that runs each one, progress, records and export.
+
+A job's task is plain recipe code over a JobContext. Whatever the task stored
+survives the process: on start the manager relaunches every job that was
+PENDING or RUNNING, and the recipe replays what is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import json_format
+
+from autodidact.coordinator import export
+from autodidact.coordinator.records import Record, job_records
+from autodidact.coordinator.recipes import self_instruct
+from autodidact.coordinator.recipes.base import JobContext, Services
+from autodidact.coordinator.store import JobRow, JobStore
+from autodidact.errors import AlreadyExists, AutodidactError, FailedPrecondition, InvalidArgument, NotFound
+from autodidact.v1 import coordinator_pb2
+from autodidact.validation import check_range
+
+log = structlog.get_logger("autodidact.jobs")
+
+JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    coordinator_pb2.JOB_STATE_PENDING,
+    coordinator_pb2.JOB_STATE_RUNNING,
+    coordinator_pb2.JOB_STATE_SUCCEEDED,
+    coordinator_pb2.JOB_STATE_FAILED,
+    coordinator_pb2.JOB_STATE_CANCELLED,
+)
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+SUMMARY_ITEM, SUMMARY_STAGE = "_job", "summary"
+IMPLEMENTED_RECIPES = ("self_instruct",)
+
+
+def check_job_id(field: str, job_id: str) -> None:
+    if not JOB_ID_PATTERN.match(job_id):
+        raise InvalidArgument(field, f"must be 1 to 128 characters of A-Z a-z 0-9 _ . -, got {job_id[:140]!r}")
+
+
+def validate_spec(spec: coordinator_pb2.JobSpec, job_id: str) -> Any:
+    """Checks a spec at submission; returns the recipe's resolved parameters."""
+    recipe = spec.WhichOneof("recipe")
+    if recipe is None:
+        raise InvalidArgument("spec.recipe", f"is required: set one of {', '.join(IMPLEMENTED_RECIPES)}")
+    if recipe not in IMPLEMENTED_RECIPES:
+        raise InvalidArgument(f"spec.{recipe}", f"recipe not implemented yet; implemented: {', '.join(IMPLEMENTED_RECIPES)}")
+    check_range("spec.max_in_flight", spec.max_in_flight or 4, 1, 256)
+    return self_instruct.resolve_params(spec.self_instruct, job_id)
+
+
+def spec_hash(spec: coordinator_pb2.JobSpec) -> str:
+    return hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
+
+
+class JobManager:
+    def __init__(self, store: JobStore, services: Services, data_dir: Path) -> None:
+        self._store = store
+        self._services = services
+        self._data_dir = data_dir
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._cancel_requested: set[str] = set()
+
+    # --- lifecycle ---
+
+    async def resume_unfinished(self) -> None:
+        for row in self._store.jobs_in_states((PENDING, RUNNING)):
+            log.info("resuming job", job_id=row.id)
+            self._launch(row.id)
+
+    async def close(self) -> None:
+        """Stops every job task; their state stays RUNNING and they resume at the next start."""
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    # --- API ---
+
+    def submit(self, job_id: str, spec: coordinator_pb2.JobSpec) -> tuple[coordinator_pb2.Job, bool]:
+        check_job_id("job_id", job_id)
+        existing = self._store.get_job(job_id)
+        digest = spec_hash(spec)
+        if existing is not None:
+            if existing.spec_hash != digest:
+                raise AlreadyExists(f"job {job_id!r} exists with another spec; choose another job_id")
+            return self.get(job_id), False
+        validate_spec(spec, job_id)
+        row, created = self._store.create_job(job_id, spec.SerializeToString(deterministic=True), digest, PENDING)
+        if not created and row.spec_hash != digest:  # a concurrent submission won the id
+            raise AlreadyExists(f"job {job_id!r} exists with another spec; choose another job_id")
+        if created:
+            log.info("job submitted", job_id=job_id, recipe=spec.WhichOneof("recipe"))
+            self._launch(job_id)
+        return self.get(job_id), created
+
+    def get(self, job_id: str) -> coordinator_pb2.Job:
+        return self._job_proto(self._row(job_id))
+
+    def list(self, page_size: int, page_token: str) -> tuple[list[coordinator_pb2.Job], str]:
+        size = page_size or 50
+        check_range("page_size", size, 1, 1000)
+        if page_token and not page_token.isdigit():
+            raise InvalidArgument("page_token", "is not a token from a previous ListJobs response")
+        rows = self._store.list_jobs(size + 1, int(page_token) if page_token else None)
+        next_token = str(rows[size - 1].seq) if len(rows) > size else ""
+        return [self._job_proto(row) for row in rows[:size]], next_token
+
+    def cancel(self, job_id: str) -> coordinator_pb2.Job:
+        row = self._row(job_id)
+        if row.state not in TERMINAL:
+            self._cancel_requested.add(job_id)
+            task = self._tasks.get(job_id)
+            if task is not None:
+                task.cancel()
+            self._store.set_state(job_id, CANCELLED)
+            self._notify(job_id)
+        return self.get(job_id)
+
+    async def watch(self, job_id: str) -> AsyncIterator[coordinator_pb2.Job]:
+        """The job now, then after every change (at most every 0.2 s), until it ends."""
+        self._row(job_id)
+        last = None
+        while True:
+            event = self._changed.setdefault(job_id, asyncio.Event())
+            event.clear()
+            job = self.get(job_id)
+            snapshot = job.SerializeToString(deterministic=True)
+            if snapshot != last:
+                last = snapshot
+                yield job
+            if job.state in TERMINAL:
+                return
+            try:
+                await asyncio.wait_for(event.wait(), timeout=5.0)
+            except TimeoutError:
+                pass
+            await asyncio.sleep(0.2)
+
+    def records(self, job_id: str) -> list[Record]:
+        self._row(job_id)
+        summary = self._store.get_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE)
+        belongs = self_instruct.belongs(summary["data"]) if summary else (lambda _: True)
+        return job_records(self._store, job_id, self_instruct.STAGES, "dataset", belongs)
+
+    def export(self, job_id: str) -> list[coordinator_pb2.ExportedFile]:
+        row = self._row(job_id)
+        if row.state != SUCCEEDED:
+            raise FailedPrecondition(f"job {job_id!r} is {coordinator_pb2.JobState.Name(row.state)}; only a succeeded job can be exported")
+        spec = coordinator_pb2.JobSpec.FromString(row.spec)
+        directory = Path(spec.output_dir) if spec.output_dir else self._data_dir / "jobs" / job_id / "dataset"
+        directory.mkdir(parents=True, exist_ok=True)
+        records = self.records(job_id)
+        files = []
+        for name, (rows, schema) in self_instruct.tables(records).items():
+            export.write_jsonl(directory / f"{name}.jsonl", rows)
+            export.write_parquet(directory / f"{name}.parquet", rows, schema)
+            files += [
+                coordinator_pb2.ExportedFile(path=str(directory / f"{name}.jsonl"), kind=f"{name}_jsonl", rows=len(rows)),
+                coordinator_pb2.ExportedFile(path=str(directory / f"{name}.parquet"), kind=f"{name}_parquet", rows=len(rows)),
+            ]
+        lineage = export.lineage_rows(records)
+        export.write_jsonl(directory / "lineage.jsonl", lineage)
+        files.append(coordinator_pb2.ExportedFile(path=str(directory / "lineage.jsonl"), kind="lineage_jsonl", rows=len(lineage)))
+        job = self.get(job_id)
+        summary = self._store.get_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE) or {"data": {}}
+        models = sorted({d.model for r in records for _, d in r.lineage if d.model})
+        manifest = export.write_manifest(
+            directory,
+            {
+                "job_id": job_id,
+                "recipe": spec.WhichOneof("recipe"),
+                "spec": json_format.MessageToDict(spec),
+                "models": models,
+                "template_versions": sorted({d.template_version for r in records for _, d in r.lineage if d.template_version}),
+                "summary": summary["data"],
+                "stages": [json_format.MessageToDict(stage) for stage in job.stages],
+                "files": [json_format.MessageToDict(f) for f in files],
+            },
+        )
+        files.append(coordinator_pb2.ExportedFile(path=str(manifest), kind="manifest"))
+        return files
+
+    # --- internals ---
+
+    def _row(self, job_id: str) -> JobRow:
+        row = self._store.get_job(job_id)
+        if row is None:
+            raise NotFound(f"job {job_id!r} does not exist")
+        return row
+
+    def _notify(self, job_id: str) -> None:
+        event = self._changed.get(job_id)
+        if event is not None:
+            event.set()
+
+    def _launch(self, job_id: str) -> None:
+        self._tasks[job_id] = asyncio.create_task(self._run(job_id), name=f"job {job_id}")
+
+    async def _run(self, job_id: str) -> None:
+        row = self._row(job_id)
+        spec = coordinator_pb2.JobSpec.FromString(row.spec)
+        with structlog.contextvars.bound_contextvars(job_id=job_id):
+            try:
+                params = validate_spec(spec, job_id)
+                self._store.set_state(job_id, RUNNING)
+                self._notify(job_id)
+                in_flight = spec.max_in_flight or 4
+                ctx = JobContext(job_id, spec.seed, self._store, self._services, in_flight, lambda: self._notify(job_id))
+                summary = await self_instruct.SelfInstructRecipe(ctx, params, in_flight).run()
+                self._store.put_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE, {"data": summary, "decision": None}, None)
+                self._store.set_state(job_id, SUCCEEDED)
+                self._notify(job_id)
+                log.info("job succeeded", **summary)
+                self.export(job_id)
+            except asyncio.CancelledError:
+                if job_id in self._cancel_requested:
+                    log.info("job cancelled")
+                raise  # otherwise the coordinator is stopping: the job stays RUNNING and resumes
+            except AutodidactError as exc:
+                self._fail(job_id, str(exc))
+            except grpc.aio.AioRpcError as exc:
+                self._fail(job_id, f"a service answered {exc.code().name}: {exc.details()}")
+            except Exception as exc:  # a bug: fail the job, keep the coordinator
+                log.exception("job crashed")
+                self._fail(job_id, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _fail(self, job_id: str, message: str) -> None:
+        log.warning("job failed", error=message)
+        self._store.set_state(job_id, FAILED, message)
+        self._notify(job_id)
+
+    def _job_proto(self, row: JobRow) -> coordinator_pb2.Job:
+        spec = coordinator_pb2.JobSpec.FromString(row.spec)
+        job = coordinator_pb2.Job(id=row.id, spec=spec, state=row.state, error=row.error)  # type: ignore[arg-type]
+        job.created_at.FromNanoseconds(int(row.created_at * 1e9))
+        job.updated_at.FromNanoseconds(int(row.updated_at * 1e9))
+        counts = {c.stage: c for c in self._store.stage_counts(row.id)}
+        for stage in self_instruct.STAGES:
+            if stage not in counts:
+                continue
+            c = counts[stage]
+            progress = coordinator_pb2.StageProgress(stage=stage, done=c.done, kept=c.kept, dropped_by_filter=c.dropped_by_filter)
+            if stage == "dataset":
+                progress.total = spec.self_instruct.target_instructions
+            job.stages.append(progress)
+        return job

@@ -1,0 +1,1 @@
+"""Recipes: the four techniques as sequences of small stored stages."""

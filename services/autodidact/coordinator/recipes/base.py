@@ -1,0 +1,133 @@
+"""What every recipe stands on: stored stage results, bounded work in flight,
+patient calls to the other services, and seeds derived from the job's seed.
+
+A recipe is plain async code that calls `ctx.stage(item, name, compute)` for
+each small step. `stage` returns the stored result when there is one, so a
+restarted job replays stored steps for free and recomputes only the rest; a
+computed result is stored before it is returned, so nothing moves on from a
+result that could be lost. Each stage name has its own bound on concurrent
+computations, so a slow stage applies backpressure instead of queuing
+without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from autodidact.coordinator.store import JobStore
+from autodidact.errors import DeadlineExceeded, Unavailable
+from autodidact.v1 import dedup_pb2_grpc, generator_pb2_grpc
+
+log = structlog.get_logger("autodidact.recipes")
+T = TypeVar("T")
+
+# Codes worth waiting out: the service restarts, is loading, or is overloaded.
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def derive_seed(job_seed: int, *parts: object) -> int:
+    """A uint32 seed for one sample, stable across runs and restarts."""
+    digest = hashlib.blake2b("/".join(map(str, (job_seed, *parts))).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big")
+
+
+def derive_rng(job_seed: int, *parts: object) -> random.Random:
+    return random.Random(derive_seed(job_seed, *parts))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Why a stage kept or dropped an item: the lineage users read."""
+
+    kept: bool
+    filter: str = ""  # the filter that dropped it; empty when kept
+    score: float | None = None
+    reason: str = ""
+    model: str = ""
+    template_version: str = ""
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class StageResult:
+    data: dict[str, Any] = field(default_factory=dict)
+    decision: Decision | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"data": self.data, "decision": None if self.decision is None else asdict(self.decision)}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> StageResult:
+        decision = value.get("decision")
+        return cls(data=value["data"], decision=None if decision is None else Decision(**decision))
+
+
+@dataclass
+class Services:
+    """Stubs of the services recipes call."""
+
+    generator: generator_pb2_grpc.GeneratorServiceStub
+    dedup: dedup_pb2_grpc.DedupServiceStub
+    # How long to wait out a service that is down before failing the job.
+    patience_seconds: float = 600.0
+
+
+class JobContext:
+    def __init__(self, job_id: str, seed: int, store: JobStore, services: Services, max_in_flight: int, on_change: Callable[[], None]) -> None:
+        self.job_id = job_id
+        self.seed = seed
+        self.store = store
+        self.services = services
+        self._max_in_flight = max_in_flight
+        self._limits: dict[str, asyncio.Semaphore] = {}
+        self._on_change = on_change
+
+    async def stage(self, item_id: str, stage: str, compute: Callable[[], Awaitable[StageResult]]) -> StageResult:
+        stored = self.store.get_result(self.job_id, item_id, stage)
+        if stored is not None:
+            return StageResult.from_json(stored)
+        limit = self._limits.setdefault(stage, asyncio.Semaphore(self._max_in_flight))
+        async with limit:
+            result = await compute()
+        self.record(item_id, stage, result)
+        return result
+
+    def record(self, item_id: str, stage: str, result: StageResult) -> None:
+        """Stores a result computed outside `stage` (several items decided by one call)."""
+        decision = result.decision
+        self.store.put_result(
+            self.job_id, item_id, stage, result.to_json(),
+            kept=None if decision is None else decision.kept, filter_="" if decision is None else decision.filter,
+        )
+        self._on_change()
+
+    def stored(self, item_id: str, stage: str) -> StageResult | None:
+        value = self.store.get_result(self.job_id, item_id, stage)
+        return None if value is None else StageResult.from_json(value)
+
+    async def call(self, rpc: Callable[[], Awaitable[T]], what: str) -> T:
+        """Calls another service, waiting out transient failures (a restart,
+        a model still loading) with backoff for up to the patience period."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.services.patience_seconds
+        delay = 0.5
+        while True:
+            try:
+                return await rpc()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in TRANSIENT:
+                    raise
+                if loop.time() + delay > give_up_at:
+                    error = Unavailable if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED else DeadlineExceeded
+                    raise error(f"{what}: {exc.code().name}: {exc.details()} (gave up after {self.services.patience_seconds:g}s)") from exc
+                log.warning("service not answering; retrying", what=what, code=exc.code().name, retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)

@@ -1,0 +1,490 @@
+"""Self-Instruct (Wang et al. 2022, arXiv 2212.10560; ALGORITHMS.md §2).
+
+Each round prompts the generator with 8 instructions (6 human seed tasks and,
+once any exist, 2 machine ones), parses the numbered list it continues,
+filters it with the paper's heuristics, keeps the diverse ones through the
+dedup service, asks whether each is a classification task, and generates
+instances (label first for classification, input first otherwise).
+
+Determinism under crashes. A round's prompt only draws machine instructions
+kept by rounds at least `max_in_flight` rounds earlier, which have always
+finished when it starts, and the diversity filter runs strictly in round
+order with an idempotent batch id per round. Every sample has a seed derived
+from (job seed, stage, item). So the dataset depends only on the spec and the
+models, never on timing: a job killed at any point and resumed produces what
+an uninterrupted run produces.
+
+Differences from the original code, on purpose:
+- The ROUGE-L > 0.7 test is replaced by embedding similarity (dedup service).
+- A response cut off by max_tokens loses only its last, unfinished item; the
+  original discarded the whole response, which wastes most of a small
+  model's output when max_tokens is kept low for CPU budgets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import string
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_rng, derive_seed
+from autodidact.dedup.namespaces import NAMESPACE_PATTERN
+from autodidact.errors import InvalidArgument
+from autodidact.generator.requests import parse_sampling
+from autodidact.v1 import common_pb2, coordinator_pb2, dedup_pb2, generator_pb2
+from autodidact.validation import check_range
+
+TEMPLATE_VERSION = "self_instruct/v1"
+STAGES = ("seed_pool", "generate_instructions", "heuristics", "diversity", "classify", "instances", "dataset")
+SEEDS_ITEM = "_seeds"
+UNSUITABLE_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw", "plot", "go to")
+UNSUITABLE_PATTERN = re.compile(r"\b(" + "|".join(map(re.escape, UNSUITABLE_WORDS)) + r")\b", re.IGNORECASE)
+LIST_ITEM_SPLIT = re.compile(r"\n\d+\s?\. ")
+GENERATION_TIMEOUT_SECONDS = 900.0
+MAX_INSTANCES = 5
+MAX_DEDUP_BATCH = 4096
+# Any sampling bound above this is left to the generator, which knows its model's context.
+SAMPLING_TOKEN_BOUND = 32_768
+
+
+@dataclass(frozen=True)
+class SeedTask:
+    instruction: str
+    instances: tuple[tuple[str, str], ...]
+    is_classification: bool
+
+
+def load_seed_tasks(path: Path, field: str) -> list[SeedTask]:
+    """Seed tasks in the original seed_tasks.jsonl format."""
+    if not path.is_file():
+        raise InvalidArgument(field, f"file not found: {path}")
+    tasks = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            tasks.append(
+                SeedTask(
+                    instruction=str(raw["instruction"]).strip(),
+                    instances=tuple((str(i.get("input", "")), str(i["output"])) for i in raw["instances"]),
+                    is_classification=bool(raw["is_classification"]),
+                )
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidArgument(field, f"line {number} of {path} is not a seed task (instruction, instances, is_classification): {exc}") from exc
+    if not tasks:
+        raise InvalidArgument(field, f"{path} holds no seed tasks")
+    return tasks
+
+
+@dataclass(frozen=True)
+class SelfInstructParams:
+    seed_tasks: list[SeedTask]
+    target: int
+    human_per_prompt: int
+    machine_per_prompt: int
+    threshold: float
+    namespace: str
+    instruction_sampling: common_pb2.SamplingParams
+    instance_sampling: common_pb2.SamplingParams
+    max_rounds: int
+
+
+def _sampling_with_defaults(given: common_pb2.SamplingParams, defaults: common_pb2.SamplingParams, field: str) -> common_pb2.SamplingParams:
+    merged = common_pb2.SamplingParams()
+    merged.CopyFrom(defaults)
+    for descriptor, value in given.ListFields():
+        if descriptor.name == "stop":
+            del merged.stop[:]
+            merged.stop.extend(value)
+        else:
+            setattr(merged, descriptor.name, value)
+    parse_sampling(merged, SAMPLING_TOKEN_BOUND, field)  # validates; raises InvalidArgument naming the field
+    return merged
+
+
+def resolve_params(spec: coordinator_pb2.SelfInstructSpec, job_id: str, field: str = "spec.self_instruct") -> SelfInstructParams:
+    """The spec with every default filled in, validated."""
+    if not spec.seed_tasks_path:
+        raise InvalidArgument(f"{field}.seed_tasks_path", "is required")
+    seed_tasks = load_seed_tasks(Path(spec.seed_tasks_path), f"{field}.seed_tasks_path")
+    if spec.target_instructions == 0:
+        raise InvalidArgument(f"{field}.target_instructions", "is required: a number from 1 to 1,000,000")
+    check_range(f"{field}.target_instructions", spec.target_instructions, 1, 1_000_000)
+    human = spec.human_per_prompt or 6
+    check_range(f"{field}.human_per_prompt", human, 1, 16)
+    machine = spec.machine_per_prompt if spec.HasField("machine_per_prompt") else 2
+    check_range(f"{field}.machine_per_prompt", machine, 0, 16)
+    if human > len(seed_tasks):
+        raise InvalidArgument(f"{field}.human_per_prompt", f"is {human} but the seed file holds only {len(seed_tasks)} tasks")
+    threshold = spec.similarity_threshold if spec.HasField("similarity_threshold") else 0.8
+    check_range(f"{field}.similarity_threshold", threshold, 0.0, 1.0)
+    namespace = spec.dedup_namespace or job_id
+    if not NAMESPACE_PATTERN.match(namespace):
+        raise InvalidArgument(f"{field}.dedup_namespace", "must be 1 to 128 characters of A-Z a-z 0-9 _ . -")
+    max_rounds = spec.max_rounds or max(20, 10 * spec.target_instructions)
+    check_range(f"{field}.max_rounds", max_rounds, 1, 1_000_000)
+    return SelfInstructParams(
+        seed_tasks=seed_tasks,
+        target=spec.target_instructions,
+        human_per_prompt=human,
+        machine_per_prompt=machine,
+        threshold=threshold,
+        namespace=namespace,
+        instruction_sampling=_sampling_with_defaults(
+            spec.instruction_sampling,
+            common_pb2.SamplingParams(temperature=0.7, top_p=0.5, presence_penalty=2.0, max_tokens=1024, stop=["\n\n", "\n16", "16.", "16 ."]),
+            f"{field}.instruction_sampling",
+        ),
+        instance_sampling=_sampling_with_defaults(
+            spec.instance_sampling,
+            common_pb2.SamplingParams(temperature=0.0, presence_penalty=1.5, max_tokens=256, stop=["\n\nTask:"]),
+            f"{field}.instance_sampling",
+        ),
+        max_rounds=max_rounds,
+    )
+
+
+# --- prompts and parsers (pure) ---
+
+
+def instruction_prompt(instructions: list[str]) -> str:
+    lines = ["Come up with a series of tasks:"]
+    for number, instruction in enumerate(instructions, 1):
+        one_line = re.sub(r"\s+", " ", instruction).strip().rstrip(":")
+        lines.append(f"{number}. {one_line}")
+    return "\n".join(lines) + f"\n{len(instructions) + 1}."
+
+
+def heuristic_verdict(instruction: str) -> Decision:
+    """The paper's filters, in its order; the first that fails names the drop."""
+    words = len(instruction.split())
+    if not instruction:
+        return Decision(False, "empty", reason="no text")
+    if words <= 3:
+        return Decision(False, "too_short", score=words, reason=f"{words} words (needs more than 3)")
+    if words > 150:
+        return Decision(False, "too_long", score=words, reason=f"{words} words (at most 150)")
+    if match := UNSUITABLE_PATTERN.search(instruction):
+        return Decision(False, "unsuitable_keyword", reason=f"mentions {match.group(0)!r}, which a text model cannot do")
+    if instruction.startswith("Write a program"):
+        return Decision(False, "write_a_program", reason="starts with 'Write a program'")
+    if instruction[0] in string.punctuation:
+        return Decision(False, "starts_with_punctuation", reason=f"starts with {instruction[0]!r}")
+    if not instruction[0].isascii():
+        return Decision(False, "starts_non_ascii", reason=f"starts with {instruction[0]!r}")
+    return Decision(True, template_version=TEMPLATE_VERSION)
+
+
+def parse_instructions(text: str, truncated: bool) -> list[tuple[str, Decision]]:
+    """Splits the continued list into instructions, each with its heuristic verdict."""
+    pieces = [re.sub(r"\s+", " ", piece).strip() for piece in LIST_ITEM_SPLIT.split(text)]
+    parsed = []
+    for position, piece in enumerate(pieces):
+        instruction = piece[:1].upper() + piece[1:].lower() if piece else ""  # str.capitalize(), as the original
+        if truncated and position == len(pieces) - 1:
+            parsed.append((instruction, Decision(False, "truncated", reason="cut off by max_tokens")))
+        else:
+            parsed.append((instruction, heuristic_verdict(instruction)))
+    return [(instruction, decision) for instruction, decision in parsed if instruction or not decision.kept]
+
+
+def classification_prompt(seed_tasks: list[SeedTask], instruction: str) -> str:
+    examples = [t for t in seed_tasks if t.is_classification][:4] + [t for t in seed_tasks if not t.is_classification][:4]
+    examples.sort(key=lambda t: t.instruction)  # interleave yes and no, deterministically
+    lines = ["Is each task a classification task, whose answer is one of a small fixed set of labels?", ""]
+    for task in examples:
+        lines += [f"Task: {task.instruction}", f"Classification: {'Yes' if task.is_classification else 'No'}", ""]
+    lines += [f"Task: {instruction}", "Classification:"]
+    return "\n".join(lines)
+
+
+def instance_prompt(seed_tasks: list[SeedTask], instruction: str, classification: bool) -> str:
+    examples = [t for t in seed_tasks if t.is_classification == classification][:3]
+    if classification:
+        lines = ["For each classification task, write a class label and then an input that belongs to it.", ""]
+        for task in examples:
+            lines.append(f"Task: {task.instruction}")
+            for task_input, output in task.instances[:2]:
+                lines += [f"Class label: {output}", f"Input: {task_input}"]
+            lines.append("")
+        lines += [f"Task: {instruction}", "Class label:"]
+    else:
+        lines = ["Write examples for each task. When a task needs no input, write only the output.", ""]
+        for task in examples:
+            lines.append(f"Task: {task.instruction}")
+            for task_input, output in task.instances[:2]:
+                lines += ([f"Input: {task_input}"] if task_input else []) + [f"Output: {output}"]
+            lines.append("")
+        lines += [f"Task: {instruction}"]
+    return "\n".join(lines)
+
+
+def parse_instances(text: str, classification: bool) -> list[tuple[str, str]]:
+    """(input, output) pairs from the model's continuation of instance_prompt."""
+    if classification:
+        # The prompt ends with "Class label:", so the text starts inside the first label.
+        pairs = re.findall(r"(.*?)\nInput:(.*?)(?:\nClass label:|$)", text, flags=re.DOTALL)
+        return [(i.strip(), label.strip()) for label, i in pairs][:MAX_INSTANCES]
+    instances = []
+    for match in re.finditer(r"(?:Input:(?P<input>.*?)\n)?Output:(?P<output>.*?)(?=\nInput:|\nOutput:|\n\n|$)", text, flags=re.DOTALL):
+        instances.append(((match.group("input") or "").strip(), match.group("output").strip()))
+    return instances[:MAX_INSTANCES]
+
+
+def filter_instances(instances: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], Counter[str]]:
+    """The paper's instance filters; returns the survivors and what dropped the rest."""
+    dropped: Counter[str] = Counter()
+    outputs_by_input: dict[str, set[str]] = {}
+    for task_input, output in instances:
+        outputs_by_input.setdefault(task_input, set()).add(output)
+    kept, seen = [], set()
+    for task_input, output in instances:
+        if not output:
+            dropped["empty_output"] += 1
+        elif output == task_input:
+            dropped["output_equals_input"] += 1
+        elif (task_input, output) in seen:
+            dropped["repeated"] += 1
+        elif len(outputs_by_input[task_input]) > 1:
+            dropped["conflicting_outputs"] += 1
+        else:
+            seen.add((task_input, output))
+            kept.append((task_input, output))
+    return kept, dropped
+
+
+# --- the recipe ---
+
+
+class SelfInstructRecipe:
+    stages = STAGES
+
+    def __init__(self, ctx: JobContext, params: SelfInstructParams, rounds_in_flight: int) -> None:
+        self.ctx = ctx
+        self.params = params
+        self.window = rounds_in_flight
+        self._kept_by_diversity: dict[int, list[str]] = {}
+        self._diversity_turn: dict[int, asyncio.Event] = {}
+        self._human = [t.instruction for t in params.seed_tasks]
+
+    async def run(self) -> dict[str, Any]:
+        await self.ctx.stage(SEEDS_ITEM, "seed_pool", self._seed_pool)
+        tasks: dict[int, asyncio.Task[list[str]]] = {}
+
+        def start(round_: int) -> None:
+            self._diversity_turn[round_] = asyncio.Event()
+            tasks[round_] = asyncio.create_task(self._round(round_))
+
+        for round_ in range(min(self.window, self.params.max_rounds)):
+            start(round_)
+        finished: list[str] = []
+        last_round = -1
+        try:
+            for round_ in range(self.params.max_rounds):
+                finished += await tasks[round_]
+                last_round = round_
+                if len(finished) >= self.params.target:
+                    break
+                if round_ + self.window < self.params.max_rounds:
+                    start(round_ + self.window)
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        for position, item_id in enumerate(finished):
+            within = position < self.params.target
+            decision = Decision(True) if within else Decision(False, "over_target", reason=f"target of {self.params.target} reached")
+            self.ctx.record(item_id, "dataset", StageResult(decision=decision))
+        return {"last_round": last_round, "rounds": last_round + 1, "kept": min(len(finished), self.params.target), "target_reached": len(finished) >= self.params.target}
+
+    async def _round(self, round_: int) -> list[str]:
+        """One prompt → its candidates' fates; returns the ids that reached the end, in order."""
+        item = f"r{round_:05d}"
+        generated = await self.ctx.stage(item, "generate_instructions", lambda: self._generate_instructions(round_))
+        survivors = []
+        for position, (instruction, decision) in enumerate(
+            parse_instructions(generated.data["text"], generated.data["finish_reason"] == "length")
+        ):
+            candidate = f"{item}-{position:02d}"
+            origin = generated.decision
+            assert origin is not None
+            # The candidate's lineage names the sample it came from.
+            decision = replace(decision, model=origin.model, template_version=origin.template_version, seed=origin.seed)
+            result = await self.ctx.stage(candidate, "heuristics", _ready(StageResult({"instruction": instruction}, decision)))
+            if result.decision and result.decision.kept:
+                survivors.append((candidate, instruction))
+        if round_ > 0:
+            await self._diversity_turn[round_ - 1].wait()
+        diverse = await self._diversity(item, survivors)
+        self._kept_by_diversity[round_] = [instruction for _, instruction in diverse]
+        self._diversity_turn[round_].set()
+        outcomes = await asyncio.gather(*(self._instances(candidate, instruction) for candidate, instruction in diverse))
+        return [candidate for (candidate, _), kept in zip(diverse, outcomes) if kept]
+
+    async def _seed_pool(self) -> StageResult:
+        """Puts the human seed instructions into the namespace first: the paper
+        compares each candidate with seed and machine instructions alike, and
+        small models copy seeds from their prompt. Ids and batch ids are named
+        by the seed file's content, so jobs sharing a namespace add them once."""
+        digest = hashlib.sha256("\n".join(self._human).encode()).hexdigest()[:16]
+        kept = 0
+        for start in range(0, len(self._human), MAX_DEDUP_BATCH):
+            chunk = self._human[start : start + MAX_DEDUP_BATCH]
+            request = dedup_pb2.FilterBatchRequest(
+                namespace=self.params.namespace,
+                items=[dedup_pb2.DedupItem(id=f"seed-{digest}/{start + i}", text=t) for i, t in enumerate(chunk)],
+                threshold=1.0,  # every seed joins, bar exact duplicates
+                batch_id=f"seeds-{digest}/{start}",
+            )
+            response = await self.ctx.call(lambda: self.ctx.services.dedup.FilterBatch(request, timeout=300), "dedup (seed pool)")
+            kept += sum(v.kept for v in response.verdicts)
+        return StageResult(
+            {"seed_instructions": len(self._human), "in_namespace": kept},
+            Decision(True, reason=f"{kept} of {len(self._human)} seed instructions in namespace {self.params.namespace}"),
+        )
+
+    def _prompt_instructions(self, round_: int) -> list[str]:
+        # Machine instructions of rounds that finished before this one could start.
+        pool = [i for earlier in range(round_ - self.window + 1) for i in self._kept_by_diversity[earlier]]
+        rng = derive_rng(self.ctx.seed, "prompt", round_)
+        chosen = rng.sample(pool, min(self.params.machine_per_prompt, len(pool)))
+        chosen += rng.sample(self._human, self.params.human_per_prompt + self.params.machine_per_prompt - len(chosen))
+        rng.shuffle(chosen)
+        return chosen
+
+    async def _generate(self, prompt: str, sampling: common_pb2.SamplingParams, seed: int, what: str) -> generator_pb2.GenerateResponse:
+        request = generator_pb2.GenerateRequest(prompt=common_pb2.Prompt(text=prompt), sampling=sampling, n=1, seed=seed)
+        return await self.ctx.call(lambda: self.ctx.services.generator.Generate(request, timeout=GENERATION_TIMEOUT_SECONDS), what)
+
+    async def _generate_instructions(self, round_: int) -> StageResult:
+        instructions = self._prompt_instructions(round_)
+        seed = derive_seed(self.ctx.seed, "instructions", round_)
+        response = await self._generate(instruction_prompt(instructions), self.params.instruction_sampling, seed, "generator (instructions)")
+        sample = response.samples[0]
+        finish = "length" if sample.finish_reason == common_pb2.FINISH_REASON_LENGTH else "stop"
+        listed = len(parse_instructions(sample.text, finish == "length"))
+        return StageResult(
+            {"prompt_instructions": instructions, "text": sample.text, "finish_reason": finish},
+            Decision(True, score=listed, reason=f"{listed} items listed ({finish})", model=response.model.model, template_version=TEMPLATE_VERSION, seed=seed),
+        )
+
+    async def _diversity(self, item: str, survivors: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The round's survivors through the dedup service, as one idempotent batch."""
+        if not survivors:
+            return []
+        stored = [self.ctx.stored(candidate, "diversity") for candidate, _ in survivors]
+        if any(result is None for result in stored):
+            request = dedup_pb2.FilterBatchRequest(
+                namespace=self.params.namespace,
+                items=[dedup_pb2.DedupItem(id=f"{self.ctx.job_id}/{candidate}", text=instruction) for candidate, instruction in survivors],
+                threshold=self.params.threshold,
+                batch_id=f"{self.ctx.job_id}/{item}",
+            )
+            response = await self.ctx.call(lambda: self.ctx.services.dedup.FilterBatch(request, timeout=300), "dedup")
+            for (candidate, _), verdict in zip(survivors, response.verdicts):
+                nearest = _readable_id(verdict.nearest_id, self.ctx.job_id)
+                decision = Decision(
+                    verdict.kept, "" if verdict.kept else "similarity", score=round(verdict.similarity, 6),
+                    reason=f"cosine {verdict.similarity:.3f} to {nearest or 'nothing'} "
+                    f"({'<' if verdict.kept else '≥'} {self.params.threshold:g})",
+                )
+                self.ctx.record(candidate, "diversity", StageResult({"nearest": nearest}, decision))
+            stored = [self.ctx.stored(candidate, "diversity") for candidate, _ in survivors]
+        return [pair for pair, result in zip(survivors, stored) if result and result.decision and result.decision.kept]
+
+    async def _instances(self, candidate: str, instruction: str) -> bool:
+        classified = await self.ctx.stage(candidate, "classify", lambda: self._classify(candidate, instruction))
+        made = await self.ctx.stage(
+            candidate, "instances", lambda: self._make_instances(candidate, instruction, classified.data["is_classification"])
+        )
+        return bool(made.decision and made.decision.kept)
+
+    async def _classify(self, candidate: str, instruction: str) -> StageResult:
+        seed = derive_seed(self.ctx.seed, "classify", candidate)
+        sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=3)
+        response = await self._generate(classification_prompt(self.params.seed_tasks, instruction), sampling, seed, "generator (classify)")
+        answer = response.samples[0].text.strip().lower()
+        is_classification = answer.startswith("yes")
+        return StageResult(
+            {"is_classification": is_classification, "answer": answer},
+            Decision(True, reason=f"classification: {'yes' if is_classification else 'no'}", model=response.model.model, template_version=TEMPLATE_VERSION, seed=seed),
+        )
+
+    async def _make_instances(self, candidate: str, instruction: str, classification: bool) -> StageResult:
+        seed = derive_seed(self.ctx.seed, "instances", candidate)
+        prompt = instance_prompt(self.params.seed_tasks, instruction, classification)
+        response = await self._generate(prompt, self.params.instance_sampling, seed, "generator (instances)")
+        instances, dropped = filter_instances(parse_instances(response.samples[0].text, classification))
+        data = {
+            "instruction": instruction,
+            "is_classification": classification,
+            "instances": [{"input": i, "output": o} for i, o in instances],
+            "raw": response.samples[0].text,
+            "dropped_instances": dict(dropped),
+        }
+        common = {"model": response.model.model, "template_version": TEMPLATE_VERSION, "seed": seed}
+        if instances:
+            return StageResult(data, Decision(True, score=len(instances), reason=f"{len(instances)} valid instances", **common))
+        why = ", ".join(f"{n} {name}" for name, n in sorted(dropped.items())) or "none parsed"
+        return StageResult(data, Decision(False, "no_valid_instances", score=0, reason=f"no valid instance ({why})", **common))
+
+
+def _readable_id(dedup_id: str, job_id: str) -> str:
+    if dedup_id.startswith("seed-"):
+        return f"seed task {dedup_id.rsplit('/', 1)[1]}"
+    return dedup_id.removeprefix(f"{job_id}/")
+
+
+def _ready(result: StageResult):  # noqa: ANN202
+    async def compute() -> StageResult:
+        return result
+
+    return compute
+
+
+# --- how the coordinator presents this recipe's results ---
+
+
+def belongs(summary: dict[str, Any]) -> Callable[[str], bool]:
+    """Items of rounds up to the one that reached the target (later rounds were started, not needed)."""
+    last_round = int(summary.get("last_round", -1))
+    # Candidates only ("r00003-02"): rounds and the seed pool are not dataset rows.
+    return lambda item_id: item_id.startswith("r") and "-" in item_id and int(item_id[1:6]) <= last_round
+
+
+INSTANCE_SCHEMA = pa.schema(
+    [("item_id", pa.string()), ("instruction", pa.string()), ("input", pa.string()), ("output", pa.string()), ("is_classification", pa.bool_())]
+)
+MESSAGES_SCHEMA = pa.schema(
+    [("item_id", pa.string()), ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))]
+)
+
+
+def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schema]]:
+    """The dataset's rows: instruction/input/output instances and SFT chat messages."""
+    instances, messages = [], []
+    for record in records:
+        if not record.kept:
+            continue
+        for instance in record.data["instances"]:
+            row = {
+                "item_id": record.item_id, "instruction": record.data["instruction"], "input": instance["input"],
+                "output": instance["output"], "is_classification": record.data["is_classification"],
+            }
+            instances.append(row)
+            user = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+            messages.append(
+                {"item_id": record.item_id, "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}
+            )
+    return {"instances": (instances, INSTANCE_SCHEMA), "sft_messages": (messages, MESSAGES_SCHEMA)}

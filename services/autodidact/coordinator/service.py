@@ -1,0 +1,131 @@
+"""The coordinator servicer: validate, call the job manager, map the result."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.protobuf import struct_pb2
+
+from autodidact.coordinator.jobs import JobManager, check_job_id
+from autodidact.coordinator.recipes.base import Services
+from autodidact.coordinator.store import JobStore
+from autodidact.errors import InvalidArgument, Unavailable
+from autodidact.runtime.channels import create_channel
+from autodidact.runtime.server import Component
+from autodidact.v1 import coordinator_pb2, coordinator_pb2_grpc, dedup_pb2_grpc, generator_pb2_grpc
+
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    # Where the job store (jobs.sqlite) and default dataset folders live.
+    data_dir: Path = Path(".autodidact/coordinator")
+    generator_target: str = "localhost:50051"
+    dedup_target: str = "localhost:50055"
+    # How long a job waits out a service that is down before it fails.
+    patience_seconds: float = 600.0
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    def __init__(self) -> None:
+        self.jobs: JobManager | None = None
+
+    def _manager(self) -> JobManager:
+        if self.jobs is None:
+            raise Unavailable("the coordinator is still opening its job store; retry shortly")
+        return self.jobs
+
+    async def SubmitJob(self, request: coordinator_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.SubmitJobResponse:
+        if not request.HasField("spec"):
+            raise InvalidArgument("spec", "is required")
+        job, created = self._manager().submit(request.job_id, request.spec)
+        return coordinator_pb2.SubmitJobResponse(job=job, created=created)
+
+    async def GetJob(self, request: coordinator_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.GetJobResponse:
+        check_job_id("job_id", request.job_id)
+        return coordinator_pb2.GetJobResponse(job=self._manager().get(request.job_id))
+
+    async def ListJobs(self, request: coordinator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.ListJobsResponse:
+        jobs, token = self._manager().list(request.page_size, request.page_token)
+        return coordinator_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    async def CancelJob(self, request: coordinator_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.CancelJobResponse:
+        check_job_id("job_id", request.job_id)
+        return coordinator_pb2.CancelJobResponse(job=self._manager().cancel(request.job_id))
+
+    async def WatchJob(self, request: coordinator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
+        check_job_id("job_id", request.job_id)
+        async for job in self._manager().watch(request.job_id):
+            yield coordinator_pb2.WatchJobResponse(job=job)
+
+    async def StreamSamples(
+        self, request: coordinator_pb2.StreamSamplesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.StreamSamplesResponse]:
+        check_job_id("job_id", request.job_id)
+        manager = self._manager()
+        sent: set[str] = set()
+        watching = manager.watch(request.job_id) if request.follow else None
+        while True:
+            for record in manager.records(request.job_id):
+                if record.item_id in sent or (not record.kept and not request.include_dropped):
+                    continue
+                sent.add(record.item_id)
+                yield coordinator_pb2.StreamSamplesResponse(record=_record_proto(record))
+            if watching is None or await anext(watching, None) is None:
+                return
+
+    async def ExportJob(self, request: coordinator_pb2.ExportJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.ExportJobResponse:
+        check_job_id("job_id", request.job_id)
+        return coordinator_pb2.ExportJobResponse(files=self._manager().export(request.job_id))
+
+
+def _record_proto(record) -> coordinator_pb2.JobRecord:  # noqa: ANN001
+    data = struct_pb2.Struct()
+    data.update(record.data)
+    proto = coordinator_pb2.JobRecord(item_id=record.item_id, kept=record.kept, data=data)
+    for stage, decision in record.lineage:
+        entry = proto.lineage.add(stage=stage, kept=decision.kept, filter=decision.filter, reason=decision.reason, template_version=decision.template_version)
+        if decision.score is not None:
+            entry.score = decision.score
+        if decision.seed is not None:
+            entry.seed = decision.seed
+        if decision.model:
+            entry.model.model = decision.model
+    return proto
+
+
+def coordinator_component(settings: CoordinatorSettings) -> Component:
+    servicer = CoordinatorServicer()
+    opened: list[tuple[JobStore, JobManager, list]] = []
+
+    async def load() -> None:
+        store = JobStore(settings.data_dir / "jobs.sqlite")
+        generator_channel = create_channel(settings.generator_target, timeout_seconds=900)
+        dedup_channel = create_channel(settings.dedup_target, timeout_seconds=300)
+        services = Services(
+            generator=generator_pb2_grpc.GeneratorServiceStub(generator_channel),
+            dedup=dedup_pb2_grpc.DedupServiceStub(dedup_channel),
+            patience_seconds=settings.patience_seconds,
+        )
+        manager = JobManager(store, services, settings.data_dir)
+        opened.append((store, manager, [generator_channel, dedup_channel]))
+        servicer.jobs = manager
+        await manager.resume_unfinished()
+
+    async def close() -> None:
+        for store, manager, channels in opened:
+            await manager.close()
+            for channel in channels:
+                await channel.close()
+            store.close()
+
+    return Component(
+        name=SERVICE_NAME,
+        register=lambda server: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server),
+        load=load,
+        close=close,
+    )

@@ -1,0 +1,144 @@
+"""The durable job store: SQLite in WAL mode, one file.
+
+Every stage result is written, keyed by (job, item, stage), before the job
+moves on; a restarted coordinator replays a job by reading what is stored and
+recomputing only what is not. Results are written once: a second write of the
+same key keeps the first, so a stage that raced with a crash cannot change an
+answer already read.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    spec BLOB NOT NULL,
+    spec_hash TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    error TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS results (
+    job_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    kept INTEGER,            -- 1 kept, 0 dropped, NULL for results that decide nothing
+    filter TEXT NOT NULL DEFAULT '',
+    value TEXT NOT NULL,     -- JSON
+    written_at REAL NOT NULL,
+    PRIMARY KEY (job_id, item_id, stage)
+);
+"""
+
+
+@dataclass(frozen=True)
+class JobRow:
+    seq: int
+    id: str
+    spec: bytes
+    spec_hash: str
+    state: int
+    error: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class StageCounts:
+    stage: str
+    done: int
+    kept: int
+    dropped_by_filter: dict[str, int]
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a result acknowledged to the job survives a crash of the machine too.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- jobs ---
+
+    def create_job(self, job_id: str, spec: bytes, spec_hash: str, state: int) -> tuple[JobRow, bool]:
+        """Inserts the job, or returns the existing one under that id (created False)."""
+        now = time.time()
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO jobs (id, spec, spec_hash, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (job_id, spec, spec_hash, state, now, now),
+        )
+        row = self.get_job(job_id)
+        assert row is not None
+        return row, cursor.rowcount == 1
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else JobRow(*row)
+
+    def list_jobs(self, limit: int, before_seq: int | None = None) -> list[JobRow]:
+        rows = self._db.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+            (before_seq if before_seq is not None else 2**62, limit),
+        ).fetchall()
+        return [JobRow(*row) for row in rows]
+
+    def jobs_in_states(self, states: tuple[int, ...]) -> list[JobRow]:
+        marks = ",".join("?" * len(states))
+        rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY seq", states).fetchall()
+        return [JobRow(*row) for row in rows]
+
+    def set_state(self, job_id: str, state: int, error: str = "") -> None:
+        self._db.execute("UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ?", (state, error, time.time(), job_id))
+
+    # --- stage results ---
+
+    def get_result(self, job_id: str, item_id: str, stage: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT value FROM results WHERE job_id = ? AND item_id = ? AND stage = ?", (job_id, item_id, stage)
+        ).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put_result(self, job_id: str, item_id: str, stage: str, value: dict[str, Any], kept: bool | None, filter_: str = "") -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO results (job_id, item_id, stage, kept, filter, value, written_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (job_id, item_id, stage, None if kept is None else int(kept), filter_, json.dumps(value, sort_keys=True), time.time()),
+        )
+
+    def results(self, job_id: str, stage: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+        """(item_id, stage, value) of a job, ordered by item then write order."""
+        query = "SELECT item_id, stage, value FROM results WHERE job_id = ?"
+        args: tuple[Any, ...] = (job_id,)
+        if stage is not None:
+            query += " AND stage = ?"
+            args += (stage,)
+        rows = self._db.execute(query + " ORDER BY item_id, written_at", args).fetchall()
+        return [(item, stage_, json.loads(value)) for item, stage_, value in rows]
+
+    def stage_counts(self, job_id: str) -> list[StageCounts]:
+        counts: dict[str, StageCounts] = {}
+        for stage, done, kept in self._db.execute(
+            "SELECT stage, COUNT(*), SUM(kept = 1) FROM results WHERE job_id = ? AND kept IS NOT NULL GROUP BY stage", (job_id,)
+        ):
+            counts[stage] = StageCounts(stage, done, kept or 0, {})
+        for stage, filter_, dropped in self._db.execute(
+            "SELECT stage, filter, COUNT(*) FROM results WHERE job_id = ? AND kept = 0 GROUP BY stage, filter", (job_id,)
+        ):
+            counts[stage].dropped_by_filter[filter_] = dropped
+        return list(counts.values())
+
+
+_JOB_COLUMNS = "seq, id, spec, spec_hash, state, error, created_at, updated_at"

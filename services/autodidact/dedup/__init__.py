@@ -1,0 +1,1 @@
+"""The dedup service: embedding diversity over persistent FAISS namespaces."""

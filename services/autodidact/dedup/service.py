@@ -1,0 +1,106 @@
+"""The dedup servicer: validate, call the diversity filter, map the result."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+
+from autodidact.backends.embed import Embedder
+from autodidact.dedup.diversity import DEFAULT_THRESHOLD, DiversityFilter
+from autodidact.dedup.namespaces import NAMESPACE_PATTERN, NamespaceRegistry, NamespaceSettings
+from autodidact.errors import InvalidArgument, Unavailable
+from autodidact.runtime.server import Component
+from autodidact.v1 import dedup_pb2, dedup_pb2_grpc
+from autodidact.validation import check_count, check_length, check_range
+
+SERVICE_NAME = dedup_pb2.DESCRIPTOR.services_by_name["DedupService"].full_name
+MAX_ITEMS = 4096
+MAX_TEXT_CHARS = 65_536
+
+
+def check_namespace(field: str, name: str) -> None:
+    if not NAMESPACE_PATTERN.match(name):
+        raise InvalidArgument(field, f"must be 1 to 128 characters of A-Z a-z 0-9 _ . -, got {name[:140]!r}")
+
+
+def parse_filter_batch(request: dedup_pb2.FilterBatchRequest) -> tuple[list[str], list[str], float]:
+    check_namespace("namespace", request.namespace)
+    check_count("items", request.items, 1, MAX_ITEMS)
+    seen: set[str] = set()
+    for i, item in enumerate(request.items):
+        check_length(f"items[{i}].id", item.id, 1, 256)
+        check_length(f"items[{i}].text", item.text, 1, MAX_TEXT_CHARS)
+        if item.id in seen:
+            raise InvalidArgument(f"items[{i}].id", f"{item.id!r} appears twice in the batch")
+        seen.add(item.id)
+    threshold = request.threshold if request.HasField("threshold") else DEFAULT_THRESHOLD
+    check_range("threshold", threshold, 0.0, 1.0)
+    check_length("batch_id", request.batch_id, 0, 256)
+    return [item.id for item in request.items], [item.text for item in request.items], threshold
+
+
+class DedupServicer(dedup_pb2_grpc.DedupServiceServicer):
+    def __init__(self) -> None:
+        self.diversity: DiversityFilter | None = None  # set once the embedder is loaded
+        self.embedder: Embedder | None = None
+
+    def _loaded(self) -> DiversityFilter:
+        if self.diversity is None:
+            raise Unavailable("the embedder is still loading; retry shortly")
+        return self.diversity
+
+    async def FilterBatch(
+        self, request: dedup_pb2.FilterBatchRequest, context: grpc.aio.ServicerContext
+    ) -> dedup_pb2.FilterBatchResponse:
+        diversity = self._loaded()
+        ids, texts, threshold = parse_filter_batch(request)
+        result = await diversity.filter_batch(request.namespace, ids, texts, threshold, request.batch_id, request.dry_run)
+        return dedup_pb2.FilterBatchResponse(
+            verdicts=[
+                dedup_pb2.DedupVerdict(id=v.id, kept=v.kept, nearest_id=v.nearest_id, similarity=v.similarity)
+                for v in result.verdicts
+            ],
+            namespace_size=result.namespace_size,
+        )
+
+    async def GetNamespace(
+        self, request: dedup_pb2.GetNamespaceRequest, context: grpc.aio.ServicerContext
+    ) -> dedup_pb2.GetNamespaceResponse:
+        diversity = self._loaded()
+        check_namespace("namespace", request.namespace)
+        size, kind = await asyncio.to_thread(diversity.describe, request.namespace)
+        assert self.embedder is not None
+        description = self.embedder.description
+        return dedup_pb2.GetNamespaceResponse(
+            size=size, index_kind=kind, dimension=description.dimension, embedder=f"{description.backend}:{description.model}"
+        )
+
+
+def dedup_component(
+    load_embedder: Callable[[], Awaitable[Embedder]], data_dir: Path, settings: NamespaceSettings | None = None
+) -> Component:
+    servicer = DedupServicer()
+    registry: list[NamespaceRegistry] = []
+
+    async def load() -> None:
+        embedder = await load_embedder()
+        namespaces = NamespaceRegistry(data_dir / "namespaces", embedder.description.dimension, settings)
+        registry.append(namespaces)
+        servicer.embedder = embedder
+        servicer.diversity = DiversityFilter(embedder, namespaces)
+
+    async def close() -> None:
+        if servicer.embedder is not None:
+            await servicer.embedder.close()
+        for namespaces in registry:
+            namespaces.close()
+
+    return Component(
+        name=SERVICE_NAME,
+        register=lambda server: dedup_pb2_grpc.add_DedupServiceServicer_to_server(servicer, server),
+        load=load,
+        close=close,
+    )

@@ -1,0 +1,135 @@
+"""`autodidact run RECIPE.yaml`: submit a recipe as a job, show its progress,
+export the dataset and print what was kept and why the rest was dropped.
+
+A recipe file is the JSON mapping of coordinator.proto's JobSpec, in YAML.
+Paths in it are relative to the file. Without --coordinator the whole stack
+(generator, dedup, coordinator) runs in this process over loopback gRPC.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from google.protobuf import json_format
+
+from autodidact.client import wait_until_serving
+from autodidact.coordinator.jobs import spec_hash
+from autodidact.runtime.channels import create_channel
+from autodidact.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+
+class RecipeError(Exception):
+    """The recipe file cannot become a JobSpec."""
+
+
+def load_recipe(path: Path, output_dir: Path | None) -> coordinator_pb2.JobSpec:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise RecipeError(f"{path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping of JobSpec fields, e.g. self_instruct: {{...}}")
+    for recipe in raw.values():
+        if isinstance(recipe, dict):
+            for key, value in recipe.items():
+                if key.endswith("_path") and isinstance(value, str) and not Path(value).is_absolute():
+                    recipe[key] = str((path.parent / value).resolve())
+    if output_dir is not None:
+        raw["output_dir"] = str(output_dir.resolve())
+    try:
+        return json_format.ParseDict(raw, coordinator_pb2.JobSpec())
+    except json_format.ParseError as exc:
+        raise RecipeError(f"{path}: {exc}") from exc
+
+
+def default_job_id(path: Path, spec: coordinator_pb2.JobSpec) -> str:
+    """The same file and content give the same id, so running it again resumes or returns the job."""
+    return f"{path.stem}-{spec_hash(spec)[:10]}"
+
+
+def _progress_line(job: coordinator_pb2.Job) -> str:
+    parts = []
+    for stage in job.stages:
+        if stage.stage == "dataset" and stage.HasField("total"):
+            done = min(stage.kept, stage.total)
+            filled = int(20 * done / max(stage.total, 1))
+            parts.insert(0, f"[{'#' * filled}{'.' * (20 - filled)}] {done}/{stage.total} kept")
+        else:
+            parts.append(f"{stage.stage} {stage.kept}/{stage.done}")
+    return "  ".join(parts) or "starting"
+
+
+def summary_table(job: coordinator_pb2.Job) -> str:
+    rows = [("stage", "decided", "kept", "dropped (by filter)")]
+    for stage in job.stages:
+        dropped = ", ".join(f"{name} {n}" for name, n in sorted(stage.dropped_by_filter.items(), key=lambda kv: -kv[1])) or "-"
+        rows.append((stage.stage, str(stage.done), str(stage.kept), dropped))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows)
+
+
+async def run_job(target: str, job_id: str, spec: coordinator_pb2.JobSpec, show_progress: bool = True) -> int:
+    async with create_channel(target, timeout_seconds=60) as channel:
+        await wait_until_serving(channel, timeout=120)
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        try:
+            submitted = await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=job_id, spec=spec))
+        except grpc.aio.AioRpcError as exc:
+            print(f"error: job refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+        print(f"job {job_id} {'submitted' if submitted.created else 'already known; following it'}", file=sys.stderr)
+        job = submitted.job
+        tty = sys.stderr.isatty()
+        async for event in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), timeout=None):
+            job = event.job
+            if show_progress:
+                print(("\r" if tty else "") + _progress_line(job) + ("" if tty else "\n"), end="", file=sys.stderr, flush=True)
+        if tty and show_progress:
+            print(file=sys.stderr)
+        state = coordinator_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
+        print(f"\njob {job_id}: {state}")
+        print(summary_table(job))
+        if job.state != coordinator_pb2.JOB_STATE_SUCCEEDED:
+            if job.error:
+                print(f"error: {job.error}", file=sys.stderr)
+            return 1
+        exported = await stub.ExportJob(coordinator_pb2.ExportJobRequest(job_id=job_id), timeout=600)
+        print("\nfiles:")
+        for file in exported.files:
+            print(f"  {file.path}" + (f"  ({file.rows} rows)" if file.kind != "manifest" else ""))
+        return 0
+
+
+async def run_in_process(spec: coordinator_pb2.JobSpec, job_id: str, data_dir: Path, options: Any, show_progress: bool = True) -> int:
+    """Hosts generator, dedup and coordinator here (loopback, free ports), runs the job, stops them."""
+    from dataclasses import replace
+
+    from autodidact.coordinator.service import CoordinatorSettings
+    from autodidact.runtime.server import ServiceHost
+    from autodidact.runtime.settings import ServerSettings
+    from autodidact.stack import build_component
+
+    options = replace(options, dedup_data_dir=data_dir / "dedup")
+    hosts = {name: ServiceHost([build_component(name, options)], ServerSettings(grace_seconds=5)) for name in ("generator", "dedup")}
+    try:
+        for host in hosts.values():
+            await host.start()
+        options = replace(
+            options,
+            coordinator=CoordinatorSettings(
+                data_dir=data_dir / "coordinator",
+                generator_target=f"127.0.0.1:{hosts['generator'].port}",
+                dedup_target=f"127.0.0.1:{hosts['dedup'].port}",
+            ),
+        )
+        hosts["coordinator"] = ServiceHost([build_component("coordinator", options)], ServerSettings(grace_seconds=5))
+        await hosts["coordinator"].start()
+        return await run_job(f"127.0.0.1:{hosts['coordinator'].port}", job_id, spec, show_progress)
+    finally:
+        for name in ("coordinator", "dedup", "generator"):
+            if name in hosts:
+                await hosts[name].stop(grace=5)
