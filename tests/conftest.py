@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,6 +18,10 @@ from autodidact.runtime.server import ServiceHost
 from autodidact.runtime.settings import ServerSettings
 from autodidact.stack import StackOptions, build_component
 from autodidact.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+
+# Public data beside the repository (CI has it at the same place); never copied in.
+SHARED_DATA = Path(os.environ.get("AUTODIDACT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SEED_TASKS = SHARED_DATA / "self_instruct_seed_tasks.jsonl"
 
 # Two threads: the machines this runs on have two cores.
 MODEL = LlamaCppSettings(context_length=2048, threads=2)

@@ -1,0 +1,148 @@
+"""The coordinator with the real generator and dedup services, in process over gRPC."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pyarrow.parquet as pq
+import pytest
+import pytest_asyncio
+
+from autodidact.runtime.channels import create_channel
+from autodidact.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from tests.conftest import SEED_TASKS
+from tests.integration.stack import start_stack
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+def small_spec(output_dir: str = "", target: int = 2, seed: int = 3) -> coordinator_pb2.JobSpec:
+    """A job that finishes in seconds on 2 cores."""
+    return coordinator_pb2.JobSpec(
+        self_instruct=coordinator_pb2.SelfInstructSpec(
+            seed_tasks_path=str(SEED_TASKS), target_instructions=target, max_rounds=8,
+            instruction_sampling=common_pb2.SamplingParams(max_tokens=160),
+            instance_sampling=common_pb2.SamplingParams(max_tokens=96),
+        ),
+        seed=seed, max_in_flight=2, output_dir=output_dir,
+    )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def coordinator(tmp_path_factory):
+    stack = await start_stack(tmp_path_factory.mktemp("stack"))
+    async with create_channel(stack.target("coordinator"), timeout_seconds=300) as channel:
+        yield coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+    await stack.stop()
+
+
+async def finish(stub, job_id: str) -> tuple[coordinator_pb2.Job, list[coordinator_pb2.Job]]:
+    events = [e.job async for e in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), timeout=300)]
+    return events[-1], events
+
+
+async def test_a_job_runs_to_a_dataset_with_progress_lineage_and_files(coordinator, tmp_path):
+    out = tmp_path / "dataset"
+    submitted = await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-1", spec=small_spec(str(out))))
+    assert submitted.created and submitted.job.state in (coordinator_pb2.JOB_STATE_PENDING, coordinator_pb2.JOB_STATE_RUNNING)
+    job, events = await finish(coordinator, "si-1")
+    assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert len(events) >= 3, "watch sent no progress between start and end"
+    stages = {s.stage: s for s in job.stages}
+    assert stages["dataset"].kept == 2 and stages["dataset"].total == 2
+    assert stages["seed_pool"].kept == 1 and stages["heuristics"].done >= 2
+
+    records = [r.record async for r in coordinator.StreamSamples(coordinator_pb2.StreamSamplesRequest(job_id="si-1", include_dropped=True))]
+    kept = [r for r in records if r.kept]
+    assert len(kept) == 2
+    for record in kept:
+        assert [d.stage for d in record.lineage] == ["heuristics", "diversity", "classify", "instances", "dataset"]
+        assert all(d.kept for d in record.lineage)
+        heuristics = record.lineage[0]
+        assert heuristics.model.model.endswith(".gguf") and heuristics.template_version == "self_instruct/v1" and heuristics.HasField("seed")
+        assert record.lineage[1].HasField("score")  # the similarity
+        assert record.data["instances"]
+    for record in records:
+        if not record.kept:
+            dropping = [d for d in record.lineage if not d.kept]
+            assert len(dropping) == 1 and dropping[0].filter and dropping[0].reason
+    only_kept = [r async for r in coordinator.StreamSamples(coordinator_pb2.StreamSamplesRequest(job_id="si-1"))]
+    assert len(only_kept) == 2
+
+    files = {f.kind: f for f in (await coordinator.ExportJob(coordinator_pb2.ExportJobRequest(job_id="si-1"))).files}
+    rows = [json.loads(line) for line in open(files["instances_jsonl"].path)]
+    assert rows and {"instruction", "input", "output", "is_classification", "item_id"} <= set(rows[0])
+    assert pq.read_table(files["instances_parquet"].path).to_pylist() == rows
+    messages = [json.loads(line) for line in open(files["sft_messages_jsonl"].path)]
+    assert [m["role"] for m in messages[0]["messages"]] == ["user", "assistant"]
+    manifest = json.loads(open(files["manifest"].path).read())
+    assert manifest["summary"]["kept"] == 2 and manifest["template_versions"] == ["self_instruct/v1"]
+    assert any(s["stage"] == "diversity" for s in manifest["stages"]) and manifest["models"]
+    lineage = [json.loads(line) for line in open(files["lineage_jsonl"].path)]
+    assert len(lineage) == len(records)
+
+
+async def test_submitting_again_is_idempotent_and_another_spec_under_the_id_is_refused(coordinator, tmp_path):
+    spec = small_spec(str(tmp_path), target=1, seed=5)
+    first = await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-2", spec=spec))
+    again = await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-2", spec=spec))
+    assert first.created and not again.created and again.job.id == "si-2"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-2", spec=small_spec(str(tmp_path), target=2, seed=5)))
+    assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    job, _ = await finish(coordinator, "si-2")
+    assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (coordinator_pb2.JobSpec(), "spec.recipe: is required"),
+        (coordinator_pb2.JobSpec(constitutional=coordinator_pb2.ConstitutionalSpec()), "spec.constitutional: recipe not implemented yet"),
+        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path="/no/such.jsonl", target_instructions=3)),
+         "spec.self_instruct.seed_tasks_path: file not found: /no/such.jsonl"),
+        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS))),
+         "spec.self_instruct.target_instructions: is required"),
+        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS), target_instructions=3, similarity_threshold=2)),
+         "spec.self_instruct.similarity_threshold: must be between 0 and 1, got 2"),
+        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS), target_instructions=3), max_in_flight=1000),
+         "spec.max_in_flight: must be between 1 and 256"),
+    ],
+)
+async def test_bad_specs_are_refused_at_submit(coordinator, spec, message):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="bad-spec", spec=spec))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in raised.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await coordinator.GetJob(coordinator_pb2.GetJobRequest(job_id="bad-spec"))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_bad_job_ids_and_unknown_jobs(coordinator):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="has space", spec=small_spec()))
+    assert "job_id: must be 1 to 128 characters" in raised.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await coordinator.ExportJob(coordinator_pb2.ExportJobRequest(job_id="nobody"))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_cancel_stops_a_job_and_keeps_what_it_stored(coordinator, tmp_path):
+    await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-cancel", spec=small_spec(str(tmp_path), target=50, seed=9)))
+    cancelled = await coordinator.CancelJob(coordinator_pb2.CancelJobRequest(job_id="si-cancel"))
+    assert cancelled.job.state == coordinator_pb2.JOB_STATE_CANCELLED
+    job, _ = await finish(coordinator, "si-cancel")
+    assert job.state == coordinator_pb2.JOB_STATE_CANCELLED
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await coordinator.ExportJob(coordinator_pb2.ExportJobRequest(job_id="si-cancel"))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_list_jobs_pages_newest_first(coordinator):
+    first = await coordinator.ListJobs(coordinator_pb2.ListJobsRequest(page_size=1))
+    assert len(first.jobs) == 1 and first.next_page_token
+    rest = await coordinator.ListJobs(coordinator_pb2.ListJobsRequest(page_size=100, page_token=first.next_page_token))
+    ids = [first.jobs[0].id] + [j.id for j in rest.jobs]
+    assert ids[0] == "si-cancel" and "si-1" in ids and len(ids) == len(set(ids))
