@@ -1,19 +1,33 @@
 #!/usr/bin/env bash
-# The demo: start the local stack (`autodidact up`), wait until the generator
-# reports SERVING, sample from the embedded model over gRPC, stop the stack.
+# The demo: a small Self-Instruct job on the embedded models (SmolLM2-135M
+# generates, MiniLM + FAISS keeps only diverse instructions), run by
+# `autodidact run` on an in-process stack over real gRPC. A few minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 
-$BIN/autodidact up --log-format console --metrics-port 0 2> .demo-stack.log &
-stack=$!
-trap 'kill -TERM $stack 2>/dev/null; wait $stack 2>/dev/null || true' EXIT
+rm -rf .demo && mkdir -p .demo
+echo "== autodidact run examples/self_instruct.yaml (generator, dedup and coordinator in this process)"
+$BIN/autodidact run examples/self_instruct.yaml --data-dir .demo/state --out .demo/dataset --log-level warning
 
-echo "== autodidact up (pid $stack); log in .demo-stack.log"
-echo "== three samples from the embedded SmolLM2-135M-Instruct, over gRPC"
-$BIN/autodidact generate --wait 120 --chat -n 3 --seed 7 --max-tokens 80 --temperature 0.8 \
-  "Write one new instruction for a task an assistant could help with, like 'Summarize this article in two sentences.'"
 echo
-echo "== the same call again repeats exactly (same seed): first sample only"
-$BIN/autodidact generate --chat -n 1 --seed 7 --max-tokens 80 --temperature 0.8 \
-  "Write one new instruction for a task an assistant could help with, like 'Summarize this article in two sentences.'"
+echo "== the new instructions, with one instance each (.demo/dataset/instances.jsonl)"
+$BIN/python - <<'PY'
+import json
+for line in open(".demo/dataset/instances.jsonl"):
+    row = json.loads(line)
+    print(f"* {row['instruction']}")
+    if row["input"]:
+        print(f"    input:  {row['input'][:150]!r}")
+    print(f"    output: {row['output'][:150]!r}")
+PY
+echo
+echo "== why candidates were dropped (.demo/dataset/lineage.jsonl)"
+$BIN/python - <<'PY'
+import json
+for line in open(".demo/dataset/lineage.jsonl"):
+    row = json.loads(line)
+    if not row["kept"]:
+        drop = next(d for d in row["lineage"] if not d["kept"])
+        print(f"- {row['data'].get('instruction', '')[:70]!r}: {drop['stage']}/{drop['filter']}: {drop.get('reason', '')}")
+PY

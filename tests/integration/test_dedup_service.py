@@ -35,13 +35,13 @@ async def test_paraphrases_are_dropped_and_different_tasks_kept(dedup):
     stub, _, _ = dedup
     response = await stub.FilterBatch(batch(
         "para", "Write a poem about the sea.", "Sort the numbers in ascending order.", "Compose a poem about the ocean.",
-        "Translate the sentence into French.", "Write a short poem about the sea.",
+        "Translate the sentence into French.", "Write a short poem about the sea.", threshold=0.8,
     ))
     kept = [v.kept for v in response.verdicts]
     assert kept == [True, True, False, True, False]
     assert response.verdicts[4].nearest_id == "t0" and response.verdicts[4].similarity >= 0.8
     assert response.namespace_size == 3
-    later = await stub.FilterBatch(batch("para", "Put these numbers in ascending order.", prefix="u"))
+    later = await stub.FilterBatch(batch("para", "Put these numbers in ascending order.", prefix="u", threshold=0.8))
     assert not later.verdicts[0].kept and later.verdicts[0].nearest_id == "t1"
 
 

@@ -87,7 +87,7 @@ def spec(**fields) -> coordinator_pb2.JobSpec:
 def test_defaults_are_the_papers():
     params = resolve_params(spec().self_instruct, "job-1")
     assert len(params.seed_tasks) == 175 and sum(t.is_classification for t in params.seed_tasks) > 0
-    assert (params.human_per_prompt, params.machine_per_prompt, params.threshold, params.namespace) == (6, 2, pytest.approx(0.8), "job-1")
+    assert (params.human_per_prompt, params.machine_per_prompt, params.threshold, params.namespace) == (6, 2, pytest.approx(0.9), "job-1")
     s = params.instruction_sampling
     assert (s.temperature, s.top_p, s.presence_penalty, s.max_tokens) == (pytest.approx(0.7), pytest.approx(0.5), 2.0, 1024)
     assert list(s.stop) == ["\n\n", "\n16", "16.", "16 ."]

@@ -10,7 +10,7 @@ from autodidact.dedup.namespaces import NamespaceRegistry, Verdict
 from autodidact.errors import FailedPrecondition, InvalidArgument, NotFound
 
 # Calibrated against the original ROUGE-L > 0.7 filter: docs/benchmarks.md.
-DEFAULT_THRESHOLD = 0.8
+DEFAULT_THRESHOLD = 0.9
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,8 @@ class FilterBatchRequest(_message.Message):
     """
     threshold: _builtins.float
     """Drop an item whose cosine similarity to a kept text is at or above this.
-    Default 0.8 (see docs for its agreement with ROUGE-L 0.7). Bounds [0, 1].
+    Default 0.9, the value that agrees best with ROUGE-L > 0.7 (docs/benchmarks.md).
+    Bounds [0, 1].
     """
     batch_id: _builtins.str
     """Idempotency key: a batch id already applied to the namespace returns its

@@ -37,6 +37,7 @@ from typing import Any
 import pyarrow as pa
 
 from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_rng, derive_seed
+from autodidact.dedup.diversity import DEFAULT_THRESHOLD
 from autodidact.dedup.namespaces import NAMESPACE_PATTERN
 from autodidact.errors import InvalidArgument
 from autodidact.generator.requests import parse_sampling
@@ -127,7 +128,7 @@ def resolve_params(spec: coordinator_pb2.SelfInstructSpec, job_id: str, field: s
     check_range(f"{field}.machine_per_prompt", machine, 0, 16)
     if human > len(seed_tasks):
         raise InvalidArgument(f"{field}.human_per_prompt", f"is {human} but the seed file holds only {len(seed_tasks)} tasks")
-    threshold = spec.similarity_threshold if spec.HasField("similarity_threshold") else 0.8
+    threshold = spec.similarity_threshold if spec.HasField("similarity_threshold") else DEFAULT_THRESHOLD
     check_range(f"{field}.similarity_threshold", threshold, 0.0, 1.0)
     namespace = spec.dedup_namespace or job_id
     if not NAMESPACE_PATTERN.match(namespace):
