@@ -139,7 +139,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", type=int, default=50_000, help="candidates to grow the pool with")
     parser.add_argument("--threshold", type=float, default=None, help="cosine threshold (default: the dedup service's)")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=512, help="candidates per FilterBatch call (default 512: bulk growth)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rouge-sizes", default="500,2000,8000", help="pool sizes at which the ROUGE-L procedure is timed")
     parser.add_argument("--rouge-candidates", type=int, default=4, help="candidates timed at each pool size")
