@@ -30,11 +30,16 @@ def small_spec(output_dir: str = "", target: int = 2, seed: int = 3) -> coordina
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def coordinator(tmp_path_factory):
+async def running_stack(tmp_path_factory):
     stack = await start_stack(tmp_path_factory.mktemp("stack"))
-    async with create_channel(stack.target("coordinator"), timeout_seconds=300) as channel:
-        yield coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+    yield stack
     await stack.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def coordinator(running_stack):
+    async with create_channel(running_stack.target("coordinator"), timeout_seconds=300) as channel:
+        yield coordinator_pb2_grpc.CoordinatorServiceStub(channel)
 
 
 async def finish(stub, job_id: str) -> tuple[coordinator_pb2.Job, list[coordinator_pb2.Job]]:
@@ -140,9 +145,28 @@ async def test_cancel_stops_a_job_and_keeps_what_it_stored(coordinator, tmp_path
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+async def test_jobs_can_share_a_namespace_and_its_seed_pool(coordinator, running_stack, tmp_path):
+    from autodidact.v1 import dedup_pb2, dedup_pb2_grpc
+
+    for job_id, seed in (("shared-a", 31), ("shared-b", 32)):
+        spec = small_spec(str(tmp_path / job_id), target=1, seed=seed)
+        spec.self_instruct.dedup_namespace = "shared-pool"
+        await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=job_id, spec=spec))
+        job, _ = await finish(coordinator, job_id)
+        assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED, job.error
+    kept = {}
+    for job_id in ("shared-a", "shared-b"):
+        job = (await coordinator.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id))).job
+        kept[job_id] = next(s.kept for s in job.stages if s.stage == "diversity")
+    async with create_channel(running_stack.target("dedup")) as channel:
+        info = await dedup_pb2_grpc.DedupServiceStub(channel).GetNamespace(dedup_pb2.GetNamespaceRequest(namespace="shared-pool"))
+    # The 175 seeds joined once; every instruction either job kept is there too.
+    assert info.size == 175 + kept["shared-a"] + kept["shared-b"]
+
+
 async def test_list_jobs_pages_newest_first(coordinator):
     first = await coordinator.ListJobs(coordinator_pb2.ListJobsRequest(page_size=1))
     assert len(first.jobs) == 1 and first.next_page_token
     rest = await coordinator.ListJobs(coordinator_pb2.ListJobsRequest(page_size=100, page_token=first.next_page_token))
     ids = [first.jobs[0].id] + [j.id for j in rest.jobs]
-    assert ids[0] == "si-cancel" and "si-1" in ids and len(ids) == len(set(ids))
+    assert ids[0] == "shared-b" and "si-1" in ids and "si-cancel" in ids and len(ids) == len(set(ids))

@@ -1,0 +1,36 @@
+"""`autodidact run` refuses bad recipe files before starting anything, naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SEED_TASKS
+
+AUTODIDACT = str(Path(sys.executable).parent / "autodidact")
+
+
+def run(recipe: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([AUTODIDACT, "run", str(recipe), "--data-dir", str(recipe.parent / "state")], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("distillation:\n  teacher: big\n", 'has no field named "distillation"'),
+        (f"self_instruct:\n  seed_tasks_path: {SEED_TASKS}\n  target_instructions: -3\n", "target_instructions field: Value out of range: -3"),
+        ("self_instruct:\n  seed_tasks_path: missing.jsonl\n  target_instructions: 3\n", "spec.self_instruct.seed_tasks_path: file not found"),
+        (f"self_instruct:\n  seed_tasks_path: {SEED_TASKS}\n  target_instructions: 3\n  similarity_threshold: 1.5\n",
+         "spec.self_instruct.similarity_threshold: must be between 0 and 1, got 1.5"),
+        ("- just\n- a list\n", "expected a mapping of JobSpec fields"),
+    ],
+)
+def test_bad_recipe_files_are_refused_with_the_field(tmp_path, body, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(body)
+    result = run(recipe)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
