@@ -72,6 +72,9 @@ async def test_a_job_runs_to_a_dataset_with_progress_lineage_and_files(coordinat
         if not record.kept:
             dropping = [d for d in record.lineage if not d.kept]
             assert len(dropping) == 1 and dropping[0].filter and dropping[0].reason
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("autodidact_stage_decisions_total", {"stage": "dataset", "outcome": "kept"}) >= 2
     only_kept = [r async for r in coordinator.StreamSamples(coordinator_pb2.StreamSamplesRequest(job_id="si-1"))]
     assert len(only_kept) == 2
 

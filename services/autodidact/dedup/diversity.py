@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from autodidact.backends.embed import Embedder
 from autodidact.dedup.namespaces import NamespaceRegistry, Verdict
 from autodidact.errors import FailedPrecondition, InvalidArgument, NotFound
+from autodidact.runtime.metrics import DEDUP_ITEMS
 
 # Calibrated against the original ROUGE-L > 0.7 filter: docs/benchmarks.md.
 DEFAULT_THRESHOLD = 0.9
@@ -46,6 +47,8 @@ class DiversityFilter:
                 verdicts = namespace.judge(ids, vectors, threshold)
                 if not dry_run:
                     namespace.commit(batch_id, verdicts, vectors)
+                    for verdict in verdicts:
+                        DEDUP_ITEMS.labels("kept" if verdict.kept else "dropped").inc()
                 return BatchResult(verdicts, namespace.size)
 
         return await asyncio.to_thread(judge_and_commit)

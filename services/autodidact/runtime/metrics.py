@@ -22,6 +22,10 @@ RPC_LATENCY = Histogram(
 GENERATED_SAMPLES = Counter("autodidact_generated_samples_total", "Samples generated.", ["backend"])
 GENERATED_TOKENS = Counter("autodidact_generated_tokens_total", "Tokens generated.", ["backend"])
 PROMPT_TOKENS = Counter("autodidact_prompt_tokens_total", "Prompt tokens evaluated.", ["backend"])
+STAGE_DECISIONS = Counter(
+    "autodidact_stage_decisions_total", "Candidates decided by recipe stages, by outcome ('kept' or the filter that dropped).", ["stage", "outcome"]
+)
+DEDUP_ITEMS = Counter("autodidact_dedup_items_total", "Items judged by the diversity filter.", ["outcome"])
 
 
 def start_metrics_endpoint(port: int, host: str = "0.0.0.0") -> int:

@@ -24,6 +24,7 @@ import structlog
 
 from autodidact.coordinator.store import JobStore
 from autodidact.errors import DeadlineExceeded, Unavailable
+from autodidact.runtime.metrics import STAGE_DECISIONS
 from autodidact.v1 import dedup_pb2_grpc, generator_pb2_grpc
 
 log = structlog.get_logger("autodidact.recipes")
@@ -103,6 +104,8 @@ class JobContext:
     def record(self, item_id: str, stage: str, result: StageResult) -> None:
         """Stores a result computed outside `stage` (several items decided by one call)."""
         decision = result.decision
+        if decision is not None:
+            STAGE_DECISIONS.labels(stage, "kept" if decision.kept else decision.filter).inc()
         self.store.put_result(
             self.job_id, item_id, stage, result.to_json(),
             kept=None if decision is None else decision.kept, filter_="" if decision is None else decision.filter,
