@@ -50,6 +50,13 @@ def _add_server_args(parser: argparse.ArgumentParser, default_host: str) -> None
     parser.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", ".autodidact") or ".autodidact"),
                         help="where the coordinator's job store and the dedup namespaces live (default .autodidact)")
     parser.add_argument("--embed-threads", type=int, default=0, help="torch threads of the embedder; 0: every core")
+    parser.add_argument("--llm-backend", choices=("llamacpp", "tgi", "openai_compat"), default=_env("LLM_BACKEND", "llamacpp"),
+                        help="generator backend: embedded llama.cpp (default), TGI, or an OpenAI-compatible server (vLLM, SGLang)")
+    parser.add_argument("--llm-url", default=_env("LLM_URL", ""), help="tgi/openai_compat: the server, e.g. http://tgi:80")
+    parser.add_argument("--llm-model", default=_env("LLM_MODEL", ""), help="openai_compat: model name to request (default: the server's first)")
+    parser.add_argument("--embedder", choices=("local", "tei"), default=_env("EMBEDDER", "local"),
+                        help="dedup embedder: embedded MiniLM (default) or text-embeddings-inference")
+    parser.add_argument("--embedder-url", default=_env("EMBEDDER_URL", ""), help="tei: the server, e.g. http://tei:80")
     _add_logging_args(parser)
 
 
@@ -105,7 +112,13 @@ def _options(args: argparse.Namespace, generator_target: str, dedup_target: str)
     from autodidact.generator.requests import GeneratorLimits
     from autodidact.stack import StackOptions
 
+    from autodidact.backends.remote import RemoteSettings
+
     return StackOptions(
+        llm_backend=args.llm_backend,
+        llm_remote=RemoteSettings(url=args.llm_url, model=args.llm_model, context_length=args.context_length) if args.llm_url else None,
+        embedder_backend=args.embedder,
+        embedder_remote=RemoteSettings(url=args.embedder_url) if args.embedder_url else None,
         llamacpp=LlamaCppSettings(
             model_path=args.model, context_length=args.context_length, contexts=args.contexts, threads=args.threads
         ),

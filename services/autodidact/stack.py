@@ -2,21 +2,23 @@
 
 `autodidact serve NAME` hosts one of them; `autodidact up` hosts every
 implemented one in one process, each on its own loopback port, so a local
-stack is addressed exactly like a cluster.
+stack is addressed exactly like a cluster. Builders import their backends
+only when called: a container image carries just what its service needs
+(the coordinator image has no torch, FAISS or llama.cpp).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from autodidact.backends.embed.local import LocalEmbedder, LocalEmbedderSettings
-from autodidact.backends.llm.llamacpp import LlamaCppLLM, LlamaCppSettings
-from autodidact.coordinator.service import CoordinatorSettings, coordinator_component
-from autodidact.dedup.namespaces import NamespaceSettings
-from autodidact.dedup.service import dedup_component
+from autodidact.backends.embed.local import LocalEmbedderSettings
+from autodidact.backends.llm.llamacpp import LlamaCppSettings
+from autodidact.backends.remote import RemoteSettings
+from autodidact.coordinator.service import CoordinatorSettings
+from autodidact.dedup.defaults import NamespaceSettings
 from autodidact.generator.requests import GeneratorLimits
-from autodidact.generator.service import generator_component
 from autodidact.runtime.server import Component
 
 # Default ports of every service of the architecture (README "Ports").
@@ -29,30 +31,78 @@ DEFAULT_PORTS = {
     "dedup": 50055,
 }
 DEFAULT_METRICS_PORT = 9464
+LLM_BACKENDS = ("llamacpp", "tgi", "openai_compat")
+EMBEDDERS = ("local", "tei")
 
 
 @dataclass(frozen=True)
 class StackOptions:
     """What the implemented services need to build their backends."""
 
+    llm_backend: Literal["llamacpp", "tgi", "openai_compat"] = "llamacpp"
     llamacpp: LlamaCppSettings = LlamaCppSettings()
+    # The server behind a tgi or openai_compat backend.
+    llm_remote: RemoteSettings | None = None
     generator: GeneratorLimits = GeneratorLimits()
+    embedder_backend: Literal["local", "tei"] = "local"
     embedder: LocalEmbedderSettings = LocalEmbedderSettings()
+    # The server behind a tei embedder.
+    embedder_remote: RemoteSettings | None = None
     namespaces: NamespaceSettings = NamespaceSettings()
     # The dedup service's namespaces live under dedup_data_dir/namespaces.
     dedup_data_dir: Path = Path(".autodidact/dedup")
     coordinator: CoordinatorSettings = field(default_factory=CoordinatorSettings)
 
 
+def _remote(settings: RemoteSettings | None, flag: str) -> RemoteSettings:
+    if settings is None or not settings.url:
+        raise ValueError(f"this backend needs the server's address: {flag} URL")
+    return settings
+
+
+async def load_llm(options: StackOptions):  # noqa: ANN201  (-> LLM)
+    if options.llm_backend == "tgi":
+        from autodidact.backends.llm.tgi import TgiLLM
+
+        return await TgiLLM.load(_remote(options.llm_remote, "--llm-url"))
+    if options.llm_backend == "openai_compat":
+        from autodidact.backends.llm.openai_compat import OpenAICompatLLM
+
+        return await OpenAICompatLLM.load(_remote(options.llm_remote, "--llm-url"))
+    from autodidact.backends.llm.llamacpp import LlamaCppLLM
+
+    return await LlamaCppLLM.load(options.llamacpp)
+
+
+async def load_embedder(options: StackOptions):  # noqa: ANN201  (-> Embedder)
+    if options.embedder_backend == "tei":
+        from autodidact.backends.embed.tei import TeiEmbedder
+
+        return await TeiEmbedder.load(_remote(options.embedder_remote, "--embedder-url"))
+    from autodidact.backends.embed.local import LocalEmbedder
+
+    return await LocalEmbedder.load(options.embedder)
+
+
 def _generator(options: StackOptions) -> Component:
-    return generator_component(lambda: LlamaCppLLM.load(options.llamacpp), options.generator)
+    from autodidact.generator.service import generator_component
+
+    if options.llm_backend != "llamacpp":
+        _remote(options.llm_remote, "--llm-url")  # refuse at start, not at first load
+    return generator_component(lambda: load_llm(options), options.generator)
 
 
 def _dedup(options: StackOptions) -> Component:
-    return dedup_component(lambda: LocalEmbedder.load(options.embedder), options.dedup_data_dir, options.namespaces)
+    from autodidact.dedup.service import dedup_component
+
+    if options.embedder_backend != "local":
+        _remote(options.embedder_remote, "--embedder-url")
+    return dedup_component(lambda: load_embedder(options), options.dedup_data_dir, options.namespaces)
 
 
 def _coordinator(options: StackOptions) -> Component:
+    from autodidact.coordinator.service import coordinator_component
+
     return coordinator_component(options.coordinator)
 
 

@@ -10,8 +10,7 @@ from autodidact.dedup.namespaces import NamespaceRegistry, Verdict
 from autodidact.errors import FailedPrecondition, InvalidArgument, NotFound
 from autodidact.runtime.metrics import DEDUP_ITEMS
 
-# Calibrated against the original ROUGE-L > 0.7 filter: docs/benchmarks.md.
-DEFAULT_THRESHOLD = 0.9
+from autodidact.dedup.defaults import DEFAULT_THRESHOLD  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

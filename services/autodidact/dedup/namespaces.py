@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -31,21 +30,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-
-
-@dataclass(frozen=True)
-class NamespaceSettings:
-    # Exact search up to this many vectors; HNSW beyond.
-    exact_limit: int = 20_000
-    # HNSW graph degree and search breadth: recall above 0.99 at 1M vectors of
-    # dimension 384 in FAISS's own benchmarks for these values.
-    hnsw_m: int = 32
-    hnsw_ef_search: int = 128
-    hnsw_ef_construction: int = 80
-    # Additions between snapshots of the index.
-    snapshot_every: int = 5_000
-
+from autodidact.dedup.defaults import NAMESPACE_PATTERN, NamespaceSettings  # noqa: F401  (re-exported)
 
 @dataclass(frozen=True)
 class Verdict:

@@ -37,8 +37,7 @@ from typing import Any
 import pyarrow as pa
 
 from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_rng, derive_seed
-from autodidact.dedup.diversity import DEFAULT_THRESHOLD
-from autodidact.dedup.namespaces import NAMESPACE_PATTERN
+from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NAMESPACE_PATTERN
 from autodidact.errors import InvalidArgument
 from autodidact.generator.requests import parse_sampling
 from autodidact.v1 import common_pb2, coordinator_pb2, dedup_pb2, generator_pb2
