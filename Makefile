@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install stubs lint bench clean
+.PHONY: demo test install stubs lint bench clean kubectl
 
 ## Python environment: the package with the embedded backends. torch first and
 ## pinned: this picks the CPU build, where an unpinned torch pulls CUDA packages.
@@ -24,12 +24,16 @@ node_modules/.installed: package.json
 	npm install --no-package-lock --no-audit --no-fund --silent
 	touch $@
 
+## kubectl, whose built-in kustomize renders deploy/k8s in the tests (Debian package).
+kubectl:
+	@command -v kubectl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq kubectl; }
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	./scripts/demo.sh
 
-test: $(VENV)/.installed node_modules/.installed
+test: $(VENV)/.installed node_modules/.installed kubectl
 	$(BIN)/pytest
 
 lint: node_modules/.installed
