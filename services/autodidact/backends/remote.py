@@ -72,10 +72,10 @@ async def with_backoff(backend: str, settings: RemoteSettings, call: Callable[[]
     raise AssertionError("unreachable")
 
 
-async def post_json(session: aiohttp.ClientSession, url: str, payload: dict[str, Any], timeout: float) -> Any:
-    """POSTs JSON and returns the decoded answer; raises Retryable or Refused."""
+async def _request(session: aiohttp.ClientSession, method: str, url: str, payload: dict[str, Any] | None, timeout: float) -> Any:
+    """Sends one request and returns the decoded JSON answer; raises Retryable or Refused."""
     try:
-        async with session.post(url, json=payload, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        async with session.request(method, url, json=payload, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             body = await response.text()
             if response.status in RETRYABLE_STATUS:
                 raise Retryable(f"HTTP {response.status}: {body[:300]}")
@@ -84,16 +84,11 @@ async def post_json(session: aiohttp.ClientSession, url: str, payload: dict[str,
             return json.loads(body)
     except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
         raise Retryable(f"{type(exc).__name__}: {exc}") from exc
+
+
+async def post_json(session: aiohttp.ClientSession, url: str, payload: dict[str, Any], timeout: float) -> Any:
+    return await _request(session, "POST", url, payload, timeout)
 
 
 async def get_json(session: aiohttp.ClientSession, url: str, timeout: float) -> Any:
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-            body = await response.text()
-            if response.status in RETRYABLE_STATUS:
-                raise Retryable(f"HTTP {response.status}: {body[:300]}")
-            if response.status >= 400:
-                raise Refused(response.status, body[:500])
-            return json.loads(body)
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-        raise Retryable(f"{type(exc).__name__}: {exc}") from exc
+    return await _request(session, "GET", url, None, timeout)
