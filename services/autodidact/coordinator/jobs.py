@@ -156,6 +156,10 @@ class JobManager:
         row = self._row(job_id)
         if row.state != SUCCEEDED:
             raise FailedPrecondition(f"job {job_id!r} is {coordinator_pb2.JobState.Name(row.state)}; only a succeeded job can be exported")
+        return self._write_dataset(row)
+
+    def _write_dataset(self, row: JobRow) -> list[coordinator_pb2.ExportedFile]:
+        job_id = row.id
         spec = coordinator_pb2.JobSpec.FromString(row.spec)
         directory = Path(spec.output_dir) if spec.output_dir else self._data_dir / "jobs" / job_id / "dataset"
         directory.mkdir(parents=True, exist_ok=True)
@@ -218,10 +222,12 @@ class JobManager:
                 ctx = JobContext(job_id, spec.seed, self._store, self._services, in_flight, lambda: self._notify(job_id))
                 summary = await self_instruct.SelfInstructRecipe(ctx, params, in_flight).run()
                 self._store.put_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE, {"data": summary, "decision": None}, None)
+                # The dataset is written before the job says SUCCEEDED: a failed write fails the job
+                # visibly, and a crash in between resumes the job, which replays and writes again.
+                self._write_dataset(self._row(job_id))
                 self._store.set_state(job_id, SUCCEEDED)
                 self._notify(job_id)
                 log.info("job succeeded", **summary)
-                self.export(job_id)
             except asyncio.CancelledError:
                 if job_id in self._cancel_requested:
                     log.info("job cancelled")
