@@ -147,7 +147,7 @@ async def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from autodidact.dedup.diversity import DEFAULT_THRESHOLD
+    from autodidact.dedup.defaults import DEFAULT_THRESHOLD
 
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     texts = real_texts()

@@ -32,6 +32,8 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_server_args(parser: argparse.ArgumentParser, default_host: str) -> None:
+    from autodidact.stack import EMBEDDERS, LLM_BACKENDS
+
     defaults = ServerSettings()
     parser.add_argument("--host", default=_env("HOST", default_host), help=f"address to bind (default {default_host})")
     parser.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "9464") or 0),
@@ -50,11 +52,11 @@ def _add_server_args(parser: argparse.ArgumentParser, default_host: str) -> None
     parser.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", ".autodidact") or ".autodidact"),
                         help="where the coordinator's job store and the dedup namespaces live (default .autodidact)")
     parser.add_argument("--embed-threads", type=int, default=0, help="torch threads of the embedder; 0: every core")
-    parser.add_argument("--llm-backend", choices=("llamacpp", "tgi", "openai_compat"), default=_env("LLM_BACKEND", "llamacpp"),
+    parser.add_argument("--llm-backend", choices=LLM_BACKENDS, default=_env("LLM_BACKEND", "llamacpp"),
                         help="generator backend: embedded llama.cpp (default), TGI, or an OpenAI-compatible server (vLLM, SGLang)")
     parser.add_argument("--llm-url", default=_env("LLM_URL", ""), help="tgi/openai_compat: the server, e.g. http://tgi:80")
     parser.add_argument("--llm-model", default=_env("LLM_MODEL", ""), help="openai_compat: model name to request (default: the server's first)")
-    parser.add_argument("--embedder", choices=("local", "tei"), default=_env("EMBEDDER", "local"),
+    parser.add_argument("--embedder", choices=EMBEDDERS, default=_env("EMBEDDER", "local"),
                         help="dedup embedder: embedded MiniLM (default) or text-embeddings-inference")
     parser.add_argument("--embedder-url", default=_env("EMBEDDER_URL", ""), help="tei: the server, e.g. http://tei:80")
     _add_logging_args(parser)
@@ -205,8 +207,6 @@ async def _generate(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from autodidact.backends.embed.local import LocalEmbedderSettings
     from autodidact.backends.llm.llamacpp import LlamaCppSettings
     from autodidact.runner import RecipeError, default_job_id, load_recipe, run_in_process, run_job
@@ -216,15 +216,13 @@ async def _run(args: argparse.Namespace) -> int:
         spec = load_recipe(args.recipe, args.out)
         job_id = args.job_id or default_job_id(args.recipe, spec)
         if args.out is None and not args.coordinator:
-            spec = load_recipe(args.recipe, Path("out") / job_id)
+            spec.output_dir = str((Path("out") / job_id).resolve())
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.coordinator:
         return await run_job(args.coordinator, job_id, spec, show_progress=not args.quiet)
-    options = replace(
-        StackOptions(), llamacpp=LlamaCppSettings(threads=args.threads), embedder=LocalEmbedderSettings(threads=args.threads)
-    )
+    options = StackOptions(llamacpp=LlamaCppSettings(threads=args.threads), embedder=LocalEmbedderSettings(threads=args.threads))
     return await run_in_process(spec, job_id, args.data_dir, options, show_progress=not args.quiet)
 
 

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autodidact.dedup.namespaces import Namespace, NamespaceSettings
+from autodidact.dedup.defaults import NamespaceSettings
+from autodidact.dedup.namespaces import Namespace
 
 DIM = 16
 

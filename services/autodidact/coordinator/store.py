@@ -118,14 +118,11 @@ class JobStore:
             (job_id, item_id, stage, None if kept is None else int(kept), filter_, json.dumps(value, sort_keys=True), time.time()),
         )
 
-    def results(self, job_id: str, stage: str | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+    def results(self, job_id: str) -> list[tuple[str, str, dict[str, Any]]]:
         """(item_id, stage, value) of a job, ordered by item then write order."""
-        query = "SELECT item_id, stage, value FROM results WHERE job_id = ?"
-        args: tuple[Any, ...] = (job_id,)
-        if stage is not None:
-            query += " AND stage = ?"
-            args += (stage,)
-        rows = self._db.execute(query + " ORDER BY item_id, written_at", args).fetchall()
+        rows = self._db.execute(
+            "SELECT item_id, stage, value FROM results WHERE job_id = ? ORDER BY item_id, written_at", (job_id,)
+        ).fetchall()
         return [(item, stage_, json.loads(value)) for item, stage_, value in rows]
 
     def stage_counts(self, job_id: str) -> list[StageCounts]:

@@ -10,7 +10,6 @@ from autodidact.dedup.namespaces import NamespaceRegistry, Verdict
 from autodidact.errors import FailedPrecondition, InvalidArgument, NotFound
 from autodidact.runtime.metrics import DEDUP_ITEMS
 
-from autodidact.dedup.defaults import DEFAULT_THRESHOLD  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

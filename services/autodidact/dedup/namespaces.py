@@ -30,7 +30,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from autodidact.dedup.defaults import NAMESPACE_PATTERN, NamespaceSettings  # noqa: F401  (re-exported)
+from autodidact.dedup.defaults import NamespaceSettings
 
 @dataclass(frozen=True)
 class Verdict:

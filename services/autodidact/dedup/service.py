@@ -9,9 +9,9 @@ from pathlib import Path
 import grpc
 
 from autodidact.backends.embed import Embedder
-from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NAMESPACE_PATTERN
+from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NAMESPACE_PATTERN, NamespaceSettings
 from autodidact.dedup.diversity import DiversityFilter
-from autodidact.dedup.namespaces import NamespaceRegistry, NamespaceSettings
+from autodidact.dedup.namespaces import NamespaceRegistry
 from autodidact.errors import InvalidArgument, Unavailable
 from autodidact.runtime.server import Component
 from autodidact.v1 import dedup_pb2, dedup_pb2_grpc

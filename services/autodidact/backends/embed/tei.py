@@ -32,18 +32,14 @@ class TeiEmbedder:
     @classmethod
     async def load(cls, settings: RemoteSettings) -> TeiEmbedder:
         """Asks the server which model it serves and its dimension (waiting out a server still starting)."""
-        session = aiohttp.ClientSession()
         base = settings.url.rstrip("/")
-        try:
+        async with aiohttp.ClientSession() as session:
             info = await with_backoff(BACKEND, settings, lambda: get_json(session, f"{base}/info", settings.timeout_seconds))
             probe = await with_backoff(
                 BACKEND, settings, lambda: post_json(session, f"{base}/embed", {"inputs": ["dimension probe"], "normalize": True}, settings.timeout_seconds)
             )
-        except BaseException:
-            await session.close()
-            raise
         model = settings.model or str(info.get("model_id", "unknown"))
-        return cls(settings, session, EmbedderDescription(backend=BACKEND, model=model, dimension=len(probe[0])))
+        return cls(settings, aiohttp.ClientSession(), EmbedderDescription(backend=BACKEND, model=model, dimension=len(probe[0])))
 
     @property
     def description(self) -> EmbedderDescription:

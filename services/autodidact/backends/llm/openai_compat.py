@@ -32,13 +32,9 @@ class OpenAICompatLLM:
 
     @classmethod
     async def load(cls, settings: RemoteSettings) -> OpenAICompatLLM:
-        session = aiohttp.ClientSession()
         base = settings.url.rstrip("/")
-        try:
+        async with aiohttp.ClientSession() as session:
             models = await with_backoff(BACKEND, settings, lambda: get_json(session, f"{base}/v1/models", settings.timeout_seconds))
-        except BaseException:
-            await session.close()
-            raise
         served = (models.get("data") or [{}])[0]
         description = ModelDescription(
             backend=BACKEND,
@@ -46,7 +42,7 @@ class OpenAICompatLLM:
             # vLLM reports max_model_len; others do not, so the setting stands in.
             context_length=int(served.get("max_model_len") or settings.context_length),
         )
-        return cls(settings, session, description)
+        return cls(settings, aiohttp.ClientSession(), description)
 
     @property
     def description(self) -> ModelDescription:
