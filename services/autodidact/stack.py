@@ -20,6 +20,7 @@ from autodidact.coordinator.service import CoordinatorSettings
 from autodidact.dedup.defaults import NamespaceSettings
 from autodidact.generator.requests import GeneratorLimits
 from autodidact.runtime.server import Component
+from autodidact.tool_executor.service import ToolExecutorSettings
 
 # Default ports of every service of the architecture (README "Ports").
 DEFAULT_PORTS = {
@@ -52,6 +53,7 @@ class StackOptions:
     # The dedup service's namespaces live under dedup_data_dir/namespaces.
     dedup_data_dir: Path = Path(".autodidact/dedup")
     coordinator: CoordinatorSettings = field(default_factory=CoordinatorSettings)
+    tool_executor: ToolExecutorSettings = field(default_factory=ToolExecutorSettings)
 
 
 def _remote(settings: RemoteSettings | None, flag: str) -> RemoteSettings:
@@ -92,6 +94,20 @@ def _generator(options: StackOptions) -> Component:
     return generator_component(lambda: load_llm(options), options.generator)
 
 
+def _scorer(options: StackOptions) -> Component:
+    from autodidact.scorer.service import scorer_component
+
+    if options.llm_backend != "llamacpp":
+        _remote(options.llm_remote, "--llm-url")
+    return scorer_component(lambda: load_llm(options))
+
+
+def _tool_executor(options: StackOptions) -> Component:
+    from autodidact.tool_executor.service import tool_executor_component
+
+    return tool_executor_component(options.tool_executor)
+
+
 def _dedup(options: StackOptions) -> Component:
     from autodidact.dedup.service import dedup_component
 
@@ -106,8 +122,20 @@ def _coordinator(options: StackOptions) -> Component:
     return coordinator_component(options.coordinator)
 
 
+# The services each recipe calls (the in-process runner starts just these).
+RECIPE_SERVICES = {
+    "self_instruct": ("generator", "dedup"),
+    "toolformer": ("generator", "scorer", "tool-executor"),
+}
+
 # In start order: the coordinator's jobs resume only once the services they call are up.
-BUILDERS = {"generator": _generator, "dedup": _dedup, "coordinator": _coordinator}
+BUILDERS = {
+    "generator": _generator,
+    "scorer": _scorer,
+    "tool-executor": _tool_executor,
+    "dedup": _dedup,
+    "coordinator": _coordinator,
+}
 IMPLEMENTED = tuple(BUILDERS)
 
 

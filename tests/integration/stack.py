@@ -10,7 +10,11 @@ from autodidact.coordinator.service import CoordinatorSettings
 from autodidact.runtime.server import ServiceHost
 from autodidact.runtime.settings import ServerSettings
 from autodidact.stack import StackOptions, build_component
+from autodidact.tool_executor.service import ToolExecutorSettings
 from tests.conftest import MODEL
+
+# Start order: the tool-executor asks the generator; the coordinator calls them all.
+SERVICES = ("generator", "scorer", "tool-executor", "dedup")
 
 
 @dataclass
@@ -22,26 +26,26 @@ class Stack:
         return f"127.0.0.1:{self.hosts[name].port}"
 
     async def stop(self) -> None:
-        for name in ("coordinator", "dedup", "generator"):
-            if name in self.hosts:
-                await self.hosts[name].stop(grace=0)
+        for host in reversed(list(self.hosts.values())):
+            await host.stop(grace=0)
 
 
 async def start_stack(data_dir: Path, names: tuple[str, ...] = ("generator", "dedup", "coordinator")) -> Stack:
     options = StackOptions(llamacpp=MODEL, embedder=LocalEmbedderSettings(threads=2), dedup_data_dir=data_dir / "dedup")
     stack = Stack({}, options)
-    for name in ("generator", "dedup"):
-        if name in names:
-            stack.hosts[name] = ServiceHost([build_component(name, options)], ServerSettings(grace_seconds=0))
-            await stack.hosts[name].start()
-            await stack.hosts[name].wait_ready()
+    for name in SERVICES:
+        if name not in names:
+            continue
+        generator = stack.target("generator") if "generator" in stack.hosts else ""
+        options = replace(options, tool_executor=ToolExecutorSettings(data_dir=data_dir / "tool-executor", generator_target=generator))
+        stack.hosts[name] = ServiceHost([build_component(name, options)], ServerSettings(grace_seconds=0))
+        await stack.hosts[name].start()
+        await stack.hosts[name].wait_ready()
+    stack.options = options
     if "coordinator" in names:
+        targets = {f"{n.replace('-', '_')}_target": stack.target(n) for n in SERVICES if n in stack.hosts}
         stack.options = replace(
-            options,
-            coordinator=CoordinatorSettings(
-                data_dir=data_dir / "coordinator", generator_target=stack.target("generator"), dedup_target=stack.target("dedup"),
-                patience_seconds=30,
-            ),
+            options, coordinator=CoordinatorSettings(data_dir=data_dir / "coordinator", patience_seconds=30, **targets)
         )
         stack.hosts["coordinator"] = ServiceHost([build_component("coordinator", stack.options)], ServerSettings(grace_seconds=0))
         await stack.hosts["coordinator"].start()

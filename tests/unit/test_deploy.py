@@ -164,6 +164,7 @@ def test_each_image_carries_the_backend_its_overlay_selects():
     expected = {
         ("generator", "llamacpp"): "generator-llamacpp", ("generator", "tgi"): "generator",
         ("dedup", "local"): "dedup-minilm", ("dedup", "tei"): "dedup",
+        ("scorer", "llamacpp"): "scorer-llamacpp", ("scorer", "tgi"): "scorer",
     }
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert '"/src[llamacpp]"' in dockerfile.split("AS venv-generator-llamacpp")[1].split("FROM")[0]
@@ -174,9 +175,9 @@ def test_each_image_carries_the_backend_its_overlay_selects():
     for profile in skaffold()["profiles"]:
         built = {a["image"]: a["docker"]["target"] for a in profile["build"]["artifacts"]}
         for name, deployment in deployments(render(profile["name"])).items():
-            if name not in ("generator", "dedup"):
+            if name not in ("generator", "scorer", "dedup"):
                 continue
             container = deployment["spec"]["template"]["spec"]["containers"][0]
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
-            backend = env["AUTODIDACT_LLM_BACKEND"] if name == "generator" else env["AUTODIDACT_EMBEDDER"]
+            backend = env["AUTODIDACT_EMBEDDER"] if name == "dedup" else env["AUTODIDACT_LLM_BACKEND"]
             assert built[container["image"]] == expected[(name, backend)], (profile["name"], name, backend)

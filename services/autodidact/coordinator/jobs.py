@@ -20,8 +20,8 @@ from google.protobuf import json_format
 
 from autodidact.coordinator import export
 from autodidact.coordinator.records import Record, job_records
-from autodidact.coordinator.recipes import self_instruct
 from autodidact.coordinator.recipes.base import JobContext, Services
+from autodidact.coordinator.recipes.registry import RECIPES, RecipeKind
 from autodidact.coordinator.store import JobRow, JobStore
 from autodidact.errors import AlreadyExists, AutodidactError, FailedPrecondition, InvalidArgument, NotFound
 from autodidact.v1 import coordinator_pb2
@@ -39,7 +39,9 @@ PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
 )
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 SUMMARY_ITEM, SUMMARY_STAGE = "_job", "summary"
-IMPLEMENTED_RECIPES = ("self_instruct",)
+# A recipe that learns its dataset size only when it runs stores {"dataset_items": n} here.
+PLAN_ITEM, PLAN_STAGE = "_job", "plan"
+IMPLEMENTED_RECIPES = tuple(RECIPES)
 
 
 def check_job_id(field: str, job_id: str) -> None:
@@ -55,7 +57,11 @@ def validate_spec(spec: coordinator_pb2.JobSpec, job_id: str) -> Any:
     if recipe not in IMPLEMENTED_RECIPES:
         raise InvalidArgument(f"spec.{recipe}", f"recipe not implemented yet; implemented: {', '.join(IMPLEMENTED_RECIPES)}")
     check_range("spec.max_in_flight", spec.max_in_flight or 4, 1, 256)
-    return self_instruct.resolve_params(spec.self_instruct, job_id)
+    return RECIPES[recipe].resolve(getattr(spec, recipe), job_id)
+
+
+def recipe_of(spec: coordinator_pb2.JobSpec) -> RecipeKind:
+    return RECIPES[spec.WhichOneof("recipe") or "self_instruct"]
 
 
 def spec_hash(spec: coordinator_pb2.JobSpec) -> str:
@@ -147,10 +153,10 @@ class JobManager:
             await asyncio.sleep(0.2)
 
     def records(self, job_id: str) -> list[Record]:
-        self._row(job_id)
+        recipe = recipe_of(coordinator_pb2.JobSpec.FromString(self._row(job_id).spec))
         summary = self._store.get_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE)
-        belongs = self_instruct.belongs(summary["data"]) if summary else (lambda _: True)
-        return job_records(self._store, job_id, self_instruct.STAGES, "dataset", belongs)
+        belongs = recipe.belongs(summary["data"]) if summary else (lambda _: True)
+        return job_records(self._store, job_id, recipe.stages, ("dataset", "splice"), belongs)
 
     def export(self, job_id: str) -> list[coordinator_pb2.ExportedFile]:
         row = self._row(job_id)
@@ -165,7 +171,7 @@ class JobManager:
         directory.mkdir(parents=True, exist_ok=True)
         records = self.records(job_id)
         files = []
-        for name, (rows, schema) in self_instruct.tables(records).items():
+        for name, (rows, schema) in recipe_of(spec).tables(records).items():
             export.write_jsonl(directory / f"{name}.jsonl", rows)
             export.write_parquet(directory / f"{name}.parquet", rows, schema)
             files += [
@@ -220,7 +226,7 @@ class JobManager:
                 self._notify(job_id)
                 in_flight = spec.max_in_flight or 4
                 ctx = JobContext(job_id, spec.seed, self._store, self._services, in_flight, lambda: self._notify(job_id))
-                summary = await self_instruct.SelfInstructRecipe(ctx, params, in_flight).run()
+                summary = await recipe_of(spec).run(ctx, params, in_flight)
                 self._store.put_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE, {"data": summary, "decision": None}, None)
                 # The dataset is written before the job says SUCCEEDED: a failed write fails the job
                 # visibly, and a crash in between resumes the job, which replays and writes again.
@@ -251,12 +257,16 @@ class JobManager:
         job.created_at.FromNanoseconds(int(row.created_at * 1e9))
         job.updated_at.FromNanoseconds(int(row.updated_at * 1e9))
         counts = {c.stage: c for c in self._store.stage_counts(row.id)}
-        for stage in self_instruct.STAGES:
+        recipe = recipe_of(spec)
+        for stage in recipe.stages:
             if stage not in counts:
                 continue
             c = counts[stage]
             progress = coordinator_pb2.StageProgress(stage=stage, done=c.done, kept=c.kept, dropped_by_filter=c.dropped_by_filter)
             if stage == "dataset":
-                progress.total = spec.self_instruct.target_instructions
+                plan = self._store.get_result(row.id, PLAN_ITEM, PLAN_STAGE)
+                total = recipe.target(spec) if plan is None else plan["data"]["dataset_items"]
+                if total is not None:
+                    progress.total = total
             job.stages.append(progress)
         return job

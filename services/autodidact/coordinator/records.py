@@ -19,10 +19,10 @@ class Record:
 
 
 def job_records(
-    store: JobStore, job_id: str, stages: tuple[str, ...], final_stage: str, belongs: Callable[[str], bool] = lambda _: True
+    store: JobStore, job_id: str, stages: tuple[str, ...], final_stages: tuple[str, ...], belongs: Callable[[str], bool] = lambda _: True
 ) -> list[Record]:
     """Every decided item that `belongs` to the dataset, in item order; kept
-    means the final stage kept it. Items still in flight are left out, and so
+    means its final stage (the first of final_stages it has) kept it. Items still in flight are left out, and so
     are items the recipe says do not belong (rounds started past the target)."""
     by_item: dict[str, dict[str, StageResult]] = {}
     for item_id, stage, value in store.results(job_id):
@@ -34,7 +34,7 @@ def job_records(
         lineage = [(stage, results[stage].decision) for stage in stages if stage in results and results[stage].decision]
         if not lineage:
             continue  # results that decide nothing (a raw generation)
-        final = results.get(final_stage)
+        final = next((results[s] for s in final_stages if s in results), None)
         last_kept = lineage[-1][1].kept  # type: ignore[union-attr]
         if final is None and last_kept:
             continue  # still in flight

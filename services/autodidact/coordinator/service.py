@@ -15,7 +15,14 @@ from autodidact.coordinator.store import JobStore
 from autodidact.errors import InvalidArgument, Unavailable
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.server import Component
-from autodidact.v1 import coordinator_pb2, coordinator_pb2_grpc, dedup_pb2_grpc, generator_pb2_grpc
+from autodidact.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    dedup_pb2_grpc,
+    generator_pb2_grpc,
+    scorer_pb2_grpc,
+    tool_executor_pb2_grpc,
+)
 
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 
@@ -26,6 +33,8 @@ class CoordinatorSettings:
     data_dir: Path = Path(".autodidact/coordinator")
     generator_target: str = "localhost:50051"
     dedup_target: str = "localhost:50055"
+    scorer_target: str = "localhost:50052"
+    tool_executor_target: str = "localhost:50054"
     # How long a job waits out a service that is down before it fails.
     patience_seconds: float = 600.0
 
@@ -104,15 +113,22 @@ def coordinator_component(settings: CoordinatorSettings) -> Component:
 
     async def load() -> None:
         store = JobStore(settings.data_dir / "jobs.sqlite")
-        generator_channel = create_channel(settings.generator_target, timeout_seconds=900)
-        dedup_channel = create_channel(settings.dedup_target, timeout_seconds=300)
+        # Channels connect lazily: a recipe that never calls a service never needs it up.
+        channels = {
+            "generator": create_channel(settings.generator_target, timeout_seconds=900),
+            "dedup": create_channel(settings.dedup_target, timeout_seconds=300),
+            "scorer": create_channel(settings.scorer_target, timeout_seconds=900),
+            "tool-executor": create_channel(settings.tool_executor_target, timeout_seconds=300),
+        }
         services = Services(
-            generator=generator_pb2_grpc.GeneratorServiceStub(generator_channel),
-            dedup=dedup_pb2_grpc.DedupServiceStub(dedup_channel),
+            generator=generator_pb2_grpc.GeneratorServiceStub(channels["generator"]),
+            dedup=dedup_pb2_grpc.DedupServiceStub(channels["dedup"]),
+            scorer=scorer_pb2_grpc.ScorerServiceStub(channels["scorer"]),
+            tool_executor=tool_executor_pb2_grpc.ToolExecutorServiceStub(channels["tool-executor"]),
             patience_seconds=settings.patience_seconds,
         )
         manager = JobManager(store, services, settings.data_dir)
-        opened.append((store, manager, [generator_channel, dedup_channel]))
+        opened.append((store, manager, list(channels.values())))
         servicer.jobs = manager
         await manager.resume_unfinished()
 

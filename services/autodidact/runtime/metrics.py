@@ -25,6 +25,9 @@ PROMPT_TOKENS = Counter("autodidact_prompt_tokens_total", "Prompt tokens evaluat
 STAGE_DECISIONS = Counter(
     "autodidact_stage_decisions_total", "Candidates decided by recipe stages, by outcome ('kept' or the filter that dropped).", ["stage", "outcome"]
 )
+SCORED_TOKENS = Counter("autodidact_scored_tokens_total", "Tokens the scorer's model evaluated, by method.", ["method"])
+TOOL_CALL_DECISIONS = Counter("autodidact_tool_call_decisions_total", "Toolformer candidate calls judged by the scorer.", ["outcome"])
+TOOL_CALLS = Counter("autodidact_tool_calls_total", "Tool calls executed, by tool and outcome ('ok' or the error).", ["tool", "outcome"])
 DEDUP_ITEMS = Counter("autodidact_dedup_items_total", "Items judged by the diversity filter.", ["outcome"])
 
 

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from autodidact.v1 import common_pb2 as autodidact_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61utodidact/v1/scorer.proto\x12\rautodidact.v1\x1a\x1a\x61utodidact/v1/common.proto\"+\n\nScoredText\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"<\n\x10ScoreTextRequest\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.autodidact.v1.ScoredText\"M\n\tTextScore\x12+\n\x06tokens\x18\x01 \x03(\x0b\x32\x1b.autodidact.v1.TokenLogprob\x12\x13\n\x0blogprob_sum\x18\x02 \x01(\x01\"f\n\x11ScoreTextResponse\x12(\n\x06scores\x18\x01 \x03(\x0b\x32\x18.autodidact.v1.TextScore\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.autodidact.v1.ModelInfo\"\x86\x01\n\x1aMarkerProbabilitiesRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rmarker_tokens\x18\x03 \x03(\t\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\rB\x0c\n\n_threshold\"O\n\x0eMarkerPosition\x12\x13\n\x0btoken_index\x18\x01 \x01(\r\x12\x13\n\x0b\x63har_offset\x18\x02 \x01(\r\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\"\x96\x01\n\x1bMarkerProbabilitiesResponse\x12\x30\n\tpositions\x18\x01 \x03(\x0b\x32\x1d.autodidact.v1.MarkerPosition\x12\x1c\n\x14positions_considered\x18\x02 \x01(\r\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.autodidact.v1.ModelInfo\"g\n\rCandidateCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x63har_offset\x18\x02 \x01(\r\x12\x1b\n\x13\x63\x61ll_without_result\x18\x03 \x01(\t\x12\x18\n\x10\x63\x61ll_with_result\x18\x04 \x01(\t\"\xc0\x01\n\x16\x46ilterToolCallsRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\ncandidates\x18\x02 \x03(\x0b\x32\x1c.autodidact.v1.CandidateCall\x12\x16\n\tthreshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07weights\x18\x04 \x03(\x02\x12/\n\tplacement\x18\x05 \x01(\x0e\x32\x1c.autodidact.v1.CallPlacementB\x0c\n\n_threshold\"\x92\x01\n\x10ToolCallDecision\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10loss_with_result\x18\x02 \x01(\x01\x12\x19\n\x11loss_without_call\x18\x03 \x01(\x01\x12\x1b\n\x13loss_without_result\x18\x04 \x01(\x01\x12\x12\n\nloss_minus\x18\x05 \x01(\x01\x12\x0c\n\x04keep\x18\x06 \x01(\x08\"\x90\x01\n\x17\x46ilterToolCallsResponse\x12\x32\n\tdecisions\x18\x01 \x03(\x0b\x32\x1f.autodidact.v1.ToolCallDecision\x12\x18\n\x10tokens_evaluated\x18\x02 \x01(\x04\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.autodidact.v1.ModelInfo\"9\n\x15\x43ompareOptionsRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x0f\n\x07options\x18\x02 \x03(\t\"j\n\x16\x43ompareOptionsResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x01\x12\x15\n\rprobabilities\x18\x02 \x03(\x01\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.autodidact.v1.ModelInfo\"\x1d\n\rReasoningPath\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x8d\x01\n\x0bVoteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x05paths\x18\x02 \x03(\x0b\x32\x1c.autodidact.v1.ReasoningPath\x12\x16\n\x0e\x61nswer_pattern\x18\x03 \x01(\t\x12)\n\x06method\x18\x04 \x01(\x0e\x32\x19.autodidact.v1.VoteMethod\":\n\x08PathVote\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\x0e\n\x06\x61grees\x18\x02 \x01(\x08\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"<\n\x0b\x41nswerTally\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\x87\x01\n\x0cVoteResponse\x12\x0e\n\x06winner\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x01\x12&\n\x05votes\x18\x03 \x03(\x0b\x32\x17.autodidact.v1.PathVote\x12+\n\x07tallies\x18\x04 \x03(\x0b\x32\x1a.autodidact.v1.AnswerTally*e\n\rCallPlacement\x12\x1e\n\x1a\x43\x41LL_PLACEMENT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43\x41LL_PLACEMENT_PREFIX\x10\x01\x12\x19\n\x15\x43\x41LL_PLACEMENT_INLINE\x10\x02*r\n\nVoteMethod\x12\x1b\n\x17VOTE_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14VOTE_METHOD_MAJORITY\x10\x01\x12-\n)VOTE_METHOD_LENGTH_NORMALIZED_PROBABILITY\x10\x02\x32\xcf\x03\n\rScorerService\x12N\n\tScoreText\x12\x1f.autodidact.v1.ScoreTextRequest\x1a .autodidact.v1.ScoreTextResponse\x12l\n\x13MarkerProbabilities\x12).autodidact.v1.MarkerProbabilitiesRequest\x1a*.autodidact.v1.MarkerProbabilitiesResponse\x12`\n\x0f\x46ilterToolCalls\x12%.autodidact.v1.FilterToolCallsRequest\x1a&.autodidact.v1.FilterToolCallsResponse\x12]\n\x0e\x43ompareOptions\x12$.autodidact.v1.CompareOptionsRequest\x1a%.autodidact.v1.CompareOptionsResponse\x12?\n\x04Vote\x12\x1a.autodidact.v1.VoteRequest\x1a\x1b.autodidact.v1.VoteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61utodidact/v1/scorer.proto\x12\rautodidact.v1\x1a\x1a\x61utodidact/v1/common.proto\"+\n\nScoredText\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"<\n\x10ScoreTextRequest\x12(\n\x05items\x18\x01 \x03(\x0b\x32\x19.autodidact.v1.ScoredText\"M\n\tTextScore\x12+\n\x06tokens\x18\x01 \x03(\x0b\x32\x1b.autodidact.v1.TokenLogprob\x12\x13\n\x0blogprob_sum\x18\x02 \x01(\x01\"f\n\x11ScoreTextResponse\x12(\n\x06scores\x18\x01 \x03(\x0b\x32\x18.autodidact.v1.TextScore\x12\'\n\x05model\x18\x02 \x01(\x0b\x32\x18.autodidact.v1.ModelInfo\"\x86\x01\n\x1aMarkerProbabilitiesRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rmarker_tokens\x18\x03 \x03(\t\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\rB\x0c\n\n_threshold\"O\n\x0eMarkerPosition\x12\x13\n\x0btoken_index\x18\x01 \x01(\r\x12\x13\n\x0b\x63har_offset\x18\x02 \x01(\r\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\"\x96\x01\n\x1bMarkerProbabilitiesResponse\x12\x30\n\tpositions\x18\x01 \x03(\x0b\x32\x1d.autodidact.v1.MarkerPosition\x12\x1c\n\x14positions_considered\x18\x02 \x01(\r\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.autodidact.v1.ModelInfo\"g\n\rCandidateCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x63har_offset\x18\x02 \x01(\r\x12\x1b\n\x13\x63\x61ll_without_result\x18\x03 \x01(\t\x12\x18\n\x10\x63\x61ll_with_result\x18\x04 \x01(\t\"\xd4\x01\n\x16\x46ilterToolCallsRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x30\n\ncandidates\x18\x02 \x03(\x0b\x32\x1c.autodidact.v1.CandidateCall\x12\x16\n\tthreshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07weights\x18\x04 \x03(\x02\x12/\n\tplacement\x18\x05 \x01(\x0e\x32\x1c.autodidact.v1.CallPlacement\x12\x12\n\nall_losses\x18\x06 \x01(\x08\x42\x0c\n\n_threshold\"\xc3\x01\n\x10ToolCallDecision\x12\n\n\x02id\x18\x01 \x01(\t\x12\x18\n\x10loss_with_result\x18\x02 \x01(\x01\x12\x19\n\x11loss_without_call\x18\x03 \x01(\x01\x12 \n\x13loss_without_result\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\nloss_minus\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x0c\n\x04keep\x18\x06 \x01(\x08\x42\x16\n\x14_loss_without_resultB\r\n\x0b_loss_minus\"\x90\x01\n\x17\x46ilterToolCallsResponse\x12\x32\n\tdecisions\x18\x01 \x03(\x0b\x32\x1f.autodidact.v1.ToolCallDecision\x12\x18\n\x10tokens_evaluated\x18\x02 \x01(\x04\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.autodidact.v1.ModelInfo\"9\n\x15\x43ompareOptionsRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x0f\n\x07options\x18\x02 \x03(\t\"j\n\x16\x43ompareOptionsResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x01\x12\x15\n\rprobabilities\x18\x02 \x03(\x01\x12\'\n\x05model\x18\x03 \x01(\x0b\x32\x18.autodidact.v1.ModelInfo\"\x1d\n\rReasoningPath\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x8d\x01\n\x0bVoteRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x05paths\x18\x02 \x03(\x0b\x32\x1c.autodidact.v1.ReasoningPath\x12\x16\n\x0e\x61nswer_pattern\x18\x03 \x01(\t\x12)\n\x06method\x18\x04 \x01(\x0e\x32\x19.autodidact.v1.VoteMethod\":\n\x08PathVote\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\x0e\n\x06\x61grees\x18\x02 \x01(\x08\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"<\n\x0b\x41nswerTally\x12\x0e\n\x06\x61nswer\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"\x87\x01\n\x0cVoteResponse\x12\x0e\n\x06winner\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x01\x12&\n\x05votes\x18\x03 \x03(\x0b\x32\x17.autodidact.v1.PathVote\x12+\n\x07tallies\x18\x04 \x03(\x0b\x32\x1a.autodidact.v1.AnswerTally*e\n\rCallPlacement\x12\x1e\n\x1a\x43\x41LL_PLACEMENT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43\x41LL_PLACEMENT_PREFIX\x10\x01\x12\x19\n\x15\x43\x41LL_PLACEMENT_INLINE\x10\x02*r\n\nVoteMethod\x12\x1b\n\x17VOTE_METHOD_UNSPECIFIED\x10\x00\x12\x18\n\x14VOTE_METHOD_MAJORITY\x10\x01\x12-\n)VOTE_METHOD_LENGTH_NORMALIZED_PROBABILITY\x10\x02\x32\xcf\x03\n\rScorerService\x12N\n\tScoreText\x12\x1f.autodidact.v1.ScoreTextRequest\x1a .autodidact.v1.ScoreTextResponse\x12l\n\x13MarkerProbabilities\x12).autodidact.v1.MarkerProbabilitiesRequest\x1a*.autodidact.v1.MarkerProbabilitiesResponse\x12`\n\x0f\x46ilterToolCalls\x12%.autodidact.v1.FilterToolCallsRequest\x1a&.autodidact.v1.FilterToolCallsResponse\x12]\n\x0e\x43ompareOptions\x12$.autodidact.v1.CompareOptionsRequest\x1a%.autodidact.v1.CompareOptionsResponse\x12?\n\x04Vote\x12\x1a.autodidact.v1.VoteRequest\x1a\x1b.autodidact.v1.VoteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'autodidact.v1.scorer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALLPLACEMENT']._serialized_start=1932
-  _globals['_CALLPLACEMENT']._serialized_end=2033
-  _globals['_VOTEMETHOD']._serialized_start=2035
-  _globals['_VOTEMETHOD']._serialized_end=2149
+  _globals['_CALLPLACEMENT']._serialized_start=2001
+  _globals['_CALLPLACEMENT']._serialized_end=2102
+  _globals['_VOTEMETHOD']._serialized_start=2104
+  _globals['_VOTEMETHOD']._serialized_end=2218
   _globals['_SCOREDTEXT']._serialized_start=73
   _globals['_SCOREDTEXT']._serialized_end=116
   _globals['_SCORETEXTREQUEST']._serialized_start=118
@@ -53,25 +53,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANDIDATECALL']._serialized_start=734
   _globals['_CANDIDATECALL']._serialized_end=837
   _globals['_FILTERTOOLCALLSREQUEST']._serialized_start=840
-  _globals['_FILTERTOOLCALLSREQUEST']._serialized_end=1032
-  _globals['_TOOLCALLDECISION']._serialized_start=1035
-  _globals['_TOOLCALLDECISION']._serialized_end=1181
-  _globals['_FILTERTOOLCALLSRESPONSE']._serialized_start=1184
-  _globals['_FILTERTOOLCALLSRESPONSE']._serialized_end=1328
-  _globals['_COMPAREOPTIONSREQUEST']._serialized_start=1330
-  _globals['_COMPAREOPTIONSREQUEST']._serialized_end=1387
-  _globals['_COMPAREOPTIONSRESPONSE']._serialized_start=1389
-  _globals['_COMPAREOPTIONSRESPONSE']._serialized_end=1495
-  _globals['_REASONINGPATH']._serialized_start=1497
-  _globals['_REASONINGPATH']._serialized_end=1526
-  _globals['_VOTEREQUEST']._serialized_start=1529
-  _globals['_VOTEREQUEST']._serialized_end=1670
-  _globals['_PATHVOTE']._serialized_start=1672
-  _globals['_PATHVOTE']._serialized_end=1730
-  _globals['_ANSWERTALLY']._serialized_start=1732
-  _globals['_ANSWERTALLY']._serialized_end=1792
-  _globals['_VOTERESPONSE']._serialized_start=1795
-  _globals['_VOTERESPONSE']._serialized_end=1930
-  _globals['_SCORERSERVICE']._serialized_start=2152
-  _globals['_SCORERSERVICE']._serialized_end=2615
+  _globals['_FILTERTOOLCALLSREQUEST']._serialized_end=1052
+  _globals['_TOOLCALLDECISION']._serialized_start=1055
+  _globals['_TOOLCALLDECISION']._serialized_end=1250
+  _globals['_FILTERTOOLCALLSRESPONSE']._serialized_start=1253
+  _globals['_FILTERTOOLCALLSRESPONSE']._serialized_end=1397
+  _globals['_COMPAREOPTIONSREQUEST']._serialized_start=1399
+  _globals['_COMPAREOPTIONSREQUEST']._serialized_end=1456
+  _globals['_COMPAREOPTIONSRESPONSE']._serialized_start=1458
+  _globals['_COMPAREOPTIONSRESPONSE']._serialized_end=1564
+  _globals['_REASONINGPATH']._serialized_start=1566
+  _globals['_REASONINGPATH']._serialized_end=1595
+  _globals['_VOTEREQUEST']._serialized_start=1598
+  _globals['_VOTEREQUEST']._serialized_end=1739
+  _globals['_PATHVOTE']._serialized_start=1741
+  _globals['_PATHVOTE']._serialized_end=1799
+  _globals['_ANSWERTALLY']._serialized_start=1801
+  _globals['_ANSWERTALLY']._serialized_end=1861
+  _globals['_VOTERESPONSE']._serialized_start=1864
+  _globals['_VOTERESPONSE']._serialized_end=1999
+  _globals['_SCORERSERVICE']._serialized_start=2221
+  _globals['_SCORERSERVICE']._serialized_end=2684
 # @@protoc_insertion_point(module_scope)

@@ -355,6 +355,7 @@ class FilterToolCallsRequest(_message.Message):
     THRESHOLD_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
     PLACEMENT_FIELD_NUMBER: _builtins.int
+    ALL_LOSSES_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The document x the calls belong to. 1 to 65,536 characters."""
     threshold: _builtins.float
@@ -362,7 +363,14 @@ class FilterToolCallsRequest(_message.Message):
     Bounds [-100, 100].
     """
     placement: Global___CallPlacement.ValueType
-    """Where calls are placed while measuring. Default prefix."""
+    """Where calls are placed while measuring. Default prefix. A prefix call
+    is followed by a newline before the document.
+    """
+    all_losses: _builtins.bool
+    """Compute L(call without result) for every candidate. Default false: it is
+    computed only where it can change the decision (L(no call) − L⁺ ≥ τf);
+    elsewhere L⁻ ≤ L(no call) already means "drop". Set it to study losses.
+    """
     @_builtins.property
     def candidates(self) -> _containers.RepeatedCompositeFieldContainer[Global___CandidateCall]:
         """The candidates. 1 to 1,024 items."""
@@ -382,10 +390,11 @@ class FilterToolCallsRequest(_message.Message):
         threshold: _builtins.float | None = ...,
         weights: _abc.Iterable[_builtins.float] | None = ...,
         placement: Global___CallPlacement.ValueType = ...,
+        all_losses: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_threshold", b"_threshold", "threshold", b"threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_threshold", b"_threshold", "candidates", b"candidates", "placement", b"placement", "text", b"text", "threshold", b"threshold", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_threshold", b"_threshold", "all_losses", b"all_losses", "candidates", b"candidates", "placement", b"placement", "text", b"text", "threshold", b"threshold", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__threshold: _TypeAlias = _typing.Literal["threshold"]  # noqa: Y015
     _WhichOneofArgType__threshold: _TypeAlias = _typing.Literal["_threshold", b"_threshold"]  # noqa: Y015
@@ -414,9 +423,13 @@ class ToolCallDecision(_message.Message):
     same position).
     """
     loss_without_result: _builtins.float
-    """Weighted loss given the call without its result."""
+    """Weighted loss given the call without its result. Unset when it was not
+    needed (see FilterToolCallsRequest.all_losses).
+    """
     loss_minus: _builtins.float
-    """L⁻ = min(loss_without_call, loss_without_result)."""
+    """L⁻ = min(loss_without_call, loss_without_result). Unset with
+    loss_without_result.
+    """
     keep: _builtins.bool
     """True when L⁻ − L⁺ ≥ τf."""
     def __init__(
@@ -425,15 +438,22 @@ class ToolCallDecision(_message.Message):
         id: _builtins.str = ...,
         loss_with_result: _builtins.float = ...,
         loss_without_call: _builtins.float = ...,
-        loss_without_result: _builtins.float = ...,
-        loss_minus: _builtins.float = ...,
+        loss_without_result: _builtins.float | None = ...,
+        loss_minus: _builtins.float | None = ...,
         keep: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_loss_minus", b"_loss_minus", "_loss_without_result", b"_loss_without_result", "loss_minus", b"loss_minus", "loss_without_result", b"loss_without_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "keep", b"keep", "loss_minus", b"loss_minus", "loss_with_result", b"loss_with_result", "loss_without_call", b"loss_without_call", "loss_without_result", b"loss_without_result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_loss_minus", b"_loss_minus", "_loss_without_result", b"_loss_without_result", "id", b"id", "keep", b"keep", "loss_minus", b"loss_minus", "loss_with_result", b"loss_with_result", "loss_without_call", b"loss_without_call", "loss_without_result", b"loss_without_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__loss_minus: _TypeAlias = _typing.Literal["loss_minus"]  # noqa: Y015
+    _WhichOneofArgType__loss_minus: _TypeAlias = _typing.Literal["_loss_minus", b"_loss_minus"]  # noqa: Y015
+    _WhichOneofReturnType__loss_without_result: _TypeAlias = _typing.Literal["loss_without_result"]  # noqa: Y015
+    _WhichOneofArgType__loss_without_result: _TypeAlias = _typing.Literal["_loss_without_result", b"_loss_without_result"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__loss_minus) -> _WhichOneofReturnType__loss_minus | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__loss_without_result) -> _WhichOneofReturnType__loss_without_result | None: ...
 
 Global___ToolCallDecision: _TypeAlias = ToolCallDecision  # noqa: Y015
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import numpy as np
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -94,3 +96,42 @@ class LLM(Protocol):
     async def tokenize(self, text: str) -> list[int]: ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ScoringSequence:
+    """Token ids to score, without any beginning-of-sequence token (the
+    backend adds its model's). Log-probabilities are wanted for
+    tokens[first_scored:], each given every token before it."""
+
+    tokens: tuple[int, ...]
+    first_scored: int
+
+
+@dataclass(frozen=True)
+class SequenceScores:
+    # Per sequence: log-probabilities of tokens[first_scored:].
+    logprobs: list[np.ndarray]
+    # Per sequence: for each scored position, the log-probabilities that the
+    # token there is each of the requested alternative token ids instead
+    # (shape [scored tokens, alternatives]).
+    alternatives: list[np.ndarray]
+    # Tokens the model evaluated (prefixes shared between sequences count once).
+    tokens_evaluated: int
+
+
+class TokenScorer(Protocol):
+    """Token-level scoring, for Toolformer's position sampling and filter.
+
+    The embedded backend has it. TGI scores text only through its prefill
+    details, without the next-token distribution at every position, so the
+    scorer refuses those methods there (FAILED_PRECONDITION).
+    """
+
+    async def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids of `text` (no beginning-of-sequence token) and each one's offset in code points."""
+        ...
+
+    async def score_sequences(
+        self, sequences: list[ScoringSequence], alternatives: tuple[int, ...] = ()
+    ) -> SequenceScores: ...

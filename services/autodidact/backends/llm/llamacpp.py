@@ -38,11 +38,19 @@ from autodidact.backends.llm.base import (
     GenerationRequest,
     ModelDescription,
     Prompt,
+    ScoringSequence,
+    SequenceScores,
     TokenScore,
 )
 from autodidact.errors import FailedPrecondition, InvalidArgument
 
 T = TypeVar("T")
+
+# llama-cpp-python silences model loading by pointing file descriptors 1 and 2
+# at /dev/null and back. Two loads at once (the generator and the scorer in one
+# process) can restore each other's /dev/null and silence the process for
+# good, so contexts are created one at a time.
+_CONTEXT_CREATION = threading.Lock()
 
 
 def bundled_model_path() -> Path:
@@ -154,6 +162,16 @@ class LlamaCppLLM:
     async def tokenize(self, text: str) -> list[int]:
         return await self._generation.run(lambda llm, _cancelled: self._tokenize(llm, text))
 
+    async def tokenize_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        def work(llm: Any, _cancelled: threading.Event) -> tuple[list[int], list[int]]:
+            tokens = list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+            return tokens, [offset for _, offset in _pieces_with_offsets(llm, tokens)]
+
+        return await self._generation.run(work)
+
+    async def score_sequences(self, sequences: list[ScoringSequence], alternatives: tuple[int, ...] = ()) -> SequenceScores:
+        return await self._scoring.run(self._score_sequences, sequences, alternatives)
+
     async def close(self) -> None:
         # Off the loop: a generation still running (past the grace period) stops at its next token.
         await asyncio.to_thread(self._executor.shutdown, wait=True)
@@ -163,14 +181,15 @@ class LlamaCppLLM:
     def _new_context(self, *, logits_all: bool) -> Any:
         from llama_cpp import Llama  # imported here: the service modules load without llama.cpp
 
-        return Llama(
-            model_path=str(self._model_path),
-            n_ctx=self._settings.context_length,
-            n_batch=self._settings.batch_size,
-            n_threads=self._settings.resolved_threads(),
-            logits_all=logits_all,
-            verbose=False,
-        )
+        with _CONTEXT_CREATION:
+            return Llama(
+                model_path=str(self._model_path),
+                n_ctx=self._settings.context_length,
+                n_batch=self._settings.batch_size,
+                n_threads=self._settings.resolved_threads(),
+                logits_all=logits_all,
+                verbose=False,
+            )
 
     def _read_model_metadata(self, llm: Any) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -266,9 +285,7 @@ class LlamaCppLLM:
         logits = np.asarray(llm.scores[max(start - 1, 0) : len(all_tokens) - 1], dtype=np.float64)
         predicted = all_tokens[max(start, 1) :]
         if len(predicted):
-            peak = logits.max(axis=1, keepdims=True)
-            log_norm = (peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True)))[:, 0]
-            values = logits[np.arange(len(predicted)), predicted] - log_norm
+            values = logits[np.arange(len(predicted)), predicted] - _log_normaliser(logits)
         else:
             values = np.empty(0)
         logprobs: list[float | None] = [None] * (len(text_tokens) - len(values)) + [float(v) for v in values]
@@ -276,6 +293,56 @@ class LlamaCppLLM:
             TokenScore(token=piece, token_id=token, logprob=lp, char_offset=offset)
             for token, lp, (piece, offset) in zip(text_tokens, logprobs, _pieces_with_offsets(llm, text_tokens))
         ]
+
+    def _score_sequences(
+        self, llm: Any, cancelled: threading.Event, sequences: list[ScoringSequence], alternatives: tuple[int, ...]
+    ) -> SequenceScores:
+        """Scores sequences in sorted order, so each reuses the KV cache of
+        the longest prefix it shares with the one before: a prefix common to
+        many sequences (a call, the start of a document) is evaluated once.
+        Row p of the logits depends only on tokens[:p + 1], so rows kept from
+        an earlier sequence are exactly what this one would compute."""
+        bos = [llm.token_bos()] if self._add_bos else []
+        logprobs: list[np.ndarray] = [np.empty(0)] * len(sequences)
+        alternative_logprobs: list[np.ndarray] = [np.empty((0, len(alternatives)))] * len(sequences)
+        evaluated = 0
+        llm.reset()  # a request's numbers never depend on what an earlier request left in the cache
+        for index in sorted(range(len(sequences)), key=lambda k: sequences[k].tokens):
+            if cancelled.is_set():
+                break
+            sequence = sequences[index]
+            tokens = bos + list(sequence.tokens)
+            self._check_fits("text", len(tokens), "a scored sequence")
+            # The last token's own logits predict nothing wanted, so it is not evaluated.
+            needed = tokens[:-1]
+            common = _shared_prefix(llm.input_ids[: llm.n_tokens], needed)
+            if common < len(needed):
+                llm.n_tokens = common
+                llm.eval(needed[common:])
+                evaluated += len(needed) - common
+            first = len(bos) + sequence.first_scored
+            if first < 1 or first > len(tokens):
+                raise InvalidArgument("text", f"cannot score from token {sequence.first_scored} of a {len(sequence.tokens)}-token sequence")
+            rows = np.asarray(llm.scores[first - 1 : len(tokens) - 1], dtype=np.float64)
+            norm = _log_normaliser(rows)
+            logprobs[index] = rows[np.arange(len(rows)), tokens[first:]] - norm
+            if alternatives:
+                alternative_logprobs[index] = rows[:, list(alternatives)] - norm[:, None]
+        return SequenceScores(logprobs=logprobs, alternatives=alternative_logprobs, tokens_evaluated=evaluated)
+
+
+def _shared_prefix(cached: Any, tokens: list[int]) -> int:
+    limit = min(len(cached), len(tokens))
+    if limit == 0:
+        return 0
+    differs = np.flatnonzero(np.asarray(cached[:limit]) != np.asarray(tokens[:limit]))
+    return int(differs[0]) if len(differs) else limit
+
+
+def _log_normaliser(logits: np.ndarray) -> np.ndarray:
+    """log Σ exp(logits) per row, computed stably."""
+    peak = logits.max(axis=1, keepdims=True)
+    return (peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True)))[:, 0]
 
 
 def _pieces_with_offsets(llm: Any, tokens: list[int]) -> list[tuple[str, int]]:

@@ -1,0 +1,49 @@
+"""The implemented recipes, and what the job manager needs from each."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from autodidact.coordinator.recipes import self_instruct, toolformer
+from autodidact.coordinator.recipes.base import JobContext
+
+
+@dataclass(frozen=True)
+class RecipeKind:
+    # (spec.<recipe>, job id) -> validated parameters; raises InvalidArgument.
+    resolve: Callable[[Any, str], Any]
+    # (context, parameters, max in flight) -> the job's summary.
+    run: Callable[[JobContext, Any, int], Awaitable[dict[str, Any]]]
+    # Stage names in lineage order; the last one decides whether an item is in the dataset.
+    stages: tuple[str, ...]
+    # summary -> whether an item id belongs to the dataset.
+    belongs: Callable[[dict[str, Any]], Callable[[str], bool]]
+    # records -> {table name: (rows, schema)}.
+    tables: Callable[[list[Any]], dict[str, tuple[list[dict[str, Any]], pa.Schema]]]
+    # spec -> how many dataset items the job aims at (progress); None when
+    # only the running recipe knows (it then stores the job's "plan").
+    target: Callable[[Any], int | None]
+
+
+RECIPES = {
+    "self_instruct": RecipeKind(
+        resolve=self_instruct.resolve_params,
+        run=lambda ctx, params, in_flight: self_instruct.SelfInstructRecipe(ctx, params, in_flight).run(),
+        stages=self_instruct.STAGES,
+        belongs=self_instruct.belongs,
+        tables=self_instruct.tables,
+        target=lambda spec: spec.self_instruct.target_instructions,
+    ),
+    "toolformer": RecipeKind(
+        resolve=toolformer.resolve_params,
+        run=lambda ctx, params, in_flight: toolformer.ToolformerRecipe(ctx, params, in_flight).run(),
+        stages=toolformer.STAGES,
+        belongs=toolformer.belongs,
+        tables=toolformer.tables,
+        target=lambda spec: None,
+    ),
+}

@@ -1,0 +1,444 @@
+"""Toolformer (Schick et al. 2023, arXiv 2302.04761; ALGORITHMS.md §1).
+
+For every document and tool: the scorer finds the positions where the model
+would most likely open a call, given the tool's prompt P(x); the generator
+samples m calls at each, continuing P(x), x1..x(i−1), "["; the tool-executor
+runs them; the scorer keeps a call when its result lowers the weighted loss
+of the next tokens by at least τf; kept calls are spliced into the text.
+
+Item ids: "doc00012" for a document, "doc00012/Calculator/p0057/c03" for a
+candidate call (the tool, the character offset, the candidate's number).
+Every model call has a seed derived from (job seed, document, tool,
+position), and each step's result is stored, so a resumed job replays to
+the same dataset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed
+from autodidact.errors import InvalidArgument
+from autodidact.tool_executor.tools import TOOLS
+from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2, scorer_pb2, tool_executor_pb2
+from autodidact.validation import check_range
+
+# A candidate call's last stage is "splice"; a document's is "dataset".
+STAGES = ("prefilter", "positions", "sample_call", "execute", "filter", "splice", "dataset")
+MAX_DOCUMENTS = 100_000
+MAX_DOCUMENT_CHARS = 16_384
+MAX_CALL_TOKENS = 48
+SAMPLING_TEMPERATURE = 1.0  # calls are sampled from the model's own distribution
+CALL_TIMEOUT_SECONDS = 900.0
+# The paper's defaults; the calculator (and translation) use their own.
+DEFAULTS = {"position_threshold": 0.05, "positions": 5, "calls": 5, "filter_threshold": 1.0}
+TOOL_DEFAULTS = {
+    "Calculator": {"position_threshold": 0.0, "positions": 20, "calls": 10, "filter_threshold": 0.5},
+    "MT": {"position_threshold": 0.0, "positions": 20, "calls": 10, "filter_threshold": 0.5},
+}
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?")
+STATEMENT_OF_RESULT = re.compile(r"(=|\bequals\b|\btotal of\b)\s*\$?\s*-?\d", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+    date: str  # YYYY-MM-DD or empty
+
+
+@dataclass(frozen=True)
+class ToolSettings:
+    tool: str
+    position_threshold: float
+    positions: int
+    calls: int
+    filter_threshold: float
+
+
+@dataclass(frozen=True)
+class ToolformerParams:
+    documents: list[Document]
+    tools: list[ToolSettings]
+    placement: int  # scorer_pb2.CallPlacement
+    reference_date: str
+    collection_documents: list[tuple[str, str]]
+
+
+def load_documents(path: Path, field: str) -> list[Document]:
+    if not path.is_file():
+        raise InvalidArgument(field, f"file not found: {path}")
+    documents = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            text = raw["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise InvalidArgument(field, f"line {number} is not a JSON object with a \"text\" field ({exc})") from None
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidArgument(field, f"line {number}: \"text\" must be a non-empty string")
+        if len(text) > MAX_DOCUMENT_CHARS:
+            raise InvalidArgument(field, f"line {number}: text has {len(text):,} characters; at most {MAX_DOCUMENT_CHARS:,}")
+        documents.append(Document(id=str(raw.get("id", number)), text=text, date=str(raw.get("date", ""))))
+    if not documents:
+        raise InvalidArgument(field, f"{path} holds no documents")
+    if len(documents) > MAX_DOCUMENTS:
+        raise InvalidArgument(field, f"{path} holds {len(documents):,} documents; at most {MAX_DOCUMENTS:,} per job")
+    return documents
+
+
+def resolve_params(spec: coordinator_pb2.ToolformerSpec, job_id: str, field: str = "spec.toolformer") -> ToolformerParams:
+    """The spec with every default filled in, validated."""
+    if not spec.documents_path:
+        raise InvalidArgument(f"{field}.documents_path", "is required")
+    documents = load_documents(Path(spec.documents_path), f"{field}.documents_path")
+    if not spec.tools:
+        raise InvalidArgument(f"{field}.tools", f"name at least one tool: {', '.join(TOOLS)}")
+    tools = []
+    for i, name in enumerate(spec.tools):
+        if name not in TOOLS:
+            raise InvalidArgument(f"{field}.tools[{i}]", f"no tool named {name!r}; tools: {', '.join(TOOLS)}")
+        defaults = TOOL_DEFAULTS.get(name, DEFAULTS)
+        settings = ToolSettings(
+            tool=name,
+            position_threshold=spec.position_threshold if spec.HasField("position_threshold") else defaults["position_threshold"],
+            positions=spec.positions_per_document or int(defaults["positions"]),
+            calls=spec.calls_per_position or int(defaults["calls"]),
+            filter_threshold=spec.filter_threshold if spec.HasField("filter_threshold") else defaults["filter_threshold"],
+        )
+        check_range(f"{field}.position_threshold", settings.position_threshold, 0.0, 1.0)
+        check_range(f"{field}.positions_per_document", settings.positions, 1, 1024)
+        check_range(f"{field}.calls_per_position", settings.calls, 1, 64)
+        check_range(f"{field}.filter_threshold", settings.filter_threshold, -100.0, 100.0)
+        tools.append(settings)
+    if spec.reference_date and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", spec.reference_date):
+        raise InvalidArgument(f"{field}.reference_date", f"must be YYYY-MM-DD, got {spec.reference_date!r}")
+    collection: list[tuple[str, str]] = []
+    if spec.search_collection_path:
+        collection = [(d.id, d.text) for d in load_documents(Path(spec.search_collection_path), f"{field}.search_collection_path")]
+    elif "Search" in spec.tools:
+        raise InvalidArgument(f"{field}.search_collection_path", "is required with the Search tool")
+    return ToolformerParams(documents, tools, spec.placement, spec.reference_date, collection)
+
+
+# --- pure steps ---
+
+
+def looks_arithmetic(text: str) -> bool:
+    """The paper's calculator pre-filter: a stated result ("=", "equals",
+    "total of" before a number), or three numbers where one is the sum,
+    difference, product or quotient of two others."""
+    if STATEMENT_OF_RESULT.search(text):
+        return True
+    numbers = sorted({float(n.replace(",", "")) for n in NUMBER.findall(text)})[:40]
+    present = set(numbers)
+    for i, a in enumerate(numbers):
+        for b in numbers[i + 1 :]:
+            results = {a + b, b - a, a * b} | ({b / a} if a else set())
+            if any(round(r, 6) in present and r not in (a, b) for r in results):
+                return True
+    return False
+
+
+def call_prompt(prompt: str, text: str, char_offset: int) -> str:
+    """P(x), x1..x(i−1) and the opening bracket (with the space the marker " [" carries)."""
+    opening = " [" if text[char_offset : char_offset + 1] == " " else "["
+    return prompt.replace("{text}", text) + text[:char_offset] + opening
+
+
+def parse_call(sample: str, tool: str, takes_input: bool) -> tuple[str | None, str]:
+    """The call's input from a sample continuing "[", or None and why not."""
+    head = sample.lstrip()
+    if not head.startswith(f"{tool}("):
+        return None, f"not a {tool} call: {sample[:40]!r}"
+    body = head[len(tool) + 1 :]
+    depth = 1
+    for index, char in enumerate(body):
+        depth += (char == "(") - (char == ")")
+        if depth == 0:
+            argument = body[:index].strip()
+            if takes_input and not argument:
+                return None, "empty input"
+            return argument, ""
+    return None, "the call never closes"
+
+
+def render_call(tool: str, argument: str, result: str | None = None) -> str:
+    return f"[{tool}({argument})" + ("" if result is None else f" -> {result}") + "]"
+
+
+def splice(text: str, calls: list[tuple[int, str]]) -> str:
+    """Inserts calls (char offset, rendered call) at their offsets; a call
+    before a space-led token gets the space in front, as the marker " [" did."""
+    out, last = [], 0
+    for offset, call in sorted(calls):
+        out.append(text[last:offset])
+        out.append((" " if text[offset : offset + 1] == " " else "") + call)
+        last = offset
+    out.append(text[last:])
+    return "".join(out)
+
+
+class ToolformerRecipe:
+    def __init__(self, ctx: JobContext, params: ToolformerParams, in_flight: int) -> None:
+        self.ctx = ctx
+        self.params = params
+        self.in_flight = in_flight
+        self._specs: dict[str, tool_executor_pb2.ToolSpec] = {}
+        self._collection = "j" + hashlib.blake2b(ctx.job_id.encode(), digest_size=8).hexdigest()
+        self._reference_date = params.reference_date
+
+    async def run(self) -> dict[str, Any]:
+        listed = await self.ctx.call(lambda: self.ctx.services.tool_executor.ListTools(tool_executor_pb2.ListToolsRequest(), timeout=30), "tool-executor (list tools)")
+        self._specs = {spec.name: spec for spec in listed.tools}
+        missing = [t.tool for t in self.params.tools if t.tool not in self._specs]
+        if missing:
+            raise InvalidArgument("spec.toolformer.tools", f"the tool-executor has no {', '.join(missing)}")
+        if not self._reference_date:
+            # The job's first day, stored: a resumed job keeps the date it started with.
+            stored = await self.ctx.stage("_job", "reference_date", self._today)
+            self._reference_date = stored.data["date"]
+        if self.params.collection_documents:
+            await self.ctx.stage("_job", "search_collection", self._index_collection)
+        await self.ctx.stage("_job", "plan", _ready(StageResult({"dataset_items": len(self.params.documents)})))
+        slots = asyncio.Semaphore(self.in_flight)
+
+        async def one(index: int) -> bool:
+            async with slots:
+                return await self._document(index)
+
+        kept = await asyncio.gather(*(one(i) for i in range(len(self.params.documents))))
+        return {"documents": len(kept), "augmented": sum(kept)}
+
+    async def _today(self) -> StageResult:
+        import datetime as dt
+
+        return StageResult({"date": dt.datetime.now(dt.UTC).date().isoformat()})
+
+    async def _index_collection(self) -> StageResult:
+        documents = [tool_executor_pb2.Document(id=i, text=t) for i, t in self.params.collection_documents]
+        size = 0
+        for start in range(0, len(documents), 5000):
+            request = tool_executor_pb2.IndexDocumentsRequest(collection=self._collection, documents=documents[start : start + 5000])
+            response = await self.ctx.call(lambda: self.ctx.services.tool_executor.IndexDocuments(request, timeout=300), "tool-executor (index)")
+            size = response.collection_size
+        return StageResult({"collection": self._collection, "size": size})
+
+    async def _document(self, index: int) -> bool:
+        document = self.params.documents[index]
+        item = f"doc{index:05d}"
+        kept_calls: list[dict[str, Any]] = []
+        for tool in self.params.tools:
+            kept_calls += await self._tool(item, document, tool)
+        # One call per position: the one that lowered the loss most.
+        best: dict[int, dict[str, Any]] = {}
+        for call in kept_calls:
+            if call["char_offset"] not in best or call["gain"] > best[call["char_offset"]]["gain"]:
+                best[call["char_offset"]] = call
+        for call in kept_calls:
+            if self.ctx.stored(call["item"], "splice") is not None:
+                continue
+            winner = best[call["char_offset"]]
+            decision = Decision(True) if winner is call else Decision(False, "same_position", reason=f"{winner['call']} lowered the loss more")
+            self.ctx.record(call["item"], "splice", StageResult(decision=decision))
+        chosen = sorted(best.values(), key=lambda c: c["char_offset"])
+        augmented = splice(document.text, [(c["char_offset"], c["call"]) for c in chosen])
+        data = {"document_id": document.id, "text": document.text, "augmented_text": augmented, "calls": [{k: v for k, v in c.items() if k != "item"} for c in chosen]}
+        decision = Decision(True, score=len(chosen), reason=f"{len(chosen)} calls spliced") if chosen else Decision(False, "no_useful_call", score=0, reason="no call lowered the loss by τf")
+        if self.ctx.stored(item, "dataset") is None:
+            self.ctx.record(item, "dataset", StageResult(data, decision))
+        return bool(chosen)
+
+    async def _tool(self, item: str, document: Document, tool: ToolSettings) -> list[dict[str, Any]]:
+        """Kept calls of one tool in one document, as dicts for the dataset."""
+        name = tool.tool
+        if name == "Calculator":
+            arithmetic = looks_arithmetic(document.text)
+            pre = await self.ctx.stage(f"{item}/{name}", "prefilter", _ready(StageResult(
+                {"tool": name}, Decision(arithmetic, "" if arithmetic else "no_arithmetic", reason="" if arithmetic else "no stated result and no a∘b=c among its numbers"),
+            )))
+            if pre.decision and not pre.decision.kept:
+                return []
+        spec = self._specs[name]
+        positions = await self.ctx.stage(f"{item}/{name}", "positions", lambda: self._positions(document, tool, spec))
+        per_position = await asyncio.gather(
+            *(self._sample_calls(item, document, tool, spec, p["char_offset"]) for p in positions.data["positions"])
+        )
+        candidates = [c for found in per_position for c in found]
+        if not candidates:
+            return []
+        executed = await self._execute(document, candidates)
+        return await self._filter(document, tool, executed)
+
+    async def _positions(self, document: Document, tool: ToolSettings, spec: tool_executor_pb2.ToolSpec) -> StageResult:
+        request = scorer_pb2.MarkerProbabilitiesRequest(
+            prompt=spec.few_shot_prompt.replace("{text}", document.text), text=document.text,
+            threshold=tool.position_threshold, top_k=tool.positions,
+        )
+        response = await self.ctx.call(lambda: self.ctx.services.scorer.MarkerProbabilities(request, timeout=CALL_TIMEOUT_SECONDS), "scorer (positions)")
+        positions = [{"char_offset": p.char_offset, "token_index": p.token_index, "probability": p.probability} for p in response.positions]
+        return StageResult(
+            {"tool": tool.tool, "positions": positions},
+            Decision(True, score=len(positions), reason=f"{len(positions)} of {response.positions_considered} positions", model=response.model.model, template_version=spec.prompt_version),
+        )
+
+    async def _sample_calls(self, item: str, document: Document, tool: ToolSettings, spec: tool_executor_pb2.ToolSpec, offset: int) -> list[dict[str, Any]]:
+        """The distinct well-formed calls sampled at one position (each stored as a candidate item)."""
+        group = f"{item}/{tool.tool}/p{offset:04d}"
+        stored = self.ctx.stored(group, "sample_call")
+        if stored is None:
+            seed = derive_seed(self.ctx.seed, "calls", item, tool.tool, offset)
+            request = generator_pb2.GenerateRequest(
+                prompt=common_pb2.Prompt(text=call_prompt(spec.few_shot_prompt, document.text, offset)),
+                sampling=common_pb2.SamplingParams(temperature=SAMPLING_TEMPERATURE, max_tokens=MAX_CALL_TOKENS, stop=["]", "->", "\n"]),
+                n=tool.calls, seed=seed,
+            )
+            response = await self.ctx.call(lambda: self.ctx.services.generator.Generate(request, timeout=CALL_TIMEOUT_SECONDS), "generator (calls)")
+            seen: dict[str, int] = {}
+            for number, sample in enumerate(response.samples):
+                argument, why = parse_call(sample.text, tool.tool, spec.takes_input)
+                candidate = f"{group}/c{number:02d}"
+                common = {"model": response.model.model, "template_version": spec.prompt_version, "seed": sample.seed}
+                data = {"tool": tool.tool, "char_offset": offset, "sample": sample.text, "input": argument}
+                if argument is None:
+                    decision = Decision(False, "malformed_call", reason=why, **common)
+                elif argument in seen:
+                    decision = Decision(False, "repeated_call", reason=f"same call as c{seen[argument]:02d}", **common)
+                else:
+                    seen[argument] = number
+                    decision = Decision(True, **common)
+                self.ctx.record(candidate, "sample_call", StageResult(data, decision))
+            # Marks the position done only after all its candidates are stored.
+            self.ctx.record(group, "sample_call", StageResult({"candidates": len(response.samples)}))
+            stored = self.ctx.stored(group, "sample_call")
+        assert stored is not None
+        found = []
+        for number in range(stored.data["candidates"]):
+            candidate = self.ctx.stored(f"{group}/c{number:02d}", "sample_call")
+            if candidate is not None and candidate.decision is not None and candidate.decision.kept:
+                found.append({"item": f"{group}/c{number:02d}", **candidate.data})
+        return found
+
+    async def _execute(self, document: Document, candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        pending = [c for c in candidates if self.ctx.stored(c["item"], "execute") is None]
+        for start in range(0, len(pending), 256):
+            batch = pending[start : start + 256]
+            request = tool_executor_pb2.ExecuteToolsRequest(
+                calls=[tool_executor_pb2.ToolCall(id=c["item"], tool=c["tool"], input=c["input"]) for c in batch],
+                context=tool_executor_pb2.ToolContext(
+                    reference_date=document.date or self._reference_date,
+                    collection=self._collection if self.params.collection_documents else "",
+                ),
+            )
+            response = await self.ctx.call(lambda: self.ctx.services.tool_executor.ExecuteTools(request, timeout=CALL_TIMEOUT_SECONDS), "tool-executor (execute)")
+            for candidate, result in zip(batch, response.results):
+                if result.HasField("error"):
+                    code = tool_executor_pb2.ToolErrorCode.Name(result.error.code).removeprefix("TOOL_ERROR_CODE_").lower()
+                    outcome = StageResult({"result": None, "error": result.error.message}, Decision(False, f"tool_{code}", reason=result.error.message))
+                else:
+                    outcome = StageResult({"result": result.output}, Decision(True))
+                self.ctx.record(candidate["item"], "execute", outcome)
+        executed = []
+        for candidate in candidates:
+            outcome = self.ctx.stored(candidate["item"], "execute")
+            if outcome is not None and outcome.decision is not None and outcome.decision.kept:
+                executed.append({**candidate, "result": outcome.data["result"]})
+        return executed
+
+    async def _filter(self, document: Document, tool: ToolSettings, executed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        pending = [c for c in executed if self.ctx.stored(c["item"], "filter") is None]
+        if pending:
+            request = scorer_pb2.FilterToolCallsRequest(
+                text=document.text, threshold=tool.filter_threshold, placement=self.params.placement,  # type: ignore[arg-type]
+                candidates=[
+                    scorer_pb2.CandidateCall(
+                        id=c["item"], char_offset=c["char_offset"],
+                        call_without_result=render_call(c["tool"], c["input"]),
+                        call_with_result=render_call(c["tool"], c["input"], c["result"]),
+                    )
+                    for c in pending
+                ],
+            )
+            response = await self.ctx.call(lambda: self.ctx.services.scorer.FilterToolCalls(request, timeout=CALL_TIMEOUT_SECONDS), "scorer (filter)")
+            for decision in response.decisions:
+                losses = {"loss_plus": decision.loss_with_result, "loss_no_call": decision.loss_without_call}
+                if decision.HasField("loss_minus"):
+                    losses |= {"loss_minus": decision.loss_minus, "loss_without_result": decision.loss_without_result}
+                # L⁻ − L⁺ when known; otherwise L(no call) − L⁺, an upper bound that was already below τf.
+                gain = losses.get("loss_minus", decision.loss_without_call) - decision.loss_with_result
+                reason = f"L⁻ − L⁺ = {gain:.3f} {'≥' if decision.keep else '<'} τf = {tool.filter_threshold:g}"
+                if "loss_minus" not in losses:
+                    reason = f"L(no call) − L⁺ = {gain:.3f} < τf = {tool.filter_threshold:g}, so L⁻ − L⁺ is too"
+                self.ctx.record(decision.id, "filter", StageResult(
+                    losses, Decision(decision.keep, "" if decision.keep else "loss_not_lowered", score=gain, reason=reason, model=response.model.model),
+                ))
+        kept = []
+        for candidate in executed:
+            verdict = self.ctx.stored(candidate["item"], "filter")
+            assert verdict is not None and verdict.decision is not None
+            if verdict.decision.kept:
+                kept.append({
+                    "item": candidate["item"], "tool": candidate["tool"], "char_offset": candidate["char_offset"],
+                    "call": render_call(candidate["tool"], candidate["input"], candidate["result"]),
+                    "input": candidate["input"], "result": candidate["result"], "gain": verdict.decision.score,
+                    "loss_plus": verdict.data["loss_plus"], "loss_minus": verdict.data["loss_minus"],
+                })
+        return kept
+
+
+def _ready(result: StageResult):  # noqa: ANN202
+    async def compute() -> StageResult:
+        return result
+
+    return compute
+
+
+# --- how the coordinator presents this recipe's results ---
+
+
+def belongs(summary: dict[str, Any]) -> Any:
+    return lambda item_id: item_id.startswith("doc")
+
+
+DOCUMENT_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("document_id", pa.string()), ("text", pa.string()), ("augmented_text", pa.string()),
+    ("calls", pa.list_(pa.struct([
+        ("tool", pa.string()), ("char_offset", pa.int64()), ("call", pa.string()), ("input", pa.string()),
+        ("result", pa.string()), ("loss_plus", pa.float64()), ("loss_minus", pa.float64()), ("gain", pa.float64()),
+    ]))),
+])
+CALL_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("tool", pa.string()), ("char_offset", pa.int64()), ("input", pa.string()),
+    ("result", pa.string()), ("loss_plus", pa.float64()), ("loss_no_call", pa.float64()),
+    ("loss_without_result", pa.float64()), ("loss_minus", pa.float64()), ("kept", pa.bool_()), ("dropped_by", pa.string()),
+])
+
+
+def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schema]]:
+    """Augmented documents (the training text) and every executed candidate call with its losses."""
+    documents, calls = [], []
+    for record in records:
+        if "/" not in record.item_id:
+            if record.kept:
+                documents.append({"item_id": record.item_id, **{k: record.data[k] for k in ("document_id", "text", "augmented_text", "calls")}})
+            continue
+        if "result" not in record.data:
+            continue  # never executed (malformed or repeated): lineage only
+        dropped = next((d.filter for _, d in record.lineage if not d.kept), "")
+        calls.append({
+            "item_id": record.item_id, "tool": record.data["tool"], "char_offset": record.data["char_offset"],
+            "input": record.data["input"], "result": record.data["result"],
+            **{k: record.data.get(k) for k in ("loss_plus", "loss_no_call", "loss_without_result", "loss_minus")},
+            "kept": record.kept, "dropped_by": dropped,
+        })
+    return {"documents": (documents, DOCUMENT_SCHEMA), "calls": (calls, CALL_SCHEMA)}

@@ -1,0 +1,187 @@
+"""The scorer servicer: validate, score with the backend, map the result.
+
+Toolformer's methods need token-level scoring (the TokenScorer port, which
+the embedded llama.cpp backend has); ScoreText works on every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+
+from autodidact.backends.llm import LLM
+from autodidact.backends.llm.base import ScoringSequence, SequenceScores, TokenScorer
+from autodidact.errors import FailedPrecondition, InvalidArgument, Unavailable
+from autodidact.generator.requests import model_info
+from autodidact.runtime.metrics import SCORED_TOKENS, TOOL_CALL_DECISIONS
+from autodidact.runtime.server import Component
+from autodidact.scorer.toolformer import DEFAULT_WEIGHTS, Candidate, best_positions, filter_calls
+from autodidact.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
+from autodidact.validation import check_count, check_length, check_range
+
+SERVICE_NAME = scorer_pb2.DESCRIPTOR.services_by_name["ScorerService"].full_name
+MAX_TEXT_CHARS = 65_536
+MAX_CALL_CHARS = 4096
+DEFAULT_MARKERS = ("[", " [")
+DEFAULT_MARKER_THRESHOLD = 0.05
+DEFAULT_TOP_K = 5
+DEFAULT_FILTER_THRESHOLD = 1.0
+PREFIX_SEPARATOR = "\n"  # between a prefix call and the document
+
+
+class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
+    def __init__(self) -> None:
+        self.backend: LLM | None = None
+
+    def _loaded(self) -> LLM:
+        if self.backend is None:
+            raise Unavailable("the model is still loading; retry shortly")
+        return self.backend
+
+    def _token_scorer(self) -> TokenScorer:
+        backend = self._loaded()
+        if not hasattr(backend, "score_sequences"):
+            raise FailedPrecondition(
+                f"backend {backend.description.backend} cannot score token sequences; "
+                "Toolformer scoring needs the llamacpp backend"
+            )
+        return cast(TokenScorer, backend)
+
+    async def ScoreText(self, request: scorer_pb2.ScoreTextRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ScoreTextResponse:
+        backend = self._loaded()
+        check_count("items", request.items, 1, 256)
+        for i, item in enumerate(request.items):
+            check_length(f"items[{i}].context", item.context, 0, MAX_TEXT_CHARS)
+            check_length(f"items[{i}].text", item.text, 1, MAX_TEXT_CHARS)
+        scores = []
+        for item in request.items:
+            tokens = await backend.logprobs(item.text, item.context)
+            SCORED_TOKENS.labels("ScoreText").inc(len(tokens))
+            scores.append(
+                scorer_pb2.TextScore(
+                    tokens=[_token_proto(t) for t in tokens],
+                    logprob_sum=sum(t.logprob for t in tokens if t.logprob is not None),
+                )
+            )
+        return scorer_pb2.ScoreTextResponse(scores=scores, model=model_info(backend.description))
+
+    async def MarkerProbabilities(
+        self, request: scorer_pb2.MarkerProbabilitiesRequest, context: grpc.aio.ServicerContext
+    ) -> scorer_pb2.MarkerProbabilitiesResponse:
+        scorer = self._token_scorer()
+        check_length("prompt", request.prompt, 0, MAX_TEXT_CHARS)
+        check_length("text", request.text, 1, MAX_TEXT_CHARS)
+        check_count("marker_tokens", request.marker_tokens, 0, 8)
+        threshold = request.threshold if request.HasField("threshold") else DEFAULT_MARKER_THRESHOLD
+        check_range("threshold", threshold, 0.0, 1.0)
+        top_k = request.top_k or DEFAULT_TOP_K
+        check_range("top_k", top_k, 1, 1024)
+        markers = []
+        for i, marker in enumerate(request.marker_tokens or DEFAULT_MARKERS):
+            ids, _ = await scorer.tokenize_with_offsets(marker)
+            if len(ids) != 1:
+                raise InvalidArgument(f"marker_tokens[{i}]", f"{marker!r} is {len(ids)} tokens of this model, not one")
+            markers.append(ids[0])
+        prompt_tokens, _ = await scorer.tokenize_with_offsets(request.prompt) if request.prompt else ([], [])
+        document, offsets = await scorer.tokenize_with_offsets(request.text)
+        if len(document) < 2:
+            raise InvalidArgument("text", "must be at least 2 tokens: a call goes between two tokens")
+        sequence = ScoringSequence(tuple(prompt_tokens + document), len(prompt_tokens) + 1)
+        scores = await _scored(scorer, [sequence], "MarkerProbabilities", tuple(markers))
+        positions = best_positions(scores.alternatives[0], offsets, threshold=threshold, top_k=int(top_k))
+        return scorer_pb2.MarkerProbabilitiesResponse(
+            positions=[
+                scorer_pb2.MarkerPosition(token_index=p.token_index, char_offset=p.char_offset, probability=p.probability)
+                for p in positions
+            ],
+            positions_considered=len(document) - 1,
+            model=model_info(self._loaded().description),
+        )
+
+    async def FilterToolCalls(
+        self, request: scorer_pb2.FilterToolCallsRequest, context: grpc.aio.ServicerContext
+    ) -> scorer_pb2.FilterToolCallsResponse:
+        scorer = self._token_scorer()
+        check_length("text", request.text, 1, MAX_TEXT_CHARS)
+        check_count("candidates", request.candidates, 1, 1024)
+        threshold = request.threshold if request.HasField("threshold") else DEFAULT_FILTER_THRESHOLD
+        check_range("threshold", threshold, -100.0, 100.0)
+        weights = tuple(request.weights) or DEFAULT_WEIGHTS
+        check_count("weights", weights, 1, 64)
+        if min(weights) < 0 or not sum(weights) > 0:
+            raise InvalidArgument("weights", "must be non-negative with a positive sum")
+        placement = "inline" if request.placement == scorer_pb2.CALL_PLACEMENT_INLINE else "prefix"
+
+        document, offsets = await scorer.tokenize_with_offsets(request.text)
+        position_of = {offset: index for index, offset in enumerate(offsets) if index > 0}
+        seen: set[str] = set()
+        candidates = []
+        separator = PREFIX_SEPARATOR if placement == "prefix" else ""
+        for i, call in enumerate(request.candidates):
+            field = f"candidates[{i}]"
+            check_length(f"{field}.id", call.id, 1, 256)
+            if call.id in seen:
+                raise InvalidArgument(f"{field}.id", f"{call.id!r} appears twice in the request")
+            seen.add(call.id)
+            check_length(f"{field}.call_without_result", call.call_without_result, 1, MAX_CALL_CHARS)
+            check_length(f"{field}.call_with_result", call.call_with_result, 1, MAX_CALL_CHARS)
+            if call.char_offset not in position_of:
+                raise InvalidArgument(
+                    f"{field}.char_offset",
+                    f"{call.char_offset} is not the start of a document token after the first (use MarkerPosition.char_offset)",
+                )
+            without, _ = await scorer.tokenize_with_offsets(call.call_without_result + separator)
+            with_result, _ = await scorer.tokenize_with_offsets(call.call_with_result + separator)
+            candidates.append(Candidate(call.id, position_of[call.char_offset], tuple(without), tuple(with_result)))
+
+        async def score(sequences: list[ScoringSequence]) -> SequenceScores:
+            return await _scored(scorer, sequences, "FilterToolCalls")
+
+        decisions, evaluated = await filter_calls(
+            tuple(document), candidates, score,
+            threshold=threshold, weights=weights, placement=placement, all_losses=request.all_losses,
+        )
+        response = scorer_pb2.FilterToolCallsResponse(tokens_evaluated=evaluated, model=model_info(self._loaded().description))
+        for decision in decisions:
+            TOOL_CALL_DECISIONS.labels("kept" if decision.keep else "dropped").inc()
+            proto = response.decisions.add(
+                id=decision.id, loss_with_result=decision.loss_with_result,
+                loss_without_call=decision.loss_without_call, keep=decision.keep,
+            )
+            if decision.loss_without_result is not None and decision.loss_minus is not None:
+                proto.loss_without_result = decision.loss_without_result
+                proto.loss_minus = decision.loss_minus
+        return response
+
+
+async def _scored(scorer: TokenScorer, sequences: list[ScoringSequence], method: str, alternatives: tuple[int, ...] = ()) -> SequenceScores:
+    scores = await scorer.score_sequences(sequences, alternatives)
+    SCORED_TOKENS.labels(method).inc(scores.tokens_evaluated)
+    return scores
+
+
+def _token_proto(token: Any) -> common_pb2.TokenLogprob:
+    proto = common_pb2.TokenLogprob(token=token.token, token_id=token.token_id, char_offset=token.char_offset)
+    if token.logprob is not None:
+        proto.logprob = token.logprob
+    return proto
+
+
+def scorer_component(load_backend: Callable[[], Awaitable[LLM]]) -> Component:
+    servicer = ScorerServicer()
+
+    async def load() -> None:
+        servicer.backend = await load_backend()
+
+    async def close() -> None:
+        if servicer.backend is not None:
+            await servicer.backend.close()
+
+    return Component(
+        name=SERVICE_NAME,
+        register=lambda server: scorer_pb2_grpc.add_ScorerServiceServicer_to_server(servicer, server),
+        load=load,
+        close=close,
+    )

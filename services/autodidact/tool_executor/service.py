@@ -1,0 +1,162 @@
+"""The tool-executor servicer: validate, run the tools, map the outcomes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from autodidact.errors import InvalidArgument, Unavailable
+from autodidact.runtime.channels import create_channel
+from autodidact.runtime.server import Component
+from autodidact.tool_executor.sandbox import Sandbox, SandboxSettings
+from autodidact.tool_executor.search import SearchCollections
+from autodidact.tool_executor.tools import TOOLS, BackendFailure, Complete, ToolExecutor
+from autodidact.v1 import common_pb2, generator_pb2, generator_pb2_grpc, tool_executor_pb2, tool_executor_pb2_grpc
+from autodidact.validation import check_count, check_length
+
+SERVICE_NAME = tool_executor_pb2.DESCRIPTOR.services_by_name["ToolExecutorService"].full_name
+MAX_CALLS = 256
+MAX_INPUT_CHARS = 4096
+MAX_DOCUMENTS = 10_000
+COLLECTION_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")
+QA_MAX_TOKENS = 48
+
+
+@dataclass(frozen=True)
+class ToolExecutorSettings:
+    # Where search collections are stored (search.sqlite).
+    data_dir: Path = Path(".autodidact/tool-executor")
+    # The generator that QA and translation ask; empty: those tools answer BACKEND errors.
+    generator_target: str = "localhost:50051"
+    generator_timeout_seconds: float = 60.0
+    sandbox: SandboxSettings = field(default_factory=SandboxSettings)
+
+
+def check_collection(field_name: str, name: str) -> None:
+    if not COLLECTION_PATTERN.match(name):
+        raise InvalidArgument(field_name, f"must be 1 to 64 characters of a-z 0-9 _ -, got {name[:80]!r}")
+
+
+def parse_execute_request(request: tool_executor_pb2.ExecuteToolsRequest) -> tuple[list[tuple[str, str]], dt.date, str]:
+    check_count("calls", request.calls, 1, MAX_CALLS)
+    seen: set[str] = set()
+    for i, call in enumerate(request.calls):
+        check_length(f"calls[{i}].id", call.id, 1, 256)
+        if call.id in seen:
+            raise InvalidArgument(f"calls[{i}].id", f"{call.id!r} appears twice in the request")
+        seen.add(call.id)
+        check_length(f"calls[{i}].tool", call.tool, 1, 64)
+        check_length(f"calls[{i}].input", call.input, 0, MAX_INPUT_CHARS)
+    context = request.context
+    reference_date = dt.datetime.now(dt.UTC).date()
+    if context.reference_date:
+        try:
+            reference_date = dt.date.fromisoformat(context.reference_date)
+        except ValueError:
+            raise InvalidArgument("context.reference_date", f"must be a date YYYY-MM-DD, got {context.reference_date[:40]!r}") from None
+    if context.collection:
+        check_collection("context.collection", context.collection)
+    return [(call.tool, call.input) for call in request.calls], reference_date, context.collection
+
+
+def parse_index_request(request: tool_executor_pb2.IndexDocumentsRequest) -> list[tuple[str, str]]:
+    check_collection("collection", request.collection)
+    check_count("documents", request.documents, 1, MAX_DOCUMENTS)
+    for i, document in enumerate(request.documents):
+        check_length(f"documents[{i}].id", document.id, 1, 256)
+        check_length(f"documents[{i}].text", document.text, 1, 65_536)
+    return [(d.id, d.text) for d in request.documents]
+
+
+class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
+    def __init__(self) -> None:
+        self.executor: ToolExecutor | None = None
+        self.collections: SearchCollections | None = None
+
+    def _loaded(self) -> ToolExecutor:
+        if self.executor is None:
+            raise Unavailable("the tool sandbox is still starting; retry shortly")
+        return self.executor
+
+    async def ListTools(self, request: tool_executor_pb2.ListToolsRequest, context: grpc.aio.ServicerContext) -> tool_executor_pb2.ListToolsResponse:
+        return tool_executor_pb2.ListToolsResponse(
+            tools=[
+                tool_executor_pb2.ToolSpec(
+                    name=t.name, description=t.description, few_shot_prompt=t.few_shot_prompt,
+                    prompt_version=t.prompt_version, takes_input=t.takes_input,
+                )
+                for t in TOOLS.values()
+            ]
+        )
+
+    async def ExecuteTools(self, request: tool_executor_pb2.ExecuteToolsRequest, context: grpc.aio.ServicerContext) -> tool_executor_pb2.ExecuteToolsResponse:
+        executor = self._loaded()
+        calls, reference_date, collection = parse_execute_request(request)
+        outcomes = await executor.execute(calls, reference_date, collection)
+        results = []
+        for call, outcome in zip(request.calls, outcomes):
+            result = tool_executor_pb2.ToolResult(id=call.id, seconds=outcome.seconds)
+            if outcome.output is not None:
+                result.output = outcome.output
+            else:
+                code = tool_executor_pb2.ToolErrorCode.Value(f"TOOL_ERROR_CODE_{outcome.error_kind.upper()}")
+                result.error.CopyFrom(tool_executor_pb2.ToolError(code=code, message=outcome.error))
+            results.append(result)
+        return tool_executor_pb2.ExecuteToolsResponse(results=results)
+
+    async def IndexDocuments(self, request: tool_executor_pb2.IndexDocumentsRequest, context: grpc.aio.ServicerContext) -> tool_executor_pb2.IndexDocumentsResponse:
+        self._loaded()
+        assert self.collections is not None
+        size = self.collections.add(request.collection, parse_index_request(request))
+        return tool_executor_pb2.IndexDocumentsResponse(collection_size=size)
+
+
+def _generator_completion(stub: generator_pb2_grpc.GeneratorServiceStub, timeout: float) -> Complete:
+    async def complete(prompt: str) -> str:
+        request = generator_pb2.GenerateRequest(
+            prompt=common_pb2.Prompt(text=prompt),
+            sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=QA_MAX_TOKENS, stop=["\n"]),
+            n=1,
+        )
+        try:
+            response = await stub.Generate(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise BackendFailure(f"generator: {exc.code().name}: {exc.details()}") from None
+        return response.samples[0].text
+
+    return complete
+
+
+def tool_executor_component(settings: ToolExecutorSettings) -> Component:
+    servicer = ToolExecutorServicer()
+    sandbox = Sandbox(settings.sandbox)
+    opened: list = []
+
+    async def load() -> None:
+        await sandbox.start()
+        collections = SearchCollections(settings.data_dir / "search.sqlite")
+        complete = None
+        if settings.generator_target:
+            channel = create_channel(settings.generator_target, timeout_seconds=settings.generator_timeout_seconds)
+            opened.append(channel)
+            complete = _generator_completion(generator_pb2_grpc.GeneratorServiceStub(channel), settings.generator_timeout_seconds)
+        servicer.collections = collections
+        servicer.executor = ToolExecutor(sandbox, collections, complete)
+
+    async def close() -> None:
+        await sandbox.close()
+        for channel in opened:
+            await channel.close()
+        if servicer.collections is not None:
+            servicer.collections.close()
+
+    return Component(
+        name=SERVICE_NAME,
+        register=lambda server: tool_executor_pb2_grpc.add_ToolExecutorServiceServicer_to_server(servicer, server),
+        load=load,
+        close=close,
+    )
