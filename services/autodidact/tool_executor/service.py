@@ -11,6 +11,7 @@ import grpc
 
 from autodidact.errors import InvalidArgument, Unavailable
 from autodidact.runtime.channels import create_channel
+from autodidact.runtime.metrics import TOOL_CALLS
 from autodidact.runtime.server import Component
 from autodidact.tool_executor.sandbox import Sandbox, SandboxSettings
 from autodidact.tool_executor.search import SearchCollections
@@ -99,6 +100,7 @@ class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
         outcomes = await executor.execute(calls, reference_date, collection)
         results = []
         for call, outcome in zip(request.calls, outcomes):
+            TOOL_CALLS.labels(call.tool if call.tool in TOOLS else "unknown", "ok" if outcome.output is not None else outcome.error_kind).inc()
             result = tool_executor_pb2.ToolResult(id=call.id, seconds=outcome.seconds)
             if outcome.output is not None:
                 result.output = outcome.output

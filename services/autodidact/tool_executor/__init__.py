@@ -1,0 +1,1 @@
+"""The tool-executor service: tools run on model-written input, sandboxed and bounded."""
