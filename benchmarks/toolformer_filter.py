@@ -2,7 +2,7 @@
 public strategies, on the same candidates in the same process.
 
 Candidates are real: the Toolformer recipe runs with the calculator on GSM8K
-documents (scripts/gsm8k_documents.py) on the embedded model, and every call
+documents (coordinator/recipes/formats.py) on the embedded model, and every call
 it sampled, parsed and executed is a candidate (calls.jsonl). Every strategy
 then scores those candidates with the same llama.cpp model:
 
@@ -36,13 +36,11 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
-
-from gsm8k_documents import gsm8k_document  # noqa: E402
 
 from autodidact.backends.llm.base import ScoringSequence  # noqa: E402
 from autodidact.backends.llm.llamacpp import LlamaCppLLM, LlamaCppSettings  # noqa: E402
+from autodidact.coordinator.recipes.formats import gsm8k_document  # noqa: E402
 from autodidact.coordinator.recipes.toolformer import render_call  # noqa: E402
 from autodidact.scorer.service import PREFIX_SEPARATOR  # noqa: E402
 from autodidact.scorer.toolformer import DEFAULT_WEIGHTS, Candidate, CallDecision, filter_calls, normalise_weights, weighted_loss  # noqa: E402

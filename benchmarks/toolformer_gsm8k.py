@@ -25,12 +25,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from gsm8k_documents import gsm8k_document  # noqa: E402
-
 from autodidact.backends.llm.llamacpp import LlamaCppLLM, LlamaCppSettings  # noqa: E402
+from autodidact.coordinator.recipes.formats import gsm8k_document  # noqa: E402
 from autodidact.scorer.service import PREFIX_SEPARATOR  # noqa: E402
 from autodidact.scorer.toolformer import Candidate, filter_calls  # noqa: E402
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from scripts.gsm8k_documents import gsm8k_document
+from autodidact.coordinator.recipes.formats import gsm8k_document
 from tests.conftest import SHARED_DATA
 
 AUTODIDACT = str(Path(sys.executable).parent / "autodidact")

@@ -14,7 +14,7 @@ import pytest_asyncio
 from autodidact.backends.llm.llamacpp import bundled_model_path
 from autodidact.runtime.channels import create_channel
 from autodidact.v1 import scorer_pb2, scorer_pb2_grpc
-from scripts.gsm8k_documents import gsm8k_document
+from autodidact.coordinator.recipes.formats import gsm8k_document
 from tests.conftest import SHARED_DATA
 from tests.integration.stack import start_stack
 

@@ -9,7 +9,7 @@ import pytest
 from autodidact.coordinator.recipes.toolformer import call_prompt, looks_arithmetic, parse_call, render_call, resolve_params, splice
 from autodidact.errors import InvalidArgument
 from autodidact.v1 import coordinator_pb2
-from scripts.gsm8k_documents import gsm8k_document
+from autodidact.coordinator.recipes.formats import gsm8k_document
 
 
 def test_gsm8k_annotations_become_positions_just_before_their_results():
@@ -105,6 +105,14 @@ def test_bad_specs_are_refused_naming_the_field(tmp_path, fields, field, rule):
     with pytest.raises(InvalidArgument) as raised:
         resolve_params(_spec(tmp_path, **fields), "job")
     assert raised.value.field == field and rule in raised.value.rule
+
+
+def test_gsm8k_lines_are_documents_and_max_documents_takes_the_first(tmp_path):
+    (tmp_path / "docs.jsonl").write_text(
+        json.dumps({"question": "Q1?", "answer": "1+1 = <<1+1=2>>2\n#### 2"}) + "\n" + json.dumps({"text": "second"}) + "\n" + json.dumps({"text": "third"}) + "\n"
+    )
+    params = resolve_params(_spec(tmp_path, max_documents=2), "job")
+    assert [d.text for d in params.documents] == ["Q1?\n1+1 = 2\nThe answer is 2.", "second"]
 
 
 def test_bad_document_files_name_the_line(tmp_path):

@@ -155,8 +155,12 @@ class ToolformerSpec(_message.Message):
     PLACEMENT_FIELD_NUMBER: _builtins.int
     REFERENCE_DATE_FIELD_NUMBER: _builtins.int
     SEARCH_COLLECTION_PATH_FIELD_NUMBER: _builtins.int
+    MAX_DOCUMENTS_FIELD_NUMBER: _builtins.int
     documents_path: _builtins.str
-    """Documents in JSONL with a "text" field. Required."""
+    """Documents in JSONL, each with a "text" field (optional "id", and "date"
+    as YYYY-MM-DD for the calendar), or GSM8K lines ("question" and
+    "answer", whose <<...>> annotations are removed). Required.
+    """
     position_threshold: _builtins.float
     """τs. Default 0.05 (0 for the calculator). Bounds [0, 1]."""
     positions_per_document: _builtins.int
@@ -173,6 +177,10 @@ class ToolformerSpec(_message.Message):
     """
     search_collection_path: _builtins.str
     """Documents for the search tool, JSONL with "id" and "text"."""
+    max_documents: _builtins.int
+    """Use only the first this many documents of the file. Default 0: all.
+    Bounds [0, 100,000].
+    """
     @_builtins.property
     def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tools to annotate with, by ToolSpec.name. At least one."""
@@ -189,10 +197,11 @@ class ToolformerSpec(_message.Message):
         placement: _scorer_pb2.CallPlacement.ValueType = ...,
         reference_date: _builtins.str = ...,
         search_collection_path: _builtins.str = ...,
+        max_documents: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_filter_threshold", b"_filter_threshold", "_position_threshold", b"_position_threshold", "filter_threshold", b"filter_threshold", "position_threshold", b"position_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_filter_threshold", b"_filter_threshold", "_position_threshold", b"_position_threshold", "calls_per_position", b"calls_per_position", "documents_path", b"documents_path", "filter_threshold", b"filter_threshold", "placement", b"placement", "position_threshold", b"position_threshold", "positions_per_document", b"positions_per_document", "reference_date", b"reference_date", "search_collection_path", b"search_collection_path", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_filter_threshold", b"_filter_threshold", "_position_threshold", b"_position_threshold", "calls_per_position", b"calls_per_position", "documents_path", b"documents_path", "filter_threshold", b"filter_threshold", "max_documents", b"max_documents", "placement", b"placement", "position_threshold", b"position_threshold", "positions_per_document", b"positions_per_document", "reference_date", b"reference_date", "search_collection_path", b"search_collection_path", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__filter_threshold: _TypeAlias = _typing.Literal["filter_threshold"]  # noqa: Y015
     _WhichOneofArgType__filter_threshold: _TypeAlias = _typing.Literal["_filter_threshold", b"_filter_threshold"]  # noqa: Y015

@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed
+from autodidact.coordinator.recipes.formats import gsm8k_document
 from autodidact.errors import InvalidArgument
 from autodidact.tool_executor.tools import TOOLS
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2, scorer_pb2, tool_executor_pb2
@@ -73,18 +74,21 @@ class ToolformerParams:
     collection_documents: list[tuple[str, str]]
 
 
-def load_documents(path: Path, field: str) -> list[Document]:
+def load_documents(path: Path, field: str, limit: int = 0) -> list[Document]:
+    """Documents of a JSONL file: "text" lines, or GSM8K lines (question and annotated answer)."""
     if not path.is_file():
         raise InvalidArgument(field, f"file not found: {path}")
     documents = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
+        if limit and len(documents) == limit:
+            break
         try:
             raw = json.loads(line)
-            text = raw["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise InvalidArgument(field, f"line {number} is not a JSON object with a \"text\" field ({exc})") from None
+            text = raw["text"] if "text" in raw else gsm8k_document(raw["question"], raw["answer"])[0]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise InvalidArgument(field, f"line {number} is not a JSON object with a \"text\" field, nor a GSM8K line ({exc})") from None
         if not isinstance(text, str) or not text.strip():
             raise InvalidArgument(field, f"line {number}: \"text\" must be a non-empty string")
         if len(text) > MAX_DOCUMENT_CHARS:
@@ -101,7 +105,8 @@ def resolve_params(spec: coordinator_pb2.ToolformerSpec, job_id: str, field: str
     """The spec with every default filled in, validated."""
     if not spec.documents_path:
         raise InvalidArgument(f"{field}.documents_path", "is required")
-    documents = load_documents(Path(spec.documents_path), f"{field}.documents_path")
+    check_range(f"{field}.max_documents", spec.max_documents, 0, MAX_DOCUMENTS)
+    documents = load_documents(Path(spec.documents_path), f"{field}.documents_path", spec.max_documents)
     if not spec.tools:
         raise InvalidArgument(f"{field}.tools", f"name at least one tool: {', '.join(TOOLS)}")
     tools = []
