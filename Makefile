@@ -47,6 +47,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/diversity_filter.py
 	$(BIN)/python benchmarks/toolformer_filter.py
 	$(BIN)/python benchmarks/toolformer_gsm8k.py
+	$(BIN)/python benchmarks/self_consistency_svamp.py
 
 clean:
 	rm -rf $(VENV) node_modules

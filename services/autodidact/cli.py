@@ -58,6 +58,8 @@ def _add_server_args(parser: argparse.ArgumentParser, default_host: str) -> None
     parser.add_argument("--llm-model", default=_env("LLM_MODEL", ""), help="openai_compat: model name to request (default: the server's first)")
     parser.add_argument("--embedder", choices=EMBEDDERS, default=_env("EMBEDDER", "local"),
                         help="dedup embedder: embedded MiniLM (default) or text-embeddings-inference")
+    parser.add_argument("--constitutions-dir", type=Path, default=Path(_env("CONSTITUTIONS_DIR")) if _env("CONSTITUTIONS_DIR") else None,
+                        help="critic: a folder of constitution files (*.yaml) added to the built-in ones")
     parser.add_argument("--embedder-url", default=_env("EMBEDDER_URL", ""), help="tei: the server, e.g. http://tei:80")
     _add_logging_args(parser)
 
@@ -77,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="coordinator: where the dedup service is (default localhost:50055)")
     serve.add_argument("--scorer-target", default=_env("SCORER_TARGET", f"localhost:{DEFAULT_PORTS['scorer']}"),
                        help="coordinator: where the scorer is (default localhost:50052)")
+    serve.add_argument("--critic-target", default=_env("CRITIC_TARGET", f"localhost:{DEFAULT_PORTS['critic']}"),
+                       help="coordinator: where the critic is (default localhost:50053)")
     serve.add_argument("--tool-executor-target", default=_env("TOOL_EXECUTOR_TARGET", f"localhost:{DEFAULT_PORTS['tool-executor']}"),
                        help="coordinator: where the tool-executor is (default localhost:50054)")
     _add_server_args(serve, default_host="0.0.0.0")
@@ -117,6 +121,7 @@ def _options(args: argparse.Namespace, targets: dict[str, str]):  # -> StackOpti
     from autodidact.coordinator.service import CoordinatorSettings
     from autodidact.generator.requests import GeneratorLimits
     from autodidact.backends.remote import RemoteSettings
+    from autodidact.critic.service import CriticSettings
     from autodidact.stack import StackOptions
     from autodidact.tool_executor.service import ToolExecutorSettings
 
@@ -137,7 +142,9 @@ def _options(args: argparse.Namespace, targets: dict[str, str]):  # -> StackOpti
             dedup_target=targets["dedup"],
             scorer_target=targets["scorer"],
             tool_executor_target=targets["tool-executor"],
+            critic_target=targets["critic"],
         ),
+        critic=CriticSettings(generator_target=targets["generator"], scorer_target=targets["scorer"], constitutions_dir=args.constitutions_dir),
         # QA and translation ask the generator.
         tool_executor=ToolExecutorSettings(data_dir=args.data_dir / "tool-executor", generator_target=targets["generator"]),
     )
@@ -158,7 +165,7 @@ async def _serve(names: list[str], args: argparse.Namespace) -> None:
     from autodidact.runtime.server import ServiceHost, run_until_signalled
     from autodidact.stack import DEFAULT_PORTS, build_component
 
-    neighbours = ("generator", "dedup", "scorer", "tool-executor")
+    neighbours = ("generator", "dedup", "scorer", "tool-executor", "critic")
     if args.command == "up":  # services call their neighbours on loopback
         targets = {name: f"127.0.0.1:{DEFAULT_PORTS[name]}" for name in neighbours}
     else:

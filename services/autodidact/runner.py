@@ -126,6 +126,7 @@ async def run_in_process(spec: coordinator_pb2.JobSpec, job_id: str, data_dir: P
     from autodidact.runtime.server import ServiceHost
     from autodidact.runtime.settings import ServerSettings
     from autodidact.stack import RECIPE_SERVICES, build_component
+    from autodidact.critic.service import CriticSettings
     from autodidact.tool_executor.service import ToolExecutorSettings
 
     hosts: dict[str, ServiceHost] = {}
@@ -137,6 +138,7 @@ async def run_in_process(spec: coordinator_pb2.JobSpec, job_id: str, data_dir: P
                 options,
                 dedup_data_dir=data_dir / "dedup",
                 tool_executor=ToolExecutorSettings(data_dir=data_dir / "tool-executor", generator_target=targets.get("generator", "")),
+                critic=CriticSettings(generator_target=targets.get("generator", ""), scorer_target=targets.get("scorer", "")),
             )
             hosts[name] = ServiceHost([build_component(name, options)], ServerSettings(grace_seconds=5))
             await hosts[name].start()

@@ -17,6 +17,7 @@ from autodidact.backends.embed.local import LocalEmbedderSettings
 from autodidact.backends.llm.llamacpp import LlamaCppSettings
 from autodidact.backends.remote import RemoteSettings
 from autodidact.coordinator.service import CoordinatorSettings
+from autodidact.critic.service import CriticSettings
 from autodidact.dedup.defaults import NamespaceSettings
 from autodidact.generator.requests import GeneratorLimits
 from autodidact.runtime.server import Component
@@ -54,6 +55,7 @@ class StackOptions:
     dedup_data_dir: Path = Path(".autodidact/dedup")
     coordinator: CoordinatorSettings = field(default_factory=CoordinatorSettings)
     tool_executor: ToolExecutorSettings = field(default_factory=ToolExecutorSettings)
+    critic: CriticSettings = field(default_factory=CriticSettings)
 
 
 def _remote(settings: RemoteSettings | None, flag: str) -> RemoteSettings:
@@ -108,6 +110,12 @@ def _tool_executor(options: StackOptions) -> Component:
     return tool_executor_component(options.tool_executor)
 
 
+def _critic(options: StackOptions) -> Component:
+    from autodidact.critic.service import critic_component
+
+    return critic_component(options.critic)
+
+
 def _dedup(options: StackOptions) -> Component:
     from autodidact.dedup.service import dedup_component
 
@@ -126,6 +134,8 @@ def _coordinator(options: StackOptions) -> Component:
 RECIPE_SERVICES = {
     "self_instruct": ("generator", "dedup"),
     "toolformer": ("generator", "scorer", "tool-executor"),
+    "constitutional": ("generator", "scorer", "critic"),
+    "self_consistency": ("generator", "scorer"),
 }
 
 # In start order: the coordinator's jobs resume only once the services they call are up.
@@ -133,6 +143,7 @@ BUILDERS = {
     "generator": _generator,
     "scorer": _scorer,
     "tool-executor": _tool_executor,
+    "critic": _critic,
     "dedup": _dedup,
     "coordinator": _coordinator,
 }

@@ -114,10 +114,19 @@ def test_cli_generate_reports_refusals_clearly(server):
     assert "INVALID_ARGUMENT: sampling.temperature: must be between 0 and 2, got -1" in result.stderr
 
 
-def test_cli_serve_refuses_a_service_that_is_not_built_yet():
-    result = cli("serve", "scorer", "--port", str(free_port()), "--metrics-port", "0")
+@pytest.mark.parametrize(
+    ("constitution", "message"),
+    [
+        ("name: empty\nversion: '1'\npreference_question: Which?\n", "principles: must have at least 1 item"),
+        ("name: half\nversion: '1'\npreference_question: Which?\nprinciples:\n  - name: harm\n    critique_request: Say what is harmful.\n",
+         "principles[0].revision_request: must not be empty"),
+    ],
+)
+def test_the_critic_refuses_to_start_with_a_bad_constitution(tmp_path, constitution, message):
+    (tmp_path / "bad.yaml").write_text(constitution)
+    result = cli("serve", "critic", "--port", str(free_port()), "--metrics-port", "0", "--constitutions-dir", str(tmp_path))
     assert result.returncode == 2
-    assert "not implemented yet" in result.stderr
+    assert f"{tmp_path / 'bad.yaml'}: {message}" in result.stderr
 
 
 def test_logs_are_json_off_a_terminal_and_carry_the_request_id():

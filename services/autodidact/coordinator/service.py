@@ -18,6 +18,7 @@ from autodidact.runtime.server import Component
 from autodidact.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,
+    critic_pb2_grpc,
     dedup_pb2_grpc,
     generator_pb2_grpc,
     scorer_pb2_grpc,
@@ -35,6 +36,7 @@ class CoordinatorSettings:
     dedup_target: str = "localhost:50055"
     scorer_target: str = "localhost:50052"
     tool_executor_target: str = "localhost:50054"
+    critic_target: str = "localhost:50053"
     # How long a job waits out a service that is down before it fails.
     patience_seconds: float = 600.0
 
@@ -119,12 +121,14 @@ def coordinator_component(settings: CoordinatorSettings) -> Component:
             "dedup": create_channel(settings.dedup_target, timeout_seconds=300),
             "scorer": create_channel(settings.scorer_target, timeout_seconds=900),
             "tool-executor": create_channel(settings.tool_executor_target, timeout_seconds=300),
+            "critic": create_channel(settings.critic_target, timeout_seconds=1800),
         }
         services = Services(
             generator=generator_pb2_grpc.GeneratorServiceStub(channels["generator"]),
             dedup=dedup_pb2_grpc.DedupServiceStub(channels["dedup"]),
             scorer=scorer_pb2_grpc.ScorerServiceStub(channels["scorer"]),
             tool_executor=tool_executor_pb2_grpc.ToolExecutorServiceStub(channels["tool-executor"]),
+            critic=critic_pb2_grpc.CriticServiceStub(channels["critic"]),
             patience_seconds=settings.patience_seconds,
         )
         manager = JobManager(store, services, settings.data_dir)

@@ -111,3 +111,22 @@ def generate_response(
         usage=common_pb2.Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens),
         seed=request.seeds[0],
     )
+
+
+# Callers that do not know the model (recipes, the critic) leave tighter
+# token bounds to the generator, which knows its model's context.
+SAMPLING_TOKEN_BOUND = 32_768
+
+
+def sampling_with_defaults(given: common_pb2.SamplingParams, defaults: common_pb2.SamplingParams, field: str) -> common_pb2.SamplingParams:
+    """A recipe's sampling: the spec's fields over the recipe's defaults, validated."""
+    merged = common_pb2.SamplingParams()
+    merged.CopyFrom(defaults)
+    for descriptor, value in given.ListFields():
+        if descriptor.name == "stop":
+            del merged.stop[:]
+            merged.stop.extend(value)
+        else:
+            setattr(merged, descriptor.name, value)
+    parse_sampling(merged, SAMPLING_TOKEN_BOUND, field)  # validates; raises InvalidArgument naming the field
+    return merged

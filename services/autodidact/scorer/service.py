@@ -6,6 +6,7 @@ the embedded llama.cpp backend has); ScoreText works on every backend.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -18,6 +19,7 @@ from autodidact.generator.requests import model_info
 from autodidact.runtime.metrics import SCORED_TOKENS, TOOL_CALL_DECISIONS
 from autodidact.runtime.server import Component
 from autodidact.scorer.toolformer import DEFAULT_WEIGHTS, Candidate, best_positions, filter_calls
+from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern, extract_answer, vote
 from autodidact.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 from autodidact.validation import check_count, check_length, check_range
 
@@ -154,6 +156,48 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
                 proto.loss_without_result = decision.loss_without_result
                 proto.loss_minus = decision.loss_minus
         return response
+
+
+    async def CompareOptions(self, request: scorer_pb2.CompareOptionsRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.CompareOptionsResponse:
+        backend = self._loaded()
+        check_length("context", request.context, 1, MAX_TEXT_CHARS)
+        check_count("options", request.options, 2, 16)
+        for i, option in enumerate(request.options):
+            check_length(f"options[{i}]", option, 1, 256)
+        logprobs = []
+        for option in request.options:
+            tokens = await backend.logprobs(option, request.context)
+            SCORED_TOKENS.labels("CompareOptions").inc(len(tokens))
+            logprobs.append(sum(t.logprob for t in tokens if t.logprob is not None))
+        peak = max(logprobs)
+        weights = [math.exp(lp - peak) for lp in logprobs]
+        return scorer_pb2.CompareOptionsResponse(
+            logprobs=logprobs, probabilities=[w / sum(weights) for w in weights], model=model_info(backend.description)
+        )
+
+    async def Vote(self, request: scorer_pb2.VoteRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.VoteResponse:
+        check_length("prompt", request.prompt, 0, MAX_TEXT_CHARS)
+        check_count("paths", request.paths, 1, 1024)
+        for i, path in enumerate(request.paths):
+            check_length(f"paths[{i}].text", path.text, 1, MAX_TEXT_CHARS)
+        check_length("answer_pattern", request.answer_pattern, 0, 512)
+        pattern = compile_pattern(request.answer_pattern or DEFAULT_ANSWER_PATTERN)
+        answers = [extract_answer(path.text, pattern) for path in request.paths]
+        weights = [1.0] * len(answers)
+        if request.method == scorer_pb2.VOTE_METHOD_LENGTH_NORMALIZED_PROBABILITY:
+            backend = self._loaded()
+            for i, path in enumerate(request.paths):
+                if answers[i]:
+                    tokens = [t.logprob for t in await backend.logprobs(path.text, request.prompt) if t.logprob is not None]
+                    SCORED_TOKENS.labels("Vote").inc(len(tokens))
+                    weights[i] = math.exp(sum(tokens) / len(tokens)) if tokens else 0.0
+        result = vote(answers, weights)
+        return scorer_pb2.VoteResponse(
+            winner=result.winner,
+            confidence=result.confidence,
+            votes=[scorer_pb2.PathVote(answer=a, agrees=bool(a) and a == result.winner, weight=w if a else 0.0) for a, w in zip(answers, weights)],
+            tallies=[scorer_pb2.AnswerTally(answer=t.answer, count=t.count, weight=t.weight) for t in result.tallies],
+        )
 
 
 async def _scored(scorer: TokenScorer, sequences: list[ScoringSequence], method: str, alternatives: tuple[int, ...] = ()) -> SequenceScores:

@@ -226,6 +226,7 @@ class ConstitutionalSpec(_message.Message):
     JUDGED_PAIRS_FIELD_NUMBER: _builtins.int
     CHAIN_OF_THOUGHT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    MAX_PROMPTS_FIELD_NUMBER: _builtins.int
     prompts_path: _builtins.str
     """Prompts in JSONL with a "prompt" field. Required."""
     rounds: _builtins.int
@@ -236,6 +237,10 @@ class ConstitutionalSpec(_message.Message):
     """
     chain_of_thought: _builtins.bool
     """Use chain of thought in the judge (labels clamped to [0.4, 0.6])."""
+    max_prompts: _builtins.int
+    """Use only the first this many prompts of the file. Default 0: all.
+    Bounds [0, 100,000].
+    """
     @_builtins.property
     def constitution(self) -> _critic_pb2.ConstitutionRef:
         """Which constitution. Default: the newest "autodidact-default"."""
@@ -253,10 +258,11 @@ class ConstitutionalSpec(_message.Message):
         judged_pairs: _builtins.bool = ...,
         chain_of_thought: _builtins.bool = ...,
         sampling: _common_pb2.SamplingParams | None = ...,
+        max_prompts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["constitution", b"constitution", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_of_thought", b"chain_of_thought", "constitution", b"constitution", "judged_pairs", b"judged_pairs", "prompts_path", b"prompts_path", "rounds", b"rounds", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_of_thought", b"chain_of_thought", "constitution", b"constitution", "judged_pairs", b"judged_pairs", "max_prompts", b"max_prompts", "prompts_path", b"prompts_path", "rounds", b"rounds", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -274,6 +280,7 @@ class SelfConsistencySpec(_message.Message):
     ANSWER_PATTERN_FIELD_NUMBER: _builtins.int
     MIN_CONFIDENCE_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    MAX_QUESTIONS_FIELD_NUMBER: _builtins.int
     questions_path: _builtins.str
     """Questions in JSONL or JSON (GSM8K's "question" or SVAMP's "Body" and
     "Question" fields). Required.
@@ -288,25 +295,34 @@ class SelfConsistencySpec(_message.Message):
     """Keep a question's paths only when the winner's share is at least this.
     Default 0 (the paper keeps every majority). Bounds [0, 1].
     """
+    max_questions: _builtins.int
+    """Use only the first this many questions of the file. Default 0: all.
+    Bounds [0, 100,000].
+    """
     @_builtins.property
     def sampling(self) -> _common_pb2.SamplingParams:
-        """Sampling. Default temperature 0.7, top_k 40."""
+        """Sampling. Default temperature 0.7, top_k 40, max_tokens 256, stop at
+        the next "Q:".
+        """
 
     def __init__(
         self,
         *,
         questions_path: _builtins.str = ...,
-        paths_per_question: _builtins.int = ...,
+        paths_per_question: _builtins.int | None = ...,
         vote_method: _scorer_pb2.VoteMethod.ValueType = ...,
         answer_pattern: _builtins.str = ...,
         min_confidence: _builtins.float = ...,
         sampling: _common_pb2.SamplingParams | None = ...,
+        max_questions: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_paths_per_question", b"_paths_per_question", "paths_per_question", b"paths_per_question", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_pattern", b"answer_pattern", "min_confidence", b"min_confidence", "paths_per_question", b"paths_per_question", "questions_path", b"questions_path", "sampling", b"sampling", "vote_method", b"vote_method"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_paths_per_question", b"_paths_per_question", "answer_pattern", b"answer_pattern", "max_questions", b"max_questions", "min_confidence", b"min_confidence", "paths_per_question", b"paths_per_question", "questions_path", b"questions_path", "sampling", b"sampling", "vote_method", b"vote_method"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__paths_per_question: _TypeAlias = _typing.Literal["paths_per_question"]  # noqa: Y015
+    _WhichOneofArgType__paths_per_question: _TypeAlias = _typing.Literal["_paths_per_question", b"_paths_per_question"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__paths_per_question) -> _WhichOneofReturnType__paths_per_question | None: ...
 
 Global___SelfConsistencySpec: _TypeAlias = SelfConsistencySpec  # noqa: Y015
 

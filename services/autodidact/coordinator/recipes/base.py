@@ -25,7 +25,7 @@ import structlog
 from autodidact.coordinator.store import JobStore
 from autodidact.errors import DeadlineExceeded, Unavailable
 from autodidact.runtime.metrics import STAGE_DECISIONS
-from autodidact.v1 import dedup_pb2_grpc, generator_pb2_grpc, scorer_pb2_grpc, tool_executor_pb2_grpc
+from autodidact.v1 import critic_pb2_grpc, dedup_pb2_grpc, generator_pb2_grpc, scorer_pb2_grpc, tool_executor_pb2_grpc
 
 log = structlog.get_logger("autodidact.recipes")
 T = TypeVar("T")
@@ -79,6 +79,7 @@ class Services:
     dedup: dedup_pb2_grpc.DedupServiceStub
     scorer: scorer_pb2_grpc.ScorerServiceStub
     tool_executor: tool_executor_pb2_grpc.ToolExecutorServiceStub
+    critic: critic_pb2_grpc.CriticServiceStub
     # How long to wait out a service that is down before failing the job.
     patience_seconds: float = 600.0
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from autodidact.coordinator.recipes import self_instruct, toolformer
+from autodidact.coordinator.recipes import constitutional, self_consistency, self_instruct, toolformer
 from autodidact.coordinator.recipes.base import JobContext
 
 
@@ -44,6 +44,22 @@ RECIPES = {
         stages=toolformer.STAGES,
         belongs=toolformer.belongs,
         tables=toolformer.tables,
+        target=lambda spec: None,
+    ),
+    "self_consistency": RecipeKind(
+        resolve=self_consistency.resolve_params,
+        run=lambda ctx, params, in_flight: self_consistency.SelfConsistencyRecipe(ctx, params, in_flight).run(),
+        stages=self_consistency.STAGES,
+        belongs=self_consistency.belongs,
+        tables=self_consistency.tables,
+        target=lambda spec: None,
+    ),
+    "constitutional": RecipeKind(
+        resolve=constitutional.resolve_params,
+        run=lambda ctx, params, in_flight: constitutional.ConstitutionalRecipe(ctx, params, in_flight).run(),
+        stages=constitutional.STAGES,
+        belongs=constitutional.belongs,
+        tables=constitutional.tables,
         target=lambda spec: None,
     ),
 }

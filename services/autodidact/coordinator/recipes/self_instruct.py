@@ -39,7 +39,7 @@ import pyarrow as pa
 from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_rng, derive_seed
 from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NAMESPACE_PATTERN
 from autodidact.errors import InvalidArgument
-from autodidact.generator.requests import parse_sampling
+from autodidact.generator.requests import sampling_with_defaults
 from autodidact.v1 import common_pb2, coordinator_pb2, dedup_pb2, generator_pb2
 from autodidact.validation import check_range
 
@@ -52,8 +52,6 @@ LIST_ITEM_SPLIT = re.compile(r"\n\d+\s?\. ")
 GENERATION_TIMEOUT_SECONDS = 900.0
 MAX_INSTANCES = 5
 MAX_DEDUP_BATCH = 4096
-# Any sampling bound above this is left to the generator, which knows its model's context.
-SAMPLING_TOKEN_BOUND = 32_768
 
 
 @dataclass(frozen=True)
@@ -100,19 +98,6 @@ class SelfInstructParams:
     max_rounds: int
 
 
-def _sampling_with_defaults(given: common_pb2.SamplingParams, defaults: common_pb2.SamplingParams, field: str) -> common_pb2.SamplingParams:
-    merged = common_pb2.SamplingParams()
-    merged.CopyFrom(defaults)
-    for descriptor, value in given.ListFields():
-        if descriptor.name == "stop":
-            del merged.stop[:]
-            merged.stop.extend(value)
-        else:
-            setattr(merged, descriptor.name, value)
-    parse_sampling(merged, SAMPLING_TOKEN_BOUND, field)  # validates; raises InvalidArgument naming the field
-    return merged
-
-
 def resolve_params(spec: coordinator_pb2.SelfInstructSpec, job_id: str, field: str = "spec.self_instruct") -> SelfInstructParams:
     """The spec with every default filled in, validated."""
     if not spec.seed_tasks_path:
@@ -141,12 +126,12 @@ def resolve_params(spec: coordinator_pb2.SelfInstructSpec, job_id: str, field: s
         machine_per_prompt=machine,
         threshold=threshold,
         namespace=namespace,
-        instruction_sampling=_sampling_with_defaults(
+        instruction_sampling=sampling_with_defaults(
             spec.instruction_sampling,
             common_pb2.SamplingParams(temperature=0.7, top_p=0.5, presence_penalty=2.0, max_tokens=1024, stop=["\n\n", "\n16", "16.", "16 ."]),
             f"{field}.instruction_sampling",
         ),
-        instance_sampling=_sampling_with_defaults(
+        instance_sampling=sampling_with_defaults(
             spec.instance_sampling,
             common_pb2.SamplingParams(temperature=0.0, presence_penalty=1.5, max_tokens=256, stop=["\n\nTask:"]),
             f"{field}.instance_sampling",

@@ -1,0 +1,1 @@
+"""The critic service: critique→revision rounds and AI preference labels against constitutions."""
