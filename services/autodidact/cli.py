@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         names = list(IMPLEMENTED)
     try:
         asyncio.run(_serve(names, args))
-    except ValueError as exc:  # an unimplemented service, a bad option
+    except ValueError as exc:  # a bad option, a bad constitution file
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -129,6 +129,14 @@ async def run_in_process(spec: coordinator_pb2.JobSpec, job_id: str, data_dir: P
     from autodidact.critic.service import CriticSettings
     from autodidact.tool_executor.service import ToolExecutorSettings
 
+    from autodidact.coordinator.jobs import validate_spec
+    from autodidact.errors import InvalidArgument
+
+    try:  # refused here, before any model loads, exactly as the coordinator would refuse it
+        validate_spec(spec, job_id)
+    except InvalidArgument as exc:
+        print(f"error: job refused: INVALID_ARGUMENT: {exc}", file=sys.stderr)
+        return 2
     hosts: dict[str, ServiceHost] = {}
     try:
         # An unknown recipe starts no services; the coordinator then refuses it by name.
@@ -142,6 +150,10 @@ async def run_in_process(spec: coordinator_pb2.JobSpec, job_id: str, data_dir: P
             )
             hosts[name] = ServiceHost([build_component(name, options)], ServerSettings(grace_seconds=5))
             await hosts[name].start()
+        # Models load before the job starts: llama.cpp silences the process's stderr while it
+        # loads one, which would swallow progress lines printed meanwhile.
+        for host in hosts.values():
+            await host.wait_ready()
         targets = {f"{n.replace('-', '_')}_target": f"127.0.0.1:{host.port}" for n, host in hosts.items()}
         options = replace(options, coordinator=CoordinatorSettings(data_dir=data_dir / "coordinator", **targets))
         hosts["coordinator"] = ServiceHost([build_component("coordinator", options)], ServerSettings(grace_seconds=5))

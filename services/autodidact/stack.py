@@ -153,5 +153,5 @@ IMPLEMENTED = tuple(BUILDERS)
 def build_component(name: str, options: StackOptions) -> Component:
     if name not in BUILDERS:
         known = ", ".join(IMPLEMENTED)
-        raise ValueError(f"service {name!r} is not implemented yet; implemented: {known}")
+        raise ValueError(f"no service named {name!r}; services: {known}")
     return BUILDERS[name](options)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SEED_TASKS
+from tests.conftest import SEED_TASKS, SHARED_DATA
+
+SVAMP = SHARED_DATA / "svamp.json"
 
 AUTODIDACT = str(Path(sys.executable).parent / "autodidact")
 
@@ -26,6 +28,11 @@ def run(recipe: Path) -> subprocess.CompletedProcess[str]:
         (f"self_instruct:\n  seed_tasks_path: {SEED_TASKS}\n  target_instructions: 3\n  similarity_threshold: 1.5\n",
          "spec.self_instruct.similarity_threshold: must be between 0 and 1, got 1.5"),
         ("- just\n- a list\n", "expected a mapping of JobSpec fields"),
+        (f"self_consistency:\n  questions_path: {SVAMP}\n  paths_per_question: 0\n",
+         "spec.self_consistency.paths_per_question: must be between 1 and 256, got 0"),
+        (f"self_consistency:\n  questions_path: {SVAMP}\n  paths_per_question: 1000000\n",
+         "spec.self_consistency.paths_per_question: must be between 1 and 256, got 1,000,000"),
+        ("toolformer:\n  documents_path: missing.jsonl\n  tools: [Calculator]\n", "spec.toolformer.documents_path: file not found"),
     ],
 )
 def test_bad_recipe_files_are_refused_with_the_field(tmp_path, body, message):

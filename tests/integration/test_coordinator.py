@@ -107,7 +107,7 @@ async def test_submitting_again_is_idempotent_and_another_spec_under_the_id_is_r
     ("spec", "message"),
     [
         (coordinator_pb2.JobSpec(), "spec.recipe: is required"),
-        (coordinator_pb2.JobSpec(constitutional=coordinator_pb2.ConstitutionalSpec()), "spec.constitutional: recipe not implemented yet"),
+        (coordinator_pb2.JobSpec(constitutional=coordinator_pb2.ConstitutionalSpec()), "spec.constitutional.prompts_path: is required"),
         (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path="/no/such.jsonl", target_instructions=3)),
          "spec.self_instruct.seed_tasks_path: file not found: /no/such.jsonl"),
         (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS))),

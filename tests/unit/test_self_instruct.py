@@ -107,7 +107,7 @@ def test_zero_machine_instructions_can_be_asked_for():
     ("job_spec", "field", "rule"),
     [
         (coordinator_pb2.JobSpec(), "spec.recipe", "is required"),
-        (coordinator_pb2.JobSpec(constitutional=coordinator_pb2.ConstitutionalSpec()), "spec.constitutional", "not implemented yet"),
+        (coordinator_pb2.JobSpec(constitutional=coordinator_pb2.ConstitutionalSpec()), "spec.constitutional.prompts_path", "is required"),
         (coordinator_pb2.JobSpec(toolformer=coordinator_pb2.ToolformerSpec()), "spec.toolformer.documents_path", "is required"),
         (spec(seed_tasks_path="/nonexistent/seeds.jsonl"), "spec.self_instruct.seed_tasks_path", "file not found"),
         (spec(seed_tasks_path=""), "spec.self_instruct.seed_tasks_path", "is required"),

@@ -217,7 +217,11 @@ def scorer_component(load_backend: Callable[[], Awaitable[LLM]]) -> Component:
     servicer = ScorerServicer()
 
     async def load() -> None:
-        servicer.backend = await load_backend()
+        backend = await load_backend()
+        # The first score creates the backend's scoring context (llama.cpp keeps logits for every
+        # position there); doing it now keeps that cost and its silenced stderr out of the first request.
+        await backend.logprobs("ready", "")
+        servicer.backend = backend
 
     async def close() -> None:
         if servicer.backend is not None:
