@@ -16,7 +16,7 @@ from autodidact.runtime.channels import create_channel
 from autodidact.runtime.server import Component
 from autodidact.generator.requests import sampling_with_defaults
 from autodidact.v1 import common_pb2, critic_pb2, critic_pb2_grpc, generator_pb2, generator_pb2_grpc, scorer_pb2, scorer_pb2_grpc
-from autodidact.validation import check_count, check_length, check_range
+from autodidact.validation import check_length, check_range
 
 SERVICE_NAME = critic_pb2.DESCRIPTOR.services_by_name["CriticService"].full_name
 MAX_TEXT_CHARS = 65_536

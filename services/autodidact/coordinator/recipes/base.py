@@ -84,6 +84,15 @@ class Services:
     patience_seconds: float = 600.0
 
 
+def ready(result: StageResult) -> Callable[[], Awaitable[StageResult]]:
+    """A stage whose result is already known (a pure decision), for ctx.stage."""
+
+    async def compute() -> StageResult:
+        return result
+
+    return compute
+
+
 class JobContext:
     def __init__(self, job_id: str, seed: int, store: JobStore, services: Services, max_in_flight: int, on_change: Callable[[], None]) -> None:
         self.job_id = job_id
@@ -103,6 +112,18 @@ class JobContext:
             result = await compute()
         self.record(item_id, stage, result)
         return result
+
+    async def each_item(self, count: int, work: Callable[[int], Awaitable[bool]]) -> list[bool]:
+        """Runs work(index) for `count` dataset items, at most max_in_flight at
+        once, after storing the job's plan (its dataset size, for progress)."""
+        await self.stage("_job", "plan", ready(StageResult({"dataset_items": count})))
+        slots = asyncio.Semaphore(self._max_in_flight)
+
+        async def bounded(index: int) -> bool:
+            async with slots:
+                return await work(index)
+
+        return list(await asyncio.gather(*(bounded(i) for i in range(count))))
 
     def record(self, item_id: str, stage: str, result: StageResult) -> None:
         """Stores a result computed outside `stage` (several items decided by one call)."""

@@ -14,7 +14,6 @@ Item ids: "p00012" for a prompt. Seeds come from (job seed, prompt).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,20 +77,12 @@ def resolve_params(spec: coordinator_pb2.ConstitutionalSpec, job_id: str, field:
 
 
 class ConstitutionalRecipe:
-    def __init__(self, ctx: JobContext, params: ConstitutionalParams, in_flight: int) -> None:
+    def __init__(self, ctx: JobContext, params: ConstitutionalParams) -> None:
         self.ctx = ctx
         self.params = params
-        self.in_flight = in_flight
 
     async def run(self) -> dict[str, Any]:
-        await self.ctx.stage("_job", "plan", _ready(StageResult({"dataset_items": len(self.params.prompts)})))
-        slots = asyncio.Semaphore(self.in_flight)
-
-        async def one(index: int) -> bool:
-            async with slots:
-                return await self._prompt(index)
-
-        kept = await asyncio.gather(*(one(i) for i in range(len(self.params.prompts))))
+        kept = await self.ctx.each_item(len(self.params.prompts), self._prompt)
         return {"prompts": len(kept), "kept": sum(kept)}
 
     async def _prompt(self, index: int) -> bool:
@@ -138,12 +129,6 @@ class ConstitutionalRecipe:
             Decision(True, score=response.probability_a, reason=f"P(revision better) = {response.probability_a:.3f} ({response.principle})", seed=seed),
         )
 
-
-def _ready(result: StageResult):  # noqa: ANN202
-    async def compute() -> StageResult:
-        return result
-
-    return compute
 
 
 # --- how the coordinator presents this recipe's results ---

@@ -40,7 +40,7 @@ RECIPES = {
     ),
     "toolformer": RecipeKind(
         resolve=toolformer.resolve_params,
-        run=lambda ctx, params, in_flight: toolformer.ToolformerRecipe(ctx, params, in_flight).run(),
+        run=lambda ctx, params, in_flight: toolformer.ToolformerRecipe(ctx, params).run(),
         stages=toolformer.STAGES,
         belongs=toolformer.belongs,
         tables=toolformer.tables,
@@ -48,7 +48,7 @@ RECIPES = {
     ),
     "self_consistency": RecipeKind(
         resolve=self_consistency.resolve_params,
-        run=lambda ctx, params, in_flight: self_consistency.SelfConsistencyRecipe(ctx, params, in_flight).run(),
+        run=lambda ctx, params, in_flight: self_consistency.SelfConsistencyRecipe(ctx, params).run(),
         stages=self_consistency.STAGES,
         belongs=self_consistency.belongs,
         tables=self_consistency.tables,
@@ -56,7 +56,7 @@ RECIPES = {
     ),
     "constitutional": RecipeKind(
         resolve=constitutional.resolve_params,
-        run=lambda ctx, params, in_flight: constitutional.ConstitutionalRecipe(ctx, params, in_flight).run(),
+        run=lambda ctx, params, in_flight: constitutional.ConstitutionalRecipe(ctx, params).run(),
         stages=constitutional.STAGES,
         belongs=constitutional.belongs,
         tables=constitutional.tables,

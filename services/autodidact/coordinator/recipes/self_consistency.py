@@ -123,22 +123,12 @@ def resolve_params(spec: coordinator_pb2.SelfConsistencySpec, job_id: str, field
 
 
 class SelfConsistencyRecipe:
-    def __init__(self, ctx: JobContext, params: SelfConsistencyParams, in_flight: int) -> None:
+    def __init__(self, ctx: JobContext, params: SelfConsistencyParams) -> None:
         self.ctx = ctx
         self.params = params
-        self.in_flight = in_flight
 
     async def run(self) -> dict[str, Any]:
-        import asyncio
-
-        await self.ctx.stage("_job", "plan", _ready(StageResult({"dataset_items": len(self.params.questions)})))
-        slots = asyncio.Semaphore(self.in_flight)
-
-        async def one(index: int) -> bool:
-            async with slots:
-                return await self._question(index)
-
-        kept = await asyncio.gather(*(one(i) for i in range(len(self.params.questions))))
+        kept = await self.ctx.each_item(len(self.params.questions), self._question)
         return {"questions": len(kept), "kept": sum(kept)}
 
     async def _question(self, index: int) -> bool:
@@ -192,12 +182,6 @@ class SelfConsistencyRecipe:
                      reason=", ".join(f"{t.answer}×{t.count}" for t in response.tallies[:5]) or "no answers"),
         )
 
-
-def _ready(result: StageResult):  # noqa: ANN202
-    async def compute() -> StageResult:
-        return result
-
-    return compute
 
 
 # --- how the coordinator presents this recipe's results ---

@@ -36,7 +36,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_rng, derive_seed
+from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_rng, derive_seed, ready
 from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NAMESPACE_PATTERN
 from autodidact.errors import InvalidArgument
 from autodidact.generator.requests import sampling_with_defaults
@@ -306,7 +306,7 @@ class SelfInstructRecipe:
             assert origin is not None
             # The candidate's lineage names the sample it came from.
             decision = replace(decision, model=origin.model, template_version=origin.template_version, seed=origin.seed)
-            result = await self.ctx.stage(candidate, "heuristics", _ready(StageResult({"instruction": instruction}, decision)))
+            result = await self.ctx.stage(candidate, "heuristics", ready(StageResult({"instruction": instruction}, decision)))
             if result.decision and result.decision.kept:
                 survivors.append((candidate, instruction))
         if round_ > 0:
@@ -430,12 +430,6 @@ def _readable_id(dedup_id: str, job_id: str) -> str:
         return f"seed task {dedup_id.rsplit('/', 1)[1]}"
     return dedup_id.removeprefix(f"{job_id}/")
 
-
-def _ready(result: StageResult):  # noqa: ANN202
-    async def compute() -> StageResult:
-        return result
-
-    return compute
 
 
 # --- how the coordinator presents this recipe's results ---

@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed
+from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed, ready
 from autodidact.coordinator.recipes.formats import gsm8k_document
 from autodidact.errors import InvalidArgument
 from autodidact.tool_executor.tools import TOOLS
@@ -195,10 +195,9 @@ def splice(text: str, calls: list[tuple[int, str]]) -> str:
 
 
 class ToolformerRecipe:
-    def __init__(self, ctx: JobContext, params: ToolformerParams, in_flight: int) -> None:
+    def __init__(self, ctx: JobContext, params: ToolformerParams) -> None:
         self.ctx = ctx
         self.params = params
-        self.in_flight = in_flight
         self._specs: dict[str, tool_executor_pb2.ToolSpec] = {}
         self._collection = "j" + hashlib.blake2b(ctx.job_id.encode(), digest_size=8).hexdigest()
         self._reference_date = params.reference_date
@@ -215,14 +214,7 @@ class ToolformerRecipe:
             self._reference_date = stored.data["date"]
         if self.params.collection_documents:
             await self.ctx.stage("_job", "search_collection", self._index_collection)
-        await self.ctx.stage("_job", "plan", _ready(StageResult({"dataset_items": len(self.params.documents)})))
-        slots = asyncio.Semaphore(self.in_flight)
-
-        async def one(index: int) -> bool:
-            async with slots:
-                return await self._document(index)
-
-        kept = await asyncio.gather(*(one(i) for i in range(len(self.params.documents))))
+        kept = await self.ctx.each_item(len(self.params.documents), self._document)
         return {"documents": len(kept), "augmented": sum(kept)}
 
     async def _today(self) -> StageResult:
@@ -269,7 +261,7 @@ class ToolformerRecipe:
         name = tool.tool
         if name == "Calculator":
             arithmetic = looks_arithmetic(document.text)
-            pre = await self.ctx.stage(f"{item}/{name}", "prefilter", _ready(StageResult(
+            pre = await self.ctx.stage(f"{item}/{name}", "prefilter", ready(StageResult(
                 {"tool": name}, Decision(arithmetic, "" if arithmetic else "no_arithmetic", reason="" if arithmetic else "no stated result and no a∘b=c among its numbers"),
             )))
             if pre.decision and not pre.decision.kept:
@@ -400,12 +392,6 @@ class ToolformerRecipe:
                 })
         return kept
 
-
-def _ready(result: StageResult):  # noqa: ANN202
-    async def compute() -> StageResult:
-        return result
-
-    return compute
 
 
 # --- how the coordinator presents this recipe's results ---
