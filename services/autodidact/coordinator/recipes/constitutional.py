@@ -14,7 +14,6 @@ Item ids: "p00012" for a prompt. Seeds come from (job seed, prompt).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed
+from autodidact.coordinator.recipes.formats import check_item_count, json_lines, read_input
 from autodidact.errors import InvalidArgument
 from autodidact.generator.requests import sampling_with_defaults
 from autodidact.v1 import common_pb2, coordinator_pb2, critic_pb2
@@ -43,25 +43,16 @@ class ConstitutionalParams:
 
 
 def load_prompts(path: Path, field: str, limit: int = 0) -> list[str]:
-    if not path.is_file():
-        raise InvalidArgument(field, f"file not found: {path}")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, raw in json_lines(read_input(path, field), field, limit):
         try:
-            prompt = json.loads(line)["prompt"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            prompt = raw["prompt"]
+        except (KeyError, TypeError) as exc:
             raise InvalidArgument(field, f"line {number} is not a JSON object with a \"prompt\" field ({exc})") from None
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidArgument(field, f"line {number}: \"prompt\" must be a non-empty string")
         prompts.append(prompt.strip())
-        if limit and len(prompts) == limit:
-            break
-    if not prompts:
-        raise InvalidArgument(field, f"{path} holds no prompts")
-    if len(prompts) > MAX_PROMPTS:
-        raise InvalidArgument(field, f"{path} holds {len(prompts):,} prompts; at most {MAX_PROMPTS:,} per job")
+    check_item_count(field, path, prompts, "prompts", MAX_PROMPTS)
     return prompts
 
 

@@ -1,9 +1,14 @@
-"""Public data formats recipes read besides their own ("text", "prompt" lines)."""
+"""The input files recipes read: JSON lines, and public data formats."""
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Sized
+from pathlib import Path
 from typing import Any
+
+from autodidact.errors import InvalidArgument
 
 GSM8K_ANNOTATION = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
 
@@ -24,3 +29,31 @@ def gsm8k_document(question: str, answer: str) -> tuple[str, list[dict[str, Any]
     if final.strip():
         text += f"\nThe answer is {final.strip()}."
     return text, annotations
+
+
+def read_input(path: Path, field: str) -> str:
+    if not path.is_file():
+        raise InvalidArgument(field, f"file not found: {path}")
+    return path.read_text(encoding="utf-8")
+
+
+def json_lines(text: str, field: str, limit: int = 0) -> list[tuple[int, Any]]:
+    """(line number, parsed value) of the non-empty lines, the first `limit` of them (0: all)."""
+    records: list[tuple[int, Any]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if limit and len(records) == limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(field, f"line {number} is not JSON ({exc})") from None
+    return records
+
+
+def check_item_count(field: str, path: Path, items: Sized, noun: str, maximum: int | None = None) -> None:
+    if not len(items):
+        raise InvalidArgument(field, f"{path} holds no {noun}")
+    if maximum is not None and len(items) > maximum:
+        raise InvalidArgument(field, f"{path} holds {len(items):,} {noun}; at most {maximum:,} per job")

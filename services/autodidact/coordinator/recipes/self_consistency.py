@@ -20,8 +20,9 @@ from typing import Any
 import pyarrow as pa
 
 from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed
-from autodidact.generator.requests import sampling_with_defaults
+from autodidact.coordinator.recipes.formats import check_item_count, json_lines, read_input
 from autodidact.errors import InvalidArgument
+from autodidact.generator.requests import sampling_with_defaults
 from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2, scorer_pb2
 from autodidact.validation import check_range
@@ -74,15 +75,16 @@ class SelfConsistencyParams:
 def load_questions(path: Path, field: str, limit: int = 0) -> list[Question]:
     """GSM8K JSONL ("question", "answer" ending "#### N"), SVAMP JSON ("Body",
     "Question", "Answer"), or JSONL with a "question" field."""
-    if not path.is_file():
-        raise InvalidArgument(field, f"file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(field, f"{path} is neither a JSON list nor JSONL: {exc}") from None
+    text = read_input(path, field)
+    if text.lstrip().startswith("["):
+        try:
+            rows = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(field, f"{path} is not a valid JSON list: {exc}") from None
+    else:
+        rows = json_lines(text, field)
     questions = []
-    for number, row in enumerate(rows, 1):
+    for number, row in rows:
         if not isinstance(row, dict):
             raise InvalidArgument(field, f"item {number} is not an object")
         if "Body" in row and "Question" in row:  # SVAMP
@@ -98,10 +100,7 @@ def load_questions(path: Path, field: str, limit: int = 0) -> list[Question]:
         questions.append(Question(question, reference))
         if limit and len(questions) == limit:
             break
-    if not questions:
-        raise InvalidArgument(field, f"{path} holds no questions")
-    if len(questions) > MAX_QUESTIONS:
-        raise InvalidArgument(field, f"{path} holds {len(questions):,} questions; at most {MAX_QUESTIONS:,} per job")
+    check_item_count(field, path, questions, "questions", MAX_QUESTIONS)
     return questions
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
 import string
 from collections import Counter
@@ -37,6 +36,7 @@ from typing import Any
 import pyarrow as pa
 
 from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_rng, derive_seed, ready
+from autodidact.coordinator.recipes.formats import check_item_count, json_lines, read_input
 from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NAMESPACE_PATTERN
 from autodidact.errors import InvalidArgument
 from autodidact.generator.requests import sampling_with_defaults
@@ -63,14 +63,9 @@ class SeedTask:
 
 def load_seed_tasks(path: Path, field: str) -> list[SeedTask]:
     """Seed tasks in the original seed_tasks.jsonl format."""
-    if not path.is_file():
-        raise InvalidArgument(field, f"file not found: {path}")
     tasks = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, raw in json_lines(read_input(path, field), field):
         try:
-            raw = json.loads(line)
             tasks.append(
                 SeedTask(
                     instruction=str(raw["instruction"]).strip(),
@@ -80,8 +75,7 @@ def load_seed_tasks(path: Path, field: str) -> list[SeedTask]:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidArgument(field, f"line {number} of {path} is not a seed task (instruction, instances, is_classification): {exc}") from exc
-    if not tasks:
-        raise InvalidArgument(field, f"{path} holds no seed tasks")
+    check_item_count(field, path, tasks, "seed tasks")
     return tasks
 
 

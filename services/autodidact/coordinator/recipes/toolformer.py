@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed, ready
-from autodidact.coordinator.recipes.formats import gsm8k_document
+from autodidact.coordinator.recipes.formats import check_item_count, gsm8k_document, json_lines, read_input
 from autodidact.errors import InvalidArgument
 from autodidact.tool_executor.tools import TOOLS
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2, scorer_pb2, tool_executor_pb2
@@ -76,28 +75,18 @@ class ToolformerParams:
 
 def load_documents(path: Path, field: str, limit: int = 0) -> list[Document]:
     """Documents of a JSONL file: "text" lines, or GSM8K lines (question and annotated answer)."""
-    if not path.is_file():
-        raise InvalidArgument(field, f"file not found: {path}")
     documents = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if limit and len(documents) == limit:
-            break
+    for number, raw in json_lines(read_input(path, field), field, limit):
         try:
-            raw = json.loads(line)
             text = raw["text"] if "text" in raw else gsm8k_document(raw["question"], raw["answer"])[0]
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise InvalidArgument(field, f"line {number} is not a JSON object with a \"text\" field, nor a GSM8K line ({exc})") from None
         if not isinstance(text, str) or not text.strip():
             raise InvalidArgument(field, f"line {number}: \"text\" must be a non-empty string")
         if len(text) > MAX_DOCUMENT_CHARS:
             raise InvalidArgument(field, f"line {number}: text has {len(text):,} characters; at most {MAX_DOCUMENT_CHARS:,}")
         documents.append(Document(id=str(raw.get("id", number)), text=text, date=str(raw.get("date", ""))))
-    if not documents:
-        raise InvalidArgument(field, f"{path} holds no documents")
-    if len(documents) > MAX_DOCUMENTS:
-        raise InvalidArgument(field, f"{path} holds {len(documents):,} documents; at most {MAX_DOCUMENTS:,} per job")
+    check_item_count(field, path, documents, "documents", MAX_DOCUMENTS)
     return documents
 
 
