@@ -74,6 +74,32 @@ def dataset_files(directory: Path) -> dict[str, str]:
     return {name: (directory / name).read_text() for name in ("instances.jsonl", "sft_messages.jsonl", "lineage.jsonl")}
 
 
+async def finish_job(coordinator: Service, job_id: str, spec: coordinator_pb2.JobSpec, stage: str, victim: Service | None) -> None:
+    """Submits the job. With a victim, kills it (SIGKILL) once `stage` has
+    decided 2 items while the job still runs, and starts it again on the same
+    port and data folder. Returns when the job has succeeded."""
+    async with create_channel(coordinator.target, timeout_seconds=60) as channel:
+        await wait_until_serving(channel, timeout=120)
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=job_id, spec=spec))
+        if victim is not None:
+            while True:
+                job = (await stub.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id))).job
+                progress = {s.stage: s for s in job.stages}
+                if stage in progress and progress[stage].done >= 2:
+                    break
+                assert job.state == coordinator_pb2.JOB_STATE_RUNNING, "the job ended before the kill"
+                await asyncio.sleep(0.1)
+            victim.kill()
+            await asyncio.sleep(1.0)
+            victim.start()
+    async with create_channel(coordinator.target, timeout_seconds=60) as fresh:
+        await wait_until_serving(fresh, timeout=120)
+        watch = coordinator_pb2_grpc.CoordinatorServiceStub(fresh).WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), timeout=600)
+        job = [event.job async for event in watch][-1]
+    assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED, job.error
+
+
 async def run_job(generator: Service, workdir: Path, kill: str | None) -> dict[str, str]:
     """Runs the job with fresh dedup and coordinator processes; kills one of them once the job is under way."""
     dedup = Service("dedup", ["--data-dir", str(workdir)])
@@ -84,28 +110,9 @@ async def run_job(generator: Service, workdir: Path, kill: str | None) -> dict[s
     for service in services.values():
         service.start()
     try:
-        async with create_channel(coordinator.target, timeout_seconds=60) as channel:
-            await wait_until_serving(channel, timeout=120)
-            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-            spec = small_spec(str(workdir / "dataset"), target=4, seed=21)
-            await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=JOB, spec=spec))
-            if kill is not None:
-                # Under way: some candidates are through the diversity filter, the job is not done.
-                while True:
-                    job = (await stub.GetJob(coordinator_pb2.GetJobRequest(job_id=JOB))).job
-                    progress = {s.stage: s for s in job.stages}
-                    if "diversity" in progress and progress["diversity"].done >= 2:
-                        break
-                    assert job.state == coordinator_pb2.JOB_STATE_RUNNING, "the job ended before the kill"
-                    await asyncio.sleep(0.1)
-                services[kill].kill()
-                await asyncio.sleep(1.0)
-                services[kill].start()
-            async with create_channel(coordinator.target, timeout_seconds=60) as fresh:
-                await wait_until_serving(fresh, timeout=120)
-                watch = coordinator_pb2_grpc.CoordinatorServiceStub(fresh).WatchJob(coordinator_pb2.WatchJobRequest(job_id=JOB), timeout=600)
-                job = [event.job async for event in watch][-1]
-        assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED, job.error
+        # Under way: some candidates are through the diversity filter, the job is not done.
+        spec = small_spec(str(workdir / "dataset"), target=4, seed=21)
+        await finish_job(coordinator, JOB, spec, "diversity", services[kill] if kill else None)
         return dataset_files(workdir / "dataset")
     finally:
         for service in services.values():

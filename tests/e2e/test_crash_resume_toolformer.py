@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from autodidact.client import wait_until_serving
-from autodidact.runtime.channels import create_channel
-from autodidact.v1 import coordinator_pb2, coordinator_pb2_grpc
+from autodidact.v1 import coordinator_pb2
 from tests.conftest import SHARED_DATA
-from tests.e2e.test_crash_resume import Service
+from tests.e2e.test_crash_resume import Service, finish_job
 
 pytestmark = pytest.mark.slow
 JOB = "crash-toolformer"
@@ -55,26 +53,7 @@ async def run_job(neighbours: dict[str, Service], workdir: Path, kill: bool) -> 
     coordinator = Service("coordinator", ["--data-dir", str(workdir), *targets])
     coordinator.start()
     try:
-        async with create_channel(coordinator.target, timeout_seconds=60) as channel:
-            await wait_until_serving(channel, timeout=120)
-            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-            await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=JOB, spec=spec(workdir / "dataset")))
-            if kill:
-                while True:  # under way: calls sampled and executed, the job not done
-                    job = (await stub.GetJob(coordinator_pb2.GetJobRequest(job_id=JOB))).job
-                    progress = {s.stage: s for s in job.stages}
-                    if "execute" in progress and progress["execute"].done >= 2:
-                        break
-                    assert job.state == coordinator_pb2.JOB_STATE_RUNNING, "the job ended before the kill"
-                    await asyncio.sleep(0.1)
-                coordinator.kill()
-                await asyncio.sleep(1.0)
-                coordinator.start()
-        async with create_channel(coordinator.target, timeout_seconds=60) as fresh:
-            await wait_until_serving(fresh, timeout=120)
-            watch = coordinator_pb2_grpc.CoordinatorServiceStub(fresh).WatchJob(coordinator_pb2.WatchJobRequest(job_id=JOB), timeout=600)
-            job = [event.job async for event in watch][-1]
-        assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED, job.error
+        await finish_job(coordinator, JOB, spec(workdir / "dataset"), "execute", coordinator if kill else None)
         return {name: (workdir / "dataset" / name).read_text() for name in FILES}
     finally:
         coordinator.stop()
