@@ -121,6 +121,13 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         seen: set[str] = set()
         candidates = []
         separator = PREFIX_SEPARATOR if placement == "prefix" else ""
+        call_tokens: dict[str, tuple[int, ...]] = {}  # sampled calls repeat: tokenize each text once
+
+        async def tokens_of(call: str) -> tuple[int, ...]:
+            if call not in call_tokens:
+                call_tokens[call] = tuple((await scorer.tokenize_with_offsets(call + separator))[0])
+            return call_tokens[call]
+
         for i, call in enumerate(request.candidates):
             field = f"candidates[{i}]"
             check_length(f"{field}.id", call.id, 1, 256)
@@ -134,9 +141,8 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
                     f"{field}.char_offset",
                     f"{call.char_offset} is not the start of a document token after the first (use MarkerPosition.char_offset)",
                 )
-            without, _ = await scorer.tokenize_with_offsets(call.call_without_result + separator)
-            with_result, _ = await scorer.tokenize_with_offsets(call.call_with_result + separator)
-            candidates.append(Candidate(call.id, position_of[call.char_offset], tuple(without), tuple(with_result)))
+            without, with_result = await tokens_of(call.call_without_result), await tokens_of(call.call_with_result)
+            candidates.append(Candidate(call.id, position_of[call.char_offset], without, with_result))
 
         async def score(sequences: list[ScoringSequence]) -> SequenceScores:
             return await _scored(scorer, sequences, "FilterToolCalls")
