@@ -20,7 +20,7 @@ from google.protobuf import json_format
 
 from autodidact.coordinator import export
 from autodidact.coordinator.records import Record, job_records
-from autodidact.coordinator.recipes.base import JobContext, Services
+from autodidact.coordinator.recipes.base import PLAN_ITEM, PLAN_STAGE, JobContext, Services
 from autodidact.coordinator.recipes.registry import RECIPES, RecipeKind
 from autodidact.coordinator.store import JobRow, JobStore
 from autodidact.errors import AlreadyExists, AutodidactError, FailedPrecondition, InvalidArgument, NotFound
@@ -39,8 +39,6 @@ PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
 )
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 SUMMARY_ITEM, SUMMARY_STAGE = "_job", "summary"
-# A recipe that learns its dataset size only when it runs stores {"dataset_items": n} here.
-PLAN_ITEM, PLAN_STAGE = "_job", "plan"
 
 
 def check_job_id(field: str, job_id: str) -> None:

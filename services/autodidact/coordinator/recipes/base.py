@@ -84,6 +84,11 @@ class Services:
     patience_seconds: float = 600.0
 
 
+# Where JobContext.each_item stores the job's plan ({"dataset_items": n}); the
+# job manager reads it for the "x of y" of progress.
+PLAN_ITEM, PLAN_STAGE = "_job", "plan"
+
+
 def ready(result: StageResult) -> Callable[[], Awaitable[StageResult]]:
     """A stage whose result is already known (a pure decision), for ctx.stage."""
 
@@ -116,7 +121,7 @@ class JobContext:
     async def each_item(self, count: int, work: Callable[[int], Awaitable[bool]]) -> list[bool]:
         """Runs work(index) for `count` dataset items, at most max_in_flight at
         once, after storing the job's plan (its dataset size, for progress)."""
-        await self.stage("_job", "plan", ready(StageResult({"dataset_items": count})))
+        await self.stage(PLAN_ITEM, PLAN_STAGE, ready(StageResult({"dataset_items": count})))
         slots = asyncio.Semaphore(self._max_in_flight)
 
         async def bounded(index: int) -> bool:
