@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -19,9 +18,11 @@ from autodidact.runtime.settings import ServerSettings
 from autodidact.stack import StackOptions, build_component
 from autodidact.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
-# Public data beside the repository (CI has it at the same place); never copied in.
-SHARED_DATA = Path(os.environ.get("AUTODIDACT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-SEED_TASKS = SHARED_DATA / "self_instruct_seed_tasks.jsonl"
+# Small public data sets in the repository (examples/data/README.md: sources, licences).
+EXAMPLE_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+SEED_TASKS = EXAMPLE_DATA / "self_instruct_seed_tasks.jsonl"
+GSM8K = EXAMPLE_DATA / "gsm8k_train_300.jsonl"
+SVAMP = EXAMPLE_DATA / "svamp_300.json"
 
 # Two threads: the machines this runs on have two cores.
 MODEL = LlamaCppSettings(context_length=2048, threads=2)

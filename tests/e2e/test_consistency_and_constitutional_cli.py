@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import SVAMP
 
 AUTODIDACT = str(Path(sys.executable).parent / "autodidact")
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def rows(path: Path) -> list[dict]:
 
 def test_self_consistency_on_svamp_writes_agreeing_paths_in_the_four_lmsi_formats(tmp_path):
     out = run(tmp_path, (
-        f"self_consistency:\n  questions_path: {SHARED_DATA / 'svamp.json'}\n  max_questions: 3\n  paths_per_question: 4\n"
+        f"self_consistency:\n  questions_path: {SVAMP}\n  max_questions: 3\n  paths_per_question: 4\n"
         "  sampling: {maxTokens: 64}\nseed: 5\n"
     ))
     paths, lmsi, lineage = rows(out / "paths.jsonl"), rows(out / "lmsi.jsonl"), rows(out / "lineage.jsonl")

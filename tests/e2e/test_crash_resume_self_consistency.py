@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from autodidact.v1 import coordinator_pb2
-from tests.conftest import SHARED_DATA
+from tests.conftest import SVAMP
 from tests.e2e.test_crash_resume import Service, finish_job
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def models() -> Iterator[tuple[Service, Service]]:
 
 def spec(output_dir: Path) -> coordinator_pb2.JobSpec:
     job = coordinator_pb2.JobSpec(seed=9, max_in_flight=2, output_dir=str(output_dir))
-    job.self_consistency.questions_path = str(SHARED_DATA / "svamp.json")
+    job.self_consistency.questions_path = str(SVAMP)
     job.self_consistency.max_questions = 6
     job.self_consistency.paths_per_question = 4
     job.self_consistency.sampling.max_tokens = 48

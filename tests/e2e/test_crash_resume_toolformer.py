@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from autodidact.v1 import coordinator_pb2
-from tests.conftest import SHARED_DATA
+from tests.conftest import GSM8K
 from tests.e2e.test_crash_resume import Service, finish_job
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def neighbours(tmp_path_factory) -> Iterator[dict[str, Service]]:
 
 def spec(output_dir: Path) -> coordinator_pb2.JobSpec:
     job = coordinator_pb2.JobSpec(seed=4, max_in_flight=2, output_dir=str(output_dir))
-    job.toolformer.documents_path = str(SHARED_DATA / "gsm8k_train_1000.jsonl")
+    job.toolformer.documents_path = str(GSM8K)
     job.toolformer.max_documents = 3
     job.toolformer.tools.append("Calculator")
     job.toolformer.positions_per_document = 4

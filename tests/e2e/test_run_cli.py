@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SEED_TASKS, SHARED_DATA
+from tests.conftest import SVAMP, SEED_TASKS
 
-SVAMP = SHARED_DATA / "svamp.json"
 
 AUTODIDACT = str(Path(sys.executable).parent / "autodidact")
 

@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from autodidact.coordinator.recipes.formats import gsm8k_document
-from tests.conftest import SHARED_DATA
+from tests.conftest import GSM8K
 
 AUTODIDACT = str(Path(sys.executable).parent / "autodidact")
 pytestmark = pytest.mark.slow
 
 
 def test_the_calculator_recipe_runs_from_the_cli_and_writes_its_dataset(tmp_path):
-    lines = (SHARED_DATA / "gsm8k_train_1000.jsonl").read_text().splitlines()[:2]
+    lines = (GSM8K).read_text().splitlines()[:2]
     documents = [gsm8k_document(**{k: json.loads(line)[k] for k in ("question", "answer")})[0] for line in lines]
     documents.append("The weather was pleasant and nobody was in a hurry.")  # no arithmetic: the pre-filter drops it
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(documents)))

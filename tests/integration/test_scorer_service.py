@@ -15,7 +15,7 @@ from autodidact.backends.llm.llamacpp import bundled_model_path
 from autodidact.runtime.channels import create_channel
 from autodidact.v1 import scorer_pb2, scorer_pb2_grpc
 from autodidact.coordinator.recipes.formats import gsm8k_document
-from tests.conftest import SHARED_DATA
+from tests.conftest import GSM8K
 from tests.integration.stack import start_stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -60,7 +60,7 @@ def loss(llama, prefix: list[int], document: list[int], position: int, inline: b
 def gsm8k_candidates(llama, count: int) -> list[tuple[str, list[scorer_pb2.CandidateCall]]]:
     """GSM8K documents whose annotations become calls with the correct result and with a wrong one."""
     out = []
-    for line in (SHARED_DATA / "gsm8k_train_1000.jsonl").read_text().splitlines()[:count]:
+    for line in (GSM8K).read_text().splitlines()[:count]:
         raw = json.loads(line)
         text, annotations = gsm8k_document(raw["question"], raw["answer"])
         starts = [o for _, o in _offsets(llama, text)]

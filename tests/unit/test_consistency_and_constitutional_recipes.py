@@ -10,13 +10,13 @@ from autodidact.coordinator.recipes import constitutional, self_consistency
 from autodidact.coordinator.recipes.self_consistency import lmsi_examples, load_questions
 from autodidact.errors import InvalidArgument
 from autodidact.v1 import coordinator_pb2
-from tests.conftest import SHARED_DATA
+from tests.conftest import GSM8K, SVAMP
 
 
 def test_gsm8k_and_svamp_questions_are_read_with_their_reference_answers():
-    gsm8k = load_questions(SHARED_DATA / "gsm8k_train_1000.jsonl", "f", limit=2)
+    gsm8k = load_questions(GSM8K, "f", limit=2)
     assert gsm8k[0].text.startswith("Natalia sold clips") and gsm8k[0].reference == "72"
-    svamp = load_questions(SHARED_DATA / "svamp.json", "f", limit=3)
+    svamp = load_questions(SVAMP, "f", limit=3)
     assert svamp[0].text == "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack How much do you have to pay to buy each pack?"
     assert svamp[0].reference == "51.0" and len(svamp) == 3
 
@@ -43,7 +43,7 @@ def test_a_kept_path_becomes_the_four_lmsi_formats():
     ],
 )
 def test_bad_self_consistency_specs_are_refused(fields, field, rule):
-    spec = coordinator_pb2.SelfConsistencySpec(questions_path=str(SHARED_DATA / "svamp.json"), max_questions=2)
+    spec = coordinator_pb2.SelfConsistencySpec(questions_path=str(SVAMP), max_questions=2)
     for key, value in fields.items():
         if key == "sampling":
             spec.sampling.temperature = value["temperature"]
@@ -55,7 +55,7 @@ def test_bad_self_consistency_specs_are_refused(fields, field, rule):
 
 
 def test_self_consistency_defaults_are_lmsi_s():
-    params = self_consistency.resolve_params(coordinator_pb2.SelfConsistencySpec(questions_path=str(SHARED_DATA / "svamp.json"), max_questions=2), "job")
+    params = self_consistency.resolve_params(coordinator_pb2.SelfConsistencySpec(questions_path=str(SVAMP), max_questions=2), "job")
     assert params.paths == 32 and params.sampling.temperature == pytest.approx(0.7) and params.sampling.top_k == 40
 
 
