@@ -34,11 +34,17 @@ def test_the_dataset_card_lets_datasets_load_every_table_by_name(tmp_path):
         export.write_jsonl(tmp_path / f"{name}.jsonl", rows)
         export.write_parquet(tmp_path / f"{name}.parquet", rows, schema)
     export.write_jsonl(tmp_path / "lineage.jsonl", [{"item_id": "a", "data": {"anything": [1, "mixed"]}}])
-    card = export.write_dataset_card(tmp_path, "job-1", "self_instruct", {n: s for n, (_, s) in tables.items()}, partial=False)
+    empty = pa.schema([("item_id", pa.string())])
+    export.write_parquet(tmp_path / "empty.parquet", [], empty)
+    card = export.write_dataset_card(
+        tmp_path, "job-1", "self_instruct", {**{n: (s, len(r)) for n, (r, s) in tables.items()}, "empty": (empty, 0)}, partial=False
+    )
     assert card.read_text().startswith("---\nconfigs:\n- config_name: first\n  data_files: first.parquet\n  default: true\n")
     for name, (rows, _) in tables.items():
         loaded = datasets.load_dataset(str(tmp_path), name=name, split="train", cache_dir=str(tmp_path / "cache"))
         assert loaded.to_list() == rows
+    # `datasets` cannot load a file without rows: an empty table is described but is no config.
+    assert "config_name: empty" not in card.read_text() and "## empty\n\n0 rows. Empty" in card.read_text()
     # Without a name: the default table, not a mix of every file in the folder.
     assert datasets.load_dataset(str(tmp_path), split="train", cache_dir=str(tmp_path / "cache")).column_names == SCHEMA.names
 

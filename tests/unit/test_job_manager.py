@@ -6,6 +6,11 @@ JobContext like the real ones: each item calls a "service" once at stage
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import asyncio
 import json
 from dataclasses import dataclass, field
@@ -121,6 +126,11 @@ async def test_one_refused_item_is_dropped_and_reported_and_the_lineage_contract
     lineage = {r["item_id"]: r for r in map(json.loads, (tmp_path / "out" / "lineage.jsonl").read_text().splitlines())}
     assert lineage["i04"]["kept"] is False and lineage["i04"]["lineage"][-1]["filter"] == "error"
     assert_lineage_agrees(job, tmp_path / "out")
+
+    import datasets  # the export folder reads as a dataset, by table name
+
+    loaded = datasets.load_dataset(str(tmp_path / "out"), name="values", split="train", cache_dir=str(tmp_path / "hf"))
+    assert sorted(loaded["value"]) == [i * 10 for i in range(10) if i != 4]
 
 
 async def test_too_many_errors_fail_the_job_and_retry_resumes_it_redoing_only_the_errored_items(manager, tmp_path):

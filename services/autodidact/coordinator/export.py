@@ -102,11 +102,14 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def write_dataset_card(directory: Path, job_id: str, recipe: str, schemas: dict[str, pa.Schema], partial: bool) -> Path:
+def write_dataset_card(directory: Path, job_id: str, recipe: str, tables: dict[str, tuple[pa.Schema, int]], partial: bool) -> Path:
     """README.md in the Hugging Face datasets convention: a `configs:` entry
-    per table, so `datasets.load_dataset(directory, name=TABLE)` reads it."""
-    lines = ["---", "configs:"]
-    for position, name in enumerate(schemas):
+    per table ({name: (schema, rows)}), so `datasets.load_dataset(directory,
+    name=TABLE)` reads it. An empty table gets no entry: `datasets` cannot
+    load a file without rows, and the card says so."""
+    loadable = [name for name, (_, rows) in tables.items() if rows]
+    lines = ["---", "configs:" if loadable else "configs: []"]
+    for position, name in enumerate(loadable):
         lines += [f"- config_name: {name}", f"  data_files: {name}.parquet"]
         if position == 0:
             lines.append("  default: true")
@@ -115,8 +118,9 @@ def write_dataset_card(directory: Path, job_id: str, recipe: str, schemas: dict[
         lines.append("The job was cancelled: these tables hold what it finished, no more (see manifest.json).")
     lines += ["Each table is in `TABLE.parquet` and `TABLE.jsonl` (same rows, same columns); `lineage.jsonl` says why",
               "every candidate was kept or dropped, and `manifest.json` holds the spec, models and stage counts.", ""]
-    for name, schema in schemas.items():
-        lines += [f"## {name}", "", "| column | type |", "| --- | --- |"]
+    for name, (schema, rows) in tables.items():
+        lines += [f"## {name}", "", f"{rows:,} rows." + ("" if rows else " Empty, so not a config: `datasets` cannot load it."), ""]
+        lines += ["| column | type |", "| --- | --- |"]
         lines += [f"| {column.name} | {column.type} |" for column in schema]
         lines.append("")
     path = directory / "README.md"

@@ -265,7 +265,9 @@ class JobManager:
         job = self.get(job_id)
         summary = self._store.get_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE) or {"data": {}}
         models = sorted({d.model for r in records for _, d in r.lineage if d.model})
-        card = export.write_dataset_card(directory, job_id, spec.WhichOneof("recipe") or "", {n: t[1] for n, t in tables.items()}, partial)
+        card = export.write_dataset_card(
+            directory, job_id, spec.WhichOneof("recipe") or "", {n: (schema, len(rows)) for n, (rows, schema) in tables.items()}, partial
+        )
         files.append(coordinator_pb2.ExportedFile(path=str(card), kind="dataset_card"))
         manifest = export.write_manifest(
             directory,
