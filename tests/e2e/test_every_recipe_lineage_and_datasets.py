@@ -28,7 +28,8 @@ from tests.conftest import SEED_TASKS, SHARED_DATA
 from tests.integration.stack import start_stack
 from tests.lineage import assert_lineage_agrees, read_jsonl
 
-pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+# Four jobs share one stack; the first test waits for all of them.
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(900)]
 
 RECIPES = ("self_instruct", "toolformer", "self_consistency", "constitutional")
 TOO_LONG_FOR_THE_CRITIC = "Why? " * 14_000  # 70,000 characters; the critic takes at most 65,536
