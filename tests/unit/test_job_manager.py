@@ -207,3 +207,22 @@ async def test_the_lineage_checker_finds_a_missing_row_and_a_second_drop(manager
     problems = "\n".join(lineage_problems(job, tmp_path / "out"))
     assert "rule 2: i00 was dropped 2 times" in problems
     assert "rule 3: stage work: done 3, lineage rows with a decision there 2" in problems
+
+
+async def test_a_generator_that_does_not_answer_is_asked_again_only_after_a_while(tmp_path, monkeypatch):
+    class SilentGenerator:
+        calls = 0
+
+        async def GetModelInfo(self, request: Any, timeout: float) -> Any:
+            SilentGenerator.calls += 1
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "connection refused")
+
+    monkeypatch.setitem(registry.RECIPES, "self_consistency", double_recipe(DoubleService()))
+    store = JobStore(tmp_path / "jobs.sqlite")
+    manager = JobManager(store, Services(SilentGenerator(), None, None, None, None, patience_seconds=1), tmp_path)  # type: ignore[arg-type]
+    for number in range(3):  # accepted: the limits are then met per item at run time
+        _, created, _ = await manager.submit(f"blind-{number}", spec(tmp_path / f"out{number}", items=1))
+        assert created
+    assert SilentGenerator.calls == 1
+    await manager.close()
+    store.close()

@@ -51,7 +51,8 @@ FINAL_STAGES = ("dataset", "splice")
 # generous characters-per-token figure (English BPE averages about 4), so
 # only a prompt that certainly cannot fit is refused.
 CHARS_PER_TOKEN = 6
-MODEL_INFO_SECONDS = 10.0
+MODEL_INFO_SECONDS = 5.0
+MODEL_INFO_RETRY_SECONDS = 60.0
 
 
 def check_job_id(field: str, job_id: str) -> None:
@@ -111,6 +112,7 @@ class JobManager:
         self._changed: dict[str, asyncio.Event] = {}
         self._cancel_requested: set[str] = set()
         self._context_length: int | None = None  # the generator's, asked once
+        self._ask_generator_after = 0.0  # loop time; set after the generator did not answer
 
     # --- lifecycle ---
 
@@ -174,10 +176,13 @@ class JobManager:
     async def _generator_context(self) -> int | None:
         """The generator model's context length, asked once; None when the
         generator does not answer now (the run then meets any limit per item)."""
-        if self._context_length is None:
+        loop = asyncio.get_running_loop()
+        if self._context_length is None and loop.time() >= self._ask_generator_after:
             try:
                 info = await self._services.generator.GetModelInfo(generator_pb2.GetModelInfoRequest(), timeout=MODEL_INFO_SECONDS)
             except grpc.aio.AioRpcError as exc:
+                # Not asked again for a while: submissions meanwhile do not each wait out the timeout.
+                self._ask_generator_after = loop.time() + MODEL_INFO_RETRY_SECONDS
                 log.warning("generator model unknown at submit; its limits are checked when the job runs", code=exc.code().name)
                 return None
             self._context_length = info.model.context_length or None
