@@ -78,6 +78,17 @@ WATCH_SECONDS = 600
 TERMINAL_STATES = (coordinator_pb2.JOB_STATE_SUCCEEDED, coordinator_pb2.JOB_STATE_FAILED, coordinator_pb2.JOB_STATE_CANCELLED)
 
 
+def submission_outcome(submitted: coordinator_pb2.SubmitJobResponse) -> str:
+    """What SubmitJob did, in words: a new job, a failed or cancelled one resumed, or one already known."""
+    if submitted.created:
+        return "new job, submitted"
+    if submitted.resumed:
+        return "resumed from what it stored"
+    if submitted.job.state == coordinator_pb2.JOB_STATE_SUCCEEDED:
+        return "already done; exporting it again"
+    return "already running; following it"
+
+
 async def run_job(target: str, job_id: str, spec: coordinator_pb2.JobSpec, show_progress: bool = True) -> int:
     async with create_channel(target, timeout_seconds=60) as channel:
         await wait_until_serving(channel, timeout=120)
@@ -87,7 +98,7 @@ async def run_job(target: str, job_id: str, spec: coordinator_pb2.JobSpec, show_
         except grpc.aio.AioRpcError as exc:
             print(f"error: job refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 2
-        print(f"job {job_id} {'submitted' if submitted.created else 'already known; following it'}", file=sys.stderr)
+        print(f"job {job_id}: {submission_outcome(submitted)}", file=sys.stderr)
         job = submitted.job
         tty = sys.stderr.isatty()
         while job.state not in TERMINAL_STATES:

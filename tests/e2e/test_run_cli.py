@@ -40,3 +40,29 @@ def test_bad_recipe_files_are_refused_with_the_field(tmp_path, body, message):
     result = run(recipe)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
+
+
+def test_run_says_whether_it_submitted_resumed_or_found_the_job_done():
+    from autodidact.runner import submission_outcome
+    from autodidact.v1 import coordinator_pb2
+
+    def outcome(state: int, **flags: bool) -> str:
+        return submission_outcome(coordinator_pb2.SubmitJobResponse(job=coordinator_pb2.Job(state=state), **flags))
+
+    assert outcome(coordinator_pb2.JOB_STATE_PENDING, created=True) == "new job, submitted"
+    assert outcome(coordinator_pb2.JOB_STATE_PENDING, resumed=True) == "resumed from what it stored"
+    assert outcome(coordinator_pb2.JOB_STATE_SUCCEEDED) == "already done; exporting it again"
+    assert outcome(coordinator_pb2.JOB_STATE_RUNNING) == "already running; following it"
+
+
+@pytest.mark.slow
+def test_running_the_same_file_twice_finds_the_job_done(tmp_path):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"question": "Tom has 3 apples and buys 2 more. How many apples does he have?"}\n')
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"self_consistency:\n  questions_path: {questions}\n  paths_per_question: 2\n  sampling: {{maxTokens: 16}}\n")
+    command = [AUTODIDACT, "run", str(recipe), "--data-dir", str(tmp_path / "state"), "--quiet", "--threads", "2"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "new job, submitted" in first.stderr, first.stdout + first.stderr
+    second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "already done; exporting it again" in second.stderr, second.stdout + second.stderr

@@ -87,6 +87,15 @@ async def test_a_job_runs_to_a_dataset_with_progress_lineage_and_files(coordinat
     manifest = json.loads(open(files["manifest"].path).read())
     assert manifest["summary"]["kept"] == 2 and manifest["template_versions"] == ["self_instruct/v1"]
     assert any(s["stage"] == "diversity" for s in manifest["stages"]) and manifest["models"]
+    # Numbers are JSON numbers, not the strings proto3's JSON mapping makes of 64-bit integers.
+    dataset = next(s for s in manifest["stages"] if s["stage"] == "dataset")
+    assert dataset["done"] >= 2 and dataset["kept"] == 2 and dataset["total"] == 2
+    assert all(isinstance(f["rows"], int) for f in manifest["files"] if "rows" in f)
+    assert manifest["partial"] is False and manifest["errors"]["count"] == 0
+    # A dataset card names every table for `datasets.load_dataset(folder, name=TABLE)`.
+    card = open(files["dataset_card"].path).read()
+    assert card.startswith("---\nconfigs:\n- config_name: instances\n  data_files: instances.parquet\n")
+    assert "- config_name: sft_messages\n  data_files: sft_messages.parquet" in card
     lineage = [json.loads(line) for line in open(files["lineage_jsonl"].path)]
     assert len(lineage) == len(records)
 
@@ -116,6 +125,15 @@ async def test_submitting_again_is_idempotent_and_another_spec_under_the_id_is_r
          "spec.self_instruct.similarity_threshold: must be between 0 and 1, got 2"),
         (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS), target_instructions=3), max_in_flight=1000),
          "spec.max_in_flight: must be between 1 and 256"),
+        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS), target_instructions=3), max_error_fraction=1.5),
+         "spec.max_error_fraction: must be between 0 and 1, got 1.5"),
+        # Known only from the generator's model (2,048 tokens of context): refused at submit, not at run time.
+        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(
+            seed_tasks_path=str(SEED_TASKS), target_instructions=3, instance_sampling=common_pb2.SamplingParams(max_tokens=2049))),
+         "spec.self_instruct.instance_sampling.max_tokens: must be at most the generator's context length, 2,048 tokens, got 2,049"),
+        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(
+            seed_tasks_path=str(SEED_TASKS), target_instructions=3, instruction_sampling=common_pb2.SamplingParams(max_tokens=32768))),
+         "spec.self_instruct.instruction_sampling.max_tokens: must be at most the generator's context length, 2,048 tokens, got 32,768"),
     ],
 )
 async def test_bad_specs_are_refused_at_submit(coordinator, spec, message):
@@ -143,9 +161,59 @@ async def test_cancel_stops_a_job_and_keeps_what_it_stored(coordinator, tmp_path
     assert cancelled.job.state == coordinator_pb2.JOB_STATE_CANCELLED
     job, _ = await finish(coordinator, "si-cancel")
     assert job.state == coordinator_pb2.JOB_STATE_CANCELLED
+    # A cancelled job stays exportable: what it finished, marked partial.
+    files = {f.kind: f for f in (await coordinator.ExportJob(coordinator_pb2.ExportJobRequest(job_id="si-cancel"))).files}
+    manifest = json.loads(open(files["manifest"].path).read())
+    assert manifest["partial"] is True and manifest["state"] == "CANCELLED"
+    assert "cancelled" in open(files["dataset_card"].path).read()
+
+    # RetryJob resumes it under its id; a running job cannot be retried.
+    retried = await coordinator.RetryJob(coordinator_pb2.RetryJobRequest(job_id="si-cancel"))
+    assert retried.job.state in (coordinator_pb2.JOB_STATE_PENDING, coordinator_pb2.JOB_STATE_RUNNING) and not retried.job.error
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await coordinator.ExportJob(coordinator_pb2.ExportJobRequest(job_id="si-cancel"))
-    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await coordinator.RetryJob(coordinator_pb2.RetryJobRequest(job_id="si-cancel"))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "only a FAILED or CANCELLED job" in raised.value.details()
+    await coordinator.CancelJob(coordinator_pb2.CancelJobRequest(job_id="si-cancel"))
+
+
+async def test_a_failed_export_leaves_no_temporary_files_and_the_job_resumes_under_its_id(coordinator, tmp_path):
+    out = tmp_path / "out"
+    (out / "instances.parquet").mkdir(parents=True)  # the export cannot rename its Parquet file into place
+    (out / "stale.jsonl.tmp").write_text("left by an export killed mid-write")
+    spec = small_spec(str(out), target=1, seed=3)
+    await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-retry", spec=spec))
+    job, _ = await finish(coordinator, "si-retry")
+    assert job.state == coordinator_pb2.JOB_STATE_FAILED and "instances.parquet" in job.error
+    assert not list(out.glob("*.tmp")), "the failed export left temporary files"
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await coordinator.ExportJob(coordinator_pb2.ExportJobRequest(job_id="si-retry"))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "RetryJob" in raised.value.details()
+
+    (out / "instances.parquet").rmdir()  # the disk is fixed
+    (out / "stale.jsonl.tmp").write_text("left by an export killed mid-write")
+    # The same id and spec again resumes the failed job from what it stored.
+    again = await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-retry", spec=spec))
+    assert again.resumed and not again.created
+    job, _ = await finish(coordinator, "si-retry")
+    assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED, job.error
+    assert (out / "instances.parquet").is_file() and not list(out.glob("*.tmp"))
+    done = await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-retry", spec=spec))
+    assert not done.created and not done.resumed and done.job.state == coordinator_pb2.JOB_STATE_SUCCEEDED
+
+
+async def test_a_prompt_that_cannot_fit_the_model_is_refused_at_submit(coordinator, tmp_path):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"question": "How many?"}) + "\n" + json.dumps({"question": "Count the apples. " * 700}) + "\n")
+    spec = coordinator_pb2.JobSpec(self_consistency=coordinator_pb2.SelfConsistencySpec(questions_path=str(questions), paths_per_question=2))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="too-long", spec=spec))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "spec.self_consistency.questions_path (question 2): a prompt of" in raised.value.details()
+    assert "does not fit the generator's context of 2,048 tokens" in raised.value.details()
+    bad_pattern = coordinator_pb2.JobSpec(self_consistency=coordinator_pb2.SelfConsistencySpec(questions_path=str(questions), answer_pattern="(unclosed"))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="bad-pattern", spec=bad_pattern))
+    assert "spec.self_consistency.answer_pattern: is not a valid regular expression" in raised.value.details()
 
 
 async def test_jobs_can_share_a_namespace_and_its_seed_pool(coordinator, running_stack, tmp_path):

@@ -2,7 +2,9 @@
 
 A job's task is plain recipe code over a JobContext. Whatever the task stored
 survives the process: on start the manager relaunches every job that was
-PENDING or RUNNING, and the recipe replays what is stored.
+PENDING or RUNNING, and the recipe replays what is stored. A FAILED or
+CANCELLED job resumes the same way when retried (RetryJob, or the same id and
+spec submitted again); items that errored are tried again.
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import json_format
 
 from autodidact.coordinator import export
 from autodidact.coordinator.records import Record, job_records
-from autodidact.coordinator.recipes.base import PLAN_ITEM, PLAN_STAGE, JobContext, Services
+from autodidact.coordinator.recipes.base import (
+    DEFAULT_MAX_ERROR_FRACTION, ERROR_FILTER, MAX_ERROR_MESSAGES, PLAN_ITEM, PLAN_STAGE, JobContext, Services,
+)
 from autodidact.coordinator.recipes.registry import RECIPES, RecipeKind
 from autodidact.coordinator.store import JobRow, JobStore
 from autodidact.errors import AlreadyExists, AutodidactError, FailedPrecondition, InvalidArgument, NotFound
-from autodidact.v1 import coordinator_pb2
+from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
 from autodidact.validation import check_range
 
 log = structlog.get_logger("autodidact.jobs")
@@ -39,6 +42,17 @@ PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
 )
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 SUMMARY_ITEM, SUMMARY_STAGE = "_job", "summary"
+ERRORS_STAGE = "errors"  # (SUMMARY_ITEM, ERRORS_STAGE): the job's error count, stored when it ends
+RESUMABLE = (FAILED, CANCELLED)
+# The stages whose decision says whether an item is in the dataset ("splice"
+# for a Toolformer call, "dataset" for everything else).
+FINAL_STAGES = ("dataset", "splice")
+# A prompt's tokens, estimated at submit without the model's tokenizer: a
+# generous characters-per-token figure (English BPE averages about 4), so
+# only a prompt that certainly cannot fit is refused.
+CHARS_PER_TOKEN = 6
+MODEL_INFO_SECONDS = 5.0
+MODEL_INFO_RETRY_SECONDS = 60.0
 
 
 def check_job_id(field: str, job_id: str) -> None:
@@ -52,7 +66,33 @@ def validate_spec(spec: coordinator_pb2.JobSpec, job_id: str) -> Any:
     if recipe is None:
         raise InvalidArgument("spec.recipe", f"is required: set one of {', '.join(RECIPES)}")
     check_range("spec.max_in_flight", spec.max_in_flight or 4, 1, 256)
+    check_range("spec.max_error_fraction", max_error_fraction(spec), 0.0, 1.0)
     return RECIPES[recipe].resolve(getattr(spec, recipe), job_id)
+
+
+def max_error_fraction(spec: coordinator_pb2.JobSpec) -> float:
+    return spec.max_error_fraction if spec.HasField("max_error_fraction") else DEFAULT_MAX_ERROR_FRACTION
+
+
+def check_against_model(spec: coordinator_pb2.JobSpec, params: Any, context_length: int) -> None:
+    """What the generator's model decides, checked at submit: every sampling's
+    max_tokens within the context, and every prompt known now with room for
+    its max_tokens. Raises InvalidArgument naming the field."""
+    recipe = spec.WhichOneof("recipe")
+    for name, value in vars(params).items():
+        if isinstance(value, common_pb2.SamplingParams) and value.max_tokens > context_length:
+            raise InvalidArgument(
+                f"spec.{recipe}.{name}.max_tokens",
+                f"must be at most the generator's context length, {context_length:,} tokens, got {value.max_tokens:,}",
+            )
+    for field, prompt, max_tokens in recipe_of(spec).prompts(params):
+        estimate = len(prompt) // CHARS_PER_TOKEN
+        if estimate + max_tokens > context_length:
+            raise InvalidArgument(
+                field,
+                f"a prompt of {len(prompt):,} characters (at least ~{estimate:,} tokens) plus max_tokens {max_tokens:,} "
+                f"does not fit the generator's context of {context_length:,} tokens",
+            )
 
 
 def recipe_of(spec: coordinator_pb2.JobSpec) -> RecipeKind:
@@ -71,6 +111,8 @@ class JobManager:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._cancel_requested: set[str] = set()
+        self._context_length: int | None = None  # the generator's, asked once
+        self._ask_generator_after = 0.0  # loop time; set after the generator did not answer
 
     # --- lifecycle ---
 
@@ -87,22 +129,64 @@ class JobManager:
 
     # --- API ---
 
-    def submit(self, job_id: str, spec: coordinator_pb2.JobSpec) -> tuple[coordinator_pb2.Job, bool]:
+    async def submit(self, job_id: str, spec: coordinator_pb2.JobSpec) -> tuple[coordinator_pb2.Job, bool, bool]:
+        """(job, created, resumed): the same id and spec again resumes a FAILED or CANCELLED job."""
         check_job_id("job_id", job_id)
         existing = self._store.get_job(job_id)
         digest = spec_hash(spec)
         if existing is not None:
             if existing.spec_hash != digest:
                 raise AlreadyExists(f"job {job_id!r} exists with another spec; choose another job_id")
-            return self.get(job_id), False
-        validate_spec(spec, job_id)
+            if existing.state in RESUMABLE:
+                return self.retry(job_id), False, True
+            return self.get(job_id), False, False
+        params = validate_spec(spec, job_id)
+        context_length = await self._generator_context()
+        if context_length is not None:
+            check_against_model(spec, params, context_length)
         row, created = self._store.create_job(job_id, spec.SerializeToString(deterministic=True), digest, PENDING)
         if not created and row.spec_hash != digest:  # a concurrent submission won the id
             raise AlreadyExists(f"job {job_id!r} exists with another spec; choose another job_id")
         if created:
             log.info("job submitted", job_id=job_id, recipe=spec.WhichOneof("recipe"))
             self._launch(job_id)
-        return self.get(job_id), created
+        return self.get(job_id), created, False
+
+    def retry(self, job_id: str) -> coordinator_pb2.Job:
+        """Resumes a FAILED or CANCELLED job from what it stored. Errored
+        items and the end-of-job records are forgotten, so they are done again."""
+        row = self._row(job_id)
+        if row.state not in RESUMABLE:
+            raise FailedPrecondition(
+                f"job {job_id!r} is {coordinator_pb2.JobState.Name(row.state)}; only a FAILED or CANCELLED job can be retried"
+            )
+        task = self._tasks.get(job_id)
+        if task is not None and not task.done():
+            raise FailedPrecondition(f"job {job_id!r} is still stopping; retry shortly")
+        self._cancel_requested.discard(job_id)
+        self._store.delete_results(job_id, filter_=ERROR_FILTER)
+        self._store.delete_results(job_id, item_id=SUMMARY_ITEM, stage=SUMMARY_STAGE)
+        self._store.delete_results(job_id, item_id=SUMMARY_ITEM, stage=ERRORS_STAGE)
+        self._store.set_state(job_id, PENDING)
+        log.info("job retried", job_id=job_id, was=coordinator_pb2.JobState.Name(row.state))
+        self._launch(job_id)
+        self._notify(job_id)
+        return self.get(job_id)
+
+    async def _generator_context(self) -> int | None:
+        """The generator model's context length, asked once; None when the
+        generator does not answer now (the run then meets any limit per item)."""
+        loop = asyncio.get_running_loop()
+        if self._context_length is None and loop.time() >= self._ask_generator_after:
+            try:
+                info = await self._services.generator.GetModelInfo(generator_pb2.GetModelInfoRequest(), timeout=MODEL_INFO_SECONDS)
+            except grpc.aio.AioRpcError as exc:
+                # Not asked again for a while: submissions meanwhile do not each wait out the timeout.
+                self._ask_generator_after = loop.time() + MODEL_INFO_RETRY_SECONDS
+                log.warning("generator model unknown at submit; its limits are checked when the job runs", code=exc.code().name)
+                return None
+            self._context_length = info.model.context_length or None
+        return self._context_length
 
     def get(self, job_id: str) -> coordinator_pb2.Job:
         return self._job_proto(self._row(job_id))
@@ -151,22 +235,29 @@ class JobManager:
         recipe = recipe_of(coordinator_pb2.JobSpec.FromString(self._row(job_id).spec))
         summary = self._store.get_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE)
         belongs = recipe.belongs(summary["data"]) if summary else (lambda _: True)
-        return job_records(self._store, job_id, recipe.stages, ("dataset", "splice"), belongs)
+        return job_records(self._store, job_id, recipe.stages, FINAL_STAGES, belongs)
 
     def export(self, job_id: str) -> list[coordinator_pb2.ExportedFile]:
         row = self._row(job_id)
-        if row.state != SUCCEEDED:
-            raise FailedPrecondition(f"job {job_id!r} is {coordinator_pb2.JobState.Name(row.state)}; only a succeeded job can be exported")
+        if row.state not in (SUCCEEDED, CANCELLED):
+            raise FailedPrecondition(
+                f"job {job_id!r} is {coordinator_pb2.JobState.Name(row.state)}; only a succeeded or cancelled job can be exported"
+                + (" (RetryJob resumes a failed one)" if row.state == FAILED else "")
+            )
         return self._write_dataset(row)
 
     def _write_dataset(self, row: JobRow) -> list[coordinator_pb2.ExportedFile]:
         job_id = row.id
         spec = coordinator_pb2.JobSpec.FromString(row.spec)
+        partial = row.state == CANCELLED  # what a cancelled job finished, no more
         directory = Path(spec.output_dir) if spec.output_dir else self._data_dir / "jobs" / job_id / "dataset"
         directory.mkdir(parents=True, exist_ok=True)
+        export.remove_temporary_files(directory)
         records = self.records(job_id)
         files = []
-        for name, (rows, schema) in recipe_of(spec).tables(records).items():
+        tables = recipe_of(spec).tables(records)
+        for name, (rows, schema) in tables.items():
+            rows = export.conform(rows, schema)
             export.write_jsonl(directory / f"{name}.jsonl", rows)
             export.write_parquet(directory / f"{name}.parquet", rows, schema)
             files += [
@@ -179,21 +270,43 @@ class JobManager:
         job = self.get(job_id)
         summary = self._store.get_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE) or {"data": {}}
         models = sorted({d.model for r in records for _, d in r.lineage if d.model})
+        card = export.write_dataset_card(
+            directory, job_id, spec.WhichOneof("recipe") or "", {n: (schema, len(rows)) for n, (rows, schema) in tables.items()}, partial
+        )
+        files.append(coordinator_pb2.ExportedFile(path=str(card), kind="dataset_card"))
         manifest = export.write_manifest(
             directory,
             {
                 "job_id": job_id,
                 "recipe": spec.WhichOneof("recipe"),
-                "spec": json_format.MessageToDict(spec),
+                "state": coordinator_pb2.JobState.Name(row.state).removeprefix("JOB_STATE_"),
+                "partial": partial,
+                "spec": export.message_json(spec),
                 "models": models,
                 "template_versions": sorted({d.template_version for r in records for _, d in r.lineage if d.template_version}),
                 "summary": summary["data"],
-                "stages": [json_format.MessageToDict(stage) for stage in job.stages],
-                "files": [json_format.MessageToDict(f) for f in files],
+                "errors": self._errors(job_id, spec, records),
+                "stages": [export.message_json(stage) for stage in job.stages],
+                "files": [export.message_json(f) for f in files],
             },
         )
         files.append(coordinator_pb2.ExportedFile(path=str(manifest), kind="manifest"))
         return files
+
+    def _errors(self, job_id: str, spec: coordinator_pb2.JobSpec, records: list[Record]) -> dict[str, Any]:
+        """The manifest's error report: how many items a service refused, of how many, and a few messages."""
+        stored = self._store.get_result(job_id, SUMMARY_ITEM, ERRORS_STAGE)
+        if stored is not None:
+            counted = stored["data"]
+        else:  # a cancelled job: count what its lineage shows
+            errored = [d.reason for r in records for _, d in r.lineage if d.filter == ERROR_FILTER]
+            counted = {"count": len(errored), "items": len(records), "messages": errored[:MAX_ERROR_MESSAGES]}
+        items = counted["items"]
+        return {
+            **counted,
+            "fraction": counted["count"] / items if items else 0.0,
+            "max_error_fraction": max_error_fraction(spec),
+        }
 
     # --- internals ---
 
@@ -220,8 +333,13 @@ class JobManager:
                 self._store.set_state(job_id, RUNNING)
                 self._notify(job_id)
                 in_flight = spec.max_in_flight or 4
-                ctx = JobContext(job_id, spec.seed, self._store, self._services, in_flight, lambda: self._notify(job_id))
+                ctx = JobContext(
+                    job_id, spec.seed, self._store, self._services, in_flight, lambda: self._notify(job_id), max_error_fraction(spec)
+                )
                 summary = await recipe_of(spec).run(ctx, params, in_flight)
+                ctx.check_error_budget()  # each_item checked its own; this covers items run through ctx.item
+                errors = {"count": len(ctx.errors), "items": ctx.items, "messages": ctx.errors[:MAX_ERROR_MESSAGES]}
+                self._store.put_result(job_id, SUMMARY_ITEM, ERRORS_STAGE, {"data": errors, "decision": None}, None)
                 self._store.put_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE, {"data": summary, "decision": None}, None)
                 # The dataset is written before the job says SUCCEEDED: a failed write fails the job
                 # visibly, and a crash in between resumes the job, which replays and writes again.

@@ -53,8 +53,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def SubmitJob(self, request: coordinator_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.SubmitJobResponse:
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
-        job, created = self._manager().submit(request.job_id, request.spec)
-        return coordinator_pb2.SubmitJobResponse(job=job, created=created)
+        job, created, resumed = await self._manager().submit(request.job_id, request.spec)
+        return coordinator_pb2.SubmitJobResponse(job=job, created=created, resumed=resumed)
 
     async def GetJob(self, request: coordinator_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.GetJobResponse:
         check_job_id("job_id", request.job_id)
@@ -92,6 +92,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def ExportJob(self, request: coordinator_pb2.ExportJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.ExportJobResponse:
         check_job_id("job_id", request.job_id)
         return coordinator_pb2.ExportJobResponse(files=self._manager().export(request.job_id))
+
+
+    async def RetryJob(self, request: coordinator_pb2.RetryJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.RetryJobResponse:
+        check_job_id("job_id", request.job_id)
+        return coordinator_pb2.RetryJobResponse(job=self._manager().retry(request.job_id))
 
 
 def _record_proto(record) -> coordinator_pb2.JobRecord:  # noqa: ANN001

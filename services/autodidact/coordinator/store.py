@@ -118,6 +118,14 @@ class JobStore:
             (job_id, item_id, stage, None if kept is None else int(kept), filter_, json.dumps(value, sort_keys=True), time.time()),
         )
 
+    def delete_results(self, job_id: str, *, filter_: str | None = None, item_id: str | None = None, stage: str | None = None) -> None:
+        """Forgets a job's results matching every condition given (a retried
+        job recomputes them); the only exception to write-once."""
+        conditions = [(c, v) for c, v in (("filter", filter_), ("item_id", item_id), ("stage", stage)) if v is not None]
+        assert conditions, "refusing to delete every result of a job"
+        where = " AND ".join(f"{column} = ?" for column, _ in conditions)
+        self._db.execute(f"DELETE FROM results WHERE job_id = ? AND {where}", (job_id, *(v for _, v in conditions)))
+
     def results(self, job_id: str) -> list[tuple[str, str, dict[str, Any]]]:
         """(item_id, stage, value) of a job, ordered by item then write order."""
         rows = self._db.execute(

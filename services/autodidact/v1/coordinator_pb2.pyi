@@ -339,6 +339,7 @@ class JobSpec(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     OUTPUT_DIR_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_FRACTION_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """Base seed of every sample the job draws; the same spec and seed produce
     the same dataset on the same model. Default 0.
@@ -348,6 +349,11 @@ class JobSpec(_message.Message):
     output_dir: _builtins.str
     """Where ExportJob writes the dataset. Default: the coordinator's data
     directory / job id.
+    """
+    max_error_fraction: _builtins.float
+    """The job fails when more than this fraction of its items errored (a
+    service refused the item); below it, an errored item is dropped with
+    filter "error". Default 0.1 (when unset). Bounds [0, 1].
     """
     @_builtins.property
     def self_instruct(self) -> Global___SelfInstructSpec:
@@ -375,13 +381,19 @@ class JobSpec(_message.Message):
         seed: _builtins.int = ...,
         max_in_flight: _builtins.int = ...,
         output_dir: _builtins.str = ...,
+        max_error_fraction: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["constitutional", b"constitutional", "recipe", b"recipe", "self_consistency", b"self_consistency", "self_instruct", b"self_instruct", "toolformer", b"toolformer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_fraction", b"_max_error_fraction", "constitutional", b"constitutional", "max_error_fraction", b"max_error_fraction", "recipe", b"recipe", "self_consistency", b"self_consistency", "self_instruct", b"self_instruct", "toolformer", b"toolformer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["constitutional", b"constitutional", "max_in_flight", b"max_in_flight", "output_dir", b"output_dir", "recipe", b"recipe", "seed", b"seed", "self_consistency", b"self_consistency", "self_instruct", b"self_instruct", "toolformer", b"toolformer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_fraction", b"_max_error_fraction", "constitutional", b"constitutional", "max_error_fraction", b"max_error_fraction", "max_in_flight", b"max_in_flight", "output_dir", b"output_dir", "recipe", b"recipe", "seed", b"seed", "self_consistency", b"self_consistency", "self_instruct", b"self_instruct", "toolformer", b"toolformer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_error_fraction: _TypeAlias = _typing.Literal["max_error_fraction"]  # noqa: Y015
+    _WhichOneofArgType__max_error_fraction: _TypeAlias = _typing.Literal["_max_error_fraction", b"_max_error_fraction"]  # noqa: Y015
     _WhichOneofReturnType_recipe: _TypeAlias = _typing.Literal["self_instruct", "toolformer", "constitutional", "self_consistency"]  # noqa: Y015
     _WhichOneofArgType_recipe: _TypeAlias = _typing.Literal["recipe", b"recipe"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_fraction) -> _WhichOneofReturnType__max_error_fraction | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_recipe) -> _WhichOneofReturnType_recipe | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
@@ -538,8 +550,11 @@ class SubmitJobResponse(_message.Message):
 
     JOB_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    RESUMED_FIELD_NUMBER: _builtins.int
     created: _builtins.bool
     """False when this call found the job already submitted."""
+    resumed: _builtins.bool
+    """True when this call found the job FAILED or CANCELLED and resumed it."""
     @_builtins.property
     def job(self) -> Global___Job:
         """The job (existing, when the id and spec were submitted before)."""
@@ -549,10 +564,11 @@ class SubmitJobResponse(_message.Message):
         *,
         job: Global___Job | None = ...,
         created: _builtins.bool = ...,
+        resumed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "job", b"job"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "job", b"job", "resumed", b"resumed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -978,3 +994,49 @@ class ExportJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportJobResponse: _TypeAlias = ExportJobResponse  # noqa: Y015
+
+@_typing.final
+class RetryJobRequest(_message.Message):
+    """Request of RetryJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job's id. Required."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryJobRequest: _TypeAlias = RetryJobRequest  # noqa: Y015
+
+@_typing.final
+class RetryJobResponse(_message.Message):
+    """Response of RetryJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> Global___Job:
+        """The job, resumed (PENDING or RUNNING)."""
+
+    def __init__(
+        self,
+        *,
+        job: Global___Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryJobResponse: _TypeAlias = RetryJobResponse  # noqa: Y015

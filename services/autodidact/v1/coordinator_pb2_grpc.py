@@ -72,6 +72,11 @@ class CoordinatorServiceStub:
                 request_serializer=autodidact_dot_v1_dot_coordinator__pb2.ExportJobRequest.SerializeToString,
                 response_deserializer=autodidact_dot_v1_dot_coordinator__pb2.ExportJobResponse.FromString,
                 _registered_method=True)
+        self.RetryJob = channel.unary_unary(
+                '/autodidact.v1.CoordinatorService/RetryJob',
+                request_serializer=autodidact_dot_v1_dot_coordinator__pb2.RetryJobRequest.SerializeToString,
+                response_deserializer=autodidact_dot_v1_dot_coordinator__pb2.RetryJobResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -82,8 +87,8 @@ class CoordinatorServiceServicer:
 
     def SubmitJob(self, request, context):
         """Submits a job under a client-chosen id. The same id with the same spec
-        returns the existing job; the same id with another spec is
-        ALREADY_EXISTS.
+        returns the existing job, and resumes it when it FAILED or was
+        CANCELLED; the same id with another spec is ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,7 +131,16 @@ class CoordinatorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportJob(self, request, context):
-        """Writes the job's dataset files and manifest.
+        """Writes the job's dataset files and manifest. A cancelled job exports
+        what it finished, marked partial in the manifest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryJob(self, request, context):
+        """Resumes a FAILED or CANCELLED job under its id from what it stored;
+        items that errored are tried again. Any other state is FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -169,6 +183,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ExportJob,
                     request_deserializer=autodidact_dot_v1_dot_coordinator__pb2.ExportJobRequest.FromString,
                     response_serializer=autodidact_dot_v1_dot_coordinator__pb2.ExportJobResponse.SerializeToString,
+            ),
+            'RetryJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryJob,
+                    request_deserializer=autodidact_dot_v1_dot_coordinator__pb2.RetryJobRequest.FromString,
+                    response_serializer=autodidact_dot_v1_dot_coordinator__pb2.RetryJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -363,6 +382,33 @@ class CoordinatorService:
             '/autodidact.v1.CoordinatorService/ExportJob',
             autodidact_dot_v1_dot_coordinator__pb2.ExportJobRequest.SerializeToString,
             autodidact_dot_v1_dot_coordinator__pb2.ExportJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autodidact.v1.CoordinatorService/RetryJob',
+            autodidact_dot_v1_dot_coordinator__pb2.RetryJobRequest.SerializeToString,
+            autodidact_dot_v1_dot_coordinator__pb2.RetryJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

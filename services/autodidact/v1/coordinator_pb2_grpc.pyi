@@ -38,8 +38,8 @@ class CoordinatorServiceStub:
     def __new__(cls, channel: _aio.Channel) -> CoordinatorServiceAsyncStub: ...
     SubmitJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitJobRequest, _coordinator_pb2.SubmitJobResponse]
     """Submits a job under a client-chosen id. The same id with the same spec
-    returns the existing job; the same id with another spec is
-    ALREADY_EXISTS.
+    returns the existing job, and resumes it when it FAILED or was
+    CANCELLED; the same id with another spec is ALREADY_EXISTS.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetJobRequest, _coordinator_pb2.GetJobResponse]
     """One job."""
@@ -54,7 +54,13 @@ class CoordinatorServiceStub:
     StreamSamples: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.StreamSamplesRequest, _coordinator_pb2.StreamSamplesResponse]
     """The job's records, kept and (optionally) dropped, with their lineage."""
     ExportJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ExportJobRequest, _coordinator_pb2.ExportJobResponse]
-    """Writes the job's dataset files and manifest."""
+    """Writes the job's dataset files and manifest. A cancelled job exports
+    what it finished, marked partial in the manifest.
+    """
+    RetryJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RetryJobRequest, _coordinator_pb2.RetryJobResponse]
+    """Resumes a FAILED or CANCELLED job under its id from what it stored;
+    items that errored are tried again. Any other state is FAILED_PRECONDITION.
+    """
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -66,8 +72,8 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitJobRequest, _coordinator_pb2.SubmitJobResponse]  # type: ignore[assignment]
     """Submits a job under a client-chosen id. The same id with the same spec
-    returns the existing job; the same id with another spec is
-    ALREADY_EXISTS.
+    returns the existing job, and resumes it when it FAILED or was
+    CANCELLED; the same id with another spec is ALREADY_EXISTS.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetJobRequest, _coordinator_pb2.GetJobResponse]  # type: ignore[assignment]
     """One job."""
@@ -82,7 +88,13 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     StreamSamples: _aio.UnaryStreamMultiCallable[_coordinator_pb2.StreamSamplesRequest, _coordinator_pb2.StreamSamplesResponse]  # type: ignore[assignment]
     """The job's records, kept and (optionally) dropped, with their lineage."""
     ExportJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ExportJobRequest, _coordinator_pb2.ExportJobResponse]  # type: ignore[assignment]
-    """Writes the job's dataset files and manifest."""
+    """Writes the job's dataset files and manifest. A cancelled job exports
+    what it finished, marked partial in the manifest.
+    """
+    RetryJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RetryJobRequest, _coordinator_pb2.RetryJobResponse]  # type: ignore[assignment]
+    """Resumes a FAILED or CANCELLED job under its id from what it stored;
+    items that errored are tried again. Any other state is FAILED_PRECONDITION.
+    """
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The only entry point for platform clients: jobs that run recipes against the
@@ -97,8 +109,8 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.SubmitJobResponse, _abc.Awaitable[_coordinator_pb2.SubmitJobResponse]]:
         """Submits a job under a client-chosen id. The same id with the same spec
-        returns the existing job; the same id with another spec is
-        ALREADY_EXISTS.
+        returns the existing job, and resumes it when it FAILED or was
+        CANCELLED; the same id with another spec is ALREADY_EXISTS.
         """
 
     @_abc_1.abstractmethod
@@ -149,6 +161,18 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _coordinator_pb2.ExportJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.ExportJobResponse, _abc.Awaitable[_coordinator_pb2.ExportJobResponse]]:
-        """Writes the job's dataset files and manifest."""
+        """Writes the job's dataset files and manifest. A cancelled job exports
+        what it finished, marked partial in the manifest.
+        """
+
+    @_abc_1.abstractmethod
+    def RetryJob(
+        self,
+        request: _coordinator_pb2.RetryJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.RetryJobResponse, _abc.Awaitable[_coordinator_pb2.RetryJobResponse]]:
+        """Resumes a FAILED or CANCELLED job under its id from what it stored;
+        items that errored are tried again. Any other state is FAILED_PRECONDITION.
+        """
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

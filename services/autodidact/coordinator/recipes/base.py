@@ -8,6 +8,11 @@ computed result is stored before it is returned, so nothing moves on from a
 result that could be lost. Each stage name has its own bound on concurrent
 computations, so a slow stage applies backpressure instead of queuing
 without limit.
+
+A service that refuses one item (INVALID_ARGUMENT, say: not a transient
+failure) drops that item, not the job: `stage` stores a drop with filter
+`error` and the service's message, and `each_item` (or `item`) counts it.
+The job fails only when more than its `max_error_fraction` of items errored.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import grpc
 import structlog
 
 from autodidact.coordinator.store import JobStore
-from autodidact.errors import DeadlineExceeded, Unavailable
+from autodidact.errors import AutodidactError, DeadlineExceeded, FailedPrecondition, Unavailable
 from autodidact.runtime.metrics import STAGE_DECISIONS
 from autodidact.v1 import critic_pb2_grpc, dedup_pb2_grpc, generator_pb2_grpc, scorer_pb2_grpc, tool_executor_pb2_grpc
 
@@ -32,6 +37,23 @@ T = TypeVar("T")
 
 # Codes worth waiting out: the service restarts, is loading, or is overloaded.
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+# The filter of an item a service refused.
+ERROR_FILTER = "error"
+DEFAULT_MAX_ERROR_FRACTION = 0.1
+MAX_ERROR_MESSAGES = 5  # how many the manifest quotes
+
+
+class ServiceRefused(AutodidactError):
+    """A service answered a non-transient error: waiting will not help."""
+
+
+class ItemFailed(AutodidactError):
+    """A stage of one item errored (now or in a stored result): the item is
+    dropped with filter `error` and its work stops here."""
+
+
+class TooManyErrors(FailedPrecondition):
+    """More than the job's max_error_fraction of its items errored."""
 
 
 def derive_seed(job_seed: int, *parts: object) -> int:
@@ -99,7 +121,10 @@ def ready(result: StageResult) -> Callable[[], Awaitable[StageResult]]:
 
 
 class JobContext:
-    def __init__(self, job_id: str, seed: int, store: JobStore, services: Services, max_in_flight: int, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self, job_id: str, seed: int, store: JobStore, services: Services, max_in_flight: int, on_change: Callable[[], None],
+        max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION,
+    ) -> None:
         self.job_id = job_id
         self.seed = seed
         self.store = store
@@ -107,28 +132,65 @@ class JobContext:
         self._max_in_flight = max_in_flight
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._on_change = on_change
+        self.max_error_fraction = max_error_fraction
+        self.items = 0  # items run through `item` (each_item's included)
+        self.errors: list[str] = []  # messages of those that errored
 
     async def stage(self, item_id: str, stage: str, compute: Callable[[], Awaitable[StageResult]]) -> StageResult:
         stored = self.store.get_result(self.job_id, item_id, stage)
         if stored is not None:
-            return StageResult.from_json(stored)
+            result = StageResult.from_json(stored)
+            if result.decision is not None and result.decision.filter == ERROR_FILTER:
+                raise ItemFailed(result.decision.reason)  # replayed: the item stops here again
+            return result
         limit = self._limits.setdefault(stage, asyncio.Semaphore(self._max_in_flight))
-        async with limit:
-            result = await compute()
+        try:
+            async with limit:
+                result = await compute()
+        except ServiceRefused as exc:
+            message = f"{item_id} at {stage}: {exc}"
+            self.record(item_id, stage, StageResult({"error": str(exc)}, Decision(False, ERROR_FILTER, reason=str(exc))))
+            raise ItemFailed(message) from exc
         self.record(item_id, stage, result)
         return result
 
+    async def item(self, work: Awaitable[bool]) -> bool:
+        """One dataset item's work; an item that errored is dropped (False)
+        and counted against the job's error budget."""
+        self.items += 1
+        try:
+            return await work
+        except (ItemFailed, ServiceRefused) as exc:
+            self.errors.append(str(exc))
+            log.warning("item dropped: a service refused it", error=str(exc))
+            return False
+
+    def check_error_budget(self, items: int | None = None) -> None:
+        """Raises TooManyErrors when more than max_error_fraction of `items`
+        (default: the items run so far) errored."""
+        items = self.items if items is None else items
+        if self.errors and len(self.errors) > self.max_error_fraction * items:
+            raise TooManyErrors(
+                f"{len(self.errors)} of {items} items errored, more than max_error_fraction {self.max_error_fraction:g}; "
+                f"first: {self.errors[0]}"
+            )
+
     async def each_item(self, count: int, work: Callable[[int], Awaitable[bool]]) -> list[bool]:
         """Runs work(index) for `count` dataset items, at most max_in_flight at
-        once, after storing the job's plan (its dataset size, for progress)."""
+        once, after storing the job's plan (its dataset size, for progress).
+        Stops starting items once the error budget is certainly spent."""
         await self.stage(PLAN_ITEM, PLAN_STAGE, ready(StageResult({"dataset_items": count})))
         slots = asyncio.Semaphore(self._max_in_flight)
 
         async def bounded(index: int) -> bool:
             async with slots:
-                return await work(index)
+                if len(self.errors) > self.max_error_fraction * count:
+                    return False  # the job fails below; no use starting more work
+                return await self.item(work(index))
 
-        return list(await asyncio.gather(*(bounded(i) for i in range(count))))
+        kept = list(await asyncio.gather(*(bounded(i) for i in range(count))))
+        self.check_error_budget(count)
+        return kept
 
     def record(self, item_id: str, stage: str, result: StageResult) -> None:
         """Stores a result computed outside `stage` (several items decided by one call)."""
@@ -156,7 +218,7 @@ class JobContext:
                 return await rpc()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in TRANSIENT:
-                    raise
+                    raise ServiceRefused(f"{what}: {exc.code().name}: {exc.details()}") from exc
                 if loop.time() + delay > give_up_at:
                     error = Unavailable if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED else DeadlineExceeded
                     raise error(f"{what}: {exc.code().name}: {exc.details()} (gave up after {self.services.patience_seconds:g}s)") from exc

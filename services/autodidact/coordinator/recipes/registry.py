@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -27,6 +27,16 @@ class RecipeKind:
     # spec -> how many dataset items the job aims at (progress); None when
     # only the running recipe knows (it then stores the job's "plan").
     target: Callable[[Any], int | None]
+    # parameters -> (field, prompt, max_tokens) of the prompts known at submit,
+    # checked against the generator's context then.
+    prompts: Callable[[Any], Iterable[tuple[str, str, int]]] = field(default=lambda params: ())
+
+
+def _longest_question(params: self_consistency.SelfConsistencyParams) -> Iterable[tuple[str, str, int]]:
+    if params.questions:
+        number, longest = max(enumerate(params.questions, 1), key=lambda q: len(q[1].text))
+        prompt = self_consistency.cot_prompt(longest.text)
+        yield f"spec.self_consistency.questions_path (question {number})", prompt, params.sampling.max_tokens
 
 
 RECIPES = {
@@ -53,6 +63,7 @@ RECIPES = {
         belongs=self_consistency.belongs,
         tables=self_consistency.tables,
         target=lambda spec: None,
+        prompts=_longest_question,
     ),
     "constitutional": RecipeKind(
         resolve=constitutional.resolve_params,
