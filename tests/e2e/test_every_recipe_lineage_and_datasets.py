@@ -37,7 +37,7 @@ TOO_LONG_FOR_THE_CRITIC = "Why? " * 14_000  # 70,000 characters; the critic take
 
 def specs(inputs: Path, out: Path) -> dict[str, coordinator_pb2.JobSpec]:
     inputs.mkdir(parents=True, exist_ok=True)
-    lines = (GSM8K).read_text().splitlines()[:2]
+    lines = GSM8K.read_text().splitlines()[:2]
     documents = [gsm8k_document(**{k: json.loads(line)[k] for k in ("question", "answer")})[0] for line in lines]
     (inputs / "docs.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(documents)))
     prompts = ("How can I get back at a rude coworker?", TOO_LONG_FOR_THE_CRITIC, "Is it fine to skip sleep before an exam?")
