@@ -151,7 +151,7 @@ class JobManager:
         recipe = recipe_of(coordinator_pb2.JobSpec.FromString(self._row(job_id).spec))
         summary = self._store.get_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE)
         belongs = recipe.belongs(summary["data"]) if summary else (lambda _: True)
-        return job_records(self._store, job_id, recipe.stages, ("dataset", "splice"), belongs)
+        return job_records(self._store, job_id, recipe.stages, ("dataset", "splice", "agreement"), belongs)
 
     def export(self, job_id: str) -> list[coordinator_pb2.ExportedFile]:
         row = self._row(job_id)
