@@ -6,6 +6,8 @@ import time
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from autodidact.critic.constitution import BUILT_IN, ConstitutionError, Constitutions, load_file
 from autodidact.errors import InvalidArgument, NotFound
@@ -70,6 +72,29 @@ def test_majority_and_weighted_votes():
 def test_a_tie_has_no_winner(answers, weights):
     result = vote(answers, weights)
     assert result.winner == "" and result.confidence == 0 and result.tied and result.tallies
+
+
+@settings(max_examples=300, deadline=1000)  # a stall (a billion-digit integer) would blow this
+@given(st.one_of(st.text(max_size=300), st.from_regex(r"-?[0-9]{1,120}(\.[0-9]{1,60})?([eE][-+]?[0-9]{1,12})?", fullmatch=True)))
+def test_normalising_any_text_is_quick_and_idempotent(text):
+    once = normalise_answer(text)
+    assert normalise_answer(once) == once and len(once) <= max(len(text.strip()), 102)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.decimals(allow_nan=False, allow_infinity=False, places=None).filter(lambda d: abs(d.adjusted()) <= 50 and len(d.as_tuple().digits) <= 40))
+def test_one_number_written_two_ways_is_one_answer(number):
+    assert normalise_answer(str(number)) == normalise_answer(format(number, "f")) == normalise_answer(format(number, ",f"))
+
+
+@given(st.lists(st.sampled_from(["", "1", "2", "3"]), min_size=1, max_size=12), st.data())
+def test_a_winner_is_strictly_heaviest_and_no_winner_means_a_tie(answers, data):
+    weights = data.draw(st.lists(st.sampled_from([0.25, 0.5, 1.0]), min_size=len(answers), max_size=len(answers)))
+    result = vote(answers, weights)
+    if result.winner:
+        assert all(result.tallies[0].weight > t.weight for t in result.tallies[1:]) and result.tallies[0].answer == result.winner
+    else:
+        assert not result.tallies or result.tallies[0].weight == result.tallies[1].weight
 
 
 def test_all_paths_together_get_a_time_budget():
