@@ -136,9 +136,9 @@ class SelfConsistencyRecipe:
     def __init__(self, ctx: JobContext, params: SelfConsistencyParams) -> None:
         self.ctx = ctx
         self.params = params
+        self.paths = self.kept_paths = 0  # counted as each question is decided (or replayed), for the summary
 
     async def run(self) -> dict[str, Any]:
-        self.paths = self.kept_paths = 0  # counted as each question is decided (or replayed)
         kept = await self.ctx.each_item(len(self.params.questions), self._question)
         return {"questions": len(kept), "kept_questions": sum(kept), "paths": self.paths, "kept_paths": self.kept_paths}
 
