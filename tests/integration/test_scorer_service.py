@@ -14,6 +14,7 @@ import pytest_asyncio
 
 from autodidact.backends.llm.llamacpp import bundled_model_path
 from autodidact.runtime.channels import create_channel
+from autodidact.scorer import votes
 from autodidact.v1 import scorer_pb2, scorer_pb2_grpc
 from autodidact.coordinator.recipes.formats import gsm8k_document
 from tests.conftest import SHARED_DATA
@@ -239,11 +240,15 @@ async def test_adversarial_numbers_are_answered_at_once_as_text(scorer, request_
     [
         (_vote(["The answer is 5."], answer_pattern="((((a{100}){100}){100}){100})"), "counted repeats"),
         (_vote(["x" * 5000], answer_pattern=r"(x+x+)+y"), "took longer than 50 ms on a path"),
-        (_vote(["1 " * 10_000] * 300, answer_pattern=r"([0-9]+)"), "took longer than 2 s over 300 paths"),
+        # Milliseconds a path, seconds in all: the vote's total budget (0.3 s here, see below) stops it.
+        (_vote(["1 " * 4000] * 600, answer_pattern=r"([0-9]+)"), "took longer than 0.3 s over 600 paths"),
     ],
     ids=["compile-bomb", "catastrophic-backtracking", "slow-over-all-paths"],
 )
-async def test_patterns_that_would_hold_the_scorer_are_refused_in_time_naming_the_field(scorer, request_, rule):
+async def test_patterns_that_would_hold_the_scorer_are_refused_in_time_naming_the_field(scorer, request_, rule, monkeypatch):
+    # The server runs in this process: a smaller total budget than the default 2 s keeps the
+    # case well past it on a fast machine and each path well under its 50 ms on a busy one.
+    monkeypatch.setattr(votes, "VOTE_MATCH_SECONDS", 0.3)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await scorer.Vote(request_, timeout=DEADLINE)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
@@ -259,6 +264,7 @@ async def test_a_slow_vote_does_not_hold_other_calls(scorer):
     quick = await scorer.Vote(_vote(["The answer is 4.", "The answer is 4."]), timeout=DEADLINE)
     assert quick.winner == "4"
     assert not slow.done(), "the quick vote waited for the slow one: matching held the event loop"
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await slow
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    try:
+        await slow  # all paths matched within the 2 s budget (a fast machine), or refused past it
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and exc.details().startswith("answer_pattern: took longer")
