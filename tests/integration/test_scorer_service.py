@@ -4,6 +4,7 @@ full forward pass per loss, log-softmax by hand."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -13,6 +14,7 @@ import pytest_asyncio
 
 from autodidact.backends.llm.llamacpp import bundled_model_path
 from autodidact.runtime.channels import create_channel
+from autodidact.scorer import votes
 from autodidact.v1 import scorer_pb2, scorer_pb2_grpc
 from autodidact.coordinator.recipes.formats import gsm8k_document
 from tests.conftest import GSM8K
@@ -186,3 +188,83 @@ async def test_malformed_requests_are_refused_naming_the_field(scorer, method, r
         await getattr(scorer, method)(request_)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details().startswith(f"{field}:"), raised.value.details()
+
+
+# --- Vote (issue 10, items 1, 13 and 14) ---
+
+QUESTION = "Q: Sam had 76 marbles and lost 26. How many are left?\nA:"
+DEADLINE = 20.0  # seconds; every Vote below must answer well within it
+NUMBER_PATTERN = r"The answer is (\S+)"
+
+
+def _vote(paths: list[str], **fields) -> scorer_pb2.VoteRequest:
+    return scorer_pb2.VoteRequest(prompt=QUESTION, paths=[scorer_pb2.ReasoningPath(text=p) for p in paths], **fields)
+
+
+async def test_vote_counts_the_answer_each_path_states_last_and_a_tie_has_no_winner(scorer):
+    paths = [
+        "He had 76. The answer is 76. But he lost 26, so 76 - 26 = 50. The answer is 50.",
+        "76 - 26 = 50. The answer is 50.",
+        "The answer is 76.",
+    ]
+    majority = await scorer.Vote(_vote(paths), timeout=DEADLINE)
+    assert [v.answer for v in majority.votes] == ["50", "50", "76"]
+    assert majority.winner == "50" and majority.confidence == pytest.approx(2 / 3)
+    weighted = await scorer.Vote(_vote(paths, method=scorer_pb2.VOTE_METHOD_LENGTH_NORMALIZED_PROBABILITY), timeout=DEADLINE)
+    assert [v.answer for v in weighted.votes] == ["50", "50", "76"] and all(0 < v.weight < 1 for v in weighted.votes)
+    assert weighted.winner == weighted.tallies[0].answer and weighted.tallies[0].weight > weighted.tallies[1].weight
+    tie = await scorer.Vote(_vote(["The answer is 7.", "The answer is 8.", "I am not sure."]), timeout=DEADLINE)
+    assert tie.winner == "" and tie.confidence == 0 and not any(v.agrees for v in tie.votes)
+    assert [(t.answer, t.count) for t in tie.tallies] == [("7", 1), ("8", 1)]
+
+
+@pytest.mark.parametrize(
+    ("request_", "answers"),
+    [
+        # Each of these reached INTERNAL, or held the scorer past the caller's deadline, before the bounds.
+        (_vote(["The answer is 1e999999999"] * 3, answer_pattern=NUMBER_PATTERN), ["1e999999999"] * 3),
+        (_vote(["The answer is -1E+999999999", "The answer is 1e-999999999"], answer_pattern=NUMBER_PATTERN), ["-1E+999999999", "1e-999999999"]),
+        (_vote(["The answer is 1e99999999999999999999999", "The answer is NaN"], answer_pattern=NUMBER_PATTERN), ["1e99999999999999999999999", "NaN"]),
+        (_vote(["The answer is " + "9" * 5000, "The answer is " + "9" * 900]), ["", "9" * 900]),
+        (_vote(["The answer is " + "7" * 60_000] * 100), [""] * 100),
+    ],
+    ids=["huge-exponent", "signed-exponents", "unparsable-exponent", "thousands-of-digits", "6-MB-of-digits"],
+)
+async def test_adversarial_numbers_are_answered_at_once_as_text(scorer, request_, answers):
+    response = await scorer.Vote(request_, timeout=DEADLINE)
+    assert [v.answer for v in response.votes] == answers
+
+
+@pytest.mark.parametrize(
+    ("request_", "rule"),
+    [
+        (_vote(["The answer is 5."], answer_pattern="((((a{100}){100}){100}){100})"), "counted repeats"),
+        (_vote(["x" * 5000], answer_pattern=r"(x+x+)+y"), "took longer than 50 ms on a path"),
+        # Milliseconds a path, seconds in all: the vote's total budget (0.3 s here, see below) stops it.
+        (_vote(["1 " * 4000] * 600, answer_pattern=r"([0-9]+)"), "took longer than 0.3 s over 600 paths"),
+    ],
+    ids=["compile-bomb", "catastrophic-backtracking", "slow-over-all-paths"],
+)
+async def test_patterns_that_would_hold_the_scorer_are_refused_in_time_naming_the_field(scorer, request_, rule, monkeypatch):
+    # The server runs in this process: a smaller total budget than the default 2 s keeps the
+    # case well past it on a fast machine and each path well under its 50 ms on a busy one.
+    monkeypatch.setattr(votes, "VOTE_MATCH_SECONDS", 0.3)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await scorer.Vote(request_, timeout=DEADLINE)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+    assert raised.value.details().startswith("answer_pattern:") and rule in raised.value.details()
+    # ...and the scorer answers the next call at once.
+    after = await scorer.Vote(_vote(["The answer is 3.", "The answer is 3."]), timeout=5)
+    assert after.winner == "3"
+
+
+async def test_a_slow_vote_does_not_hold_other_calls(scorer):
+    slow = asyncio.ensure_future(scorer.Vote(_vote(["1 " * 10_000] * 300, answer_pattern=r"([0-9]+)"), timeout=DEADLINE))
+    await asyncio.sleep(0.3)  # the slow vote is now matching (for about 2 s)
+    quick = await scorer.Vote(_vote(["The answer is 4.", "The answer is 4."]), timeout=DEADLINE)
+    assert quick.winner == "4"
+    assert not slow.done(), "the quick vote waited for the slow one: matching held the event loop"
+    try:
+        await slow  # all paths matched within the 2 s budget (a fast machine), or refused past it
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT and exc.details().startswith("answer_pattern: took longer")

@@ -40,6 +40,10 @@ def test_a_kept_path_becomes_the_four_lmsi_formats():
         ({"answer_pattern": "no group"}, "spec.self_consistency.answer_pattern", "capturing group"),
         ({"questions_path": "/nowhere.json"}, "spec.self_consistency.questions_path", "file not found"),
         ({"sampling": {"temperature": 5}}, "spec.self_consistency.sampling.temperature", "between 0 and 2"),
+        ({"answer_pattern": "((((a{100}){100}){100}){100})"}, "spec.self_consistency.answer_pattern", "counted repeats"),
+        ({"min_votes": 0}, "spec.self_consistency.min_votes", "between 1 and paths_per_question (32), got 0"),
+        ({"paths_per_question": 4, "min_votes": 5}, "spec.self_consistency.min_votes", "between 1 and paths_per_question (4), got 5"),
+        ({"paths_per_question": 1}, "spec.self_consistency.min_votes", "between 1 and paths_per_question (1), got 2 (the default)"),
     ],
 )
 def test_bad_self_consistency_specs_are_refused(fields, field, rule):
@@ -57,6 +61,7 @@ def test_bad_self_consistency_specs_are_refused(fields, field, rule):
 def test_self_consistency_defaults_are_lmsi_s():
     params = self_consistency.resolve_params(coordinator_pb2.SelfConsistencySpec(questions_path=str(SVAMP), max_questions=2), "job")
     assert params.paths == 32 and params.sampling.temperature == pytest.approx(0.7) and params.sampling.top_k == 40
+    assert params.min_votes == 2
 
 
 @pytest.mark.parametrize(

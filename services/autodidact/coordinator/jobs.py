@@ -45,8 +45,9 @@ SUMMARY_ITEM, SUMMARY_STAGE = "_job", "summary"
 ERRORS_STAGE = "errors"  # (SUMMARY_ITEM, ERRORS_STAGE): the job's error count, stored when it ends
 RESUMABLE = (FAILED, CANCELLED)
 # The stages whose decision says whether an item is in the dataset ("splice"
-# for a Toolformer call, "dataset" for everything else).
-FINAL_STAGES = ("dataset", "splice")
+# for a Toolformer call, "agreement" for a self-consistency path, "dataset" for
+# everything else).
+FINAL_STAGES = ("dataset", "splice", "agreement")
 # A prompt's tokens, estimated at submit without the model's tokenizer: a
 # generous characters-per-token figure (English BPE averages about 4), so
 # only a prompt that certainly cannot fit is refused.

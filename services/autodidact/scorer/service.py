@@ -6,6 +6,7 @@ the embedded llama.cpp backend has); ScoreText works on every backend.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -19,7 +20,7 @@ from autodidact.generator.requests import model_info
 from autodidact.runtime.metrics import SCORED_TOKENS, TOOL_CALL_DECISIONS
 from autodidact.runtime.server import Component
 from autodidact.scorer.toolformer import DEFAULT_WEIGHTS, Candidate, best_positions, filter_calls
-from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern, extract_answer, vote
+from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern, extract_answers, vote
 from autodidact.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 from autodidact.validation import check_count, check_length, check_range
 
@@ -186,9 +187,10 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         check_count("paths", request.paths, 1, 1024)
         for i, path in enumerate(request.paths):
             check_length(f"paths[{i}].text", path.text, 1, MAX_TEXT_CHARS)
-        check_length("answer_pattern", request.answer_pattern, 0, 512)
-        pattern = compile_pattern(request.answer_pattern or DEFAULT_ANSWER_PATTERN)
-        answers = [extract_answer(path.text, pattern) for path in request.paths]
+        # Compiling and matching client patterns over up to 64 MiB of paths is CPU
+        # work: it runs off the event loop (bounded in time), so health checks and
+        # other calls are answered meanwhile.
+        answers = await asyncio.to_thread(_answers, request.answer_pattern, [path.text for path in request.paths])
         weights = [1.0] * len(answers)
         if request.method == scorer_pb2.VOTE_METHOD_LENGTH_NORMALIZED_PROBABILITY:
             backend = self._loaded()
@@ -204,6 +206,10 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
             votes=[scorer_pb2.PathVote(answer=a, agrees=bool(a) and a == result.winner, weight=w if a else 0.0) for a, w in zip(answers, weights)],
             tallies=[scorer_pb2.AnswerTally(answer=t.answer, count=t.count, weight=t.weight) for t in result.tallies],
         )
+
+
+def _answers(pattern: str, paths: list[str]) -> list[str]:
+    return extract_answers(paths, compile_pattern(pattern or DEFAULT_ANSWER_PATTERN))
 
 
 async def _scored(scorer: TokenScorer, sequences: list[ScoringSequence], method: str, alternatives: tuple[int, ...] = ()) -> SequenceScores:

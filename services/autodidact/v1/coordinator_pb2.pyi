@@ -281,6 +281,7 @@ class SelfConsistencySpec(_message.Message):
     MIN_CONFIDENCE_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     MAX_QUESTIONS_FIELD_NUMBER: _builtins.int
+    MIN_VOTES_FIELD_NUMBER: _builtins.int
     questions_path: _builtins.str
     """Questions in JSONL or JSON (GSM8K's "question" or SVAMP's "Body" and
     "Question" fields). Required.
@@ -299,6 +300,11 @@ class SelfConsistencySpec(_message.Message):
     """Use only the first this many questions of the file. Default 0: all.
     Bounds [0, 100,000].
     """
+    min_votes: _builtins.int
+    """A winner needs at least this many paths stating it (and no other answer
+    as many); otherwise the question is dropped as no_majority. Default 2.
+    Bounds [1, paths_per_question].
+    """
     @_builtins.property
     def sampling(self) -> _common_pb2.SamplingParams:
         """Sampling. Default temperature 0.7, top_k 40, max_tokens 256, stop at
@@ -315,13 +321,19 @@ class SelfConsistencySpec(_message.Message):
         min_confidence: _builtins.float = ...,
         sampling: _common_pb2.SamplingParams | None = ...,
         max_questions: _builtins.int = ...,
+        min_votes: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_paths_per_question", b"_paths_per_question", "paths_per_question", b"paths_per_question", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_votes", b"_min_votes", "_paths_per_question", b"_paths_per_question", "min_votes", b"min_votes", "paths_per_question", b"paths_per_question", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_paths_per_question", b"_paths_per_question", "answer_pattern", b"answer_pattern", "max_questions", b"max_questions", "min_confidence", b"min_confidence", "paths_per_question", b"paths_per_question", "questions_path", b"questions_path", "sampling", b"sampling", "vote_method", b"vote_method"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_votes", b"_min_votes", "_paths_per_question", b"_paths_per_question", "answer_pattern", b"answer_pattern", "max_questions", b"max_questions", "min_confidence", b"min_confidence", "min_votes", b"min_votes", "paths_per_question", b"paths_per_question", "questions_path", b"questions_path", "sampling", b"sampling", "vote_method", b"vote_method"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__min_votes: _TypeAlias = _typing.Literal["min_votes"]  # noqa: Y015
+    _WhichOneofArgType__min_votes: _TypeAlias = _typing.Literal["_min_votes", b"_min_votes"]  # noqa: Y015
     _WhichOneofReturnType__paths_per_question: _TypeAlias = _typing.Literal["paths_per_question"]  # noqa: Y015
     _WhichOneofArgType__paths_per_question: _TypeAlias = _typing.Literal["_paths_per_question", b"_paths_per_question"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_votes) -> _WhichOneofReturnType__min_votes | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__paths_per_question) -> _WhichOneofReturnType__paths_per_question | None: ...
 
 Global___SelfConsistencySpec: _TypeAlias = SelfConsistencySpec  # noqa: Y015

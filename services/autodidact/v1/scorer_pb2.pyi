@@ -597,8 +597,10 @@ class VoteRequest(_message.Message):
     """
     answer_pattern: _builtins.str
     """Regular expression (Python syntax, matched with a time limit) whose first
-    group captures the answer. Default "The answer is\\\\s*\\\\$?\\\\s*(-?[0-9][0-9,]*(?:\\\\.[0-9]+)?)".
-    At most 512 characters.
+    group captures the answer; a path's answer is its last match (the answer
+    it states last). Default "The answer is\\\\s*\\\\$?\\\\s*(-?[0-9][0-9,]*(?:\\\\.[0-9]+)?)".
+    At most 512 characters; its counted repeats ({n}, {n,m}) may multiply to
+    at most 10,000; matching all paths may take at most 2 s.
     """
     method: Global___VoteMethod.ValueType
     """How paths are combined. Default majority."""
@@ -632,7 +634,11 @@ class PathVote(_message.Message):
     AGREES_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     answer: _builtins.str
-    """The normalised answer extracted from the path; empty when none was found."""
+    """The last answer the path states, normalised (numbers of at most 100
+    characters and powers of ten up to 100 are written canonically: "1,000.50"
+    is "1000.5"; anything else is kept as text); empty when none was found
+    or the captured text is longer than 1,000 characters.
+    """
     agrees: _builtins.bool
     """True when the answer equals the winner."""
     weight: _builtins.float
@@ -693,9 +699,13 @@ class VoteResponse(_message.Message):
     VOTES_FIELD_NUMBER: _builtins.int
     TALLIES_FIELD_NUMBER: _builtins.int
     winner: _builtins.str
-    """The winning answer; empty when no path had an answer."""
+    """The answer with the largest count (majority) or weight; empty when no
+    path had an answer or when two answers tie for the most.
+    """
     confidence: _builtins.float
-    """Share of paths with an answer that agree with the winner, in [0, 1]."""
+    """Share of paths with an answer that agree with the winner, in [0, 1]; 0
+    when there is no winner.
+    """
     @_builtins.property
     def votes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PathVote]:
         """One vote per path, in request order."""

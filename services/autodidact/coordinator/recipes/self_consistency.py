@@ -2,12 +2,17 @@
 2022, arXiv 2210.11610; ALGORITHMS.md §4).
 
 For each unlabelled question: m reasoning paths sampled with a few-shot
-chain-of-thought prompt; the scorer extracts every path's answer and votes;
-when the winner's share reaches the minimum confidence, every path that
-agrees is kept and becomes LMSI's four training examples.
+chain-of-thought prompt; the scorer extracts every path's answer (the last
+one it states) and votes; a question has a winner when one answer has more
+votes than any other and at least min_votes of them. When the winner's share
+also reaches the minimum confidence, every path that agrees is kept and
+becomes LMSI's four training examples.
 
-Item ids: "q00012" for a question, "q00012/p031" for its 32nd path. Samples
-are seeded from (job seed, question), so a resumed job repeats exactly.
+Item ids: "q00012" for a question, "q00012/p031" for its 32nd path. A
+question is decided at "vote" (no_answer, no_majority) or "dataset"
+(low_confidence or kept); each of its paths at "agreement", after its
+question. Samples are seeded from (job seed, question), so a resumed job
+repeats exactly.
 """
 
 from __future__ import annotations
@@ -27,11 +32,14 @@ from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2, scorer_pb2
 from autodidact.validation import check_range
 
-STAGES = ("paths", "vote", "dataset")
+# A path's only (and final) stage is "agreement"; a question's final one is "dataset".
+STAGES = ("paths", "vote", "agreement", "dataset")
 TEMPLATE_VERSION = "self_consistency/v1"
 MAX_QUESTIONS = 100_000
 SAMPLES_PER_CALL = 64  # the generator's default bound on n
 CALL_SECONDS = 1800.0
+DEFAULT_MIN_VOTES = 2
+ANSWER_QUOTE_CHARS = 40  # answers are model text: reasons quote them shortened
 
 # Worked examples of our own, in the paper's "Q: ... A: ... The answer is N." shape.
 EXAMPLES = (
@@ -70,6 +78,7 @@ class SelfConsistencyParams:
     answer_pattern: str
     min_confidence: float
     sampling: common_pb2.SamplingParams
+    min_votes: int = DEFAULT_MIN_VOTES
 
 
 def load_questions(path: Path, field: str, limit: int = 0) -> list[Question]:
@@ -112,45 +121,66 @@ def resolve_params(spec: coordinator_pb2.SelfConsistencySpec, job_id: str, field
     paths = spec.paths_per_question if spec.HasField("paths_per_question") else 32
     check_range(f"{field}.paths_per_question", paths, 1, 256)
     check_range(f"{field}.min_confidence", spec.min_confidence, 0.0, 1.0)
-    if len(spec.answer_pattern) > 512:
-        raise InvalidArgument(f"{field}.answer_pattern", f"must have at most 512 characters, got {len(spec.answer_pattern):,}")
+    min_votes = spec.min_votes if spec.HasField("min_votes") else DEFAULT_MIN_VOTES
+    if not 1 <= min_votes <= paths:
+        default = "" if spec.HasField("min_votes") else " (the default)"
+        raise InvalidArgument(f"{field}.min_votes", f"must be between 1 and paths_per_question ({paths:,}), got {min_votes:,}{default}")
     compile_pattern(spec.answer_pattern or DEFAULT_ANSWER_PATTERN, f"{field}.answer_pattern")
     sampling = sampling_with_defaults(
         spec.sampling, common_pb2.SamplingParams(temperature=0.7, top_k=40, max_tokens=256, stop=["\nQ:", "\n\n"]), f"{field}.sampling"
     )
-    return SelfConsistencyParams(questions, int(paths), spec.vote_method, spec.answer_pattern, spec.min_confidence, sampling)
+    return SelfConsistencyParams(questions, int(paths), spec.vote_method, spec.answer_pattern, spec.min_confidence, sampling, int(min_votes))
 
 
 class SelfConsistencyRecipe:
     def __init__(self, ctx: JobContext, params: SelfConsistencyParams) -> None:
         self.ctx = ctx
         self.params = params
+        self.paths = self.kept_paths = 0  # counted as each question is decided (or replayed), for the summary
 
     async def run(self) -> dict[str, Any]:
         kept = await self.ctx.each_item(len(self.params.questions), self._question)
-        return {"questions": len(kept), "kept": sum(kept)}
+        return {"questions": len(kept), "kept_questions": sum(kept), "paths": self.paths, "kept_paths": self.kept_paths}
 
     async def _question(self, index: int) -> bool:
         item = f"q{index:05d}"
         question = self.params.questions[index]
         sampled = await self.ctx.stage(item, "paths", lambda: self._paths(index, question))
         verdict = await self.ctx.stage(item, "vote", lambda: self._vote(question, sampled.data["paths"]))
+        voted = verdict.decision
+        assert voted is not None
         winner, confidence = verdict.data["winner"], verdict.data["confidence"]
-        if self.ctx.stored(item, "dataset") is None:
-            for number, (path, answer) in enumerate(zip(sampled.data["paths"], verdict.data["answers"])):
-                agrees = bool(answer) and answer == winner
-                decision = Decision(True) if agrees else Decision(False, "no_answer" if not answer else "disagrees", reason=f"answered {answer or 'nothing'}; winner {winner or 'none'}")
-                data = {"question": question.text, "path": path["text"], "answer": answer, "seed": path["seed"], "confidence": confidence}
-                self.ctx.record(f"{item}/p{number:03d}", "dataset", StageResult(data, decision))
-            if not winner:
-                decision = Decision(False, "no_answer", score=0, reason="no path stated an answer")
-            elif confidence < self.params.min_confidence:
-                decision = Decision(False, "low_confidence", score=confidence, reason=f"{confidence:.2f} of answers agree; minimum {self.params.min_confidence:g}")
+        final = None  # the question's decision at "dataset"; none when the vote dropped it
+        if voted.kept:
+            if confidence < self.params.min_confidence:
+                final = Decision(False, "low_confidence", score=confidence, reason=f"{confidence:.2f} of answers agree; minimum {self.params.min_confidence:g}")
             else:
-                decision = Decision(True, score=confidence, reason=f"{confidence:.2f} of answers agree on {winner}")
-            self.ctx.record(item, "dataset", StageResult({"question": question.text, "winner": winner, "confidence": confidence, "reference": question.reference}, decision))
-        stored = self.ctx.stored(item, "dataset")
-        return bool(stored and stored.decision and stored.decision.kept)
+                final = Decision(True, score=confidence, reason=f"{confidence:.2f} of answers agree on {_quote(winner)}")
+        # Paths first, then the question: a restart in between records the rest (each decision is a pure function of stored results).
+        for number, (path, answer) in enumerate(zip(sampled.data["paths"], verdict.data["answers"])):
+            path_item = f"{item}/p{number:03d}"
+            decision = self._path_decision(answer, winner, confidence, voted, final)
+            if self.ctx.stored(path_item, "agreement") is None:
+                data = {"question": question.text, "path": path["text"], "answer": answer, "seed": path["seed"], "confidence": confidence}
+                self.ctx.record(path_item, "agreement", StageResult(data, decision))
+            self.paths += 1
+            self.kept_paths += decision.kept
+        if final is not None and self.ctx.stored(item, "dataset") is None:
+            self.ctx.record(item, "dataset", StageResult({"question": question.text, "winner": winner, "confidence": confidence, "reference": question.reference}, final))
+        return final is not None and final.kept
+
+    @staticmethod
+    def _path_decision(answer: str, winner: str, confidence: float, voted: Decision, final: Decision | None) -> Decision:
+        """A path is kept when it states its question's winner and the question is kept."""
+        if not answer:
+            return Decision(False, "no_answer", reason="the path states no answer")
+        if not voted.kept:  # no winner: every answer goes with its question, under the same filter
+            return Decision(False, voted.filter, reason=f"answered {_quote(answer)}; {voted.reason}")
+        if answer != winner:
+            return Decision(False, "disagrees", reason=f"answered {_quote(answer)}; the winner is {_quote(winner)}")
+        if final is not None and not final.kept:
+            return Decision(False, final.filter, reason=f"agrees with the winner {_quote(winner)}, but {final.reason}")
+        return Decision(True, score=confidence, reason=f"agrees with the winner {_quote(winner)}")
 
     async def _paths(self, index: int, question: Question) -> StageResult:
         base = derive_seed(self.ctx.seed, "paths", index)
@@ -174,13 +204,27 @@ class SelfConsistencyRecipe:
             paths=[scorer_pb2.ReasoningPath(text=p["text"] or " ") for p in paths],
         )
         response = await self.ctx.call(lambda: self.ctx.services.scorer.Vote(request, timeout=CALL_SECONDS), "scorer (vote)")
+        answered = sum(t.count for t in response.tallies)
+        counts = ", ".join(f"{_quote(t.answer)}×{t.count}" for t in response.tallies[:5])
+        winner_votes = next((t.count for t in response.tallies if t.answer == response.winner), 0)
+        if not response.tallies:
+            decision = Decision(False, "no_answer", score=0, reason="no path stated an answer")
+        elif not response.winner:
+            decision = Decision(False, "no_majority", score=0, reason=f"tie for the most votes: {counts}")
+        elif winner_votes < self.params.min_votes:
+            decision = Decision(False, "no_majority", score=response.confidence,
+                                reason=f"{winner_votes} of {answered} answers agree, fewer than min_votes {self.params.min_votes}: {counts}")
+        else:
+            decision = Decision(True, score=response.confidence, reason=counts)
         return StageResult(
-            {"winner": response.winner, "confidence": response.confidence, "answers": [v.answer for v in response.votes],
-             "tallies": [{"answer": t.answer, "count": t.count} for t in response.tallies]},
-            Decision(bool(response.winner), "" if response.winner else "no_answer", score=response.confidence,
-                     reason=", ".join(f"{t.answer}×{t.count}" for t in response.tallies[:5]) or "no answers"),
+            {"winner": response.winner if decision.kept else "", "confidence": response.confidence if decision.kept else 0.0,
+             "answers": [v.answer for v in response.votes], "tallies": [{"answer": t.answer, "count": t.count} for t in response.tallies]},
+            decision,
         )
 
+
+def _quote(answer: str) -> str:
+    return answer if len(answer) <= ANSWER_QUOTE_CHARS else answer[: ANSWER_QUOTE_CHARS - 1] + "…"
 
 
 # --- how the coordinator presents this recipe's results ---
@@ -209,10 +253,9 @@ def lmsi_examples(question: str, path: str, answer: str) -> list[tuple[str, str,
 
 
 def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schema]]:
-    kept_questions = {r.item_id for r in records if "/" not in r.item_id and r.kept}
     paths, lmsi = [], []
     for record in records:
-        if "/" not in record.item_id or not record.kept or record.item_id.split("/")[0] not in kept_questions:
+        if "/" not in record.item_id or not record.kept:  # a path is kept only when its question is
             continue
         data = record.data
         paths.append({"item_id": record.item_id, **{k: data[k] for k in ("question", "path", "answer", "confidence", "seed")}})
