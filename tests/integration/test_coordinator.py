@@ -66,7 +66,7 @@ async def test_a_job_runs_to_a_dataset_with_progress_lineage_and_files(coordinat
         assert all(d.kept for d in record.lineage)
         origin = record.lineage[0]  # the sample the instruction came from
         assert origin.model.model.endswith(".gguf") and origin.template_version == "self_instruct/v1" and origin.HasField("seed")
-        assert record.lineage[1].HasField("score")  # the similarity
+        assert record.lineage[2].HasField("score")  # the similarity
         assert record.data["instances"]
     for record in records:
         if not record.kept:
