@@ -99,7 +99,7 @@ async def finish_job(coordinator: Service, job_id: str, spec: coordinator_pb2.Jo
             victim.kill()
             await asyncio.sleep(1.0)
             victim.start()
-    async with create_channel(coordinator.target, timeout_seconds=60) as fresh:
+    async with create_channel(coordinator.target, timeout_seconds=900) as fresh:
         await wait_until_serving(fresh, timeout=120)
         watch = coordinator_pb2_grpc.CoordinatorServiceStub(fresh).WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), timeout=600)
         job = [event.job async for event in watch][-1]
