@@ -9,7 +9,7 @@ import asyncio
 import re
 
 from autodidact.coordinator.recipes import self_instruct
-from autodidact.coordinator.recipes.base import derive_seed
+from autodidact.coordinator.recipes.base import JobContext, Services, derive_seed
 from autodidact.coordinator.recipes.self_instruct import SeedTask, SelfInstructParams, SelfInstructRecipe
 from autodidact.v1 import common_pb2, dedup_pb2, generator_pb2
 from tests.unit.recipe_harness import assert_lineage_agrees, run_recipe
@@ -96,3 +96,35 @@ def test_every_candidate_of_every_started_round_has_one_final_decision(tmp_path)
     assert [stage for stage, _ in by_id["r00002-00"].lineage] == ["generate_instructions", "heuristics", "diversity", "classify", "dataset"]
     origin = by_id["r00000-00"].lineage[0][1]
     assert origin.model == "double.gguf" and origin.seed == derive_seed(7, "instructions", 0) and origin.template_version == "self_instruct/v1"
+
+
+class CountingGenerator(GeneratorDouble):
+    def __init__(self, dedup: DedupDouble) -> None:
+        super().__init__(dedup)
+        self.calls = 0
+
+    async def Generate(self, request, timeout=None):  # noqa: N802
+        self.calls += 1
+        return await super().Generate(request, timeout)
+
+
+def test_a_restarted_job_does_not_take_closed_rounds_further(tmp_path):
+    """Resuming after the rounds were closed (a crash before SUCCEEDED) replays the
+    stored job: rounds past the target stay as they were closed, nothing is generated."""
+    seeds = [SeedTask(f"Seed task number {i} for testing", (("in", "out"),), i % 2 == 0) for i in range(4)]
+    params = SelfInstructParams(
+        seed_tasks=seeds, target=2, human_per_prompt=2, machine_per_prompt=0, threshold=0.9, namespace="ns",
+        instruction_sampling=common_pb2.SamplingParams(), instance_sampling=common_pb2.SamplingParams(), max_rounds=20,
+    )
+    dedup = DedupDouble()
+    first, store = run_recipe(tmp_path, {"generator": GeneratorDouble(dedup), "dedup": dedup}, lambda ctx: SelfInstructRecipe(ctx, params, WINDOW), WINDOW)
+    before = store.results("job")
+    again = DedupDouble()
+    again.three_batches.set()
+    generator = CountingGenerator(again)
+    services = Services(generator=generator, dedup=again, scorer=None, tool_executor=None, critic=None)  # type: ignore[arg-type]
+    ctx = JobContext("job", 7, store, services, WINDOW, lambda: None)
+    second = asyncio.run(SelfInstructRecipe(ctx, params, WINDOW).run())
+    assert second == first and generator.calls == 0
+    assert store.results("job") == before
+    assert_lineage_agrees(store, self_instruct.STAGES, self_instruct.belongs(second))

@@ -62,6 +62,8 @@ STAGES = ("generate_instructions", "heuristics", "diversity", "classify", "insta
 # Stages where a candidate can be dropped before the dataset.
 DROPPING_STAGES = ("heuristics", "diversity", "instances")
 SEEDS_ITEM = "_seeds"
+# Where the job notes the round that reached the target, before closing later rounds.
+CLOSED_ITEM, CLOSED_STAGE = "_closed", "closed"
 UNSUITABLE_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw", "plot", "go to")
 UNSUITABLE_PATTERN = re.compile(r"\b(" + "|".join(map(re.escape, UNSUITABLE_WORDS)) + r")\b", re.IGNORECASE)
 LIST_ITEM_SPLIT = re.compile(r"\n\d+\s?\. ")
@@ -335,6 +337,9 @@ class SelfInstructRecipe:
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+        # A restarted job must not take the rounds closed below any further (a candidate
+        # ended as over_target would gain later decisions), so the close is noted first.
+        self.ctx.record(CLOSED_ITEM, CLOSED_STAGE, StageResult({"last_round": last_round}))
         for position, item_id in enumerate(finished):
             within = position < self.params.target
             self.ctx.record(item_id, "dataset", StageResult(decision=Decision(True) if within else self._over_target(item_id)))
@@ -352,6 +357,11 @@ class SelfInstructRecipe:
     async def _round(self, round_: int) -> list[str]:
         """One prompt → its candidates' fates; returns the ids that reached the end, in order."""
         item = f"r{round_:05d}"
+        closed = self.ctx.stored(CLOSED_ITEM, CLOSED_STAGE)
+        if closed is not None and round_ > closed.data["last_round"]:
+            self._kept_by_diversity[round_] = []
+            self._diversity_turn[round_].set()
+            return []  # not needed: closed when the job first reached its target
         generated = await self.ctx.stage(item, "generate_instructions", lambda: self._generate_instructions(round_))
         # No await between the stored generation and its candidates' first decisions.
         survivors = [(candidate, instruction) for candidate, instruction, kept in self._candidates(round_, generated) if kept]
