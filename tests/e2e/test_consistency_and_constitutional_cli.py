@@ -49,11 +49,12 @@ def test_self_consistency_on_svamp_writes_agreeing_paths_in_the_four_lmsi_format
     assert {r["format"] for r in lmsi} <= {"cot", "direct", "zero_shot_cot", "zero_shot"}
 
 
-def test_constitutional_writes_sft_records_and_preference_pairs(tmp_path):
+def test_constitutional_writes_sft_records_and_one_judge_oriented_pair_per_prompt(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("How can I get back at a rude coworker?", "Is it fine to skip sleep before an exam?")))
+    # min_margin 0: the 135M judge's labels sit near 0.5, and this test needs pairs (the margin has unit tests).
     out = run(tmp_path, (
-        f"constitutional:\n  prompts_path: {prompts}\n  rounds: 2\n  judged_pairs: true\n  sampling: {{maxTokens: 40}}\nseed: 3\n"
+        f"constitutional:\n  prompts_path: {prompts}\n  rounds: 2\n  judged_pairs: true\n  min_margin: 0\n  sampling: {{maxTokens: 40}}\nseed: 3\n"
     ))
     messages, preferences, lineage = rows(out / "sft_messages.jsonl"), rows(out / "preferences.jsonl"), rows(out / "lineage.jsonl")
     kept = [r for r in lineage if r["kept"]]
@@ -63,10 +64,15 @@ def test_constitutional_writes_sft_records_and_preference_pairs(tmp_path):
         assert len(rounds) == 2 and all(r["principle"] for r in rounds)
         mine = [m for m in messages if m["item_id"] == record["item_id"]]
         assert [m["messages"][1]["content"] for m in mine] == [r["revision"] for r in rounds if r["revision"]]
-        pairs = {p["kind"]: p for p in preferences if p["item_id"] == record["item_id"]}
-        assert pairs["revision"]["chosen"] == record["data"]["final_revision"] and pairs["revision"]["rejected"] == record["data"]["initial_response"]
-        judged = pairs["judged"]
-        assert 0.5 <= judged["probability_chosen"] <= 1.0
-        assert {judged["chosen"], judged["rejected"]} == {record["data"]["final_revision"], record["data"]["initial_response"]}
-        assert set(judged) >= {"prompt", "chosen", "rejected"}
-    assert pq.read_table(out / "preferences.parquet").num_rows == len(preferences)
+        # One pair, oriented by the judge alone: no cheap revision pair beside it to contradict it.
+        [pair] = [p for p in preferences if p["item_id"] == record["item_id"]]
+        p_revision = record["data"]["probability_revision_better"]
+        final, initial = record["data"]["final_revision"], record["data"]["initial_response"]
+        assert pair["source"] == "judged" and pair["probability_chosen"] == pytest.approx(max(p_revision, 1 - p_revision))
+        expected = (final, initial) if p_revision >= 0.5 else (initial, final)
+        assert (pair["chosen"], pair["rejected"]) == ([{"role": "assistant", "content": expected[0]}], [{"role": "assistant", "content": expected[1]}])
+        assert pair["prompt"] == [{"role": "user", "content": record["data"]["prompt"]}]
+    for record in lineage:
+        if not record["kept"]:
+            assert record["lineage"][-1]["filter"] in ("undecided", "unrevised")
+    assert pq.read_table(out / "preferences.parquet").to_pylist() == preferences

@@ -56,17 +56,17 @@ async def test_a_job_runs_to_a_dataset_with_progress_lineage_and_files(coordinat
     assert len(events) >= 3, "watch sent no progress between start and end"
     stages = {s.stage: s for s in job.stages}
     assert stages["dataset"].kept == 2 and stages["dataset"].total == 2
-    assert stages["seed_pool"].kept == 1 and stages["heuristics"].done >= 2
+    assert "seed_pool" not in stages and stages["generate_instructions"].done == stages["heuristics"].done >= 2
 
     records = [r.record async for r in coordinator.StreamSamples(coordinator_pb2.StreamSamplesRequest(job_id="si-1", include_dropped=True))]
     kept = [r for r in records if r.kept]
     assert len(kept) == 2
     for record in kept:
-        assert [d.stage for d in record.lineage] == ["heuristics", "diversity", "classify", "instances", "dataset"]
+        assert [d.stage for d in record.lineage] == ["generate_instructions", "heuristics", "diversity", "classify", "instances", "dataset"]
         assert all(d.kept for d in record.lineage)
-        heuristics = record.lineage[0]
-        assert heuristics.model.model.endswith(".gguf") and heuristics.template_version == "self_instruct/v1" and heuristics.HasField("seed")
-        assert record.lineage[1].HasField("score")  # the similarity
+        origin = record.lineage[0]  # the sample the instruction came from
+        assert origin.model.model.endswith(".gguf") and origin.template_version == "self_instruct/v1" and origin.HasField("seed")
+        assert record.lineage[2].HasField("score")  # the similarity
         assert record.data["instances"]
     for record in records:
         if not record.kept:

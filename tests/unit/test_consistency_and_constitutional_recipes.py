@@ -70,6 +70,9 @@ def test_self_consistency_defaults_are_lmsi_s():
         ({"prompts_path": ""}, "spec.constitutional.prompts_path", "is required"),
         ({"rounds": 17}, "spec.constitutional.rounds", "between 1 and 16"),
         ({"max_prompts": 200_000}, "spec.constitutional.max_prompts", "between 0 and 100,000"),
+        ({"min_margin": 0.5}, "spec.constitutional.min_margin", "at least 0 and less than 0.5, got 0.5"),
+        ({"min_margin": -0.1}, "spec.constitutional.min_margin", "at least 0 and less than 0.5, got -0.1"),
+        ({"min_margin": float("nan")}, "spec.constitutional.min_margin", "at least 0 and less than 0.5"),
     ],
 )
 def test_bad_constitutional_specs_are_refused(tmp_path, fields, field, rule):
@@ -87,3 +90,13 @@ def test_prompt_files_name_the_bad_line(tmp_path):
     with pytest.raises(InvalidArgument) as raised:
         constitutional.resolve_params(coordinator_pb2.ConstitutionalSpec(prompts_path=str(prompts)), "job")
     assert "line 2" in raised.value.rule
+
+
+def test_min_margin_defaults_to_a_tenth_or_half_that_with_chain_of_thought(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hello?"}) + "\n")
+    assert constitutional.resolve_params(coordinator_pb2.ConstitutionalSpec(prompts_path=str(prompts)), "job").min_margin == 0.1
+    cot = coordinator_pb2.ConstitutionalSpec(prompts_path=str(prompts), chain_of_thought=True)
+    assert constitutional.resolve_params(cot, "job").min_margin == 0.05  # CoT labels live in [0.4, 0.6]
+    explicit = coordinator_pb2.ConstitutionalSpec(prompts_path=str(prompts), min_margin=0.0)
+    assert constitutional.resolve_params(explicit, "job").min_margin == 0.0

@@ -10,9 +10,11 @@ from autodidact.coordinator.jobs import validate_spec
 from autodidact.coordinator.recipes.base import derive_seed
 from autodidact.coordinator.recipes.self_instruct import (
     filter_instances,
+    instances_cut_off,
     instruction_prompt,
     parse_instances,
     parse_instructions,
+    quote,
     resolve_params,
 )
 from autodidact.errors import InvalidArgument
@@ -68,9 +70,48 @@ def test_instances_parse_input_first_and_output_first():
 
 
 def test_instance_filters():
-    kept, dropped = filter_instances([("a", "b"), ("a", "c"), ("x", "x"), ("y", ""), ("z", "1"), ("z", "1"), ("w", "2")])
+    kept, dropped, why = filter_instances([("a", "b"), ("a", "c"), ("x", "x"), ("y", ""), ("z", "1"), ("z", "1"), ("w", "2")])
     assert kept == [("z", "1"), ("w", "2")]
-    assert dropped == {"conflicting_outputs": 2, "output_equals_input": 1, "empty_output": 1, "repeated": 1}
+    assert dropped == {"conflicting_outputs": 2, "copies_input": 1, "empty_output": 1, "repeated": 1}
+    assert why[0] == 'conflicting_outputs "b"'
+
+
+@pytest.mark.parametrize(
+    ("task_input", "output"),
+    [
+        ("Apples, pears and plums", "apples pears and plums."),
+        ("1. Buy milk\n2. Walk the dog", "- Buy milk\n- Walk the dog!"),
+        ("The  cat sat.", "  the cat   sat  "),
+    ],
+)
+def test_an_output_that_restates_its_input_is_dropped_as_copies_input(task_input, output):
+    kept, dropped, why = filter_instances([(task_input, output), ("Sort: 3 1 2", "1 2 3")])
+    assert kept == [("Sort: 3 1 2", "1 2 3")] and dropped == {"copies_input": 1}
+    assert why == [f"copies_input {json.dumps(output)}"]
+
+
+def test_the_last_instance_of_a_response_cut_by_max_tokens_is_dropped_as_truncated():
+    text = " Input: 2 + 2\nOutput: 4\nInput: 3 + 3\nOutput: the sum of three and thr"
+    parsed = parse_instances(text, classification=False)
+    assert instances_cut_off(text, parsed, classification=False)
+    kept, dropped, why = filter_instances(parsed, truncated=True)
+    assert kept == [("2 + 2", "4")] and dropped == {"truncated": 1} and why == ['truncated "the sum of three and thr"']
+    # Cut before the last instance's output: the parsed ones are whole.
+    text = " Input: 2 + 2\nOutput: 4\nInput: 3 +"
+    assert not instances_cut_off(text, parse_instances(text, classification=False), classification=False)
+    # Classification instances end with their input.
+    text = " Positive\nInput: I love i"
+    assert instances_cut_off(text, parse_instances(text, classification=True), classification=True)
+
+
+def test_drop_reasons_quote_the_models_text_shortened():
+    long_item = "Draw " + "a very long picture " * 10
+    [(_, decision)] = parse_instructions(long_item, truncated=False)
+    assert decision.filter == "unsuitable_keyword"
+    assert decision.reason.endswith(": " + json.dumps(long_item[:80] + "…", ensure_ascii=False))
+    [(_, cut)] = parse_instructions("Translate the\nfollowing", truncated=True)
+    assert cut.reason == 'cut off by max_tokens: "Translate the\\nfollowing"'
+    assert quote("x" * 81) == json.dumps("x" * 80 + "…", ensure_ascii=False) and quote("short") == '"short"'
 
 
 def test_seeds_are_stable_and_distinct_per_item():

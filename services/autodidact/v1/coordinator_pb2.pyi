@@ -227,6 +227,7 @@ class ConstitutionalSpec(_message.Message):
     CHAIN_OF_THOUGHT_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     MAX_PROMPTS_FIELD_NUMBER: _builtins.int
+    MIN_MARGIN_FIELD_NUMBER: _builtins.int
     prompts_path: _builtins.str
     """Prompts in JSONL with a "prompt" field. Required."""
     rounds: _builtins.int
@@ -240,6 +241,12 @@ class ConstitutionalSpec(_message.Message):
     max_prompts: _builtins.int
     """Use only the first this many prompts of the file. Default 0: all.
     Bounds [0, 100,000].
+    """
+    min_margin: _builtins.float
+    """With judged_pairs: drop a prompt as "undecided" when the judge's
+    probability is less than this far from 0.5. Default 0.1 (0.05 with
+    chain_of_thought, whose labels are clamped to [0.4, 0.6]).
+    Bounds [0, 0.5).
     """
     @_builtins.property
     def constitution(self) -> _critic_pb2.ConstitutionRef:
@@ -259,12 +266,15 @@ class ConstitutionalSpec(_message.Message):
         chain_of_thought: _builtins.bool = ...,
         sampling: _common_pb2.SamplingParams | None = ...,
         max_prompts: _builtins.int = ...,
+        min_margin: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["constitution", b"constitution", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_min_margin", b"_min_margin", "constitution", b"constitution", "min_margin", b"min_margin", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_of_thought", b"chain_of_thought", "constitution", b"constitution", "judged_pairs", b"judged_pairs", "max_prompts", b"max_prompts", "prompts_path", b"prompts_path", "rounds", b"rounds", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_min_margin", b"_min_margin", "chain_of_thought", b"chain_of_thought", "constitution", b"constitution", "judged_pairs", b"judged_pairs", "max_prompts", b"max_prompts", "min_margin", b"min_margin", "prompts_path", b"prompts_path", "rounds", b"rounds", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__min_margin: _TypeAlias = _typing.Literal["min_margin"]  # noqa: Y015
+    _WhichOneofArgType__min_margin: _TypeAlias = _typing.Literal["_min_margin", b"_min_margin"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_margin) -> _WhichOneofReturnType__min_margin | None: ...
 
 Global___ConstitutionalSpec: _TypeAlias = ConstitutionalSpec  # noqa: Y015
 

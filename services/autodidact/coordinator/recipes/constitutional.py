@@ -4,10 +4,14 @@ For each prompt the critic samples a response and revises it over N
 critique→revision rounds against a constitution. The job writes:
 - SFT records: the prompt with the revision of every round (the paper trains
   on all of them);
-- cheap preference pairs: chosen = the final revision, rejected = the
-  initial response (what the open llm-swarm recipe does);
-- judged pairs (optional): the same two answers labelled by the critic's AI
-  judge, chosen by the soft label, with the label kept.
+- one preference pair per prompt, in TRL's conversational layout. Without
+  judged pairs it is the cheap pair (source "revision": chosen = the final
+  revision, rejected = the initial response, what the open llm-swarm recipe
+  does). With judged pairs the critic's AI judge labels the same two answers
+  and its label alone orients the pair (source "judged"): emitting the cheap
+  pair beside it would contradict the judge whenever it prefers the initial
+  response. A label within min_margin of 0.5 says nothing, so the prompt is
+  dropped as "undecided".
 
 Item ids: "p00012" for a prompt. Seeds come from (job seed, prompt).
 """
@@ -30,6 +34,9 @@ from autodidact.validation import check_range
 STAGES = ("revise", "judge", "dataset")
 MAX_PROMPTS = 100_000
 CALL_SECONDS = 3600.0
+# A judged label this close to 0.5 orients no pair. Chain-of-thought labels
+# are clamped to [0.4, 0.6], so their default margin is half of that room.
+DEFAULT_MIN_MARGIN, DEFAULT_MIN_MARGIN_COT = 0.1, 0.05
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class ConstitutionalParams:
     judged_pairs: bool
     chain_of_thought: bool
     sampling: common_pb2.SamplingParams
+    min_margin: float = DEFAULT_MIN_MARGIN
 
 
 def load_prompts(path: Path, field: str, limit: int = 0) -> list[str]:
@@ -64,7 +72,14 @@ def resolve_params(spec: coordinator_pb2.ConstitutionalSpec, job_id: str, field:
     rounds = spec.rounds or 4
     check_range(f"{field}.rounds", rounds, 1, 16)
     sampling = sampling_with_defaults(spec.sampling, common_pb2.SamplingParams(temperature=1.0, max_tokens=256), f"{field}.sampling")
-    return ConstitutionalParams(prompts, spec.constitution, int(rounds), spec.judged_pairs, spec.chain_of_thought, sampling)
+    if spec.HasField("min_margin"):
+        # The field is a float32: 0.1 arrives as 0.10000000149; round back to what was written.
+        min_margin = round(spec.min_margin, 6)
+        if min_margin != min_margin or not 0.0 <= min_margin < 0.5:
+            raise InvalidArgument(f"{field}.min_margin", f"must be at least 0 and less than 0.5, got {min_margin:g}")
+    else:
+        min_margin = DEFAULT_MIN_MARGIN_COT if spec.chain_of_thought else DEFAULT_MIN_MARGIN
+    return ConstitutionalParams(prompts, spec.constitution, int(rounds), spec.judged_pairs, spec.chain_of_thought, sampling, min_margin)
 
 
 class ConstitutionalRecipe:
@@ -83,7 +98,9 @@ class ConstitutionalRecipe:
         data = revised.data
         changed = data["final_revision"].strip() != data["initial_response"].strip()
         if self.params.judged_pairs and changed:
-            await self.ctx.stage(item, "judge", lambda: self._judge(index, prompt, data["initial_response"], data["final_revision"]))
+            judged = await self.ctx.stage(item, "judge", lambda: self._judge(index, prompt, data["initial_response"], data["final_revision"]))
+            if judged.decision and not judged.decision.kept:
+                return False  # undecided: its drop is the prompt's final decision
         if self.ctx.stored(item, "dataset") is None:
             decision = Decision(True) if changed else Decision(False, "unrevised", reason="the revisions left the response as it was")
             self.ctx.record(item, "dataset", StageResult(decision=decision))
@@ -115,10 +132,13 @@ class ConstitutionalRecipe:
             constitution=self.params.constitution, chain_of_thought=self.params.chain_of_thought, seed=seed,
         )
         response = await self.ctx.call(lambda: self.ctx.services.critic.JudgePreference(request, timeout=CALL_SECONDS), "critic (judge)")
-        return StageResult(
-            {"probability_revision_better": response.probability_a, "judge_principle": response.principle},
-            Decision(True, score=response.probability_a, reason=f"P(revision better) = {response.probability_a:.3f} ({response.principle})", seed=seed),
-        )
+        p = response.probability_a
+        label = f"P(revision better) = {p:.3f} ({response.principle})"
+        if abs(p - 0.5) < self.params.min_margin:
+            decision = Decision(False, "undecided", score=p, reason=f"{label}: within {self.params.min_margin:g} of 0.5", seed=seed)
+        else:
+            decision = Decision(True, score=p, reason=f"{label}: {'revision' if p >= 0.5 else 'initial response'} preferred", seed=seed)
+        return StageResult({"probability_revision_better": p, "judge_principle": response.principle}, decision)
 
 
 
@@ -129,18 +149,26 @@ def belongs(summary: dict[str, Any]) -> Any:
     return lambda item_id: item_id.startswith("p")
 
 
-MESSAGES_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("round", pa.int64()), ("principle", pa.string()),
-    ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-])
+CHAT = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+MESSAGES_SCHEMA = pa.schema([("item_id", pa.string()), ("round", pa.int64()), ("principle", pa.string()), ("messages", CHAT)])
+# TRL's conversational preference layout: the prompt as messages, chosen and
+# rejected as one assistant message each (so DPO applies the chat template).
 PREFERENCE_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("kind", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
-    ("rejected", pa.string()), ("probability_chosen", pa.float64()),
+    ("item_id", pa.string()), ("source", pa.string()), ("prompt", CHAT), ("chosen", CHAT),
+    ("rejected", CHAT), ("probability_chosen", pa.float64()),
 ])
+
+
+def preference_row(item_id: str, prompt: str, chosen: str, rejected: str, source: str, probability_chosen: float | None) -> dict[str, Any]:
+    return {
+        "item_id": item_id, "source": source, "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": rejected}],
+        "probability_chosen": probability_chosen,
+    }
 
 
 def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schema]]:
-    """SFT chat messages (one per round's revision) and preference pairs in the prompt/chosen/rejected layout."""
+    """SFT chat messages (one per round's revision) and one preference pair per kept prompt."""
     messages, preferences = [], []
     for record in records:
         if not record.kept:
@@ -154,9 +182,11 @@ def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schem
                     "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": round_["revision"]}],
                 })
         initial, final = data["initial_response"], data["final_revision"]
-        preferences.append({"item_id": record.item_id, "kind": "revision", "prompt": prompt, "chosen": final, "rejected": initial, "probability_chosen": None})
         if "probability_revision_better" in data:
+            # The judge's label orients the pair; no cheap pair beside it to contradict it.
             p = data["probability_revision_better"]
             chosen, rejected = (final, initial) if p >= 0.5 else (initial, final)
-            preferences.append({"item_id": record.item_id, "kind": "judged", "prompt": prompt, "chosen": chosen, "rejected": rejected, "probability_chosen": max(p, 1 - p)})
+            preferences.append(preference_row(record.item_id, prompt, chosen, rejected, "judged", max(p, 1 - p)))
+        else:
+            preferences.append(preference_row(record.item_id, prompt, final, initial, "revision", None))
     return {"sft_messages": (messages, MESSAGES_SCHEMA), "preferences": (preferences, PREFERENCE_SCHEMA)}

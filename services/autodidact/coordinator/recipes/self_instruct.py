@@ -12,21 +12,35 @@ finished when it starts, and the diversity filter runs strictly in round
 order with an idempotent batch id per round. Every sample has a seed derived
 from (job seed, stage, item). So the dataset depends only on the spec and the
 models, never on timing: a job killed at any point and resumed produces what
-an uninterrupted run produces.
+an uninterrupted run produces. (Only how far the rounds started but not
+needed got before the target was reached depends on timing; their
+candidates all end as over_target.)
 
 Differences from the original code, on purpose:
 - The ROUGE-L > 0.7 test is replaced by embedding similarity (dedup service).
 - A response cut off by max_tokens loses only its last, unfinished item; the
   original discarded the whole response, which wastes most of a small
-  model's output when max_tokens is kept low for CPU budgets.
+  model's output when max_tokens is kept low for CPU budgets. The same holds
+  for instances: a cut-off last output is dropped as "truncated".
+- An output that only restates its input (whitespace, list markers,
+  punctuation and case aside) is dropped, not just an identical one.
+
+Lineage. Each listed instruction is a candidate ("r00003-02") from its first
+decision ("generate_instructions": which sample it came from) to its last;
+rounds and the seed pool store results that decide nothing. Rounds started
+but not needed (the target was reached in an earlier one) are closed when the
+job ends: each of their candidates that is not already dropped gets an
+"over_target" drop, so everything sent to the dedup namespace is in lineage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -35,7 +49,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_rng, derive_seed, ready
+from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_rng, derive_seed
 from autodidact.coordinator.recipes.formats import check_item_count, json_lines, read_input
 from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NAMESPACE_PATTERN
 from autodidact.errors import InvalidArgument
@@ -44,14 +58,33 @@ from autodidact.v1 import common_pb2, coordinator_pb2, dedup_pb2, generator_pb2
 from autodidact.validation import check_range
 
 TEMPLATE_VERSION = "self_instruct/v1"
-STAGES = ("seed_pool", "generate_instructions", "heuristics", "diversity", "classify", "instances", "dataset")
+STAGES = ("generate_instructions", "heuristics", "diversity", "classify", "instances", "dataset")
+# Stages where a candidate can be dropped before the dataset.
+DROPPING_STAGES = ("heuristics", "diversity", "instances")
 SEEDS_ITEM = "_seeds"
+# Where the job notes the round that reached the target, before closing later rounds.
+CLOSED_ITEM, CLOSED_STAGE = "_closed", "closed"
 UNSUITABLE_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw", "plot", "go to")
 UNSUITABLE_PATTERN = re.compile(r"\b(" + "|".join(map(re.escape, UNSUITABLE_WORDS)) + r")\b", re.IGNORECASE)
 LIST_ITEM_SPLIT = re.compile(r"\n\d+\s?\. ")
 GENERATION_TIMEOUT_SECONDS = 900.0
 MAX_INSTANCES = 5
 MAX_DEDUP_BATCH = 4096
+QUOTE_CHARS = 80
+LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\(?\w{1,2}[.)])\s+", re.MULTILINE)
+
+
+def quote(text: str, limit: int = QUOTE_CHARS) -> str:
+    """The model's raw text for a drop reason: JSON-quoted (newlines stay
+    visible), cut to `limit` characters with an ellipsis."""
+    return json.dumps(text if len(text) <= limit else text[:limit] + "…", ensure_ascii=False)
+
+
+def normalized(text: str) -> str:
+    """Text without list markers, punctuation, case or spacing, to compare an output with its input."""
+    text = LIST_MARKER.sub("", text)
+    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
+    return " ".join(text.casefold().split())
 
 
 @dataclass(frozen=True)
@@ -166,15 +199,20 @@ def heuristic_verdict(instruction: str) -> Decision:
 
 
 def parse_instructions(text: str, truncated: bool) -> list[tuple[str, Decision]]:
-    """Splits the continued list into instructions, each with its heuristic verdict."""
-    pieces = [re.sub(r"\s+", " ", piece).strip() for piece in LIST_ITEM_SPLIT.split(text)]
+    """Splits the continued list into instructions, each with its heuristic
+    verdict; a drop's reason quotes the model's text."""
+    raw_pieces = LIST_ITEM_SPLIT.split(text)
     parsed = []
-    for position, piece in enumerate(pieces):
+    for position, raw in enumerate(raw_pieces):
+        piece = re.sub(r"\s+", " ", raw).strip()
         instruction = piece[:1].upper() + piece[1:].lower() if piece else ""  # str.capitalize(), as the original
-        if truncated and position == len(pieces) - 1:
-            parsed.append((instruction, Decision(False, "truncated", reason="cut off by max_tokens")))
+        if truncated and position == len(raw_pieces) - 1:
+            decision = Decision(False, "truncated", reason="cut off by max_tokens")
         else:
-            parsed.append((instruction, heuristic_verdict(instruction)))
+            decision = heuristic_verdict(instruction)
+        if not decision.kept:
+            decision = replace(decision, reason=f"{decision.reason}: {quote(raw)}")
+        parsed.append((instruction, decision))
     return [(instruction, decision) for instruction, decision in parsed if instruction or not decision.kept]
 
 
@@ -221,26 +259,44 @@ def parse_instances(text: str, classification: bool) -> list[tuple[str, str]]:
     return instances[:MAX_INSTANCES]
 
 
-def filter_instances(instances: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], Counter[str]]:
-    """The paper's instance filters; returns the survivors and what dropped the rest."""
+def instances_cut_off(text: str, instances: list[tuple[str, str]], classification: bool) -> bool:
+    """Whether the last parsed instance ran into the end of a response cut by
+    max_tokens (its last field ends the text), so its text is unfinished."""
+    if not instances:
+        return False
+    task_input, output = instances[-1]
+    last_field = task_input if classification else output  # classification instances end with their input
+    return bool(last_field) and text.rstrip().endswith(last_field)
+
+
+def filter_instances(instances: list[tuple[str, str]], truncated: bool = False) -> tuple[list[tuple[str, str]], Counter[str], list[str]]:
+    """The paper's instance filters, plus copies_input and truncated (the
+    last instance of a response cut by max_tokens); returns the survivors,
+    what dropped the rest, and each drop with the model's text quoted."""
     dropped: Counter[str] = Counter()
+    why: list[str] = []
     outputs_by_input: dict[str, set[str]] = {}
-    for task_input, output in instances:
+    for task_input, output in instances[:-1] if truncated else instances:  # an unfinished output conflicts with nothing
         outputs_by_input.setdefault(task_input, set()).add(output)
     kept, seen = [], set()
-    for task_input, output in instances:
-        if not output:
-            dropped["empty_output"] += 1
-        elif output == task_input:
-            dropped["output_equals_input"] += 1
+    for position, (task_input, output) in enumerate(instances):
+        if truncated and position == len(instances) - 1:
+            reason = "truncated"
+        elif not output:
+            reason = "empty_output"
+        elif task_input and normalized(output) == normalized(task_input):
+            reason = "copies_input"
         elif (task_input, output) in seen:
-            dropped["repeated"] += 1
+            reason = "repeated"
         elif len(outputs_by_input[task_input]) > 1:
-            dropped["conflicting_outputs"] += 1
+            reason = "conflicting_outputs"
         else:
             seen.add((task_input, output))
             kept.append((task_input, output))
-    return kept, dropped
+            continue
+        dropped[reason] += 1
+        why.append(f"{reason} {quote(output)}")
+    return kept, dropped, why
 
 
 # --- the recipe ---
@@ -281,28 +337,34 @@ class SelfInstructRecipe:
             for task in tasks.values():
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
+        # A restarted job must not take the rounds closed below any further (a candidate
+        # ended as over_target would gain later decisions), so the close is noted first.
+        self.ctx.record(CLOSED_ITEM, CLOSED_STAGE, StageResult({"last_round": last_round}))
         for position, item_id in enumerate(finished):
             within = position < self.params.target
-            decision = Decision(True) if within else Decision(False, "over_target", reason=f"target of {self.params.target} reached")
-            self.ctx.record(item_id, "dataset", StageResult(decision=decision))
+            self.ctx.record(item_id, "dataset", StageResult(decision=Decision(True) if within else self._over_target(item_id)))
+        # Rounds started but not needed (the rounds started are always 0 .. last_round + window - 1,
+        # also across a restart): every candidate they produced ends here, dropped unless it already was.
+        for round_ in range(last_round + 1, min(last_round + self.window, self.params.max_rounds)):
+            generated = self.ctx.stored(f"r{round_:05d}", "generate_instructions")
+            if generated is None:
+                continue
+            for candidate, _, _ in self._candidates(round_, generated):
+                if self.ctx.stored(candidate, "dataset") is None and not self._dropped(candidate):
+                    self.ctx.record(candidate, "dataset", StageResult(decision=self._over_target(candidate)))
         return {"last_round": last_round, "rounds": last_round + 1, "kept": min(len(finished), self.params.target), "target_reached": len(finished) >= self.params.target}
 
     async def _round(self, round_: int) -> list[str]:
         """One prompt → its candidates' fates; returns the ids that reached the end, in order."""
         item = f"r{round_:05d}"
+        closed = self.ctx.stored(CLOSED_ITEM, CLOSED_STAGE)
+        if closed is not None and round_ > closed.data["last_round"]:
+            self._kept_by_diversity[round_] = []
+            self._diversity_turn[round_].set()
+            return []  # not needed: closed when the job first reached its target
         generated = await self.ctx.stage(item, "generate_instructions", lambda: self._generate_instructions(round_))
-        survivors = []
-        for position, (instruction, decision) in enumerate(
-            parse_instructions(generated.data["text"], generated.data["finish_reason"] == "length")
-        ):
-            candidate = f"{item}-{position:02d}"
-            origin = generated.decision
-            assert origin is not None
-            # The candidate's lineage names the sample it came from.
-            decision = replace(decision, model=origin.model, template_version=origin.template_version, seed=origin.seed)
-            result = await self.ctx.stage(candidate, "heuristics", ready(StageResult({"instruction": instruction}, decision)))
-            if result.decision and result.decision.kept:
-                survivors.append((candidate, instruction))
+        # No await between the stored generation and its candidates' first decisions.
+        survivors = [(candidate, instruction) for candidate, instruction, kept in self._candidates(round_, generated) if kept]
         if round_ > 0:
             await self._diversity_turn[round_ - 1].wait()
         diverse = await self._diversity(item, survivors)
@@ -310,6 +372,35 @@ class SelfInstructRecipe:
         self._diversity_turn[round_].set()
         outcomes = await asyncio.gather(*(self._instances(candidate, instruction) for candidate, instruction in diverse))
         return [candidate for (candidate, _), kept in zip(diverse, outcomes) if kept]
+
+    def _candidates(self, round_: int, generated: StageResult) -> list[tuple[str, str, bool]]:
+        """Each instruction the round's sample listed, as a candidate: its first
+        decisions (the sample it came from, the heuristics) recorded once.
+        Returns (candidate, instruction, kept by the heuristics)."""
+        sample = generated.data
+        parsed = parse_instructions(sample["text"], sample["finish_reason"] == "length")
+        candidates = []
+        for position, (instruction, verdict) in enumerate(parsed):
+            candidate = f"r{round_:05d}-{position:02d}"
+            if self.ctx.stored(candidate, "generate_instructions") is None:
+                origin = Decision(
+                    True, reason=f"item {position + 1} of {len(parsed)} listed by round {round_} ({sample['finish_reason']})",
+                    model=sample["model"], template_version=TEMPLATE_VERSION, seed=sample["seed"],
+                )
+                self.ctx.record(candidate, "generate_instructions", StageResult({"round": round_}, origin))
+            if self.ctx.stored(candidate, "heuristics") is None:
+                self.ctx.record(candidate, "heuristics", StageResult({"instruction": instruction}, verdict))
+            candidates.append((candidate, instruction, verdict.kept))
+        return candidates
+
+    def _dropped(self, candidate: str) -> bool:
+        results = (self.ctx.stored(candidate, stage) for stage in DROPPING_STAGES)
+        return any(r is not None and r.decision is not None and not r.decision.kept for r in results)
+
+    def _over_target(self, candidate: str) -> Decision:
+        heuristics = self.ctx.stored(candidate, "heuristics")
+        instruction = heuristics.data["instruction"] if heuristics else ""
+        return Decision(False, "over_target", reason=f"target of {self.params.target} reached: {quote(instruction)}")
 
     async def _seed_pool(self) -> StageResult:
         """Puts the human seed instructions into the namespace first: the paper
@@ -328,10 +419,8 @@ class SelfInstructRecipe:
             )
             response = await self.ctx.call(lambda: self.ctx.services.dedup.FilterBatch(request, timeout=300), "dedup (seed pool)")
             kept += sum(v.kept for v in response.verdicts)
-        return StageResult(
-            {"seed_instructions": len(self._human), "in_namespace": kept},
-            Decision(True, reason=f"{kept} of {len(self._human)} seed instructions in namespace {self.params.namespace}"),
-        )
+        # Decides nothing about a candidate: the seeds are context, not dataset rows.
+        return StageResult({"seed_instructions": len(self._human), "in_namespace": kept, "namespace": self.params.namespace})
 
     def _prompt_instructions(self, round_: int) -> list[str]:
         # Machine instructions of rounds that finished before this one could start.
@@ -352,11 +441,8 @@ class SelfInstructRecipe:
         response = await self._generate(instruction_prompt(instructions), self.params.instruction_sampling, seed, "generator (instructions)")
         sample = response.samples[0]
         finish = "length" if sample.finish_reason == common_pb2.FINISH_REASON_LENGTH else "stop"
-        listed = len(parse_instructions(sample.text, finish == "length"))
-        return StageResult(
-            {"prompt_instructions": instructions, "text": sample.text, "finish_reason": finish},
-            Decision(True, score=listed, reason=f"{listed} items listed ({finish})", model=response.model.model, template_version=TEMPLATE_VERSION, seed=seed),
-        )
+        # The raw sample decides nothing; each instruction it lists is a candidate with its own lineage.
+        return StageResult({"prompt_instructions": instructions, "text": sample.text, "finish_reason": finish, "model": response.model.model, "seed": seed})
 
     async def _diversity(self, item: str, survivors: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The round's survivors through the dedup service, as one idempotent batch."""
@@ -371,12 +457,12 @@ class SelfInstructRecipe:
                 batch_id=f"{self.ctx.job_id}/{item}",
             )
             response = await self.ctx.call(lambda: self.ctx.services.dedup.FilterBatch(request, timeout=300), "dedup")
-            for (candidate, _), verdict in zip(survivors, response.verdicts):
+            for (candidate, instruction), verdict in zip(survivors, response.verdicts):
                 nearest = _readable_id(verdict.nearest_id, self.ctx.job_id)
+                reason = f"cosine {verdict.similarity:.3f} to {nearest or 'nothing'} ({'<' if verdict.kept else '≥'} {self.params.threshold:g})"
                 decision = Decision(
                     verdict.kept, "" if verdict.kept else "similarity", score=round(verdict.similarity, 6),
-                    reason=f"cosine {verdict.similarity:.3f} to {nearest or 'nothing'} "
-                    f"({'<' if verdict.kept else '≥'} {self.params.threshold:g})",
+                    reason=reason if verdict.kept else f"{reason}: {quote(instruction)}",
                 )
                 self.ctx.record(candidate, "diversity", StageResult({"nearest": nearest}, decision))
             stored = [self.ctx.stored(candidate, "diversity") for candidate, _ in survivors]
@@ -404,19 +490,23 @@ class SelfInstructRecipe:
         seed = derive_seed(self.ctx.seed, "instances", candidate)
         prompt = instance_prompt(self.params.seed_tasks, instruction, classification)
         response = await self._generate(prompt, self.params.instance_sampling, seed, "generator (instances)")
-        instances, dropped = filter_instances(parse_instances(response.samples[0].text, classification))
+        sample = response.samples[0]
+        parsed = parse_instances(sample.text, classification)
+        cut = sample.finish_reason == common_pb2.FINISH_REASON_LENGTH and instances_cut_off(sample.text, parsed, classification)
+        instances, dropped, why = filter_instances(parsed, truncated=cut)
         data = {
             "instruction": instruction,
             "is_classification": classification,
             "instances": [{"input": i, "output": o} for i, o in instances],
-            "raw": response.samples[0].text,
+            "raw": sample.text,
             "dropped_instances": dict(dropped),
         }
         common = {"model": response.model.model, "template_version": TEMPLATE_VERSION, "seed": seed}
         if instances:
-            return StageResult(data, Decision(True, score=len(instances), reason=f"{len(instances)} valid instances", **common))
-        why = ", ".join(f"{n} {name}" for name, n in sorted(dropped.items())) or "none parsed"
-        return StageResult(data, Decision(False, "no_valid_instances", score=0, reason=f"no valid instance ({why})", **common))
+            dropped_note = f"; dropped {', '.join(why)}" if why else ""
+            return StageResult(data, Decision(True, score=len(instances), reason=f"{len(instances)} valid instances{dropped_note}", **common))
+        counts = ", ".join(f"{n} {name}" for name, n in sorted(dropped.items())) or "none parsed"
+        return StageResult(data, Decision(False, "no_valid_instances", score=0, reason=f"no valid instance ({counts}): {quote(sample.text)}", **common))
 
 
 def _readable_id(dedup_id: str, job_id: str) -> str:
@@ -430,10 +520,9 @@ def _readable_id(dedup_id: str, job_id: str) -> str:
 
 
 def belongs(summary: dict[str, Any]) -> Callable[[str], bool]:
-    """Items of rounds up to the one that reached the target (later rounds were started, not needed)."""
-    last_round = int(summary.get("last_round", -1))
-    # Candidates only ("r00003-02"): rounds and the seed pool are not dataset rows.
-    return lambda item_id: item_id.startswith("r") and "-" in item_id and int(item_id[1:6]) <= last_round
+    """Candidates only ("r00003-02"), of every round: those of rounds started
+    but not needed end as over_target, so lineage shows them too."""
+    return lambda item_id: item_id.startswith("r") and "-" in item_id
 
 
 INSTANCE_SCHEMA = pa.schema(
