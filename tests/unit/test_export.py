@@ -55,6 +55,9 @@ def test_manifest_numbers_are_json_numbers():
     assert export.message_json(coordinator_pb2.ExportedFile(path="p", kind="k", rows=7))["rows"] == 7
     job = coordinator_pb2.Job(id="j", stages=[stage])
     assert export.message_json(job)["stages"][0]["done"] == 12
+    # A table with no rows says 0, not nothing (proto3's JSON leaves zeros out).
+    assert export.message_json(coordinator_pb2.ExportedFile(path="p", kind="k"), zeros=True)["rows"] == 0
+    assert export.message_json(coordinator_pb2.StageProgress(stage="s"), zeros=True)["kept"] == 0
 
 
 def test_a_failed_write_leaves_no_temporary_file_and_leftovers_are_removed(tmp_path):

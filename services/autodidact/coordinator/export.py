@@ -73,9 +73,12 @@ def lineage_rows(records: list[Record]) -> list[dict[str, Any]]:
     ]
 
 
-def message_json(message: Message) -> dict[str, Any]:
-    """A message's JSON mapping with 64-bit integers as JSON numbers."""
-    return _numbers(message.DESCRIPTOR, json_format.MessageToDict(message))
+def message_json(message: Message, zeros: bool = False) -> dict[str, Any]:
+    """A message's JSON mapping with 64-bit integers as JSON numbers; with
+    `zeros`, counts of 0 are written too (a reader should not have to know
+    that proto3's JSON omits them)."""
+    mapping = json_format.MessageToDict(message, always_print_fields_with_no_presence=zeros)
+    return _numbers(message.DESCRIPTOR, mapping)
 
 
 def _numbers(message_type: descriptor.Descriptor, value: dict[str, Any]) -> dict[str, Any]:

@@ -287,8 +287,8 @@ class JobManager:
                 "template_versions": sorted({d.template_version for r in records for _, d in r.lineage if d.template_version}),
                 "summary": summary["data"],
                 "errors": self._errors(job_id, spec, records),
-                "stages": [export.message_json(stage) for stage in job.stages],
-                "files": [export.message_json(f) for f in files],
+                "stages": [export.message_json(stage, zeros=True) for stage in job.stages],
+                "files": [export.message_json(f, zeros=True) for f in files],
             },
         )
         files.append(coordinator_pb2.ExportedFile(path=str(manifest), kind="manifest"))
