@@ -381,6 +381,9 @@ class JobManager:
                 plan = self._store.get_result(row.id, PLAN_ITEM, PLAN_STAGE)
                 total = recipe.target(spec) if plan is None else plan["data"]["dataset_items"]
                 if total is not None:
-                    progress.total = total
+                    # A target (Self-Instruct's target_instructions) bounds what is kept, not what
+                    # is decided: the round that reaches it can bring more candidates, which end
+                    # as over_target. Total then counts them too, so done never passes it.
+                    progress.total = max(total, c.done)
             job.stages.append(progress)
         return job
