@@ -76,7 +76,7 @@ def summary_table(job: coordinator_pb2.Job) -> str:
 
 
 WATCH_SECONDS = 600
-CONNECT_SECONDS = 8
+CONNECT_SECONDS = 5
 TERMINAL_STATES = (coordinator_pb2.JOB_STATE_SUCCEEDED, coordinator_pb2.JOB_STATE_FAILED, coordinator_pb2.JOB_STATE_CANCELLED)
 
 

@@ -16,7 +16,9 @@ needs) on one port, with:
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +40,18 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def _nothing() -> None:
+    return None
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why a listening socket could not bind host:port now (SO_REUSEADDR, as servers set), or None."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return "the port is in use" if exc.errno == errno.EADDRINUSE else str(exc.strerror or exc)
     return None
 
 
@@ -91,6 +105,9 @@ class ServiceHost:
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
         )
         address = f"{self.settings.host}:{self.settings.port}"
+        problem = _bind_problem(self.settings.host, self.settings.port) if self.settings.port else None
+        if problem:  # checked here as well as by grpc, which would first log its own multi-line error
+            raise StartupError(f"cannot listen on {address}: {problem}")
         try:
             self.port = server.add_insecure_port(address)
         except RuntimeError:  # grpc says only "Failed to bind"; in use is by far the likeliest
