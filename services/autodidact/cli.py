@@ -261,19 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     json_logs = {"auto": None, "json": True, "console": False}[getattr(args, "log_format", "auto")]
     configure_logging(getattr(args, "log_level", "info"), json=json_logs)
+    from autodidact.errors import StartupError
+
     if args.command == "generate":
         return asyncio.run(_generate(args))
-    if args.command == "run":
-        return asyncio.run(_run(args))
     if args.command == "serve":
         names = [args.service]
     else:
         from autodidact.stack import IMPLEMENTED
 
         names = list(IMPLEMENTED)
-    from autodidact.errors import StartupError
-
     try:
+        if args.command == "run":
+            return asyncio.run(_run(args))
         asyncio.run(_serve(names, args))
     except (ValueError, StartupError) as exc:  # a bad option or file, a port in use, a damaged store
         print(f"error: {exc}", file=sys.stderr)
