@@ -188,7 +188,7 @@ async def test_every_rpc_answers_hostile_bytes_with_a_typed_code_in_time(fuzz_st
         loop = asyncio.get_running_loop()
 
         # hypothesis drives a synchronous test; each example runs its call on this loop's thread.
-        @settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(body=request_bytes(method))
         def one_call(body: bytes) -> None:
             code, details, seconds = asyncio.run_coroutine_threadsafe(call_raw(channel, method, body), loop).result()
