@@ -359,3 +359,35 @@ async def test_rebuilding_a_large_search_index_does_not_stall_health(tmp_path):
         assert slowest < 0.3, f"a health check waited {slowest:.2f}s while the index rebuilt ({took:.2f}s)"
     finally:
         await host.stop(grace=0)
+
+
+async def test_a_burst_of_calls_over_the_limit_leaves_every_health_check_answered(start_generator):
+    from autodidact.v1 import common_pb2
+
+    # Before: health checks shared the limit with the calls; in a burst, 7 of 46 failed.
+    host = await start_generator(max_concurrent_rpcs=2)
+    # Greedy counting never ends by itself: seconds of generation per call.
+    request = text_request("1, 2, 3, 4, 5, 6, 7, 8,", seed=1, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=100))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+        stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+
+        async def generate() -> grpc.StatusCode:
+            try:
+                await stub.Generate(request, timeout=300)
+                return grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+
+        burst = [asyncio.ensure_future(generate()) for _ in range(6)]
+        await asyncio.sleep(0.3)
+        statuses = []
+        for _ in range(10):
+            try:
+                statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(await health_of(channel, "")))
+            except grpc.aio.AioRpcError as exc:
+                statuses.append(exc.code().name)
+        still_generating = sum(not call.done() for call in burst)
+        codes = await asyncio.gather(*burst)
+    assert still_generating == 2, "the generations ended before the health checks; the test proves nothing"
+    assert statuses == ["SERVING"] * 10
+    assert sorted(code.name for code in codes) == ["OK", "OK"] + ["RESOURCE_EXHAUSTED"] * 4
