@@ -1,7 +1,7 @@
 """The `autodidact` command.
 
     autodidact serve SERVICE [--port PORT]   host one service
-    autodidact up                            host every implemented service, loopback ports
+    autodidact up [--base-port N]            host every implemented service, loopback ports N to N+5
     autodidact generate "PROMPT"             sample from a running generator
     autodidact run RECIPE.yaml               run a recipe as a job, with progress and a summary
 """
@@ -36,10 +36,13 @@ def _add_server_args(parser: argparse.ArgumentParser, default_host: str) -> None
 
     defaults = ServerSettings()
     parser.add_argument("--host", default=_env("HOST", default_host), help=f"address to bind (default {default_host})")
-    parser.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "9464") or 0),
-                        help="Prometheus /metrics port; 0 turns it off (default 9464)")
+    metrics = _env("METRICS_PORT")
+    parser.add_argument("--metrics-port", type=int, default=int(metrics) if metrics else None,
+                        help="Prometheus /metrics port; 0 turns it off (default: the service's, 9464 to 9469, see README; `up`: 9464)")
     parser.add_argument("--max-concurrent-rpcs", type=int, default=defaults.max_concurrent_rpcs,
-                        help=f"RPCs in progress at once per service; more get RESOURCE_EXHAUSTED (default {defaults.max_concurrent_rpcs})")
+                        help=f"unary calls in progress at once per service; more get RESOURCE_EXHAUSTED (default {defaults.max_concurrent_rpcs})")
+    parser.add_argument("--max-concurrent-streams", type=int, default=defaults.max_concurrent_streams,
+                        help=f"response streams (WatchJob, StreamSamples, health Watch) at once per service (default {defaults.max_concurrent_streams})")
     parser.add_argument("--max-message-mib", type=float, default=defaults.max_message_bytes / 2**20,
                         help="largest message in MiB (default 8)")
     parser.add_argument("--grace", type=float, default=defaults.grace_seconds,
@@ -65,7 +68,7 @@ def _add_server_args(parser: argparse.ArgumentParser, default_host: str) -> None
 
 
 def _parser() -> argparse.ArgumentParser:
-    from autodidact.stack import DEFAULT_PORTS
+    from autodidact.stack import BASE_PORT, DEFAULT_PORTS
 
     parser = argparse.ArgumentParser(prog="autodidact", description="Language models write and filter their own training data.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_server_args(serve, default_host="0.0.0.0")
 
     up = commands.add_parser("up", help="host every implemented service in one process on loopback")
+    up.add_argument("--base-port", type=int, default=BASE_PORT,
+                    help=f"ports: this one and the next five, in the order of the README's table (default {BASE_PORT})")
     _add_server_args(up, default_host="127.0.0.1")
 
     run = commands.add_parser("run", help="run a recipe file as a job: progress, dataset files, summary")
@@ -156,6 +161,7 @@ def _server_settings(args: argparse.Namespace, port: int, metrics_port: int | No
         port=port,
         max_message_bytes=int(args.max_message_mib * 2**20),
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_concurrent_streams=args.max_concurrent_streams,
         grace_seconds=args.grace,
         metrics_port=metrics_port,
     )
@@ -163,18 +169,25 @@ def _server_settings(args: argparse.Namespace, port: int, metrics_port: int | No
 
 async def _serve(names: list[str], args: argparse.Namespace) -> None:
     from autodidact.runtime.server import ServiceHost, run_until_signalled
-    from autodidact.stack import DEFAULT_PORTS, build_component
+    from autodidact.stack import BASE_PORT, DEFAULT_METRICS_PORTS, DEFAULT_PORTS, build_component
 
     neighbours = ("generator", "dedup", "scorer", "tool-executor", "critic")
     if args.command == "up":  # services call their neighbours on loopback
-        targets = {name: f"127.0.0.1:{DEFAULT_PORTS[name]}" for name in neighbours}
+        if not 1 <= args.base_port <= 65535 - 5:
+            raise ValueError(f"--base-port must be between 1 and 65,530, got {args.base_port}")
+        ports = {name: args.base_port + port - BASE_PORT for name, port in DEFAULT_PORTS.items()}
+        targets = {name: f"127.0.0.1:{ports[name]}" for name in neighbours}
+        # One process, one metrics registry: one endpoint, the coordinator's default port.
+        metrics_port = DEFAULT_METRICS_PORTS["coordinator"] if args.metrics_port is None else args.metrics_port or None
     else:
+        ports = {names[0]: args.port if args.port is not None else DEFAULT_PORTS[names[0]]}
         targets = {name: getattr(args, f"{name.replace('-', '_')}_target") for name in neighbours}
+        # Each service has its own default, so several `serve` processes share a host.
+        metrics_port = DEFAULT_METRICS_PORTS[names[0]] if args.metrics_port is None else args.metrics_port or None
     options = _options(args, targets)
-    metrics_port = args.metrics_port or None
     hosts = []
     for i, name in enumerate(names):
-        port = args.port if getattr(args, "port", None) is not None else DEFAULT_PORTS[name]
+        port = ports[name]
         # One metrics endpoint per process: the first host starts it.
         settings = _server_settings(args, port, metrics_port if i == 0 else None)
         hosts.append(ServiceHost([build_component(name, options)], settings))
@@ -248,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     json_logs = {"auto": None, "json": True, "console": False}[getattr(args, "log_format", "auto")]
     configure_logging(getattr(args, "log_level", "info"), json=json_logs)
+    from autodidact.errors import StartupError
+
     if args.command == "generate":
         return asyncio.run(_generate(args))
-    if args.command == "run":
-        return asyncio.run(_run(args))
     if args.command == "serve":
         names = [args.service]
     else:
@@ -259,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
 
         names = list(IMPLEMENTED)
     try:
+        if args.command == "run":
+            return asyncio.run(_run(args))
         asyncio.run(_serve(names, args))
-    except ValueError as exc:  # a bad option, a bad constitution file
+    except (ValueError, StartupError) as exc:  # a bad option or file, a port in use, a damaged store
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

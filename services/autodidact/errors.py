@@ -44,3 +44,9 @@ class Unavailable(AutodidactError):
 
 class DeadlineExceeded(AutodidactError):
     """The work did not finish within its time bound."""
+
+
+class StartupError(Exception):
+    """A process cannot start: a port in use, a damaged store. Not a client
+    error: the command prints the message (one line, naming the port or the
+    file) and exits 2, with no traceback."""

@@ -38,7 +38,8 @@ def load_recipe(path: Path, output_dir: Path | None) -> coordinator_pb2.JobSpec:
     for recipe in raw.values():
         if isinstance(recipe, dict):
             for key, value in recipe.items():
-                if key.endswith("_path") and isinstance(value, str) and not Path(value).is_absolute():
+                # JSON mapping allows both spellings of a field: seed_tasks_path, seedTasksPath.
+                if key.endswith(("_path", "Path")) and isinstance(value, str) and not Path(value).is_absolute():
                     recipe[key] = str((path.parent / value).resolve())
     if output_dir is not None:
         raw["output_dir"] = str(output_dir.resolve())
@@ -75,6 +76,7 @@ def summary_table(job: coordinator_pb2.Job) -> str:
 
 
 WATCH_SECONDS = 600
+CONNECT_SECONDS = 5
 TERMINAL_STATES = (coordinator_pb2.JOB_STATE_SUCCEEDED, coordinator_pb2.JOB_STATE_FAILED, coordinator_pb2.JOB_STATE_CANCELLED)
 
 
@@ -91,7 +93,14 @@ def submission_outcome(submitted: coordinator_pb2.SubmitJobResponse) -> str:
 
 async def run_job(target: str, job_id: str, spec: coordinator_pb2.JobSpec, show_progress: bool = True) -> int:
     async with create_channel(target, timeout_seconds=60) as channel:
-        await wait_until_serving(channel, timeout=120)
+        # Nothing listening is told apart from a coordinator still starting, and said at once.
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout=CONNECT_SECONDS)
+            await wait_until_serving(channel, timeout=120)
+        except TimeoutError as exc:
+            reason = str(exc) or f"nothing accepted a connection within {CONNECT_SECONDS:g} s"
+            print(f"error: no coordinator at {target}: {reason}", file=sys.stderr)
+            return 2
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         try:
             submitted = await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=job_id, spec=spec))

@@ -32,7 +32,10 @@ DEFAULT_PORTS = {
     "tool-executor": 50054,
     "dedup": 50055,
 }
-DEFAULT_METRICS_PORT = 9464
+BASE_PORT = DEFAULT_PORTS["coordinator"]  # `up --base-port N` shifts them all by N - BASE_PORT
+# Prometheus ports of `serve NAME`: one per service, so several share a host
+# (the container images set AUTODIDACT_METRICS_PORT=9464 for every pod).
+DEFAULT_METRICS_PORTS = {name: 9464 + port - BASE_PORT for name, port in DEFAULT_PORTS.items()}
 LLM_BACKENDS = ("llamacpp", "tgi", "openai_compat")
 EMBEDDERS = ("local", "tei")
 

@@ -6,9 +6,40 @@ read exactly what to fix. Bounds are inclusive, as in the proto comments.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sized
 
 from autodidact.errors import InvalidArgument
+
+# Quoted client input is cut to this many characters: a status message must
+# stay far below gRPC's 8 KiB metadata limit whatever the client sent.
+QUOTE_CHARS = 80
+
+# Names that become file or folder names (job ids, dedup namespaces): a letter
+# or digit first, so "." and ".." (and hidden names) are refused; see check_id.
+# \Z, not $: "$" also matches before a final newline.
+ID_PATTERN = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+ID_RULE = "must be 1 to 128 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit, without '..'"
+
+
+def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how long it was when cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def quoted(value: object, limit: int = QUOTE_CHARS) -> str:
+    """repr() of client input for a message, shortened: 'abc…' (78,000 characters)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text):,} characters)"
+
+
+def check_id(field: str, value: str) -> None:
+    if not ID_PATTERN.match(value):
+        raise InvalidArgument(field, f"{ID_RULE}, got {quoted(value)}")
 
 
 def _number(value: float) -> str:
@@ -45,4 +76,4 @@ def check_count(field: str, items: Sized, low: int, high: int) -> None:
 
 def check_one_of(field: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise InvalidArgument(field, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        raise InvalidArgument(field, f"must be one of {', '.join(map(repr, allowed))}, got {quoted(value)}")

@@ -149,3 +149,95 @@ def test_logs_are_json_off_a_terminal_and_carry_the_request_id():
     refusal = next(line for line in lines if line["event"] == "rpc refused")
     assert refusal["code"] == "INVALID_ARGUMENT" and refusal["reason"].startswith("sampling.top_p")
     assert len(refusal["request_id"]) == 32 and refusal["method"] == "/autodidact.v1.GeneratorService/Generate"
+
+
+# --- local ergonomics: ports, dead addresses, damaged stores ---
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("AUTODIDACT_")} | {"AUTODIDACT_LOG_FORMAT": "json"}
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]  # JSON log lines aside
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_a_port_in_use_is_one_line_and_exit_2():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        grpc_port = cli("serve", "critic", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0")
+        assert f"cannot listen on 127.0.0.1:{port}" in one_line_error(grpc_port)
+        metrics = cli("serve", "critic", "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", str(port))
+        assert f"cannot serve metrics on 127.0.0.1:{port}" in one_line_error(metrics)
+
+
+def test_two_services_on_one_host_each_serve_metrics_on_their_own_default_port():
+    import urllib.request
+
+    from autodidact.stack import DEFAULT_METRICS_PORTS
+
+    names = ("critic", "tool-executor")
+    ports = {name: free_port() for name in names}
+    processes = [
+        subprocess.Popen([AUTODIDACT, "serve", name, "--host", "127.0.0.1", "--port", str(ports[name])],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_env())
+        for name in names
+    ]
+    try:
+        for name in names:
+            async def serving(target: str = f"127.0.0.1:{ports[name]}") -> None:
+                async with grpc.aio.insecure_channel(target) as channel:
+                    await wait_until_serving(channel, timeout=60)
+
+            asyncio.run(serving())
+            url = f"http://127.0.0.1:{DEFAULT_METRICS_PORTS[name]}/metrics"
+            assert "autodidact_rpc_requests_total" in urllib.request.urlopen(url, timeout=5).read().decode()
+        assert [p.poll() for p in processes] == [None, None]
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def test_up_takes_a_base_port():
+    base = free_port()
+    while base > 65_000:
+        base = free_port()
+    process = subprocess.Popen([AUTODIDACT, "up", "--base-port", str(base), "--metrics-port", "0", "--threads", "1"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
+
+    async def every_port_answers_health() -> None:
+        for offset in range(6):
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{base + offset}") as channel:
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True)
+
+    try:
+        asyncio.run(every_port_answers_health())
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_run_against_a_dead_coordinator_says_so_within_10_seconds(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("self_instruct:\n  seed_tasks_path: seeds.jsonl\n  target_instructions: 2\n", encoding="utf-8")
+    started = time.monotonic()
+    dead = f"127.0.0.1:{free_port()}"
+    result = subprocess.run([AUTODIDACT, "run", str(recipe), "--coordinator", dead], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert time.monotonic() - started < 10  # was 120 s of silence, then a traceback
+    assert f"no coordinator at {dead}" in one_line_error(result)
+
+
+def test_a_damaged_job_store_stops_the_coordinator_with_one_line(tmp_path):
+    store = tmp_path / "coordinator" / "jobs.sqlite"
+    store.parent.mkdir()
+    store.write_bytes(b"not a database" * 500)
+    result = cli("serve", "coordinator", "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", "0", "--data-dir", str(tmp_path))
+    assert f"the job store {store} is damaged" in one_line_error(result)

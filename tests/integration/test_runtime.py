@@ -211,3 +211,183 @@ async def test_channels_propagate_the_callers_request_id(generator_target):
             call = stub.Generate(text_request("Hi", seed=1))
             await call
         assert dict(await call.trailing_metadata())["x-request-id"] == "upstream-77"
+
+
+# --- no caller can stall a service; hostile bytes get typed errors ---
+
+
+async def test_response_streams_have_their_own_bound_and_never_starve_health_or_calls(start_generator):
+    from autodidact.v1 import generator_pb2
+
+    # Before: one limit for everything, so two idle Watch streams took both slots.
+    host = await start_generator(max_concurrent_rpcs=2, max_concurrent_streams=3)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(3)]
+        for watch in watches:
+            assert (await watch.read()).status == SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5).read()
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "3 response streams in progress" in refused.value.details()
+        for _ in range(5):  # health checks and unary calls still answer, streams open
+            assert (await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)).status == SERVING
+            stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+            assert (await stub.GetModelInfo(generator_pb2.GetModelInfoRequest(), timeout=2)).max_samples == 64
+        for watch in watches:
+            watch.cancel()
+
+
+@pytest.fixture
+def seed_tasks(tmp_path) -> Path:
+    path = tmp_path / "seeds.jsonl"
+    path.write_text(
+        "\n".join(json.dumps({"instruction": f"Task {i}.", "instances": [{"input": "", "output": "ok"}], "is_classification": False}) for i in range(8)),
+        encoding="utf-8",
+    )
+    return path
+
+
+async def test_idle_watch_job_streams_leave_health_checks_and_calls_alone(tmp_path, seed_tasks):
+    from autodidact.coordinator.service import CoordinatorSettings, coordinator_component
+    from autodidact.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    # Nothing listens at the services: the job waits them out, RUNNING, so watchers stay idle.
+    dead = f"127.0.0.1:{free_port()}"
+    settings = CoordinatorSettings(
+        data_dir=tmp_path / "coordinator", generator_target=dead, dedup_target=dead, scorer_target=dead,
+        tool_executor_target=dead, critic_target=dead, patience_seconds=120,
+    )
+    host = ServiceHost([coordinator_component(settings)], ServerSettings(grace_seconds=0, max_concurrent_rpcs=4, max_concurrent_streams=40))
+    await host.start()
+    await host.wait_ready()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+            stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+            spec = coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(seed_tasks), target_instructions=2))
+            await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="waits", spec=spec), timeout=10)
+            watchers = [stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id="waits")) for _ in range(40)]
+            for watcher in watchers:
+                await watcher.read()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id="waits"), timeout=5).read()
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert await health_of(channel, "") == SERVING
+            assert (await stub.GetJob(coordinator_pb2.GetJobRequest(job_id="waits"), timeout=5)).job.id == "waits"
+            for watcher in watchers:
+                watcher.cancel()
+    finally:
+        await host.stop(grace=0)
+
+
+@pytest.mark.parametrize("method", ["/autodidact.v1.GeneratorService/Generate", "/grpc.health.v1.Health/Check", "/autodidact.v1.GeneratorService/GetModelInfo"])
+async def test_bytes_that_are_not_a_message_get_invalid_argument(still_loading, method):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{still_loading.port}") as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(b"\xff\xff\xff\xff", timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # was UNKNOWN
+    assert refused.value.details().startswith(f"request: is not a valid message of {method}")
+
+
+async def test_status_messages_quote_client_input_shortened(generator):
+    from autodidact.v1 import common_pb2, generator_pb2
+
+    role = "r" * 78_000
+    request = generator_pb2.GenerateRequest(prompt=common_pb2.Prompt(chat=common_pb2.Chat(messages=[common_pb2.ChatMessage(role=role, content="hi")])))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await generator.Generate(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # was a metadata-size transport error
+    assert "78,000 characters" in refused.value.details() and len(refused.value.details()) < 300
+
+
+async def test_a_port_in_use_is_a_one_line_startup_error():
+    import socket
+
+    from autodidact.errors import StartupError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        host = ServiceHost([generator_component(lambda: LlamaCppLLM.load(MODEL))], ServerSettings(port=port))
+        with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{port}: the port is in use"):
+            await host.start()
+        metrics = ServiceHost([generator_component(lambda: LlamaCppLLM.load(MODEL))], ServerSettings(metrics_port=port))
+        with pytest.raises(StartupError, match=f"cannot serve metrics on 127.0.0.1:{port}: .*--metrics-port"):
+            await metrics.start()
+
+
+async def test_rebuilding_a_large_search_index_does_not_stall_health(tmp_path):
+    import random
+    import time
+
+    from autodidact.tool_executor.service import ToolExecutorSettings, tool_executor_component
+    from autodidact.v1 import tool_executor_pb2, tool_executor_pb2_grpc
+
+    host = ServiceHost([tool_executor_component(ToolExecutorSettings(data_dir=tmp_path, generator_target=""))], ServerSettings(grace_seconds=0))
+    await host.start()
+    await host.wait_ready()
+    words = ["river", "mountain", "city", "history", "science", "music", "paper", "stone", "light", "forest"]
+    rng = random.Random(1)
+    documents = [
+        tool_executor_pb2.Document(id=f"d{i}", text=" ".join(f"{rng.choice(words)}{rng.randint(0, 5000)}" for _ in range(60)))
+        for i in range(10_000)
+    ]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}", options=[("grpc.max_send_message_length", 16 * 2**20)]) as channel:
+            stub = tool_executor_pb2_grpc.ToolExecutorServiceStub(channel)
+            await stub.IndexDocuments(tool_executor_pb2.IndexDocumentsRequest(collection="big", documents=documents), timeout=60)
+            search = stub.ExecuteTools(
+                tool_executor_pb2.ExecuteToolsRequest(
+                    calls=[tool_executor_pb2.ToolCall(id="1", tool="Search", input="river12 stone7")],
+                    context=tool_executor_pb2.ToolContext(collection="big"),
+                ),
+                timeout=60,
+            )
+            searching = asyncio.ensure_future(search)
+            started = time.monotonic()
+            slowest = 0.0
+            while not searching.done():
+                asked = time.monotonic()
+                await health_of(channel, "")
+                slowest = max(slowest, time.monotonic() - asked)
+                await asyncio.sleep(0.05)
+            took = time.monotonic() - started
+            assert (await searching).results[0].output
+        assert took > 0.5, f"the index rebuilt in {took:.2f}s: too small to show a stall"
+        assert slowest < 0.3, f"a health check waited {slowest:.2f}s while the index rebuilt ({took:.2f}s)"
+    finally:
+        await host.stop(grace=0)
+
+
+async def test_a_burst_of_calls_over_the_limit_leaves_every_health_check_answered(start_generator):
+    from autodidact.v1 import common_pb2
+
+    # Before: health checks shared the limit with the calls; in a burst, 7 of 46 failed.
+    host = await start_generator(max_concurrent_rpcs=2)
+    # Greedy counting never ends by itself: seconds of generation per call.
+    request = text_request("1, 2, 3, 4, 5, 6, 7, 8,", seed=1, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=100))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+        stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+
+        async def generate() -> grpc.StatusCode:
+            try:
+                await stub.Generate(request, timeout=300)
+                return grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                return exc.code()
+
+        burst = [asyncio.ensure_future(generate()) for _ in range(6)]
+        await asyncio.sleep(0.3)
+        statuses = []
+        for _ in range(10):
+            try:
+                statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(await health_of(channel, "")))
+            except grpc.aio.AioRpcError as exc:
+                statuses.append(exc.code().name)
+        still_generating = sum(not call.done() for call in burst)
+        codes = await asyncio.gather(*burst)
+    assert still_generating == 2, "the generations ended before the health checks; the test proves nothing"
+    assert statuses == ["SERVING"] * 10
+    assert sorted(code.name for code in codes) == ["OK", "OK"] + ["RESOURCE_EXHAUSTED"] * 4

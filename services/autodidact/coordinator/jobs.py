@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import structlog
+from google.protobuf import json_format
 
 from autodidact.coordinator import export
 from autodidact.coordinator.records import Record, job_records
@@ -28,11 +29,10 @@ from autodidact.coordinator.recipes.registry import RECIPES, RecipeKind
 from autodidact.coordinator.store import JobRow, JobStore
 from autodidact.errors import AlreadyExists, AutodidactError, FailedPrecondition, InvalidArgument, NotFound
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
-from autodidact.validation import check_range
+from autodidact.validation import check_id, check_range
 
 log = structlog.get_logger("autodidact.jobs")
 
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     coordinator_pb2.JOB_STATE_PENDING,
     coordinator_pb2.JOB_STATE_RUNNING,
@@ -41,6 +41,7 @@ PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     coordinator_pb2.JOB_STATE_CANCELLED,
 )
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+PAGE_TOKEN_PATTERN = re.compile(r"[0-9]{1,18}\Z")
 SUMMARY_ITEM, SUMMARY_STAGE = "_job", "summary"
 ERRORS_STAGE = "errors"  # (SUMMARY_ITEM, ERRORS_STAGE): the job's error count, stored when it ends
 RESUMABLE = (FAILED, CANCELLED)
@@ -57,8 +58,23 @@ MODEL_INFO_RETRY_SECONDS = 60.0
 
 
 def check_job_id(field: str, job_id: str) -> None:
-    if not JOB_ID_PATTERN.match(job_id):
-        raise InvalidArgument(field, f"must be 1 to 128 characters of A-Z a-z 0-9 _ . -, got {job_id[:140]!r}")
+    check_id(field, job_id)  # a job id names folders: "." and ".." are refused
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A spec as a dict (MessageToDict) flattened to dotted field paths."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}.{key}" if prefix else key).items()}
+    return {prefix: value}
+
+
+def _other_spec_message(job_id: str, existing: JobRow, spec: coordinator_pb2.JobSpec) -> str:
+    """ALREADY_EXISTS naming the spec fields that differ, so the caller sees what changed."""
+    old = _flat(json_format.MessageToDict(coordinator_pb2.JobSpec.FromString(existing.spec), preserving_proto_field_name=True))
+    new = _flat(json_format.MessageToDict(spec, preserving_proto_field_name=True))
+    differing = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    shown = ", ".join(differing[:10]) + (f" and {len(differing) - 10} more" if len(differing) > 10 else "")
+    return f"job {job_id!r} exists with another spec (fields that differ: {shown}); choose another job_id"
 
 
 def validate_spec(spec: coordinator_pb2.JobSpec, job_id: str) -> Any:
@@ -137,7 +153,7 @@ class JobManager:
         digest = spec_hash(spec)
         if existing is not None:
             if existing.spec_hash != digest:
-                raise AlreadyExists(f"job {job_id!r} exists with another spec; choose another job_id")
+                raise AlreadyExists(_other_spec_message(job_id, existing, spec))
             if existing.state in RESUMABLE:
                 return self.retry(job_id), False, True
             return self.get(job_id), False, False
@@ -147,7 +163,7 @@ class JobManager:
             check_against_model(spec, params, context_length)
         row, created = self._store.create_job(job_id, spec.SerializeToString(deterministic=True), digest, PENDING)
         if not created and row.spec_hash != digest:  # a concurrent submission won the id
-            raise AlreadyExists(f"job {job_id!r} exists with another spec; choose another job_id")
+            raise AlreadyExists(_other_spec_message(job_id, row, spec))
         if created:
             log.info("job submitted", job_id=job_id, recipe=spec.WhichOneof("recipe"))
             self._launch(job_id)
@@ -195,7 +211,9 @@ class JobManager:
     def list(self, page_size: int, page_token: str) -> tuple[list[coordinator_pb2.Job], str]:
         size = page_size or 50
         check_range("page_size", size, 1, 1000)
-        if page_token and not page_token.isdigit():
+        # A token is a job's sequence number; anything else (a huge number would overflow
+        # SQLite's integers) was not written by ListJobs.
+        if page_token and not PAGE_TOKEN_PATTERN.match(page_token):
             raise InvalidArgument("page_token", "is not a token from a previous ListJobs response")
         rows = self._store.list_jobs(size + 1, int(page_token) if page_token else None)
         next_token = str(rows[size - 1].seq) if len(rows) > size else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +82,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         sent: set[str] = set()
         watching = manager.watch(request.job_id) if request.follow else None
         while True:
-            for record in manager.records(request.job_id):
+            # Reading and assembling every record of a large job takes seconds: in a thread.
+            for record in await asyncio.to_thread(manager.records, request.job_id):
                 if record.item_id in sent or (not record.kept and not request.include_dropped):
                     continue
                 sent.add(record.item_id)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autodidact.errors import StartupError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -64,10 +66,22 @@ class JobStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a result acknowledged to the job survives a crash of the machine too.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a result acknowledged to the job survives a crash of the machine too.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+            # A damaged store refuses the start, naming the file, instead of
+            # answering INTERNAL later or replaying half-read results.
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed"
+            problems = [str(exc)]
+        if problems != ["ok"]:
+            self._db.close()
+            raise StartupError(
+                f"the job store {path} is damaged ({' '.join('; '.join(problems).split())[:200]}): "
+                "restore it from a backup, or move it away to start with no jobs"
+            )
 
     def close(self) -> None:
         self._db.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+from autodidact.validation import ID_PATTERN
+
+# A namespace is a folder: "." and ".." would write into its parents.
+NAMESPACE_PATTERN = ID_PATTERN
 
 # Calibrated against the original ROUGE-L > 0.7 filter: docs/benchmarks.md.
 DEFAULT_THRESHOLD = 0.9

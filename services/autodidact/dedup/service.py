@@ -9,13 +9,13 @@ from pathlib import Path
 import grpc
 
 from autodidact.backends.embed import Embedder
-from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NAMESPACE_PATTERN, NamespaceSettings
+from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NamespaceSettings
 from autodidact.dedup.diversity import DiversityFilter
 from autodidact.dedup.namespaces import NamespaceRegistry
 from autodidact.errors import InvalidArgument, Unavailable
 from autodidact.runtime.server import Component
 from autodidact.v1 import dedup_pb2, dedup_pb2_grpc
-from autodidact.validation import check_count, check_length, check_range
+from autodidact.validation import check_count, check_id, check_length, check_range, quoted
 
 SERVICE_NAME = dedup_pb2.DESCRIPTOR.services_by_name["DedupService"].full_name
 MAX_ITEMS = 4096
@@ -23,8 +23,7 @@ MAX_TEXT_CHARS = 65_536
 
 
 def check_namespace(field: str, name: str) -> None:
-    if not NAMESPACE_PATTERN.match(name):
-        raise InvalidArgument(field, f"must be 1 to 128 characters of A-Z a-z 0-9 _ . -, got {name[:140]!r}")
+    check_id(field, name)  # NAMESPACE_PATTERN
 
 
 def parse_filter_batch(request: dedup_pb2.FilterBatchRequest) -> tuple[list[str], list[str], float]:
@@ -35,7 +34,7 @@ def parse_filter_batch(request: dedup_pb2.FilterBatchRequest) -> tuple[list[str]
         check_length(f"items[{i}].id", item.id, 1, 256)
         check_length(f"items[{i}].text", item.text, 1, MAX_TEXT_CHARS)
         if item.id in seen:
-            raise InvalidArgument(f"items[{i}].id", f"{item.id!r} appears twice in the batch")
+            raise InvalidArgument(f"items[{i}].id", f"{quoted(item.id)} appears twice in the batch")
         seen.add(item.id)
     threshold = request.threshold if request.HasField("threshold") else DEFAULT_THRESHOLD
     check_range("threshold", threshold, 0.0, 1.0)

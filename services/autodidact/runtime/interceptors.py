@@ -21,6 +21,7 @@ import structlog
 
 from autodidact import errors
 from autodidact.runtime.metrics import RPC_LATENCY, RPC_REQUESTS
+from autodidact.validation import shorten
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -36,6 +37,15 @@ STATUS_OF_ERROR: dict[type[errors.AutodidactError], grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+# Status messages are cut to this length: gRPC carries them in trailing
+# metadata, whose limit (8 KiB by default) a longer one would break, turning a
+# clear refusal into a transport error.
+MAX_STATUS_CHARS = 1024
+
+# Always answered, never counted against the RPC limits: a busy service must
+# still say it is alive (Kubernetes restarts one whose probes fail).
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 Around = Callable[[grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[None]]
 
@@ -121,8 +131,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 yield
             except errors.AutodidactError as exc:
                 code = STATUS_OF_ERROR.get(type(exc), grpc.StatusCode.INTERNAL)
-                log.info("rpc refused", code=code.name, reason=str(exc))
-                await context.abort(code, str(exc))
+                message = shorten(str(exc), MAX_STATUS_CHARS)
+                log.info("rpc refused", code=code.name, reason=message)
+                await context.abort(code, message)
             except grpc.aio.AbortError:
                 raise  # the servicer already chose a status
             except Exception:
@@ -133,6 +144,101 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return _wrap_handler(await continuation(details), around)
 
 
-def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    """Outermost first: the request id is bound before metrics and errors run."""
-    return [RequestIdInterceptor(), MetricsInterceptor(), ErrorInterceptor()]
+class LimitInterceptor(grpc.aio.ServerInterceptor):
+    """Bounds the calls in progress, by class: unary calls (`max_calls`) and
+    response streams (`max_streams`: WatchJob, StreamSamples, health Watch),
+    each with its own count, so idle streams cannot take the slots of calls.
+    Health checks and reflection are never counted. One call over a bound is
+    answered RESOURCE_EXHAUSTED at once instead of queueing.
+
+    grpc's own maximum_concurrent_rpcs counts every method together, health
+    included, which is what let forty idle watchers fail the health probes."""
+
+    def __init__(self, max_calls: int, max_streams: int) -> None:
+        self._bounds = {"calls": max_calls, "streams": max_streams}
+        self._in_progress = {"calls": 0, "streams": 0}
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(EXEMPT_PREFIXES) and not handler.unary_stream:
+            return handler
+        kind = "streams" if handler.unary_stream or handler.stream_stream else "calls"
+
+        @contextlib.asynccontextmanager
+        async def around(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            if self._in_progress[kind] >= self._bounds[kind]:
+                noun = "response streams" if kind == "streams" else "calls"
+                raise errors.ResourceExhausted(f"this server already has {self._bounds[kind]} {noun} in progress; retry later")
+            self._in_progress[kind] += 1
+            try:
+                yield
+            finally:
+                self._in_progress[kind] -= 1
+
+        return _wrap_handler(handler, around)
+
+
+class _Undecodable:
+    """What the request deserializer returns for bytes that are not the message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):
+    """Undecodable request bytes become INVALID_ARGUMENT on every method.
+
+    grpc runs the request deserializer outside the handler, where an exception
+    becomes UNKNOWN. The wrapped deserializer returns a marker instead, and the
+    handler refuses it with InvalidArgument (streamed requests: at the message)."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+
+        def tolerant(raw: bytes) -> Any:
+            try:
+                return deserialize(raw)
+            except Exception as exc:  # DecodeError, and anything a decoder raises
+                return _Undecodable(exc)
+
+        def check(request: Any) -> Any:
+            if isinstance(request, _Undecodable):
+                raise errors.InvalidArgument("request", f"is not a valid message of {details.method}: {shorten(str(request.error))}")
+            return request
+
+        async def checked_stream(requests: Any) -> AsyncIterator[Any]:
+            async for request in requests:
+                yield check(request)
+
+        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        streamed_requests = bool(handler.stream_unary or handler.stream_stream)
+
+        if handler.unary_unary or handler.stream_unary:
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                request = checked_stream(request) if streamed_requests else check(request)
+                return await behaviour(request, context)
+
+            factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+            return factory(unary, tolerant, handler.response_serializer)
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            request = checked_stream(request) if streamed_requests else check(request)
+            responses = behaviour(request, context)
+            if inspect.isasyncgen(responses):
+                async for response in responses:
+                    yield response
+            else:
+                await responses  # a write-style handler (health Watch)
+
+        factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        return factory(streaming, tolerant, handler.response_serializer)
+
+
+def server_interceptors(max_calls: int = 32, max_streams: int = 64) -> list[grpc.aio.ServerInterceptor]:
+    """Outermost first: the request id is bound before metrics and errors run;
+    errors maps what the limits and the decoder raise."""
+    return [RequestIdInterceptor(), MetricsInterceptor(), ErrorInterceptor(), LimitInterceptor(max_calls, max_streams), DecodeInterceptor()]

@@ -7,7 +7,8 @@ needs) on one port, with:
   every component is;
 - reflection, so outside clients (grpcurl) can list and call methods;
 - the request-id, metrics and error interceptors;
-- explicit message size limits, keepalive and `maximum_concurrent_rpcs`;
+- explicit message size limits, keepalive, and bounds on calls and on
+  streams in progress (health and reflection exempt: runtime/interceptors.py);
 - graceful shutdown: health goes NOT_SERVING (health Watch streams then end),
   new calls are refused, calls in flight get `grace_seconds` to finish.
 """
@@ -15,7 +16,9 @@ needs) on one port, with:
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +27,7 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from autodidact.errors import StartupError
 from autodidact.runtime.health import HealthServicer
 from autodidact.runtime.interceptors import server_interceptors
 from autodidact.runtime.metrics import start_metrics_endpoint
@@ -36,6 +40,18 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def _nothing() -> None:
+    return None
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why a listening socket could not bind host:port now (SO_REUSEADDR, as servers set), or None."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return "the port is in use" if exc.errno == errno.EADDRINUSE else str(exc.strerror or exc)
     return None
 
 
@@ -66,13 +82,17 @@ class ServiceHost:
         """
         size = self.settings.max_message_bytes
         server = grpc.aio.server(
-            interceptors=server_interceptors(),
+            # The RPC limits live in an interceptor: grpc's maximum_concurrent_rpcs
+            # would count health checks and idle streams with the calls.
+            interceptors=server_interceptors(self.settings.max_concurrent_rpcs, self.settings.max_concurrent_streams),
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
+                # Without this a second server on a port in use shares it silently
+                # (SO_REUSEPORT) instead of failing to start.
+                ("grpc.so_reuseport", 0),
                 *SERVER_KEEPALIVE_OPTIONS,
             ],
-            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
         self._health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -84,15 +104,28 @@ class ServiceHost:
         reflection.enable_server_reflection(
             [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
         )
-        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        problem = _bind_problem(self.settings.host, self.settings.port) if self.settings.port else None
+        if problem:  # checked here as well as by grpc, which would first log its own multi-line error
+            raise StartupError(f"cannot listen on {address}: {problem}")
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc says only "Failed to bind"; in use is by far the likeliest
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind {self.settings.host}:{self.settings.port}")
+            raise StartupError(f"cannot listen on {address}: the port is in use or the address is not this host's")
+        if self.settings.metrics_port is not None:
+            try:
+                metrics_port = start_metrics_endpoint(self.settings.metrics_port, self.settings.host)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port}: {exc.strerror or exc} "
+                    "(choose another port with --metrics-port, or 0 to turn metrics off)"
+                ) from None
+            log.info("metrics endpoint", port=metrics_port, path="/metrics")
         await server.start()
         self._server = server
         log.info("listening", services=names, host=self.settings.host, port=self.port)
-        if self.settings.metrics_port is not None:
-            metrics_port = start_metrics_endpoint(self.settings.metrics_port, self.settings.host)
-            log.info("metrics endpoint", port=metrics_port, path="/metrics")
         self._loading = asyncio.create_task(self._load_components())
         return self.port
 
@@ -138,8 +171,14 @@ async def run_until_signalled(hosts: list[ServiceHost]) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
-    for host in hosts:
-        await host.start()
+    started: list[ServiceHost] = []
+    try:
+        for host in hosts:
+            await host.start()
+            started.append(host)
+    except BaseException:  # a port in use: stop the hosts already listening, then say why
+        await asyncio.gather(*(host.stop(grace=0) for host in started))
+        raise
     loaded = asyncio.ensure_future(asyncio.gather(*(host.wait_ready() for host in hosts)))
     signalled = asyncio.ensure_future(stop_requested.wait())
     await asyncio.wait({loaded, signalled}, return_when=asyncio.FIRST_COMPLETED)

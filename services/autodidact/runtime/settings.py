@@ -33,9 +33,12 @@ class ServerSettings:
     # Largest request or response message, in bytes. Larger ones are refused
     # with RESOURCE_EXHAUSTED before any handler runs.
     max_message_bytes: int = 8 * MIB
-    # RPCs in progress at once, health checks and reflection included; one more
-    # is answered RESOURCE_EXHAUSTED at once instead of queueing.
+    # Unary calls in progress at once; one more is answered RESOURCE_EXHAUSTED
+    # at once instead of queueing. Health checks and reflection never count.
     max_concurrent_rpcs: int = 32
+    # Response streams in progress at once (WatchJob, StreamSamples, health
+    # Watch), counted apart from the calls so idle watchers cannot starve them.
+    max_concurrent_streams: int = 64
     # Seconds in-flight RPCs may take to finish after SIGTERM.
     grace_seconds: float = 30.0
     # Prometheus /metrics port; None disables the endpoint.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 from dataclasses import dataclass, field
@@ -17,13 +18,13 @@ from autodidact.tool_executor.sandbox import Sandbox, SandboxSettings
 from autodidact.tool_executor.search import SearchCollections
 from autodidact.tool_executor.tools import TOOLS, BackendFailure, Complete, ToolExecutor
 from autodidact.v1 import common_pb2, generator_pb2, generator_pb2_grpc, tool_executor_pb2, tool_executor_pb2_grpc
-from autodidact.validation import check_count, check_length
+from autodidact.validation import check_count, check_length, quoted
 
 SERVICE_NAME = tool_executor_pb2.DESCRIPTOR.services_by_name["ToolExecutorService"].full_name
 MAX_CALLS = 256
 MAX_INPUT_CHARS = 4096
 MAX_DOCUMENTS = 10_000
-COLLECTION_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")
+COLLECTION_PATTERN = re.compile(r"[a-z0-9_-]{1,64}\Z")  # \Z: "$" lets a final newline through
 QA_MAX_TOKENS = 48
 
 
@@ -39,7 +40,7 @@ class ToolExecutorSettings:
 
 def check_collection(field_name: str, name: str) -> None:
     if not COLLECTION_PATTERN.match(name):
-        raise InvalidArgument(field_name, f"must be 1 to 64 characters of a-z 0-9 _ -, got {name[:80]!r}")
+        raise InvalidArgument(field_name, f"must be 1 to 64 characters of a-z 0-9 _ -, got {quoted(name)}")
 
 
 def parse_execute_request(request: tool_executor_pb2.ExecuteToolsRequest) -> tuple[list[tuple[str, str]], dt.date, str]:
@@ -48,7 +49,7 @@ def parse_execute_request(request: tool_executor_pb2.ExecuteToolsRequest) -> tup
     for i, call in enumerate(request.calls):
         check_length(f"calls[{i}].id", call.id, 1, 256)
         if call.id in seen:
-            raise InvalidArgument(f"calls[{i}].id", f"{call.id!r} appears twice in the request")
+            raise InvalidArgument(f"calls[{i}].id", f"{quoted(call.id)} appears twice in the request")
         seen.add(call.id)
         check_length(f"calls[{i}].tool", call.tool, 1, 64)
         check_length(f"calls[{i}].input", call.input, 0, MAX_INPUT_CHARS)
@@ -58,7 +59,7 @@ def parse_execute_request(request: tool_executor_pb2.ExecuteToolsRequest) -> tup
         try:
             reference_date = dt.date.fromisoformat(context.reference_date)
         except ValueError:
-            raise InvalidArgument("context.reference_date", f"must be a date YYYY-MM-DD, got {context.reference_date[:40]!r}") from None
+            raise InvalidArgument("context.reference_date", f"must be a date YYYY-MM-DD, got {quoted(context.reference_date)}") from None
     if context.collection:
         check_collection("context.collection", context.collection)
     return [(call.tool, call.input) for call in request.calls], reference_date, context.collection
@@ -113,7 +114,8 @@ class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
     async def IndexDocuments(self, request: tool_executor_pb2.IndexDocumentsRequest, context: grpc.aio.ServicerContext) -> tool_executor_pb2.IndexDocumentsResponse:
         self._loaded()
         assert self.collections is not None
-        size = self.collections.add(request.collection, parse_index_request(request))
+        # In a thread: storing thousands of documents must not stall the event loop.
+        size = await asyncio.to_thread(self.collections.add, request.collection, parse_index_request(request))
         return tool_executor_pb2.IndexDocumentsResponse(collection_size=size)
 
 

@@ -211,24 +211,27 @@ class ToolExecutor:
         if name == "Calendar":
             return f"{reference_date:%A}, {reference_date:%B} {reference_date.day}, {reference_date.year}"
         if name == "Search":
-            return self._passage(collection, text, required=True)
+            return await self._passage(collection, text, required=True)
         complete = self._complete
         if complete is None:
             raise BackendFailure(f"{name} needs the generator, and none is configured")
         if name == "QA":
-            passage = self._passage(collection, text, required=False) if collection else ""
+            passage = await self._passage(collection, text, required=False) if collection else ""
             context = f"Passage: {passage}\n" if passage else ""
             return (await complete(f"Answer the question in a few words.\n\n{context}Question: {text}\nAnswer:")).strip()
         return (await complete(f"Translate into English.\n\nText: {text}\nEnglish:")).strip()
 
-    def _passage(self, collection: str, query: str, *, required: bool) -> str:
+    async def _passage(self, collection: str, query: str, *, required: bool) -> str:
         if not collection:
             raise _Failure(PARSE, "search needs context.collection")
-        if not self._collections.exists(collection):
+        # In a thread: the first search after a change rebuilds the collection's
+        # BM25 index, seconds for a large one, which on the event loop would stall
+        # every other call and the health checks.
+        if not await asyncio.to_thread(self._collections.exists, collection):
             if required:
                 raise _Failure(UNDEFINED, f"collection {collection!r} has no documents")
             return ""
-        hits = self._collections.search(collection, query, k=1)
+        hits = await asyncio.to_thread(self._collections.search, collection, query, 1)
         if not hits:
             if required:
                 raise _Failure(UNDEFINED, "no document matches the query")

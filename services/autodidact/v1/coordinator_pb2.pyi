@@ -545,7 +545,9 @@ class SubmitJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """Client-chosen id. 1 to 128 characters of [A-Za-z0-9_.-]."""
+    """Client-chosen id. 1 to 128 characters of [A-Za-z0-9_.-], the first a
+    letter or digit, no "..".
+    """
     @_builtins.property
     def spec(self) -> Global___JobSpec:
         """What the job does. Required."""
@@ -653,7 +655,9 @@ class ListJobsRequest(_message.Message):
     page_size: _builtins.int
     """Most jobs to return. Default 50. Bounds [1, 1000]."""
     page_token: _builtins.str
-    """From a previous response's next_page_token. Default: the first page."""
+    """From a previous response's next_page_token (1 to 18 digits; anything
+    else is INVALID_ARGUMENT). Default: the first page.
+    """
     def __init__(
         self,
         *,

@@ -59,7 +59,7 @@ class FilterBatchRequest(_message.Message):
     DRY_RUN_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """The namespace, created on first use; several jobs may share one. 1 to 128
-    characters of [A-Za-z0-9_.-].
+    characters of [A-Za-z0-9_.-], the first a letter or digit, no "..".
     """
     threshold: _builtins.float
     """Drop an item whose cosine similarity to a kept text is at or above this.

@@ -32,9 +32,21 @@ def gsm8k_document(question: str, answer: str) -> tuple[str, list[dict[str, Any]
 
 
 def read_input(path: Path, field: str) -> str:
+    """The file's text; a binary or non-UTF-8 file is refused naming the line."""
     if not path.is_file():
         raise InvalidArgument(field, f"file not found: {path}")
-    return path.read_text(encoding="utf-8")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(field, f"cannot read {path}: {exc.strerror or exc}") from None
+    if b"\0" in data:
+        line = data.count(b"\n", 0, data.index(b"\0")) + 1
+        raise InvalidArgument(field, f"{path} is not a text file: line {line} holds a NUL byte")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InvalidArgument(field, f"{path} is not UTF-8 text: line {line} holds the byte 0x{data[exc.start]:02x}") from None
 
 
 def json_lines(text: str, field: str, limit: int = 0) -> list[tuple[int, Any]]:
@@ -47,8 +59,8 @@ def json_lines(text: str, field: str, limit: int = 0) -> list[tuple[int, Any]]:
             continue
         try:
             records.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(field, f"line {number} is not JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError; also 5,000-digit numbers, deep nesting
+            raise InvalidArgument(field, f"line {number} is not JSON ({str(exc)[:200]})") from None
     return records
 
 
