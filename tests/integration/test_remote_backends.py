@@ -257,8 +257,13 @@ async def test_openai_compat_sends_each_servers_own_constraint_fields(owned_by, 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def llama_server() -> AsyncIterator[str]:
     port = free_port()
+    # The server loads its model as the embedded backend does on AMX CPUs (see _without_amx_buffers), or it crashes there.
+    launch = (
+        "import runpy, sys; from autodidact.backends.llm.llamacpp import _without_amx_buffers; "
+        "_without_amx_buffers().__enter__(); sys.argv[0] = 'llama_cpp.server'; runpy.run_module('llama_cpp.server', run_name='__main__')"
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_model_path()), "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-c", launch, "--model", str(bundled_model_path()), "--host", "127.0.0.1", "--port", str(port),
          "--n_ctx", "2048", "--n_threads", "2", "--logits_all", "True"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
