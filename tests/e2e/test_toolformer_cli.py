@@ -59,7 +59,11 @@ def test_the_calculator_recipe_runs_from_the_cli_and_writes_its_dataset(tmp_path
             assert call["call"] == f"[Calculator({call['input']}) -> {call['result']}]"
             assert call["loss_minus"] - call["loss_plus"] == pytest.approx(call["gain"])
     assert {r["document_id"] for r in rows} <= {"d0", "d1"}
+    # A trivial call is dropped before scoring, so it has no losses; every other executed call has them.
+    scored = [c for c in executed if c["dropped_by"] != "trivial_call"]
     for call in executed:
+        assert (call["dropped_by"] == "trivial_call") == (trivial_call(call["input"], call["result"]) != "")
+    for call in scored:
         assert call["loss_plus"] is not None and call["loss_no_call"] is not None
     by_item = {entry["item_id"]: entry for entry in lineage}
     prefilter = by_item["doc00002/Calculator"]["lineage"]
@@ -75,7 +79,7 @@ def test_the_calculator_recipe_runs_from_the_cli_and_writes_its_dataset(tmp_path
             assert trivial_call(call["input"], call["result"]) == ""
     assert_toolformer_lineage(lineage, manifest)
     # Every executed call's lineage runs from its sample to the filter's decision, with the sample's seed.
-    for call in executed:
+    for call in scored:
         steps = [e["stage"] for e in by_item[call["item_id"]]["lineage"]]
         assert steps[:3] == ["sample_call", "execute", "filter"]
         assert by_item[call["item_id"]]["lineage"][0]["seed"] > 0
