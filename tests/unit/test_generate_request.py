@@ -94,6 +94,9 @@ def chat(*messages: tuple[str, str]) -> generator_pb2.GenerateRequest:
         (sampling(grammar='root ::= "x"{2'), "sampling.grammar", "expected } to close the repetition"),
         (sampling(grammar='expr ::= "x"'), "sampling.grammar", "defines no `root` rule"),
         (sampling(grammar='root ::= expr\n'), "sampling.grammar", "line 1, column 10: rule `expr` is used but never defined"),
+        # A rule name at the very end of the input (this once looped forever).
+        (sampling(grammar="root ::= digit"), "sampling.grammar", "line 1, column 10: rule `digit` is used but never defined"),
+        (sampling(grammar="root"), "sampling.grammar", "line 1, column 5: expected ::="),
         (sampling(json_schema="{"), "sampling.json_schema", "at least 2 characters"),
         (sampling(json_schema="{'type': 1}"), "sampling.json_schema", "is not JSON"),
         (sampling(json_schema='["type"]'), "sampling.json_schema", "must be a JSON object (a schema), got a JSON list"),
@@ -137,3 +140,19 @@ def test_grammar_and_json_schema_are_one_of():
     params = common_pb2.SamplingParams(grammar='root ::= "x"')
     params.json_schema = "{}"
     assert params.WhichOneof("constraint") == "json_schema" and not params.grammar
+
+
+def test_the_grammar_check_ends_on_any_input():
+    """Random GBNF-ish text (fixed seed): every input is accepted or refused naming the field, never loops."""
+    import random
+
+    from autodidact.generator.grammar import check_grammar
+
+    rng = random.Random(10)
+    alphabet = ['root', ' ::= ', 'x', '"', '[', ']', '(', ')', '|', '*', '+', '?', '{', '}', ',', '1', '\\', '^', '-', '.', '#', '\n', ' ']
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 24)))
+        try:
+            check_grammar("sampling.grammar", text)
+        except InvalidArgument as error:
+            assert error.field == "sampling.grammar"

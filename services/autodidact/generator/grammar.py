@@ -26,7 +26,8 @@ class _GrammarError(Exception):
 
 
 def _is_word(char: str) -> bool:
-    return char.isascii() and (char.isalnum() or char in "-_")
+    # `char` is "" at the end of the input, and "" is `in` every string.
+    return len(char) == 1 and char.isascii() and (char.isalnum() or char in "-_")
 
 
 class _Parser:
