@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import json
+import re
 import time
 
 import grpc
@@ -11,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.interceptors import REQUEST_ID_HEADER
+from autodidact.coordinator.recipes.toolformer import CALCULATOR_GRAMMAR
 from autodidact.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from tests.conftest import text_request
 
@@ -68,6 +72,46 @@ async def test_max_tokens_and_stop_sequences_are_honoured(generator):
     assert " 6" not in sample.text and "5" in sample.text
 
 
+def is_calculator_call(text: str) -> bool:
+    """What CALCULATOR_GRAMMAR accepts: Calculator( an arithmetic expression of numbers, + - * /, parentheses, spaces )."""
+    match = re.fullmatch(r"Calculator\(([-+*/(). 0-9]+)\)", text)
+    if not match:
+        return False
+    try:
+        ast.parse(match.group(1).strip(), mode="eval")
+    except SyntaxError:
+        return False
+    return True
+
+
+async def test_a_grammar_constrained_sample_is_always_grammar_conforming_and_repeats_by_seed(generator):
+    prompt = "Add calculator calls.\nInput:\nShe sold 48/2 = 24 clips.\nOutput:\nShe sold 48/2 = ["
+    sampling = common_pb2.SamplingParams(temperature=1.0, max_tokens=32, grammar=CALCULATOR_GRAMMAR)
+    free = await generator.Generate(text_request(prompt, n=4, seed=5, sampling=common_pb2.SamplingParams(temperature=1.0, max_tokens=16, stop=["]", "\n"])))
+    constrained = await generator.Generate(text_request(prompt, n=4, seed=5, sampling=sampling))
+    # Unconstrained, the small model writes prose as often as calls; constrained, it never does.
+    assert not all(is_calculator_call(s.text) for s in free.samples)
+    for sample in constrained.samples:
+        assert is_calculator_call(sample.text) or sample.finish_reason == common_pb2.FINISH_REASON_LENGTH, sample.text
+        assert sample.text.startswith("Calculator(")
+    assert sum(s.finish_reason == common_pb2.FINISH_REASON_STOP for s in constrained.samples) >= 3
+    # Same seed, same sample: the grammar state starts afresh for every sample.
+    again = await generator.Generate(text_request(prompt, n=4, seed=5, sampling=sampling))
+    assert [s.text for s in again.samples] == [s.text for s in constrained.samples]
+    alone = await generator.Generate(text_request(prompt, n=1, seed=7, sampling=sampling))
+    assert alone.samples[0].text == constrained.samples[2].text
+
+
+async def test_a_json_schema_constrained_sample_is_json_the_schema_accepts(generator):
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"], "additionalProperties": False}
+    sampling = common_pb2.SamplingParams(temperature=1.0, max_tokens=40, json_schema=json.dumps(schema))
+    response = await generator.Generate(text_request("Q: What is 2 + 3? Reply in JSON.\nA:", n=3, seed=2, sampling=sampling))
+    for sample in response.samples:
+        assert sample.finish_reason == common_pb2.FINISH_REASON_STOP, sample.text
+        parsed = json.loads(sample.text)
+        assert set(parsed) == {"answer"} and isinstance(parsed["answer"], int)
+
+
 async def test_get_model_info(generator):
     info = await generator.GetModelInfo(generator_pb2.GetModelInfoRequest())
     assert info.model.context_length == 2048 and info.max_samples == 64
@@ -88,6 +132,11 @@ BAD_REQUESTS = [
     (text_request("word " * 1500, sampling=common_pb2.SamplingParams(max_tokens=1000)), grpc.StatusCode.INVALID_ARGUMENT, "exceeds the model context of 2048 tokens"),
     (text_request("hi", sampling=common_pb2.SamplingParams(stop=["s"] * 10_000)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop: must have at most 16 items"),
     (huge_prompt(), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+    (text_request("hi", sampling=common_pb2.SamplingParams(grammar='root ::= "x" )')), grpc.StatusCode.INVALID_ARGUMENT, "sampling.grammar: is not a GBNF grammar: line 1, column 14: expected a newline or the end"),
+    (text_request("hi", sampling=common_pb2.SamplingParams(grammar="root ::= digit")), grpc.StatusCode.INVALID_ARGUMENT, "sampling.grammar: line 1, column 10: rule `digit` is used but never defined"),
+    (text_request("hi", sampling=common_pb2.SamplingParams(json_schema="[1, 2]")), grpc.StatusCode.INVALID_ARGUMENT, "sampling.json_schema: must be a JSON object"),
+    # A JSON object llama.cpp's schema converter cannot turn into a grammar: only the backend can tell.
+    (text_request("hi", sampling=common_pb2.SamplingParams(json_schema='{"$ref": "#/nowhere"}')), grpc.StatusCode.INVALID_ARGUMENT, "sampling.json_schema: llamacpp cannot turn this schema into a grammar"),
 ]
 
 

@@ -7,10 +7,16 @@
   replays their protocol. The exchanges below are transcribed from the
   servers' documented APIs (TGI 3.x `/` and `/info`, TEI 1.x `/embed` and
   `/info`), not captured from live servers.
+- Constrained sampling on vLLM and SGLang: against the same replaying
+  server, checking the request fields each documents (vLLM's
+  `structured_outputs`, SGLang's `ebnf` and `json_schema`); on llama.cpp's
+  server (`grammar`) against the real llama-cpp-python server.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -191,14 +197,73 @@ async def test_tgi_refuses_a_presence_penalty_it_cannot_apply_and_retries_429():
     assert sum(path == "/" for path, _ in tgi.requests) == 3  # the 429, its retry, the 422
 
 
+CALL_GRAMMAR = 'root ::= "Calculator(" [0-9]{1,3} " + " [0-9]{1,3} ")"\n'
+SCHEMA = '{"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}'
+
+
+async def test_tgi_sends_a_json_schema_as_its_grammar_and_refuses_gbnf_by_name():
+    async with Replay({"/info": lambda _: (200, TGI_INFO), "/": tgi_generate}) as tgi:
+        llm = await TgiLLM.load(RemoteSettings(url=tgi.url, **FAST_RETRIES))
+        try:
+            await llm.generate(GenerationRequest("x", Sampling(max_tokens=4, json_schema=SCHEMA), seeds=(1,)))
+            with pytest.raises(InvalidArgument, match="sampling.grammar: the tgi backend cannot honour a GBNF grammar"):
+                await llm.generate(GenerationRequest("x", Sampling(grammar=CALL_GRAMMAR), seeds=(1,)))
+        finally:
+            await llm.close()
+    sent = [body["parameters"] for path, body in tgi.requests if path == "/"]
+    assert len(sent) == 1  # the refused request never reached the server
+    assert sent[0]["grammar"] == {"type": "json", "value": json.loads(SCHEMA)}
+
+
+def openai_models(owned_by: str) -> Callable[[Any], tuple[int, Any]]:
+    return lambda _: (200, {"object": "list", "data": [{"id": "m", "object": "model", "owned_by": owned_by, "max_model_len": 4096}]})
+
+
+def openai_completion(body: dict[str, Any]) -> tuple[int, Any]:
+    return 200, {
+        "id": "cmpl-1", "object": "text_completion", "model": "m",
+        "choices": [{"index": 0, "text": "Calculator(1 + 2)", "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+    }
+
+
+@pytest.mark.parametrize(
+    ("owned_by", "sampling", "fields"),
+    [
+        ("vllm", Sampling(grammar=CALL_GRAMMAR), {"structured_outputs": {"grammar": CALL_GRAMMAR}}),
+        ("vllm", Sampling(json_schema=SCHEMA), {"structured_outputs": {"json": json.loads(SCHEMA)}}),
+        ("sglang", Sampling(grammar=CALL_GRAMMAR), {"ebnf": CALL_GRAMMAR}),
+        ("sglang", Sampling(json_schema=SCHEMA), {"json_schema": SCHEMA}),
+        ("llamacpp", Sampling(grammar=CALL_GRAMMAR), {"grammar": CALL_GRAMMAR}),
+        ("llamacpp", Sampling(json_schema=SCHEMA), {"json_schema": json.loads(SCHEMA)}),
+        ("vllm", Sampling(), {}),
+    ],
+)
+async def test_openai_compat_sends_each_servers_own_constraint_fields(owned_by, sampling, fields):
+    async with Replay({"/v1/models": openai_models(owned_by), "/v1/completions": openai_completion}) as server:
+        llm = await OpenAICompatLLM.load(RemoteSettings(url=server.url, **FAST_RETRIES))
+        try:
+            await llm.generate(GenerationRequest("[", sampling, seeds=(1,)))
+        finally:
+            await llm.close()
+    body = server.requests[-1][1]
+    constraint_keys = {"structured_outputs", "ebnf", "json_schema", "grammar", "guided_grammar", "guided_json", "response_format"}
+    assert {k: v for k, v in body.items() if k in constraint_keys} == fields
+
+
 # --- openai_compat against a real server ---
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def llama_server() -> AsyncIterator[str]:
     port = free_port()
+    # The server loads its model as the embedded backend does on AMX CPUs (see _without_amx_buffers), or it crashes there.
+    launch = (
+        "import runpy, sys; from autodidact.backends.llm.llamacpp import _without_amx_buffers; "
+        "_without_amx_buffers().__enter__(); sys.argv[0] = 'llama_cpp.server'; runpy.run_module('llama_cpp.server', run_name='__main__')"
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(bundled_model_path()), "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-c", launch, "--model", str(bundled_model_path()), "--host", "127.0.0.1", "--port", str(port),
          "--n_ctx", "2048", "--n_threads", "2", "--logits_all", "True"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -226,6 +291,17 @@ async def test_openai_compat_generates_text_and_chat_with_seeds_from_a_real_serv
         assert capped.samples[0].finish_reason == "length"
     finally:
         await llm.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_openai_compat_grammar_constrains_a_real_llama_cpp_server(llama_server):
+    llm = await OpenAICompatLLM.load(RemoteSettings(url=llama_server, timeout_seconds=120, max_attempts=40, initial_backoff_seconds=0.25))
+    try:
+        request = GenerationRequest("She sold 48 and then 24 more, [", Sampling(temperature=1.0, max_tokens=16, grammar=CALL_GRAMMAR), seeds=(1, 2, 3))
+        generation = await llm.generate(request)
+    finally:
+        await llm.close()
+    assert all(re.fullmatch(r"Calculator\(\d{1,3} \+ \d{1,3}\)", s.text) for s in generation.samples), [s.text for s in generation.samples]
 
 
 @pytest.mark.asyncio(loop_scope="module")

@@ -83,6 +83,24 @@ def chat(*messages: tuple[str, str]) -> generator_pb2.GenerateRequest:
         (sampling(stop=["y" * 129]), "sampling.stop[0]", "at most 128 characters"),
         (sampling(presence_penalty=3.0), "sampling.presence_penalty", "between -2 and 2"),
         (sampling(frequency_penalty=-2.5), "sampling.frequency_penalty", "between -2 and 2"),
+        (sampling(grammar=""), "sampling.grammar", "must not be empty"),
+        (sampling(grammar="root ::= " + '"x" ' * 5000), "sampling.grammar", "at most 16,384 characters"),
+        (sampling(grammar='root := "x"'), "sampling.grammar", "line 1, column 6: expected ::="),
+        (sampling(grammar='root ::= "x'), "sampling.grammar", "unexpected end of input"),
+        (sampling(grammar='root ::= [a-z'), "sampling.grammar", "unexpected end of input"),
+        (sampling(grammar='root ::= ("x" | "y"'), "sampling.grammar", "expected )"),
+        (sampling(grammar='root ::= * "x"'), "sampling.grammar", "* needs an item before it"),
+        (sampling(grammar='root ::= "\\q"'), "sampling.grammar", "unknown escape \\q"),
+        (sampling(grammar='root ::= "x"{2'), "sampling.grammar", "expected } to close the repetition"),
+        (sampling(grammar='expr ::= "x"'), "sampling.grammar", "defines no `root` rule"),
+        (sampling(grammar='root ::= expr\n'), "sampling.grammar", "line 1, column 10: rule `expr` is used but never defined"),
+        # A rule name at the very end of the input (this once looped forever).
+        (sampling(grammar="root ::= digit"), "sampling.grammar", "line 1, column 10: rule `digit` is used but never defined"),
+        (sampling(grammar="root"), "sampling.grammar", "line 1, column 5: expected ::="),
+        (sampling(json_schema="{"), "sampling.json_schema", "at least 2 characters"),
+        (sampling(json_schema="{'type': 1}"), "sampling.json_schema", "is not JSON"),
+        (sampling(json_schema='["type"]'), "sampling.json_schema", "must be a JSON object (a schema), got a JSON list"),
+        (sampling(json_schema="{}" + " " * 16_384), "sampling.json_schema", "at most 16,384 characters"),
     ],
 )
 def test_bad_requests_name_the_field_and_the_rule(request_, field, rule):
@@ -96,3 +114,45 @@ def test_bad_requests_name_the_field_and_the_rule(request_, field, rule):
 def test_server_limit_on_n_is_applied():
     with pytest.raises(InvalidArgument, match="n: must be between 1 and 4"):
         parse_generate_request(text(n=5), MODEL, GeneratorLimits(max_samples=4))
+
+
+GRAMMARS = [
+    # llama.cpp's own grammars/arithmetic.gbnf and the shapes its parser accepts.
+    'root  ::= (expr "=" ws term "\\n")+\nexpr  ::= term ([-+*/] term)*\nterm  ::= ident | num | "(" ws expr ")" ws\n'
+    'ident ::= [a-z] [a-z0-9_]* ws\nnum   ::= [0-9]+ ws\nws    ::= [ \\t\\n]*\n',
+    '# a comment\nroot ::= "a" (\n  "b" |   # alternatives may span lines in parentheses\n  "c"\n)? [^\\]\\x41-\\u00FF]{1,3} . x{2,}\nx ::= "\\"" | "\\\\"',
+    'root ::= "Calculator(" [^)]* ")"',
+]
+
+
+@pytest.mark.parametrize("grammar", GRAMMARS)
+def test_well_formed_grammars_pass_to_the_backend(grammar):
+    assert parse(sampling(grammar=grammar)).sampling.grammar == grammar
+
+
+def test_a_json_schema_passes_to_the_backend_as_given():
+    schema = '{"type": "object", "properties": {"answer": {"type": "integer"}}}'
+    parsed = parse(sampling(json_schema=schema)).sampling
+    assert (parsed.json_schema, parsed.grammar) == (schema, "")
+
+
+def test_grammar_and_json_schema_are_one_of():
+    params = common_pb2.SamplingParams(grammar='root ::= "x"')
+    params.json_schema = "{}"
+    assert params.WhichOneof("constraint") == "json_schema" and not params.grammar
+
+
+def test_the_grammar_check_ends_on_any_input():
+    """Random GBNF-ish text (fixed seed): every input is accepted or refused naming the field, never loops."""
+    import random
+
+    from autodidact.generator.grammar import check_grammar
+
+    rng = random.Random(10)
+    alphabet = ['root', ' ::= ', 'x', '"', '[', ']', '(', ')', '|', '*', '+', '?', '{', '}', ',', '1', '\\', '^', '-', '.', '#', '\n', ' ']
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 24)))
+        try:
+            check_grammar("sampling.grammar", text)
+        except InvalidArgument as error:
+            assert error.field == "sampling.grammar"

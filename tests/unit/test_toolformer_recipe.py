@@ -6,8 +6,22 @@ import json
 
 import pytest
 
-from autodidact.coordinator.recipes.toolformer import call_prompt, looks_arithmetic, parse_call, render_call, resolve_params, splice
+from autodidact.coordinator.records import Record
+from autodidact.coordinator.recipes.base import Decision
+from autodidact.coordinator.recipes.toolformer import (
+    call_grammar,
+    call_prompt,
+    looks_arithmetic,
+    parse_call,
+    render_call,
+    resolve_params,
+    splice,
+    tables,
+    trivial_call,
+)
 from autodidact.errors import InvalidArgument
+from autodidact.generator.grammar import check_grammar
+from autodidact.tool_executor.tools import TOOLS
 from autodidact.v1 import coordinator_pb2
 from autodidact.coordinator.recipes.formats import gsm8k_document
 
@@ -120,3 +134,48 @@ def test_bad_document_files_name_the_line(tmp_path):
     with pytest.raises(InvalidArgument) as raised:
         resolve_params(_spec(tmp_path), "job")
     assert "line 2" in raised.value.rule
+
+
+@pytest.mark.parametrize(
+    ("argument", "result", "why"),
+    [
+        ("12", "12", "the input '12' is a lone number"),
+        (" (12) ", "12", "the input '(12)' is a lone number"),
+        ("1,200", "1200", "the input '1,200' is a lone number"),
+        ("-3.5", "-3.5", "the input '-3.5' is a lone number"),
+        ("capital of France", "capital of France", "the result 'capital of France' restates the input"),
+        ("48 / 2", "24", ""),
+        ("12 * 1", "12", ""),  # a real computation, even if an idle one: the loss filter judges it
+        ("carpe diem", "seize the day", ""),
+    ],
+)
+def test_trivial_calls(argument, result, why):
+    assert trivial_call(argument, result) == why
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS))
+def test_every_tools_call_grammar_is_gbnf_the_generator_accepts(tool):
+    grammar = call_grammar(tool, TOOLS[tool].takes_input)
+    check_grammar("sampling.grammar", grammar)
+    assert grammar.startswith(f'root ::= "{tool}(')
+
+
+def _record(item_id, kept, data, lineage):
+    return Record(item_id, kept, data, [(stage, Decision(k, f)) for stage, k, f in lineage])
+
+
+def test_the_documents_table_trains_on_the_text_with_calls_and_keeps_the_original():
+    call = {"tool": "Calculator", "char_offset": 15, "call": "[Calculator(48/2) -> 24]", "input": "48/2", "result": "24",
+            "loss_plus": 1.0, "loss_minus": 2.0, "gain": 1.0}
+    records = [
+        _record("doc00000", True, {"document_id": "d0", "text": "She sold 48/2 = [Calculator(48/2) -> 24] 24 clips.",
+                                   "original_text": "She sold 48/2 = 24 clips.", "calls": [call]}, [("dataset", True, "")]),
+        _record("doc00000/Calculator", True, {"tool": "Calculator", "positions": []}, [("prefilter", True, ""), ("positions", True, ""), ("splice", True, "")]),
+        _record("doc00000/Calculator/p0015/c00", False, {"tool": "Calculator", "char_offset": 15, "input": "24", "result": "24"},
+                [("sample_call", True, ""), ("execute", False, "trivial_call")]),
+    ]
+    documents, _ = tables(records)["documents"]
+    assert documents == [{"item_id": "doc00000", "document_id": "d0", "text": "She sold 48/2 = [Calculator(48/2) -> 24] 24 clips.",
+                          "original_text": "She sold 48/2 = 24 clips.", "calls": [call]}]
+    calls, _ = tables(records)["calls"]
+    assert [(c["item_id"], c["kept"], c["dropped_by"]) for c in calls] == [("doc00000/Calculator/p0015/c00", False, "trivial_call")]

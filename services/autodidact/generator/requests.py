@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from autodidact.backends.llm import ChatTurn, Generation, GenerationRequest, ModelDescription, Prompt, Sampling
 from autodidact.errors import InvalidArgument
+from autodidact.generator.grammar import check_grammar, check_json_schema
 from autodidact.v1 import common_pb2, generator_pb2
 from autodidact.validation import check_count, check_length, check_one_of, check_open_low_range, check_range
 
@@ -18,6 +19,8 @@ CHAT_ROLES = ("system", "user", "assistant")
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 128
 MAX_TOP_K = 1000
+MAX_GRAMMAR_CHARS = 16_384
+MAX_JSON_SCHEMA_CHARS = 16_384
 UINT32 = 2**32
 
 DEFAULT_SAMPLING = Sampling()
@@ -63,6 +66,13 @@ def parse_sampling(params: common_pb2.SamplingParams, context_length: int, field
         check_length(f"{field}.stop[{i}]", stop, 1, MAX_STOP_CHARS)
     check_range(f"{field}.presence_penalty", params.presence_penalty, -2.0, 2.0)
     check_range(f"{field}.frequency_penalty", params.frequency_penalty, -2.0, 2.0)
+    constraint = params.WhichOneof("constraint")
+    if constraint == "grammar":
+        check_length(f"{field}.grammar", params.grammar, 1, MAX_GRAMMAR_CHARS)
+        check_grammar(f"{field}.grammar", params.grammar)
+    elif constraint == "json_schema":
+        check_length(f"{field}.json_schema", params.json_schema, 2, MAX_JSON_SCHEMA_CHARS)
+        check_json_schema(f"{field}.json_schema", params.json_schema)
     return Sampling(
         temperature=temperature,
         top_p=top_p,
@@ -71,6 +81,8 @@ def parse_sampling(params: common_pb2.SamplingParams, context_length: int, field
         stop=tuple(params.stop),
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
+        grammar=params.grammar,
+        json_schema=params.json_schema,
     )
 
 

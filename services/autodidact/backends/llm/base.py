@@ -35,6 +35,11 @@ class Sampling:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # Constrained sampling, at most one: a llama.cpp GBNF grammar, or a JSON
+    # schema (JSON text). A backend that cannot honour one refuses the request
+    # (InvalidArgument naming the field and the backend) rather than sample free text.
+    grammar: str = ""
+    json_schema: str = ""
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,20 @@ what the context computed before: each request starts from an empty context,
 evaluates every prompt token but the last once, and each sample then
 evaluates the last prompt token alone before sampling. The first sample and
 the tenth thus follow the same arithmetic, so sample i of a request with base
-seed s equals the single sample of the same request with seed s + i.
+seed s equals the single sample of the same request with seed s + i. A
+grammar (or a JSON schema, turned into one) keeps this: llama-cpp-python
+builds a fresh sampler chain, grammar state included, for every completion,
+and the grammar only masks tokens before the seeded draw.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
@@ -38,6 +42,7 @@ from autodidact.backends.llm.base import (
     GenerationRequest,
     ModelDescription,
     Prompt,
+    Sampling,
     ScoringSequence,
     SequenceScores,
     TokenScore,
@@ -181,7 +186,7 @@ class LlamaCppLLM:
     def _new_context(self, *, logits_all: bool) -> Any:
         from llama_cpp import Llama  # imported here: the service modules load without llama.cpp
 
-        with _CONTEXT_CREATION:
+        with _CONTEXT_CREATION, _without_amx_buffers():
             return Llama(
                 model_path=str(self._model_path),
                 n_ctx=self._settings.context_length,
@@ -236,6 +241,7 @@ class LlamaCppLLM:
         self._check_fits(
             "sampling.max_tokens", len(tokens) + sampling.max_tokens, f"prompt ({len(tokens)}) + max_tokens ({sampling.max_tokens})"
         )
+        grammar = self._grammar(llm, sampling)
         # Shared by every sample; see "Repeatability" in the module docstring.
         llm.reset()
         llm.eval(tokens[:-1])
@@ -258,6 +264,7 @@ class LlamaCppLLM:
                 stop=list(sampling.stop),
                 seed=seed,
                 stopping_criteria=stop_when_cancelled,
+                grammar=grammar,
             )
             choice = completion["choices"][0]
             samples.append(
@@ -269,6 +276,30 @@ class LlamaCppLLM:
                 )
             )
         return Generation(samples=tuple(samples), prompt_tokens=len(tokens))
+
+    def _grammar(self, llm: Any, sampling: Sampling) -> Any:
+        """The request's constraint as a LlamaGrammar, or None; a grammar
+        llama.cpp cannot build is refused here, since llama-cpp-python would
+        add the null sampler llama.cpp answers with and crash."""
+        import llama_cpp
+        from llama_cpp import LlamaGrammar
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+        if sampling.grammar:
+            field, text = "sampling.grammar", sampling.grammar
+        elif sampling.json_schema:
+            field = "sampling.json_schema"
+            try:
+                text = json_schema_to_gbnf(sampling.json_schema)
+            except Exception as exc:  # the converter raises ValueError, KeyError, TypeError... on schemas it does not support
+                raise InvalidArgument(field, f"llamacpp cannot turn this schema into a grammar: {type(exc).__name__}: {str(exc)[:200]}") from None
+        else:
+            return None
+        probe = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, text.encode("utf-8"), b"root")
+        if not probe:
+            raise InvalidArgument(field, "llama.cpp could not build a grammar from it")
+        llama_cpp.llama_sampler_free(probe)
+        return LlamaGrammar.from_string(text, verbose=False)
 
     def _logprobs(self, llm: Any, _cancelled: threading.Event, text: str, context: str) -> list[TokenScore]:
         context_tokens = self._tokenize(llm, context) if context else []
@@ -329,6 +360,41 @@ class LlamaCppLLM:
             if alternatives:
                 alternative_logprobs[index] = rows[:, list(alternatives)] - norm[:, None]
         return SequenceScores(logprobs=logprobs, alternatives=alternative_logprobs, tokens_evaluated=evaluated)
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _without_amx_buffers() -> Iterator[None]:
+    """On a CPU with AMX, loads the model without llama.cpp's extra buffer
+    types (weight repacking, AMX tiles). In virtual machines whose kernel
+    does not hand AMX tile state to the process, llama.cpp 0.3.36's AMX
+    matrix multiplication crashes the process (SIGSEGV) on the first batch
+    of more than one token. llama-cpp-python exposes no setting for it, so
+    the default model parameters are patched for the duration of the load
+    (under _CONTEXT_CREATION, so no other load sees the patch)."""
+    import llama_cpp.llama_cpp as bindings
+
+    if not _cpu_has_amx():
+        yield
+        return
+    default = bindings.llama_model_default_params
+
+    def without_extra_buffers() -> Any:
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        bindings.llama_model_default_params = default
 
 
 def _shared_prefix(cached: Any, tokens: list[int]) -> int:

@@ -7,11 +7,18 @@
   (the first token has none). Servers differ in how faithfully they compute
   these: llama-cpp-python 0.3.36's are misaligned (see docs/deploy.md), vLLM's
   are the production path.
+- Constrained sampling has no standard field, so the request carries each
+  server's own, chosen by the `owned_by` its /v1/models reports: vLLM
+  (>= 0.10) `structured_outputs` {"grammar"} or {"json"}; SGLang `ebnf` or
+  `json_schema`; any other server (llama.cpp's, llama-cpp-python's) the
+  llama.cpp server fields `grammar` or `json_schema`. All three take GBNF
+  (vLLM and SGLang through xgrammar).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import aiohttp
@@ -23,9 +30,28 @@ from autodidact.errors import FailedPrecondition
 BACKEND = "openai_compat"
 
 
+def _vllm(sampling: Sampling) -> dict[str, Any]:
+    if sampling.grammar:
+        return {"structured_outputs": {"grammar": sampling.grammar}}
+    return {"structured_outputs": {"json": json.loads(sampling.json_schema)}}
+
+
+def _sglang(sampling: Sampling) -> dict[str, Any]:
+    return {"ebnf": sampling.grammar} if sampling.grammar else {"json_schema": sampling.json_schema}
+
+
+def _llamacpp_server(sampling: Sampling) -> dict[str, Any]:
+    return {"grammar": sampling.grammar} if sampling.grammar else {"json_schema": json.loads(sampling.json_schema)}
+
+
+# Request fields of a constraint, by the server's `owned_by` in /v1/models.
+CONSTRAINT_FIELDS = {"vllm": _vllm, "sglang": _sglang}
+
+
 class OpenAICompatLLM:
-    def __init__(self, settings: RemoteSettings, session: aiohttp.ClientSession, description: ModelDescription) -> None:
+    def __init__(self, settings: RemoteSettings, session: aiohttp.ClientSession, description: ModelDescription, server: str = "") -> None:
         self._settings = settings
+        self._constraint_fields = CONSTRAINT_FIELDS.get(server, _llamacpp_server)
         self._session = session
         self._description = description
         self._base = settings.url.rstrip("/")
@@ -42,7 +68,7 @@ class OpenAICompatLLM:
             # vLLM reports max_model_len; others do not, so the setting stands in.
             context_length=int(served.get("max_model_len") or settings.context_length),
         )
-        return cls(settings, aiohttp.ClientSession(), description)
+        return cls(settings, aiohttp.ClientSession(), description, server=str(served.get("owned_by", "")).lower())
 
     @property
     def description(self) -> ModelDescription:
@@ -63,6 +89,8 @@ class OpenAICompatLLM:
             payload["stop"] = list(sampling.stop)
         if sampling.top_k:
             payload["top_k"] = sampling.top_k  # an extension vLLM, SGLang and llama.cpp accept
+        if sampling.grammar or sampling.json_schema:
+            payload |= self._constraint_fields(sampling)
         return payload
 
     async def generate(self, request: GenerationRequest) -> Generation:

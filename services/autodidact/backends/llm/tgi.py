@@ -7,11 +7,16 @@ deprecated).
   launched with `--enable-prefill-logprobs`; the first prompt token has none.
 - TGI has no presence penalty: a request with one is refused rather than
   silently sampled differently (use openai_compat with vLLM for it).
+- Constrained sampling: a JSON schema goes out as TGI's `grammar`
+  ({"type": "json", "value": schema}; `response_format` for chat). TGI has
+  no GBNF grammars (only JSON and regular expressions), so a request with
+  `sampling.grammar` is refused naming the backend.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from huggingface_hub import AsyncInferenceClient
@@ -73,6 +78,11 @@ class TgiLLM:
         sampling = request.sampling
         if sampling.presence_penalty:
             raise InvalidArgument("sampling.presence_penalty", "the tgi backend has no presence penalty; send 0, or use openai_compat (vLLM)")
+        if sampling.grammar:
+            raise InvalidArgument(
+                "sampling.grammar", "the tgi backend cannot honour a GBNF grammar (TGI takes only JSON schemas and regular expressions); "
+                "send sampling.json_schema, or use the llamacpp or openai_compat (vLLM, SGLang) backend"
+            )
         if isinstance(request.prompt, str):
             samples = await asyncio.gather(*(self._text_sample(request.prompt, sampling, seed) for seed in request.seeds))
         else:
@@ -84,7 +94,7 @@ class TgiLLM:
         output = await self._call(
             lambda: self._client.text_generation(
                 prompt, details=True, decoder_input_details=True, max_new_tokens=sampling.max_tokens, seed=seed,
-                stop=list(sampling.stop) or None, **_sampling_parameters(sampling),
+                stop=list(sampling.stop) or None, grammar=_json_grammar(sampling), **_sampling_parameters(sampling),
             )
         )
         details = output.details
@@ -106,7 +116,8 @@ class TgiLLM:
         output = await self._call(
             lambda: self._client.chat_completion(
                 messages, max_tokens=sampling.max_tokens, seed=seed, stop=list(sampling.stop) or None,
-                temperature=sampling.temperature, **{k: v for k, v in parameters.items() if k != "temperature"},
+                temperature=sampling.temperature, response_format=_json_grammar(sampling),
+                **{k: v for k, v in parameters.items() if k != "temperature"},
             )
         )
         choice = output.choices[0]
@@ -131,6 +142,11 @@ class TgiLLM:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _json_grammar(sampling: Sampling) -> dict[str, Any] | None:
+    """TGI's grammar for a JSON schema (the generator checked it is a JSON object)."""
+    return {"type": "json", "value": json.loads(sampling.json_schema)} if sampling.json_schema else None
 
 
 def _sampling_parameters(sampling: Sampling) -> dict[str, Any]:

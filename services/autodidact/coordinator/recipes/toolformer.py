@@ -45,6 +45,29 @@ TOOL_DEFAULTS = {
     "MT": {"position_threshold": 0.0, "positions": 20, "calls": 10, "filter_threshold": 0.5},
 }
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?")
+LONE_NUMBER = re.compile(r"[-+]?\(*\s*[-+]?\d[\d,]*(?:\.\d+)?\s*\)*")
+# Call grammars (llama.cpp GBNF) the generator samples calls under, so that a
+# sample is always `Tool(input)`: the prompt ends with "[", and the grammar
+# ends with ")", after which only end-of-text is allowed. The calculator's
+# input is arithmetic (numbers, + - * /, balanced parentheses, spaces); other
+# tools take any text without brackets or newlines; a tool without input
+# takes none.
+CALCULATOR_GRAMMAR = r"""root ::= "Calculator(" sp expr sp ")"
+expr ::= term (sp [-+*/] sp term)*
+term ::= number | "(" sp expr sp ")" | "-" term
+number ::= [0-9]{1,12} ("." [0-9]{1,6})?
+sp ::= " "?
+"""
+
+
+def call_grammar(tool: str, takes_input: bool) -> str:
+    """The GBNF grammar of a call to `tool`, as it continues the opening "["."""
+    if tool == "Calculator":
+        return CALCULATOR_GRAMMAR
+    if not takes_input:
+        return f'root ::= "{tool}()"\n'
+    return f'root ::= "{tool}(" [^()\\[\\]\\n]{{1,200}} ")"\n'
+
 STATEMENT_OF_RESULT = re.compile(r"(=|\bequals\b|\btotal of\b)\s*\$?\s*-?\d", re.IGNORECASE)
 
 
@@ -167,6 +190,16 @@ def parse_call(sample: str, tool: str, takes_input: bool) -> tuple[str | None, s
     return None, "the call never closes"
 
 
+def trivial_call(argument: str, result: str) -> str:
+    """Why a call teaches nothing (empty when it may): its input is a lone
+    number, or its result restates its input, e.g. [Calculator(12) -> 12]."""
+    if LONE_NUMBER.fullmatch(argument.strip()):
+        return f"the input {argument.strip()!r} is a lone number"
+    if result.strip().replace(" ", "") == argument.strip().replace(" ", ""):
+        return f"the result {result.strip()!r} restates the input"
+    return ""
+
+
 def render_call(tool: str, argument: str, result: str | None = None) -> str:
     return f"[{tool}({argument})" + ("" if result is None else f" -> {result}") + "]"
 
@@ -238,12 +271,29 @@ class ToolformerRecipe:
             decision = Decision(True) if winner is call else Decision(False, "same_position", reason=f"{winner['call']} lowered the loss more")
             self.ctx.record(call["item"], "splice", StageResult(decision=decision))
         chosen = sorted(best.values(), key=lambda c: c["char_offset"])
+        for tool in self.params.tools:
+            self._conclude_tool(f"{item}/{tool.tool}", sum(c["tool"] == tool.tool for c in chosen))
         augmented = splice(document.text, [(c["char_offset"], c["call"]) for c in chosen])
-        data = {"document_id": document.id, "text": document.text, "augmented_text": augmented, "calls": [{k: v for k, v in c.items() if k != "item"} for c in chosen]}
+        # `text` is what a trainer reads by default (TRL's dataset_text_field), so it is the text with the calls.
+        data = {"document_id": document.id, "text": augmented, "original_text": document.text, "calls": [{k: v for k, v in c.items() if k != "item"} for c in chosen]}
         decision = Decision(True, score=len(chosen), reason=f"{len(chosen)} calls spliced") if chosen else Decision(False, "no_useful_call", score=0, reason="no call lowered the loss by τf")
         if self.ctx.stored(item, "dataset") is None:
             self.ctx.record(item, "dataset", StageResult(data, decision))
         return bool(chosen)
+
+    def _conclude_tool(self, tool_item: str, spliced: int) -> None:
+        """The final decision of a (document, tool) item that passed the
+        prefilter: kept when at least one of its calls was spliced. Without
+        it the item's prefilter and positions decisions would end nowhere
+        (the lineage contract: every decided item ends with one decision)."""
+        if self.ctx.stored(tool_item, "splice") is not None:
+            return
+        pre = self.ctx.stored(tool_item, "prefilter")
+        if pre is not None and pre.decision is not None and not pre.decision.kept:
+            return  # its prefilter drop is its final decision
+        decision = Decision(True, score=spliced, reason=f"{spliced} calls spliced") if spliced else Decision(
+            False, "no_useful_call", score=0, reason="none of its calls lowered the loss by τf")
+        self.ctx.record(tool_item, "splice", StageResult(decision=decision))
 
     async def _tool(self, item: str, document: Document, tool: ToolSettings) -> list[dict[str, Any]]:
         """Kept calls of one tool in one document, as dicts for the dataset."""
@@ -286,7 +336,10 @@ class ToolformerRecipe:
             seed = derive_seed(self.ctx.seed, "calls", item, tool.tool, offset)
             request = generator_pb2.GenerateRequest(
                 prompt=common_pb2.Prompt(text=call_prompt(spec.few_shot_prompt, document.text, offset)),
-                sampling=common_pb2.SamplingParams(temperature=SAMPLING_TEMPERATURE, max_tokens=MAX_CALL_TOKENS, stop=["]", "->", "\n"]),
+                sampling=common_pb2.SamplingParams(
+                    temperature=SAMPLING_TEMPERATURE, max_tokens=MAX_CALL_TOKENS, stop=["]", "->", "\n"],
+                    grammar=call_grammar(tool.tool, spec.takes_input),
+                ),
                 n=tool.calls, seed=seed,
             )
             response = await self.ctx.call(lambda: self.ctx.services.generator.Generate(request, timeout=CALL_TIMEOUT_SECONDS), "generator (calls)")
@@ -331,6 +384,8 @@ class ToolformerRecipe:
                 if result.HasField("error"):
                     code = tool_executor_pb2.ToolErrorCode.Name(result.error.code).removeprefix("TOOL_ERROR_CODE_").lower()
                     outcome = StageResult({"result": None, "error": result.error.message}, Decision(False, f"tool_{code}", reason=result.error.message))
+                elif why := trivial_call(candidate["input"], result.output):
+                    outcome = StageResult({"result": result.output}, Decision(False, "trivial_call", reason=why))
                 else:
                     outcome = StageResult({"result": result.output}, Decision(True))
                 self.ctx.record(candidate["item"], "execute", outcome)
@@ -391,7 +446,7 @@ def belongs(summary: dict[str, Any]) -> Any:
 
 
 DOCUMENT_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("document_id", pa.string()), ("text", pa.string()), ("augmented_text", pa.string()),
+    ("item_id", pa.string()), ("document_id", pa.string()), ("text", pa.string()), ("original_text", pa.string()),
     ("calls", pa.list_(pa.struct([
         ("tool", pa.string()), ("char_offset", pa.int64()), ("call", pa.string()), ("input", pa.string()),
         ("result", pa.string()), ("loss_plus", pa.float64()), ("loss_minus", pa.float64()), ("gain", pa.float64()),
@@ -405,12 +460,14 @@ CALL_SCHEMA = pa.schema([
 
 
 def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schema]]:
-    """Augmented documents (the training text) and every executed candidate call with its losses."""
+    """Documents with their calls spliced in (`text`, the training text) and every executed candidate call with its losses."""
     documents, calls = [], []
     for record in records:
+        if record.item_id.count("/") == 1:
+            continue  # a (document, tool) item: lineage only
         if "/" not in record.item_id:
             if record.kept:
-                documents.append({"item_id": record.item_id, **{k: record.data[k] for k in ("document_id", "text", "augmented_text", "calls")}})
+                documents.append({"item_id": record.item_id, **{k: record.data[k] for k in ("document_id", "text", "original_text", "calls")}})
             continue
         if "result" not in record.data:
             continue  # never executed (malformed or repeated): lineage only
