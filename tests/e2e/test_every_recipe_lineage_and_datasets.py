@@ -60,13 +60,15 @@ def specs(inputs: Path, out: Path) -> dict[str, coordinator_pb2.JobSpec]:
         "self_consistency": coordinator_pb2.JobSpec(
             self_consistency=coordinator_pb2.SelfConsistencySpec(
                 questions_path=str(SVAMP), max_questions=2, paths_per_question=4,
-                sampling=common_pb2.SamplingParams(max_tokens=64),
+                # Near-greedy, so the small model's paths agree and the tables have rows.
+                sampling=common_pb2.SamplingParams(max_tokens=96, temperature=0.1),
             ),
             seed=5, output_dir=str(out / "self_consistency"),
         ),
         "constitutional": coordinator_pb2.JobSpec(
             constitutional=coordinator_pb2.ConstitutionalSpec(
                 prompts_path=str(inputs / "prompts.jsonl"), rounds=1, judged_pairs=True, sampling=common_pb2.SamplingParams(max_tokens=32),
+                min_margin=0,  # the small model's judge stays near 0.5; any decided label orients its pair
             ),
             seed=3, output_dir=str(out / "constitutional"), max_error_fraction=0.5,
         ),
