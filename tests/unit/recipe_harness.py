@@ -18,18 +18,22 @@ from autodidact.coordinator.store import JobStore
 JOB = "job"
 
 
-def run_recipe(tmp_path: Path, services: dict[str, Any], make: Callable[[JobContext], Any], max_in_flight: int = 2) -> tuple[dict[str, Any], JobStore]:
+def run_recipe(
+    tmp_path: Path, services: dict[str, Any], make: Callable[[JobContext], Any], max_in_flight: int = 2, max_error_fraction: float = 0.1,
+) -> tuple[dict[str, Any], JobStore]:
     store = JobStore(tmp_path / "jobs.sqlite")
     store.create_job(JOB, b"", "hash", 1)
     stubs = {name: services.get(name) for name in ("generator", "dedup", "scorer", "tool_executor", "critic")}
-    ctx = JobContext(JOB, 7, store, Services(**stubs), max_in_flight, lambda: None)  # type: ignore[arg-type]
+    ctx = JobContext(JOB, 7, store, Services(**stubs), max_in_flight, lambda: None, max_error_fraction)  # type: ignore[arg-type]
     summary = asyncio.run(make(ctx).run())
     return summary, store
 
 
-def assert_lineage_agrees(store: JobStore, stages: tuple[str, ...], belongs: Callable[[str], bool]) -> list[Record]:
+def assert_lineage_agrees(
+    store: JobStore, stages: tuple[str, ...], belongs: Callable[[str], bool], final_stages: tuple[str, ...] = ("dataset",),
+) -> list[Record]:
     """Every item with a decision is one record with one final decision, and the stage counts are the records' counts."""
-    records = job_records(store, JOB, stages, ("dataset",), belongs)
+    records = job_records(store, JOB, stages, final_stages, belongs)
     ids = [r.item_id for r in records]
     assert len(ids) == len(set(ids))
     decided = {item for item, _, value in store.results(JOB) if StageResult.from_json(value).decision is not None}
@@ -37,7 +41,7 @@ def assert_lineage_agrees(store: JobStore, stages: tuple[str, ...], belongs: Cal
     for record in records:
         drops = [i for i, (_, d) in enumerate(record.lineage) if not d.kept]
         if record.kept:
-            assert not drops and record.lineage[-1][0] == "dataset", record
+            assert not drops and record.lineage[-1][0] in final_stages, record
         else:
             assert drops == [len(record.lineage) - 1], record
     for counts in store.stage_counts(JOB):

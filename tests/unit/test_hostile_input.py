@@ -146,3 +146,29 @@ def test_camel_case_path_keys_resolve_relative_to_the_recipe(tmp_path):
     recipe.write_text("self_instruct:\n  seedTasksPath: data/seeds.jsonl\n  targetInstructions: 2\n", encoding="utf-8")
     spec = load_recipe(recipe, None)
     assert spec.self_instruct.seed_tasks_path == str((folder / "data" / "seeds.jsonl").resolve())
+
+
+async def test_reading_a_large_input_at_submit_leaves_the_event_loop_free(manager, monkeypatch, tmp_path):
+    import dataclasses
+    import time
+
+    from autodidact.coordinator.recipes import registry
+
+    def slow_resolve(spec, job_id):  # stands in for parsing a large input file: 0.5 s of blocking work
+        time.sleep(0.5)
+        raise InvalidArgument("spec.self_instruct.seed_tasks_path", "stand-in refusal after the parse")
+
+    monkeypatch.setitem(registry.RECIPES, "self_instruct", dataclasses.replace(registry.RECIPES["self_instruct"], resolve=slow_resolve))
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    with pytest.raises(InvalidArgument, match="stand-in refusal"):
+        await manager.submit("big-1", coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path="x")))
+    ticker.cancel()
+    assert ticks >= 20  # the loop kept running during the parse (before: 0)

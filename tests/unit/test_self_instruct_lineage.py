@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import re
 
+import grpc
+
 from autodidact.coordinator.recipes import self_instruct
 from autodidact.coordinator.recipes.base import JobContext, Services, derive_seed
 from autodidact.coordinator.recipes.self_instruct import SeedTask, SelfInstructParams, SelfInstructRecipe
@@ -128,3 +130,31 @@ def test_a_restarted_job_does_not_take_closed_rounds_further(tmp_path):
     assert second == first and generator.calls == 0
     assert store.results("job") == before
     assert_lineage_agrees(store, self_instruct.STAGES, self_instruct.belongs(second))
+
+
+class RefusingGenerator(GeneratorDouble):
+    """Refuses (INVALID_ARGUMENT) to classify one candidate: "Explain topic 0-1"."""
+
+    async def Generate(self, request, timeout=None):  # noqa: N802
+        if request.prompt.text.endswith("Classification:") and "topic 0-1 " in request.prompt.text:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), "prompt: refused")
+        return await super().Generate(request, timeout)
+
+
+def test_a_candidate_a_service_refuses_is_dropped_with_filter_error_and_the_job_goes_on(tmp_path):
+    seeds = [SeedTask(f"Seed task number {i} for testing", (("in", "out"),), i % 2 == 0) for i in range(4)]
+    params = SelfInstructParams(
+        seed_tasks=seeds, target=2, human_per_prompt=2, machine_per_prompt=0, threshold=0.9, namespace="ns",
+        instruction_sampling=common_pb2.SamplingParams(), instance_sampling=common_pb2.SamplingParams(), max_rounds=20,
+    )
+    dedup = DedupDouble()
+    summary, store = run_recipe(
+        tmp_path, {"generator": RefusingGenerator(dedup), "dedup": dedup},
+        lambda ctx: SelfInstructRecipe(ctx, params, WINDOW), max_in_flight=WINDOW,
+    )
+    assert summary["kept"] == 2  # before: the refusal failed the whole job
+    records = assert_lineage_agrees(store, self_instruct.STAGES, self_instruct.belongs(summary))
+    by_id = {r.item_id: r for r in records}
+    assert [r.item_id for r in records if r.kept] == ["r00000-00", "r00000-02"]
+    stage, decision = by_id["r00000-01"].lineage[-1]
+    assert (stage, decision.filter) == ("classify", "error") and "INVALID_ARGUMENT: prompt: refused" in decision.reason

@@ -157,7 +157,8 @@ class JobManager:
             if existing.state in RESUMABLE:
                 return self.retry(job_id), False, True
             return self.get(job_id), False, False
-        params = validate_spec(spec, job_id)
+        # Reading and checking the input files can take a while (up to the item bounds): off the loop.
+        params = await asyncio.to_thread(validate_spec, spec, job_id)
         context_length = await self._generator_context()
         if context_length is not None:
             check_against_model(spec, params, context_length)
@@ -348,7 +349,7 @@ class JobManager:
         spec = coordinator_pb2.JobSpec.FromString(row.spec)
         with structlog.contextvars.bound_contextvars(job_id=job_id):
             try:
-                params = validate_spec(spec, job_id)
+                params = await asyncio.to_thread(validate_spec, spec, job_id)
                 self._store.set_state(job_id, RUNNING)
                 self._notify(job_id)
                 in_flight = spec.max_in_flight or 4

@@ -148,11 +148,18 @@ class JobContext:
             async with limit:
                 result = await compute()
         except ServiceRefused as exc:
-            message = f"{item_id} at {stage}: {exc}"
-            self.record(item_id, stage, StageResult({"error": str(exc)}, Decision(False, ERROR_FILTER, reason=str(exc))))
-            raise ItemFailed(message) from exc
+            raise self.drop_refused([item_id], stage, exc) from exc
         self.record(item_id, stage, result)
         return result
+
+    def drop_refused(self, item_ids: list[str], stage: str, exc: Exception) -> ItemFailed:
+        """Records an `error` drop at `stage` for each item a service refused
+        (one item, or every item of a refused batch call) that has no result
+        there yet; returns the ItemFailed for the caller to raise."""
+        for item_id in item_ids:
+            if self.stored(item_id, stage) is None:
+                self.record(item_id, stage, StageResult({"error": str(exc)}, Decision(False, ERROR_FILTER, reason=str(exc))))
+        return ItemFailed(f"{', '.join(item_ids[:3])}{' …' if len(item_ids) > 3 else ''} at {stage}: {exc}")
 
     async def item(self, work: Awaitable[bool]) -> bool:
         """One dataset item's work; an item that errored is dropped (False)

@@ -49,7 +49,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_rng, derive_seed
+from autodidact.coordinator.recipes.base import ERROR_FILTER, Decision, JobContext, StageResult, derive_rng, derive_seed
 from autodidact.coordinator.recipes.formats import check_item_count, json_lines, read_input
 from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NAMESPACE_PATTERN
 from autodidact.errors import InvalidArgument
@@ -59,8 +59,9 @@ from autodidact.validation import check_range
 
 TEMPLATE_VERSION = "self_instruct/v1"
 STAGES = ("generate_instructions", "heuristics", "diversity", "classify", "instances", "dataset")
-# Stages where a candidate can be dropped before the dataset.
-DROPPING_STAGES = ("heuristics", "diversity", "instances")
+# Stages where a candidate can be dropped before the dataset (at classify only
+# by an error: a service refused it).
+DROPPING_STAGES = ("generate_instructions", "heuristics", "diversity", "classify", "instances")
 SEEDS_ITEM = "_seeds"
 # Where the job notes the round that reached the target, before closing later rounds.
 CLOSED_ITEM, CLOSED_STAGE = "_closed", "closed"
@@ -346,21 +347,34 @@ class SelfInstructRecipe:
         # Rounds started but not needed (the rounds started are always 0 .. last_round + window - 1,
         # also across a restart): every candidate they produced ends here, dropped unless it already was.
         for round_ in range(last_round + 1, min(last_round + self.window, self.params.max_rounds)):
-            generated = self.ctx.stored(f"r{round_:05d}", "generate_instructions")
-            if generated is None:
-                continue
-            for candidate, _, _ in self._candidates(round_, generated):
-                if self.ctx.stored(candidate, "dataset") is None and not self._dropped(candidate):
-                    self.ctx.record(candidate, "dataset", StageResult(decision=self._over_target(candidate)))
+            self._end_open_candidates(round_, self._over_target)
+        self.ctx.check_error_budget()
         return {"last_round": last_round, "rounds": last_round + 1, "kept": min(len(finished), self.params.target), "target_reached": len(finished) >= self.params.target}
 
     async def _round(self, round_: int) -> list[str]:
-        """One prompt → its candidates' fates; returns the ids that reached the end, in order."""
+        """One prompt → its candidates' fates; returns the ids that reached the end, in order.
+        A round a service refused (its generation, or its dedup batch) is one errored item
+        of the job's error budget: its open candidates end with filter `error`, and the
+        rounds after it go on."""
+        finished: list[str] = []
+
+        async def work() -> bool:
+            finished.extend(await self._round_candidates(round_))
+            return True
+
+        try:
+            if not await self.ctx.item(work()):
+                self._end_open_candidates(round_, lambda _: Decision(False, ERROR_FILTER, reason=self.ctx.errors[-1]))
+        finally:
+            # Later rounds wait for this one's diversity decisions and build their prompts from them.
+            self._kept_by_diversity.setdefault(round_, [])
+            self._diversity_turn[round_].set()
+        return finished
+
+    async def _round_candidates(self, round_: int) -> list[str]:
         item = f"r{round_:05d}"
         closed = self.ctx.stored(CLOSED_ITEM, CLOSED_STAGE)
         if closed is not None and round_ > closed.data["last_round"]:
-            self._kept_by_diversity[round_] = []
-            self._diversity_turn[round_].set()
             return []  # not needed: closed when the job first reached its target
         generated = await self.ctx.stage(item, "generate_instructions", lambda: self._generate_instructions(round_))
         # No await between the stored generation and its candidates' first decisions.
@@ -370,8 +384,18 @@ class SelfInstructRecipe:
         diverse = await self._diversity(item, survivors)
         self._kept_by_diversity[round_] = [instruction for _, instruction in diverse]
         self._diversity_turn[round_].set()
-        outcomes = await asyncio.gather(*(self._instances(candidate, instruction) for candidate, instruction in diverse))
+        outcomes = await asyncio.gather(*(self.ctx.item(self._instances(candidate, instruction)) for candidate, instruction in diverse))
         return [candidate for (candidate, _), kept in zip(diverse, outcomes) if kept]
+
+    def _end_open_candidates(self, round_: int, decision: Callable[[str], Decision]) -> None:
+        """Gives every candidate of the round still without a final decision its
+        `dataset` drop, so each candidate has exactly one final decision."""
+        generated = self.ctx.stored(f"r{round_:05d}", "generate_instructions")
+        if generated is None or generated.decision is not None:
+            return  # never sampled, or the generation itself errored (that row is the round's)
+        for candidate, _, _ in self._candidates(round_, generated):
+            if self.ctx.stored(candidate, "dataset") is None and not self._dropped(candidate):
+                self.ctx.record(candidate, "dataset", StageResult(decision=decision(candidate)))
 
     def _candidates(self, round_: int, generated: StageResult) -> list[tuple[str, str, bool]]:
         """Each instruction the round's sample listed, as a candidate: its first

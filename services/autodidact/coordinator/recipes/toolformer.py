@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed, ready
+from autodidact.coordinator.recipes.base import ERROR_FILTER, Decision, ItemFailed, JobContext, ServiceRefused, StageResult, derive_seed, ready
 from autodidact.coordinator.recipes.formats import check_item_count, gsm8k_document, json_lines, read_input
 from autodidact.errors import InvalidArgument
 from autodidact.tool_executor.tools import TOOLS
@@ -257,8 +257,12 @@ class ToolformerRecipe:
         document = self.params.documents[index]
         item = f"doc{index:05d}"
         kept_calls: list[dict[str, Any]] = []
-        for tool in self.params.tools:
-            kept_calls += await self._tool(item, document, tool)
+        try:
+            for tool in self.params.tools:
+                kept_calls += await self._tool(item, document, tool)
+        except ItemFailed as exc:
+            self._end_in_error(item, exc)
+            raise  # counted against the job's error budget by ctx.each_item
         # One call per position: the one that lowered the loss most.
         best: dict[int, dict[str, Any]] = {}
         for call in kept_calls:
@@ -280,6 +284,19 @@ class ToolformerRecipe:
         if self.ctx.stored(item, "dataset") is None:
             self.ctx.record(item, "dataset", StageResult(data, decision))
         return bool(chosen)
+
+    def _end_in_error(self, item: str, exc: ItemFailed) -> None:
+        """A service refused part of this document's work: the document and its
+        (document, tool) items end with filter `error` (their calls already did)."""
+        error = Decision(False, ERROR_FILTER, reason=str(exc))
+        for tool in self.params.tools:
+            tool_item = f"{item}/{tool.tool}"
+            results = [r for r in (self.ctx.stored(tool_item, s) for s in ("prefilter", "positions", "splice")) if r is not None]
+            ended = any(r.decision is not None and not r.decision.kept for r in results) or self.ctx.stored(tool_item, "splice")
+            if results and not ended:
+                self.ctx.record(tool_item, "splice", StageResult(decision=error))
+        if self.ctx.stored(item, "dataset") is None:
+            self.ctx.record(item, "dataset", StageResult({"document_id": self.params.documents[int(item[3:])].id}, error))
 
     def _conclude_tool(self, tool_item: str, spliced: int) -> None:
         """The final decision of a (document, tool) item that passed the
@@ -308,9 +325,15 @@ class ToolformerRecipe:
         spec = self._specs[name]
         positions = await self.ctx.stage(f"{item}/{name}", "positions", lambda: self._positions(document, tool, spec))
         per_position = await asyncio.gather(
-            *(self._sample_calls(item, document, tool, spec, p["char_offset"]) for p in positions.data["positions"])
+            *(self._sample_calls(item, document, tool, spec, p["char_offset"]) for p in positions.data["positions"]),
+            return_exceptions=True,
         )
-        candidates = [c for found in per_position for c in found]
+        candidates = [c for found in per_position if isinstance(found, list) for c in found]
+        refused = next((e for e in per_position if isinstance(e, BaseException)), None)
+        if refused is not None:  # the other positions' calls never run: they end with the refusal
+            if not isinstance(refused, ServiceRefused):
+                raise refused
+            raise self.ctx.drop_refused([c["item"] for c in candidates], "execute", refused)
         if not candidates:
             return []
         executed = await self._execute(document, candidates)
@@ -379,7 +402,10 @@ class ToolformerRecipe:
                     collection=self._collection if self.params.collection_documents else "",
                 ),
             )
-            response = await self.ctx.call(lambda: self.ctx.services.tool_executor.ExecuteTools(request, timeout=CALL_TIMEOUT_SECONDS), "tool-executor (execute)")
+            try:
+                response = await self.ctx.call(lambda: self.ctx.services.tool_executor.ExecuteTools(request, timeout=CALL_TIMEOUT_SECONDS), "tool-executor (execute)")
+            except ServiceRefused as exc:
+                raise self.ctx.drop_refused([c["item"] for c in pending[start:]], "execute", exc) from exc
             for candidate, result in zip(batch, response.results):
                 if result.HasField("error"):
                     code = tool_executor_pb2.ToolErrorCode.Name(result.error.code).removeprefix("TOOL_ERROR_CODE_").lower()
@@ -410,7 +436,10 @@ class ToolformerRecipe:
                     for c in pending
                 ],
             )
-            response = await self.ctx.call(lambda: self.ctx.services.scorer.FilterToolCalls(request, timeout=CALL_TIMEOUT_SECONDS), "scorer (filter)")
+            try:
+                response = await self.ctx.call(lambda: self.ctx.services.scorer.FilterToolCalls(request, timeout=CALL_TIMEOUT_SECONDS), "scorer (filter)")
+            except ServiceRefused as exc:
+                raise self.ctx.drop_refused([c["item"] for c in pending], "filter", exc) from exc
             for decision in response.decisions:
                 losses = {"loss_plus": decision.loss_with_result, "loss_no_call": decision.loss_without_call}
                 if decision.HasField("loss_minus"):
