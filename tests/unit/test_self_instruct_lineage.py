@@ -67,12 +67,17 @@ class GeneratorDouble:
         return generator_pb2.GenerateResponse(samples=[sample], model=common_pb2.ModelInfo(model="double.gguf"))
 
 
-def test_every_candidate_of_every_started_round_has_one_final_decision(tmp_path):
+def small_params() -> SelfInstructParams:
+    """Target 2, four seeds, up to 20 rounds."""
     seeds = [SeedTask(f"Seed task number {i} for testing", (("in", "out"),), i % 2 == 0) for i in range(4)]
-    params = SelfInstructParams(
+    return SelfInstructParams(
         seed_tasks=seeds, target=2, human_per_prompt=2, machine_per_prompt=0, threshold=0.9, namespace="ns",
         instruction_sampling=common_pb2.SamplingParams(), instance_sampling=common_pb2.SamplingParams(), max_rounds=20,
     )
+
+
+def test_every_candidate_of_every_started_round_has_one_final_decision(tmp_path):
+    params = small_params()
     dedup = DedupDouble()
     summary, store = run_recipe(
         tmp_path, {"generator": GeneratorDouble(dedup), "dedup": dedup},
@@ -113,11 +118,7 @@ class CountingGenerator(GeneratorDouble):
 def test_a_restarted_job_does_not_take_closed_rounds_further(tmp_path):
     """Resuming after the rounds were closed (a crash before SUCCEEDED) replays the
     stored job: rounds past the target stay as they were closed, nothing is generated."""
-    seeds = [SeedTask(f"Seed task number {i} for testing", (("in", "out"),), i % 2 == 0) for i in range(4)]
-    params = SelfInstructParams(
-        seed_tasks=seeds, target=2, human_per_prompt=2, machine_per_prompt=0, threshold=0.9, namespace="ns",
-        instruction_sampling=common_pb2.SamplingParams(), instance_sampling=common_pb2.SamplingParams(), max_rounds=20,
-    )
+    params = small_params()
     dedup = DedupDouble()
     first, store = run_recipe(tmp_path, {"generator": GeneratorDouble(dedup), "dedup": dedup}, lambda ctx: SelfInstructRecipe(ctx, params, WINDOW), WINDOW)
     before = store.results("job")
@@ -142,11 +143,7 @@ class RefusingGenerator(GeneratorDouble):
 
 
 def test_a_candidate_a_service_refuses_is_dropped_with_filter_error_and_the_job_goes_on(tmp_path):
-    seeds = [SeedTask(f"Seed task number {i} for testing", (("in", "out"),), i % 2 == 0) for i in range(4)]
-    params = SelfInstructParams(
-        seed_tasks=seeds, target=2, human_per_prompt=2, machine_per_prompt=0, threshold=0.9, namespace="ns",
-        instruction_sampling=common_pb2.SamplingParams(), instance_sampling=common_pb2.SamplingParams(), max_rounds=20,
-    )
+    params = small_params()
     dedup = DedupDouble()
     summary, store = run_recipe(
         tmp_path, {"generator": RefusingGenerator(dedup), "dedup": dedup},
