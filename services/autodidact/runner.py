@@ -133,7 +133,7 @@ async def run_job(target: str, job_id: str, spec: coordinator_pb2.JobSpec, show_
         exported = await stub.ExportJob(coordinator_pb2.ExportJobRequest(job_id=job_id), timeout=600)
         print("\nfiles:")
         for file in exported.files:
-            print(f"  {file.path}" + (f"  ({file.rows} rows)" if file.kind != "manifest" else ""))
+            print(f"  {file.path}" + (f"  ({file.rows} rows)" if file.kind not in ("manifest", "dataset_card") else ""))
         return 0
 
 
