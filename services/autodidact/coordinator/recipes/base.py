@@ -172,11 +172,14 @@ class JobContext:
             log.warning("item dropped: a service refused it", error=str(exc))
             return False
 
+    def _over_budget(self, items: int) -> bool:
+        return bool(self.errors) and len(self.errors) > self.max_error_fraction * items
+
     def check_error_budget(self, items: int | None = None) -> None:
         """Raises TooManyErrors when more than max_error_fraction of `items`
         (default: the items run so far) errored."""
         items = self.items if items is None else items
-        if self.errors and len(self.errors) > self.max_error_fraction * items:
+        if self._over_budget(items):
             raise TooManyErrors(
                 f"{len(self.errors)} of {items} items errored, more than max_error_fraction {self.max_error_fraction:g}; "
                 f"first: {self.errors[0]}"
@@ -191,7 +194,7 @@ class JobContext:
 
         async def bounded(index: int) -> bool:
             async with slots:
-                if len(self.errors) > self.max_error_fraction * count:
+                if self._over_budget(count):
                     return False  # the job fails below; no use starting more work
                 return await self.item(work(index))
 

@@ -348,7 +348,6 @@ class SelfInstructRecipe:
         # also across a restart): every candidate they produced ends here, dropped unless it already was.
         for round_ in range(last_round + 1, min(last_round + self.window, self.params.max_rounds)):
             self._end_open_candidates(round_, self._over_target)
-        self.ctx.check_error_budget()
         return {"last_round": last_round, "rounds": last_round + 1, "kept": min(len(finished), self.params.target), "target_reached": len(finished) >= self.params.target}
 
     async def _round(self, round_: int) -> list[str]:
