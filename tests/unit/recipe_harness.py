@@ -13,7 +13,7 @@ from typing import Any
 
 from autodidact.coordinator.records import Record, job_records
 from autodidact.coordinator.recipes.base import JobContext, Services, StageResult
-from autodidact.coordinator.store import JobStore
+from autodidact.coordinator.store import JobStore, SqliteJobStore
 
 JOB = "job"
 
@@ -21,8 +21,8 @@ JOB = "job"
 def run_recipe(
     tmp_path: Path, services: dict[str, Any], make: Callable[[JobContext], Any], max_in_flight: int = 2, max_error_fraction: float = 0.1,
 ) -> tuple[dict[str, Any], JobStore]:
-    store = JobStore(tmp_path / "jobs.sqlite")
-    store.create_job(JOB, b"", "hash", 1)
+    store = SqliteJobStore(tmp_path / "jobs.sqlite")
+    asyncio.run(store.create_job(JOB, b"", "hash", 1))
     stubs = {name: services.get(name) for name in ("generator", "dedup", "scorer", "tool_executor", "critic")}
     ctx = JobContext(JOB, 7, store, Services(**stubs), max_in_flight, lambda: None, max_error_fraction)  # type: ignore[arg-type]
     summary = asyncio.run(make(ctx).run())
@@ -33,10 +33,10 @@ def assert_lineage_agrees(
     store: JobStore, stages: tuple[str, ...], belongs: Callable[[str], bool], final_stages: tuple[str, ...] = ("dataset",),
 ) -> list[Record]:
     """Every item with a decision is one record with one final decision, and the stage counts are the records' counts."""
-    records = job_records(store, JOB, stages, final_stages, belongs)
+    records = asyncio.run(job_records(store, JOB, stages, final_stages, belongs))
     ids = [r.item_id for r in records]
     assert len(ids) == len(set(ids))
-    decided = {item for item, _, value in store.results(JOB) if StageResult.from_json(value).decision is not None}
+    decided = {item for item, _, value in asyncio.run(store.results(JOB)) if StageResult.from_json(value).decision is not None}
     assert decided == set(ids), f"decided but missing from lineage: {sorted(decided - set(ids))}"
     for record in records:
         drops = [i for i, (_, d) in enumerate(record.lineage) if not d.kept]
@@ -44,7 +44,7 @@ def assert_lineage_agrees(
             assert not drops and record.lineage[-1][0] in final_stages, record
         else:
             assert drops == [len(record.lineage) - 1], record
-    for counts in store.stage_counts(JOB):
+    for counts in asyncio.run(store.stage_counts(JOB)):
         at_stage = [d for r in records for s, d in r.lineage if s == counts.stage]
         assert counts.done == len(at_stage), counts
         assert counts.kept == sum(d.kept for d in at_stage), counts

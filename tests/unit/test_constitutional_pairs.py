@@ -4,6 +4,8 @@ orients the pair, undecided labels are dropped, rows are TRL-conversational."""
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 
 import pyarrow as pa
@@ -41,7 +43,7 @@ def _run(tmp_path, judged: bool):
     )
     summary, store = run_recipe(tmp_path, {"critic": CriticDouble()}, lambda ctx: ConstitutionalRecipe(ctx, params))
     records = assert_lineage_agrees(store, constitutional.STAGES, constitutional.belongs(summary))
-    return records, {c.stage: c for c in store.stage_counts("job")}
+    return records, {c.stage: c for c in asyncio.run(store.stage_counts("job"))}
 
 
 def test_the_judge_orients_the_only_pair_and_undecided_pairs_are_dropped(tmp_path):

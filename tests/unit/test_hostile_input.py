@@ -16,7 +16,7 @@ import pytest
 from autodidact.coordinator.jobs import JobManager, check_job_id
 from autodidact.coordinator.recipes.base import Services
 from autodidact.coordinator.recipes.formats import json_lines, read_input
-from autodidact.coordinator.store import JobStore
+from autodidact.coordinator.store import SqliteJobStore
 from autodidact.dedup.service import check_namespace
 from autodidact.errors import AlreadyExists, InvalidArgument, StartupError
 from autodidact.runner import load_recipe
@@ -53,19 +53,19 @@ def manager(tmp_path):
         async def GetModelInfo(self, request: object, timeout: float) -> object:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "unreachable")
 
-    store = JobStore(tmp_path / "jobs.sqlite")
+    store = SqliteJobStore(tmp_path / "jobs.sqlite")
     yield JobManager(store, Services(Unreachable(), None, None, None, None), tmp_path)  # type: ignore[arg-type]
-    store.close()
+    asyncio.run(store.close())
 
 
 @pytest.mark.parametrize("token", ["9" * 40, "²", "-1", "1e5", " 7", "7\n", "x"])
 def test_list_jobs_refuses_page_tokens_it_did_not_write(manager, token):
     with pytest.raises(InvalidArgument, match="page_token: is not a token from a previous ListJobs response"):
-        manager.list(10, token)
+        asyncio.run(manager.list(10, token))
 
 
 def test_list_jobs_accepts_its_own_tokens(manager):
-    assert manager.list(10, "123") == ([], "")
+    assert asyncio.run(manager.list(10, "123")) == ([], "")
 
 
 def seed_file(path: Path) -> Path:
@@ -92,7 +92,7 @@ async def test_already_exists_names_the_fields_that_differ(manager, tmp_path):
             await manager.submit("job-1", other)
         assert "fields that differ: seed, self_instruct.target_instructions" in str(refused.value)
     finally:
-        manager.cancel("job-1")
+        await manager.cancel("job-1")
         await manager.close()
         await asyncio.sleep(0)
 
@@ -119,24 +119,24 @@ def test_json_lines_refuses_numbers_and_nesting_python_cannot_parse():
 def test_a_damaged_job_store_refuses_to_open_naming_the_file(tmp_path, damage):
     path = tmp_path / "jobs.sqlite"
     if damage is None:  # a real store whose pages are then overwritten
-        store = JobStore(path)
+        store = SqliteJobStore(path)
         for i in range(200):
-            store.create_job(f"job-{i}", b"x" * 500, "h", 1)
-        store.close()
+            asyncio.run(store.create_job(f"job-{i}", b"x" * 500, "h", 1))
+        asyncio.run(store.close())
         data = bytearray(path.read_bytes())
         data[4096 : 3 * 4096] = b"\xa5" * (2 * 4096)  # pages 2 and 3: the jobs table's b-tree and its index
         path.write_bytes(bytes(data))
     else:
         path.write_bytes(damage)
     with pytest.raises(StartupError) as refused:
-        JobStore(path)
+        SqliteJobStore(path)
     message = str(refused.value)
     assert str(path) in message and "damaged" in message and "\n" not in message
 
 
 def test_a_healthy_job_store_opens(tmp_path):
-    JobStore(tmp_path / "jobs.sqlite").close()
-    JobStore(tmp_path / "jobs.sqlite").close()
+    asyncio.run(SqliteJobStore(tmp_path / "jobs.sqlite").close())
+    asyncio.run(SqliteJobStore(tmp_path / "jobs.sqlite").close())
 
 
 def test_camel_case_path_keys_resolve_relative_to_the_recipe(tmp_path):

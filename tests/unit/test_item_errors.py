@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from autodidact.coordinator.recipes.base import ERROR_FILTER, Decision, JobContext, Services, StageResult, TooManyErrors
-from autodidact.coordinator.store import JobStore
+from autodidact.coordinator.store import JobStore, SqliteJobStore
 
 
 def refused(item: int) -> grpc.aio.AioRpcError:
@@ -40,16 +40,16 @@ def work_refusing(ctx: JobContext, bad: set[int], calls: list[int]):
 
 
 async def test_a_refused_item_is_dropped_with_filter_error_and_the_job_goes_on(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite")
+    store = SqliteJobStore(tmp_path / "jobs.sqlite")
     ctx = context(store, 0.1)
     calls: list[int] = []
     kept = await ctx.each_item(20, work_refusing(ctx, {7}, calls))
     assert kept == [i != 7 for i in range(20)]
-    stored = store.get_result("job", "q07", "generate")
+    stored = await store.get_result("job", "q07", "generate")
     assert stored["decision"]["kept"] is False and stored["decision"]["filter"] == ERROR_FILTER
     assert "INVALID_ARGUMENT" in stored["decision"]["reason"] and "item 7 is too long" in stored["decision"]["reason"]
     assert len(ctx.errors) == 1 and ctx.items == 20
-    counts = {c.stage: c for c in store.stage_counts("job")}
+    counts = {c.stage: c for c in await store.stage_counts("job")}
     assert counts["generate"].dropped_by_filter == {ERROR_FILTER: 1}
 
     # Replayed (a restart): the stored error stops the item again without calling the service.
@@ -60,7 +60,7 @@ async def test_a_refused_item_is_dropped_with_filter_error_and_the_job_goes_on(t
 
 
 async def test_more_errors_than_max_error_fraction_fail_the_job_naming_the_field(tmp_path):
-    ctx = context(JobStore(tmp_path / "jobs.sqlite"), 0.1)
+    ctx = context(SqliteJobStore(tmp_path / "jobs.sqlite"), 0.1)
     calls: list[int] = []
     with pytest.raises(TooManyErrors, match=r"of 20 items errored, more than max_error_fraction 0.1; first: q0\d at generate"):
         await ctx.each_item(20, work_refusing(ctx, {0, 1, 2, 3, 4, 5}, calls))
@@ -68,7 +68,7 @@ async def test_more_errors_than_max_error_fraction_fail_the_job_naming_the_field
 
 
 async def test_transient_failures_are_still_waited_out_not_dropped(tmp_path):
-    ctx = context(JobStore(tmp_path / "jobs.sqlite"), 0.0)
+    ctx = context(SqliteJobStore(tmp_path / "jobs.sqlite"), 0.0)
     attempts = []
 
     async def rpc() -> str:

@@ -23,7 +23,7 @@ from autodidact.coordinator.jobs import JobManager
 from autodidact.coordinator.recipes import registry
 from autodidact.coordinator.recipes.base import Decision, JobContext, Services, StageResult
 from autodidact.coordinator.recipes.registry import RecipeKind
-from autodidact.coordinator.store import JobStore
+from autodidact.coordinator.store import SqliteJobStore
 from autodidact.errors import FailedPrecondition, InvalidArgument
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
 from tests.lineage import assert_lineage_agrees, lineage_problems
@@ -67,8 +67,8 @@ def double_recipe(service: DoubleService) -> RecipeKind:
                 return StageResult({"value": value}, Decision(True))
 
             done = await ctx.stage(f"i{index:02d}", "work", compute)
-            if ctx.stored(f"i{index:02d}", "dataset") is None:
-                ctx.record(f"i{index:02d}", "dataset", StageResult(done.data, Decision(True)))
+            if await ctx.stored(f"i{index:02d}", "dataset") is None:
+                await ctx.record(f"i{index:02d}", "dataset", StageResult(done.data, Decision(True)))
             return True
 
         kept = await ctx.each_item(params.items, item)
@@ -87,10 +87,10 @@ def double_recipe(service: DoubleService) -> RecipeKind:
 def manager(tmp_path, monkeypatch):
     service = DoubleService()
     monkeypatch.setitem(registry.RECIPES, "self_consistency", double_recipe(service))
-    store = JobStore(tmp_path / "jobs.sqlite")
+    store = SqliteJobStore(tmp_path / "jobs.sqlite")
     services = Services(DoubleGenerator(), None, None, None, None, patience_seconds=1)  # type: ignore[arg-type]
     yield JobManager(store, services, tmp_path), service
-    store.close()
+    asyncio.run(store.close())
 
 
 def spec(out: Path, items: int = 10, fraction: float | None = None, max_tokens: int = 64) -> coordinator_pb2.JobSpec:
@@ -137,11 +137,11 @@ async def test_too_many_errors_fail_the_job_and_retry_resumes_it_redoing_only_th
     job = await finish(manager, "two-bad")
     assert job.state == jobs.FAILED and "more than max_error_fraction 0.1" in job.error
     with pytest.raises(FailedPrecondition, match="RetryJob"):
-        manager.export("two-bad")
+        await manager.export("two-bad")
 
     answered = set(service.calls) - {1, 2}  # stored: a retry replays these
     service.refuse, service.calls = set(), []  # the service is fixed
-    retried = manager.retry("two-bad")
+    retried = await manager.retry("two-bad")
     assert retried.state == jobs.PENDING and not retried.error
     job = await finish(manager, "two-bad")
     assert job.state == jobs.SUCCEEDED, job.error
@@ -149,7 +149,7 @@ async def test_too_many_errors_fail_the_job_and_retry_resumes_it_redoing_only_th
     assert answered and not answered & set(service.calls), "items answered before the failure were asked again"
     assert_lineage_agrees(job, tmp_path / "out")
     with pytest.raises(FailedPrecondition, match="only a FAILED or CANCELLED job"):
-        manager.retry("two-bad")
+        await manager.retry("two-bad")
 
 
 async def test_a_raised_budget_lets_the_same_errors_through(manager, tmp_path):
@@ -178,8 +178,8 @@ async def test_a_cancelled_job_exports_what_it_finished_marked_partial(manager, 
     await manager.submit("stopped", spec(tmp_path / "out"))
     while len(service.calls) < 2:
         await asyncio.sleep(0.01)
-    manager.cancel("stopped")
-    files = {f.kind: f for f in manager.export("stopped")}
+    await manager.cancel("stopped")
+    files = {f.kind: f for f in await manager.export("stopped")}
     manifest = json.loads(Path(files["manifest"].path).read_text())
     assert manifest["partial"] is True and manifest["state"] == "CANCELLED"
     assert "cancelled" in Path(files["dataset_card"].path).read_text()
@@ -215,11 +215,11 @@ async def test_a_generator_that_does_not_answer_is_asked_again_only_after_a_whil
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "connection refused")
 
     monkeypatch.setitem(registry.RECIPES, "self_consistency", double_recipe(DoubleService()))
-    store = JobStore(tmp_path / "jobs.sqlite")
+    store = SqliteJobStore(tmp_path / "jobs.sqlite")
     manager = JobManager(store, Services(SilentGenerator(), None, None, None, None, patience_seconds=1), tmp_path)  # type: ignore[arg-type]
     for number in range(3):  # accepted: the limits are then met per item at run time
         _, created, _ = await manager.submit(f"blind-{number}", spec(tmp_path / f"out{number}", items=1))
         assert created
     assert SilentGenerator.calls == 1
     await manager.close()
-    store.close()
+    await store.close()

@@ -22,7 +22,7 @@ import pytest
 from autodidact.coordinator.jobs import JobManager
 from autodidact.coordinator.recipes.base import Services
 from autodidact.coordinator.recipes.self_consistency import STAGES
-from autodidact.coordinator.store import JobStore
+from autodidact.coordinator.store import SqliteJobStore
 from autodidact.scorer.service import ScorerServicer
 from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern, extract_answer
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
@@ -80,7 +80,7 @@ async def _run(tmp_path: Path) -> tuple[coordinator_pb2.Job, Path]:
     spec.self_consistency.paths_per_question = 4
     spec.self_consistency.min_confidence = 0.7
     services = Services(DoubleGenerator(), None, InProcessScorer(), None, None, patience_seconds=1)  # type: ignore[arg-type]
-    manager = JobManager(JobStore(tmp_path / "jobs.sqlite"), services, tmp_path)
+    manager = JobManager(SqliteJobStore(tmp_path / "jobs.sqlite"), services, tmp_path)
     submitted = manager.submit("sc", spec)
     if inspect.isawaitable(submitted):  # submit asks the generator's model at submit on newer managers
         await submitted

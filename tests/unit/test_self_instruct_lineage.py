@@ -121,7 +121,7 @@ def test_a_restarted_job_does_not_take_closed_rounds_further(tmp_path):
     params = small_params()
     dedup = DedupDouble()
     first, store = run_recipe(tmp_path, {"generator": GeneratorDouble(dedup), "dedup": dedup}, lambda ctx: SelfInstructRecipe(ctx, params, WINDOW), WINDOW)
-    before = store.results("job")
+    before = asyncio.run(store.results("job"))
     again = DedupDouble()
     again.three_batches.set()
     generator = CountingGenerator(again)
@@ -129,7 +129,7 @@ def test_a_restarted_job_does_not_take_closed_rounds_further(tmp_path):
     ctx = JobContext("job", 7, store, services, WINDOW, lambda: None)
     second = asyncio.run(SelfInstructRecipe(ctx, params, WINDOW).run())
     assert second == first and generator.calls == 0
-    assert store.results("job") == before
+    assert asyncio.run(store.results("job")) == before
     assert_lineage_agrees(store, self_instruct.STAGES, self_instruct.belongs(second))
 
 

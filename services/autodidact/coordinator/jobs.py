@@ -23,7 +23,7 @@ from google.protobuf import json_format
 from autodidact.coordinator import export
 from autodidact.coordinator.records import Record, job_records
 from autodidact.coordinator.recipes.base import (
-    DEFAULT_MAX_ERROR_FRACTION, ERROR_FILTER, MAX_ERROR_MESSAGES, PLAN_ITEM, PLAN_STAGE, JobContext, Services,
+    DEFAULT_MAX_ERROR_FRACTION, ERROR_FILTER, MAX_ERROR_MESSAGES, PLAN_KEY, JobContext, Services,
 )
 from autodidact.coordinator.recipes.registry import RECIPES, RecipeKind
 from autodidact.coordinator.store import JobRow, JobStore
@@ -42,8 +42,8 @@ PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
 )
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 PAGE_TOKEN_PATTERN = re.compile(r"[0-9]{1,18}\Z")
-SUMMARY_ITEM, SUMMARY_STAGE = "_job", "summary"
-ERRORS_STAGE = "errors"  # (SUMMARY_ITEM, ERRORS_STAGE): the job's error count, stored when it ends
+# Job-level values written when a job ends: the recipe's summary, and the error count.
+SUMMARY_KEY, ERRORS_KEY = "summary", "errors"
 RESUMABLE = (FAILED, CANCELLED)
 # The stages whose decision says whether an item is in the dataset ("splice"
 # for a Toolformer call, "agreement" for a self-consistency path, "dataset" for
@@ -134,7 +134,7 @@ class JobManager:
     # --- lifecycle ---
 
     async def resume_unfinished(self) -> None:
-        for row in self._store.jobs_in_states((PENDING, RUNNING)):
+        for row in await self._store.jobs_in_states((PENDING, RUNNING)):
             log.info("resuming job", job_id=row.id)
             self._launch(row.id)
 
@@ -149,31 +149,31 @@ class JobManager:
     async def submit(self, job_id: str, spec: coordinator_pb2.JobSpec) -> tuple[coordinator_pb2.Job, bool, bool]:
         """(job, created, resumed): the same id and spec again resumes a FAILED or CANCELLED job."""
         check_job_id("job_id", job_id)
-        existing = self._store.get_job(job_id)
+        existing = await self._store.get_job(job_id)
         digest = spec_hash(spec)
         if existing is not None:
             if existing.spec_hash != digest:
                 raise AlreadyExists(_other_spec_message(job_id, existing, spec))
             if existing.state in RESUMABLE:
-                return self.retry(job_id), False, True
-            return self.get(job_id), False, False
+                return await self.retry(job_id), False, True
+            return await self.get(job_id), False, False
         # Reading and checking the input files can take a while (up to the item bounds): off the loop.
         params = await asyncio.to_thread(validate_spec, spec, job_id)
         context_length = await self._generator_context()
         if context_length is not None:
             check_against_model(spec, params, context_length)
-        row, created = self._store.create_job(job_id, spec.SerializeToString(deterministic=True), digest, PENDING)
+        row, created = await self._store.create_job(job_id, spec.SerializeToString(deterministic=True), digest, PENDING)
         if not created and row.spec_hash != digest:  # a concurrent submission won the id
             raise AlreadyExists(_other_spec_message(job_id, row, spec))
         if created:
             log.info("job submitted", job_id=job_id, recipe=spec.WhichOneof("recipe"))
             self._launch(job_id)
-        return self.get(job_id), created, False
+        return await self.get(job_id), created, False
 
-    def retry(self, job_id: str) -> coordinator_pb2.Job:
+    async def retry(self, job_id: str) -> coordinator_pb2.Job:
         """Resumes a FAILED or CANCELLED job from what it stored. Errored
         items and the end-of-job records are forgotten, so they are done again."""
-        row = self._row(job_id)
+        row = await self._row(job_id)
         if row.state not in RESUMABLE:
             raise FailedPrecondition(
                 f"job {job_id!r} is {coordinator_pb2.JobState.Name(row.state)}; only a FAILED or CANCELLED job can be retried"
@@ -182,14 +182,14 @@ class JobManager:
         if task is not None and not task.done():
             raise FailedPrecondition(f"job {job_id!r} is still stopping; retry shortly")
         self._cancel_requested.discard(job_id)
-        self._store.delete_results(job_id, filter_=ERROR_FILTER)
-        self._store.delete_results(job_id, item_id=SUMMARY_ITEM, stage=SUMMARY_STAGE)
-        self._store.delete_results(job_id, item_id=SUMMARY_ITEM, stage=ERRORS_STAGE)
-        self._store.set_state(job_id, PENDING)
+        await self._store.delete_results(job_id, filter_=ERROR_FILTER)
+        await self._store.delete_value(job_id, SUMMARY_KEY)
+        await self._store.delete_value(job_id, ERRORS_KEY)
+        await self._store.set_state(job_id, PENDING)
         log.info("job retried", job_id=job_id, was=coordinator_pb2.JobState.Name(row.state))
         self._launch(job_id)
         self._notify(job_id)
-        return self.get(job_id)
+        return await self.get(job_id)
 
     async def _generator_context(self) -> int | None:
         """The generator model's context length, asked once; None when the
@@ -206,39 +206,39 @@ class JobManager:
             self._context_length = info.model.context_length or None
         return self._context_length
 
-    def get(self, job_id: str) -> coordinator_pb2.Job:
-        return self._job_proto(self._row(job_id))
+    async def get(self, job_id: str) -> coordinator_pb2.Job:
+        return await self._job_proto(await self._row(job_id))
 
-    def list(self, page_size: int, page_token: str) -> tuple[list[coordinator_pb2.Job], str]:
+    async def list(self, page_size: int, page_token: str) -> tuple[list[coordinator_pb2.Job], str]:
         size = page_size or 50
         check_range("page_size", size, 1, 1000)
         # A token is a job's sequence number; anything else (a huge number would overflow
         # SQLite's integers) was not written by ListJobs.
         if page_token and not PAGE_TOKEN_PATTERN.match(page_token):
             raise InvalidArgument("page_token", "is not a token from a previous ListJobs response")
-        rows = self._store.list_jobs(size + 1, int(page_token) if page_token else None)
+        rows = await self._store.list_jobs(size + 1, int(page_token) if page_token else None)
         next_token = str(rows[size - 1].seq) if len(rows) > size else ""
-        return [self._job_proto(row) for row in rows[:size]], next_token
+        return [await self._job_proto(row) for row in rows[:size]], next_token
 
-    def cancel(self, job_id: str) -> coordinator_pb2.Job:
-        row = self._row(job_id)
+    async def cancel(self, job_id: str) -> coordinator_pb2.Job:
+        row = await self._row(job_id)
         if row.state not in TERMINAL:
             self._cancel_requested.add(job_id)
             task = self._tasks.get(job_id)
             if task is not None:
                 task.cancel()
-            self._store.set_state(job_id, CANCELLED)
+            await self._store.set_state(job_id, CANCELLED)
             self._notify(job_id)
-        return self.get(job_id)
+        return await self.get(job_id)
 
     async def watch(self, job_id: str) -> AsyncIterator[coordinator_pb2.Job]:
         """The job now, then after every change (at most every 0.2 s), until it ends."""
-        self._row(job_id)
+        await self._row(job_id)
         last = None
         while True:
             event = self._changed.setdefault(job_id, asyncio.Event())
             event.clear()
-            job = self.get(job_id)
+            job = await self.get(job_id)
             snapshot = job.SerializeToString(deterministic=True)
             if snapshot != last:
                 last = snapshot
@@ -251,29 +251,29 @@ class JobManager:
                 pass
             await asyncio.sleep(0.2)
 
-    def records(self, job_id: str) -> list[Record]:
-        recipe = recipe_of(coordinator_pb2.JobSpec.FromString(self._row(job_id).spec))
-        summary = self._store.get_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE)
-        belongs = recipe.belongs(summary["data"]) if summary else (lambda _: True)
-        return job_records(self._store, job_id, recipe.stages, FINAL_STAGES, belongs)
+    async def records(self, job_id: str) -> list[Record]:
+        recipe = recipe_of(coordinator_pb2.JobSpec.FromString((await self._row(job_id)).spec))
+        summary = await self._store.get_value(job_id, SUMMARY_KEY)
+        belongs = recipe.belongs(summary) if summary is not None else (lambda _: True)
+        return await job_records(self._store, job_id, recipe.stages, FINAL_STAGES, belongs)
 
-    def export(self, job_id: str) -> list[coordinator_pb2.ExportedFile]:
-        row = self._row(job_id)
+    async def export(self, job_id: str) -> list[coordinator_pb2.ExportedFile]:
+        row = await self._row(job_id)
         if row.state not in (SUCCEEDED, CANCELLED):
             raise FailedPrecondition(
                 f"job {job_id!r} is {coordinator_pb2.JobState.Name(row.state)}; only a succeeded or cancelled job can be exported"
                 + (" (RetryJob resumes a failed one)" if row.state == FAILED else "")
             )
-        return self._write_dataset(row)
+        return await self._write_dataset(row)
 
-    def _write_dataset(self, row: JobRow) -> list[coordinator_pb2.ExportedFile]:
+    async def _write_dataset(self, row: JobRow) -> list[coordinator_pb2.ExportedFile]:
         job_id = row.id
         spec = coordinator_pb2.JobSpec.FromString(row.spec)
         partial = row.state == CANCELLED  # what a cancelled job finished, no more
         directory = Path(spec.output_dir) if spec.output_dir else self._data_dir / "jobs" / job_id / "dataset"
         directory.mkdir(parents=True, exist_ok=True)
         export.remove_temporary_files(directory)
-        records = self.records(job_id)
+        records = await self.records(job_id)
         files = []
         tables = recipe_of(spec).tables(records)
         for name, (rows, schema) in tables.items():
@@ -287,8 +287,8 @@ class JobManager:
         lineage = export.lineage_rows(records)
         export.write_jsonl(directory / "lineage.jsonl", lineage)
         files.append(coordinator_pb2.ExportedFile(path=str(directory / "lineage.jsonl"), kind="lineage_jsonl", rows=len(lineage)))
-        job = self.get(job_id)
-        summary = self._store.get_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE) or {"data": {}}
+        job = await self.get(job_id)
+        summary = await self._store.get_value(job_id, SUMMARY_KEY) or {}
         models = sorted({d.model for r in records for _, d in r.lineage if d.model})
         card = export.write_dataset_card(
             directory, job_id, spec.WhichOneof("recipe") or "", {n: (schema, len(rows)) for n, (rows, schema) in tables.items()}, partial
@@ -304,8 +304,8 @@ class JobManager:
                 "spec": export.message_json(spec),
                 "models": models,
                 "template_versions": sorted({d.template_version for r in records for _, d in r.lineage if d.template_version}),
-                "summary": summary["data"],
-                "errors": self._errors(job_id, spec, records),
+                "summary": summary,
+                "errors": await self._errors(job_id, spec, records),
                 "stages": [export.message_json(stage, zeros=True) for stage in job.stages],
                 "files": [export.message_json(f, zeros=True) for f in files],
             },
@@ -313,11 +313,11 @@ class JobManager:
         files.append(coordinator_pb2.ExportedFile(path=str(manifest), kind="manifest"))
         return files
 
-    def _errors(self, job_id: str, spec: coordinator_pb2.JobSpec, records: list[Record]) -> dict[str, Any]:
+    async def _errors(self, job_id: str, spec: coordinator_pb2.JobSpec, records: list[Record]) -> dict[str, Any]:
         """The manifest's error report: how many items a service refused, of how many, and a few messages."""
-        stored = self._store.get_result(job_id, SUMMARY_ITEM, ERRORS_STAGE)
+        stored = await self._store.get_value(job_id, ERRORS_KEY)
         if stored is not None:
-            counted = stored["data"]
+            counted = stored
         else:  # a cancelled job: count what its lineage shows
             errored = [d.reason for r in records for _, d in r.lineage if d.filter == ERROR_FILTER]
             counted = {"count": len(errored), "items": len(records), "messages": errored[:MAX_ERROR_MESSAGES]}
@@ -330,8 +330,8 @@ class JobManager:
 
     # --- internals ---
 
-    def _row(self, job_id: str) -> JobRow:
-        row = self._store.get_job(job_id)
+    async def _row(self, job_id: str) -> JobRow:
+        row = await self._store.get_job(job_id)
         if row is None:
             raise NotFound(f"job {job_id!r} does not exist")
         return row
@@ -345,12 +345,12 @@ class JobManager:
         self._tasks[job_id] = asyncio.create_task(self._run(job_id), name=f"job {job_id}")
 
     async def _run(self, job_id: str) -> None:
-        row = self._row(job_id)
+        row = await self._row(job_id)
         spec = coordinator_pb2.JobSpec.FromString(row.spec)
         with structlog.contextvars.bound_contextvars(job_id=job_id):
             try:
                 params = await asyncio.to_thread(validate_spec, spec, job_id)
-                self._store.set_state(job_id, RUNNING)
+                await self._store.set_state(job_id, RUNNING)
                 self._notify(job_id)
                 in_flight = spec.max_in_flight or 4
                 ctx = JobContext(
@@ -359,12 +359,12 @@ class JobManager:
                 summary = await recipe_of(spec).run(ctx, params, in_flight)
                 ctx.check_error_budget()  # each_item checked its own; this covers items run through ctx.item
                 errors = {"count": len(ctx.errors), "items": ctx.items, "messages": ctx.errors[:MAX_ERROR_MESSAGES]}
-                self._store.put_result(job_id, SUMMARY_ITEM, ERRORS_STAGE, {"data": errors, "decision": None}, None)
-                self._store.put_result(job_id, SUMMARY_ITEM, SUMMARY_STAGE, {"data": summary, "decision": None}, None)
+                await self._store.put_value(job_id, ERRORS_KEY, errors)
+                await self._store.put_value(job_id, SUMMARY_KEY, summary)
                 # The dataset is written before the job says SUCCEEDED: a failed write fails the job
                 # visibly, and a crash in between resumes the job, which replays and writes again.
-                self._write_dataset(self._row(job_id))
-                self._store.set_state(job_id, SUCCEEDED)
+                await self._write_dataset(await self._row(job_id))
+                await self._store.set_state(job_id, SUCCEEDED)
                 self._notify(job_id)
                 log.info("job succeeded", **summary)
             except asyncio.CancelledError:
@@ -372,24 +372,24 @@ class JobManager:
                     log.info("job cancelled")
                 raise  # otherwise the coordinator is stopping: the job stays RUNNING and resumes
             except AutodidactError as exc:
-                self._fail(job_id, str(exc))
+                await self._fail(job_id, str(exc))
             except grpc.aio.AioRpcError as exc:
-                self._fail(job_id, f"a service answered {exc.code().name}: {exc.details()}")
+                await self._fail(job_id, f"a service answered {exc.code().name}: {exc.details()}")
             except Exception as exc:  # a bug: fail the job, keep the coordinator
                 log.exception("job crashed")
-                self._fail(job_id, f"internal error: {type(exc).__name__}: {exc}")
+                await self._fail(job_id, f"internal error: {type(exc).__name__}: {exc}")
 
-    def _fail(self, job_id: str, message: str) -> None:
+    async def _fail(self, job_id: str, message: str) -> None:
         log.warning("job failed", error=message)
-        self._store.set_state(job_id, FAILED, message)
+        await self._store.set_state(job_id, FAILED, message)
         self._notify(job_id)
 
-    def _job_proto(self, row: JobRow) -> coordinator_pb2.Job:
+    async def _job_proto(self, row: JobRow) -> coordinator_pb2.Job:
         spec = coordinator_pb2.JobSpec.FromString(row.spec)
         job = coordinator_pb2.Job(id=row.id, spec=spec, state=row.state, error=row.error)  # type: ignore[arg-type]
         job.created_at.FromNanoseconds(int(row.created_at * 1e9))
         job.updated_at.FromNanoseconds(int(row.updated_at * 1e9))
-        counts = {c.stage: c for c in self._store.stage_counts(row.id)}
+        counts = {c.stage: c for c in await self._store.stage_counts(row.id)}
         recipe = recipe_of(spec)
         for stage in recipe.stages:
             if stage not in counts:
@@ -397,8 +397,8 @@ class JobManager:
             c = counts[stage]
             progress = coordinator_pb2.StageProgress(stage=stage, done=c.done, kept=c.kept, dropped_by_filter=c.dropped_by_filter)
             if stage == "dataset":
-                plan = self._store.get_result(row.id, PLAN_ITEM, PLAN_STAGE)
-                total = recipe.target(spec) if plan is None else plan["data"]["dataset_items"]
+                plan = await self._store.get_value(row.id, PLAN_KEY)
+                total = recipe.target(spec) if plan is None else plan["dataset_items"]
                 if total is not None:
                     # A target (Self-Instruct's target_instructions) bounds what is kept, not what
                     # is decided: the round that reaches it can bring more candidates, which end

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,29 +18,45 @@ class Record:
     lineage: list[tuple[str, Decision]]
 
 
-def job_records(
+async def job_records(
     store: JobStore, job_id: str, stages: tuple[str, ...], final_stages: tuple[str, ...], belongs: Callable[[str], bool] = lambda _: True
 ) -> list[Record]:
+    """Every record of iter_records, as a list."""
+    return [record async for record in iter_records(store, job_id, stages, final_stages, belongs)]
+
+
+async def iter_records(
+    store: JobStore, job_id: str, stages: tuple[str, ...], final_stages: tuple[str, ...], belongs: Callable[[str], bool] = lambda _: True
+) -> AsyncIterator[Record]:
     """Every decided item that `belongs` to the dataset, in item order; kept
     means its final stage (the first of final_stages it has) kept it. Items still in flight are left out, and so
-    are items the recipe says do not belong (rounds started past the target)."""
-    by_item: dict[str, dict[str, StageResult]] = {}
-    for item_id, stage, value in store.results(job_id):
-        by_item.setdefault(item_id, {})[stage] = StageResult.from_json(value)
-    records = []
-    for item_id, results in by_item.items():
-        if not belongs(item_id):
-            continue
-        lineage = [(stage, results[stage].decision) for stage in stages if stage in results and results[stage].decision]
-        if not lineage:
-            continue  # results that decide nothing (a raw generation)
-        final = next((results[s] for s in final_stages if s in results), None)
-        last_kept = lineage[-1][1].kept  # type: ignore[union-attr]
-        if final is None and last_kept:
-            continue  # still in flight
-        data: dict[str, Any] = {}
-        for stage in stages:
-            if stage in results:
-                data.update({k: v for k, v in results[stage].data.items() if k not in ("raw",)})
-        records.append(Record(item_id, final is not None and bool(final.decision and final.decision.kept), data, lineage))  # type: ignore[misc]
-    return records
+    are items the recipe says do not belong (rounds started past the target). One item's results are held at a time."""
+    current: str | None = None
+    results: dict[str, StageResult] = {}
+    async for item_id, stage, value in store.iter_results(job_id):
+        if item_id != current:
+            if current is not None and (record := assemble(current, results, stages, final_stages, belongs)) is not None:
+                yield record
+            current, results = item_id, {}
+        results[stage] = StageResult.from_json(value)
+    if current is not None and (record := assemble(current, results, stages, final_stages, belongs)) is not None:
+        yield record
+
+
+def assemble(
+    item_id: str, results: dict[str, StageResult], stages: tuple[str, ...], final_stages: tuple[str, ...], belongs: Callable[[str], bool]
+) -> Record | None:
+    """One item's record from its stored results; None when it is not (yet) a record."""
+    if not belongs(item_id):
+        return None
+    lineage = [(stage, decision) for stage in stages if stage in results and (decision := results[stage].decision) is not None]
+    if not lineage:
+        return None  # results that decide nothing (a raw generation)
+    final = next((results[s] for s in final_stages if s in results), None)
+    if final is None and lineage[-1][1].kept:
+        return None  # still in flight
+    data: dict[str, Any] = {}
+    for stage in stages:
+        if stage in results:
+            data.update({k: v for k, v in results[stage].data.items() if k not in ("raw",)})
+    return Record(item_id, final is not None and bool(final.decision and final.decision.kept), data, lineage)

@@ -12,7 +12,7 @@ from google.protobuf import struct_pb2
 
 from autodidact.coordinator.jobs import JobManager, check_job_id
 from autodidact.coordinator.recipes.base import Services
-from autodidact.coordinator.store import JobStore
+from autodidact.coordinator.store import JobStore, SqliteJobStore
 from autodidact.errors import InvalidArgument, Unavailable
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.server import Component
@@ -59,15 +59,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     async def GetJob(self, request: coordinator_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.GetJobResponse:
         check_job_id("job_id", request.job_id)
-        return coordinator_pb2.GetJobResponse(job=self._manager().get(request.job_id))
+        return coordinator_pb2.GetJobResponse(job=await self._manager().get(request.job_id))
 
     async def ListJobs(self, request: coordinator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.ListJobsResponse:
-        jobs, token = self._manager().list(request.page_size, request.page_token)
+        jobs, token = await self._manager().list(request.page_size, request.page_token)
         return coordinator_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     async def CancelJob(self, request: coordinator_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.CancelJobResponse:
         check_job_id("job_id", request.job_id)
-        return coordinator_pb2.CancelJobResponse(job=self._manager().cancel(request.job_id))
+        return coordinator_pb2.CancelJobResponse(job=await self._manager().cancel(request.job_id))
 
     async def WatchJob(self, request: coordinator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
         check_job_id("job_id", request.job_id)
@@ -82,8 +82,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         sent: set[str] = set()
         watching = manager.watch(request.job_id) if request.follow else None
         while True:
-            # Reading and assembling every record of a large job takes seconds: in a thread.
-            for record in await asyncio.to_thread(manager.records, request.job_id):
+            for record in await manager.records(request.job_id):
                 if record.item_id in sent or (not record.kept and not request.include_dropped):
                     continue
                 sent.add(record.item_id)
@@ -93,12 +92,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     async def ExportJob(self, request: coordinator_pb2.ExportJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.ExportJobResponse:
         check_job_id("job_id", request.job_id)
-        return coordinator_pb2.ExportJobResponse(files=self._manager().export(request.job_id))
+        return coordinator_pb2.ExportJobResponse(files=await self._manager().export(request.job_id))
 
 
     async def RetryJob(self, request: coordinator_pb2.RetryJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.RetryJobResponse:
         check_job_id("job_id", request.job_id)
-        return coordinator_pb2.RetryJobResponse(job=self._manager().retry(request.job_id))
+        return coordinator_pb2.RetryJobResponse(job=await self._manager().retry(request.job_id))
 
 
 def _record_proto(record) -> coordinator_pb2.JobRecord:  # noqa: ANN001
@@ -121,7 +120,7 @@ def coordinator_component(settings: CoordinatorSettings) -> Component:
     opened: list[tuple[JobStore, JobManager, list]] = []
 
     async def load() -> None:
-        store = JobStore(settings.data_dir / "jobs.sqlite")
+        store: JobStore = SqliteJobStore(settings.data_dir / "jobs.sqlite")
         # Channels connect lazily: a recipe that never calls a service never needs it up.
         channels = {
             "generator": create_channel(settings.generator_target, timeout_seconds=900),
@@ -148,7 +147,7 @@ def coordinator_component(settings: CoordinatorSettings) -> Component:
             await manager.close()
             for channel in channels:
                 await channel.close()
-            store.close()
+            await store.close()
 
     return Component(
         name=SERVICE_NAME,

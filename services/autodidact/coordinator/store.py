@@ -1,4 +1,5 @@
-"""The durable job store: SQLite in WAL mode, one file.
+"""The durable job store: the JobStore protocol the coordinator and recipes
+use, and its SQLite implementation (WAL mode, one file).
 
 Every stage result is written, keyed by (job, item, stage), before the job
 moves on; a restarted coordinator replays a job by reading what is stored and
@@ -14,7 +15,8 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
 
 from autodidact.errors import StartupError
 
@@ -39,6 +41,13 @@ CREATE TABLE IF NOT EXISTS results (
     written_at REAL NOT NULL,
     PRIMARY KEY (job_id, item_id, stage)
 );
+CREATE TABLE IF NOT EXISTS job_values (
+    job_id TEXT NOT NULL,
+    key TEXT NOT NULL,       -- a job-level value: the plan, the summary, a recipe's reference date
+    value TEXT NOT NULL,     -- JSON
+    written_at REAL NOT NULL,
+    PRIMARY KEY (job_id, key)
+);
 """
 
 
@@ -62,7 +71,36 @@ class StageCounts:
     dropped_by_filter: dict[str, int]
 
 
-class JobStore:
+class JobStore(Protocol):
+    """What the coordinator and the recipes need from durable storage. Every
+    method is a coroutine: an implementation never blocks the event loop.
+    Results and values are written once (a second write of a key keeps the
+    first); a write returns once it is durable."""
+
+    async def create_job(self, job_id: str, spec: bytes, spec_hash: str, state: int) -> tuple[JobRow, bool]: ...
+    async def get_job(self, job_id: str) -> JobRow | None: ...
+    async def list_jobs(self, limit: int, before_seq: int | None = None) -> list[JobRow]: ...
+    async def jobs_in_states(self, states: tuple[int, ...]) -> list[JobRow]: ...
+    async def set_state(self, job_id: str, state: int, error: str = "") -> None: ...
+    async def get_result(self, job_id: str, item_id: str, stage: str) -> dict[str, Any] | None: ...
+    async def put_result(
+        self, job_id: str, item_id: str, stage: str, value: dict[str, Any], kept: bool | None, filter_: str = ""
+    ) -> None: ...
+    async def delete_results(
+        self, job_id: str, *, filter_: str | None = None, item_id: str | None = None, stage: str | None = None
+    ) -> None: ...
+    async def get_results(self, job_id: str, item_ids: Sequence[str], stage: str) -> dict[str, dict[str, Any]]: ...
+    async def results(self, job_id: str) -> list[tuple[str, str, dict[str, Any]]]: ...
+    def iter_results(self, job_id: str) -> AsyncIterator[tuple[str, str, dict[str, Any]]]: ...
+    async def results_since(self, job_id: str, after: int, limit: int) -> list[tuple[int, str, str, dict[str, Any]]]: ...
+    async def stage_counts(self, job_id: str) -> list[StageCounts]: ...
+    async def get_value(self, job_id: str, key: str) -> dict[str, Any] | None: ...
+    async def put_value(self, job_id: str, key: str, value: dict[str, Any]) -> None: ...
+    async def delete_value(self, job_id: str, key: str) -> None: ...
+    async def close(self) -> None: ...
+
+
+class SqliteJobStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -83,56 +121,56 @@ class JobStore:
                 "restore it from a backup, or move it away to start with no jobs"
             )
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._db.close()
 
     # --- jobs ---
 
-    def create_job(self, job_id: str, spec: bytes, spec_hash: str, state: int) -> tuple[JobRow, bool]:
+    async def create_job(self, job_id: str, spec: bytes, spec_hash: str, state: int) -> tuple[JobRow, bool]:
         """Inserts the job, or returns the existing one under that id (created False)."""
         now = time.time()
         cursor = self._db.execute(
             "INSERT OR IGNORE INTO jobs (id, spec, spec_hash, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
             (job_id, spec, spec_hash, state, now, now),
         )
-        row = self.get_job(job_id)
+        row = await self.get_job(job_id)
         assert row is not None
         return row, cursor.rowcount == 1
 
-    def get_job(self, job_id: str) -> JobRow | None:
+    async def get_job(self, job_id: str) -> JobRow | None:
         row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else JobRow(*row)
 
-    def list_jobs(self, limit: int, before_seq: int | None = None) -> list[JobRow]:
+    async def list_jobs(self, limit: int, before_seq: int | None = None) -> list[JobRow]:
         rows = self._db.execute(
             f"SELECT {_JOB_COLUMNS} FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
             (before_seq if before_seq is not None else 2**62, limit),
         ).fetchall()
         return [JobRow(*row) for row in rows]
 
-    def jobs_in_states(self, states: tuple[int, ...]) -> list[JobRow]:
+    async def jobs_in_states(self, states: tuple[int, ...]) -> list[JobRow]:
         marks = ",".join("?" * len(states))
         rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY seq", states).fetchall()
         return [JobRow(*row) for row in rows]
 
-    def set_state(self, job_id: str, state: int, error: str = "") -> None:
+    async def set_state(self, job_id: str, state: int, error: str = "") -> None:
         self._db.execute("UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ?", (state, error, time.time(), job_id))
 
     # --- stage results ---
 
-    def get_result(self, job_id: str, item_id: str, stage: str) -> dict[str, Any] | None:
+    async def get_result(self, job_id: str, item_id: str, stage: str) -> dict[str, Any] | None:
         row = self._db.execute(
             "SELECT value FROM results WHERE job_id = ? AND item_id = ? AND stage = ?", (job_id, item_id, stage)
         ).fetchone()
         return None if row is None else json.loads(row[0])
 
-    def put_result(self, job_id: str, item_id: str, stage: str, value: dict[str, Any], kept: bool | None, filter_: str = "") -> None:
+    async def put_result(self, job_id: str, item_id: str, stage: str, value: dict[str, Any], kept: bool | None, filter_: str = "") -> None:
         self._db.execute(
             "INSERT OR IGNORE INTO results (job_id, item_id, stage, kept, filter, value, written_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (job_id, item_id, stage, None if kept is None else int(kept), filter_, json.dumps(value, sort_keys=True), time.time()),
         )
 
-    def delete_results(self, job_id: str, *, filter_: str | None = None, item_id: str | None = None, stage: str | None = None) -> None:
+    async def delete_results(self, job_id: str, *, filter_: str | None = None, item_id: str | None = None, stage: str | None = None) -> None:
         """Forgets a job's results matching every condition given (a retried
         job recomputes them); the only exception to write-once."""
         conditions = [(c, v) for c, v in (("filter", filter_), ("item_id", item_id), ("stage", stage)) if v is not None]
@@ -140,14 +178,35 @@ class JobStore:
         where = " AND ".join(f"{column} = ?" for column, _ in conditions)
         self._db.execute(f"DELETE FROM results WHERE job_id = ? AND {where}", (job_id, *(v for _, v in conditions)))
 
-    def results(self, job_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+    async def get_results(self, job_id: str, item_ids: Sequence[str], stage: str) -> dict[str, dict[str, Any]]:
+        """{item_id: value} of the items that have a result at `stage`."""
+        found = {}
+        for item_id in item_ids:
+            value = await self.get_result(job_id, item_id, stage)
+            if value is not None:
+                found[item_id] = value
+        return found
+
+    async def iter_results(self, job_id: str) -> AsyncIterator[tuple[str, str, dict[str, Any]]]:
+        """(item_id, stage, value) of a job, ordered by item then write order, without holding them all."""
+        for row in await self.results(job_id):
+            yield row
+
+    async def results_since(self, job_id: str, after: int, limit: int) -> list[tuple[int, str, str, dict[str, Any]]]:
+        """(cursor, item_id, stage, value) of results written after cursor `after`, oldest first."""
+        rows = self._db.execute(
+            "SELECT rowid, item_id, stage, value FROM results WHERE job_id = ? AND rowid > ? ORDER BY rowid LIMIT ?", (job_id, after, limit)
+        ).fetchall()
+        return [(cursor, item, stage_, json.loads(value)) for cursor, item, stage_, value in rows]
+
+    async def results(self, job_id: str) -> list[tuple[str, str, dict[str, Any]]]:
         """(item_id, stage, value) of a job, ordered by item then write order."""
         rows = self._db.execute(
             "SELECT item_id, stage, value FROM results WHERE job_id = ? ORDER BY item_id, written_at", (job_id,)
         ).fetchall()
         return [(item, stage_, json.loads(value)) for item, stage_, value in rows]
 
-    def stage_counts(self, job_id: str) -> list[StageCounts]:
+    async def stage_counts(self, job_id: str) -> list[StageCounts]:
         counts: dict[str, StageCounts] = {}
         for stage, done, kept in self._db.execute(
             "SELECT stage, COUNT(*), SUM(kept = 1) FROM results WHERE job_id = ? AND kept IS NOT NULL GROUP BY stage", (job_id,)
@@ -158,6 +217,22 @@ class JobStore:
         ):
             counts[stage].dropped_by_filter[filter_] = dropped
         return list(counts.values())
+
+    # --- job-level values ---
+
+    async def get_value(self, job_id: str, key: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT value FROM job_values WHERE job_id = ? AND key = ?", (job_id, key)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    async def put_value(self, job_id: str, key: str, value: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO job_values (job_id, key, value, written_at) VALUES (?, ?, ?, ?)",
+            (job_id, key, json.dumps(value, sort_keys=True), time.time()),
+        )
+
+    async def delete_value(self, job_id: str, key: str) -> None:
+        """Forgets a value (a retried job writes its summary again)."""
+        self._db.execute("DELETE FROM job_values WHERE job_id = ? AND key = ?", (job_id, key))
 
 
 _JOB_COLUMNS = "seq, id, spec, spec_hash, state, error, created_at, updated_at"

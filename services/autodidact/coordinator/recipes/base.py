@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -106,9 +106,9 @@ class Services:
     patience_seconds: float = 600.0
 
 
-# Where JobContext.each_item stores the job's plan ({"dataset_items": n}); the
-# job manager reads it for the "x of y" of progress.
-PLAN_ITEM, PLAN_STAGE = "_job", "plan"
+# The job-level value where JobContext.each_item stores the job's plan
+# ({"dataset_items": n}); the job manager reads it for the "x of y" of progress.
+PLAN_KEY = "plan"
 
 
 def ready(result: StageResult) -> Callable[[], Awaitable[StageResult]]:
@@ -137,7 +137,7 @@ class JobContext:
         self.errors: list[str] = []  # messages of those that errored
 
     async def stage(self, item_id: str, stage: str, compute: Callable[[], Awaitable[StageResult]]) -> StageResult:
-        stored = self.store.get_result(self.job_id, item_id, stage)
+        stored = await self.store.get_result(self.job_id, item_id, stage)
         if stored is not None:
             result = StageResult.from_json(stored)
             if result.decision is not None and result.decision.filter == ERROR_FILTER:
@@ -148,17 +148,27 @@ class JobContext:
             async with limit:
                 result = await compute()
         except ServiceRefused as exc:
-            raise self.drop_refused([item_id], stage, exc) from exc
-        self.record(item_id, stage, result)
+            raise await self.drop_refused([item_id], stage, exc) from exc
+        await self.record(item_id, stage, result)
         return result
 
-    def drop_refused(self, item_ids: list[str], stage: str, exc: Exception) -> ItemFailed:
+    async def job_value(self, key: str, compute: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """A value of the whole job (not of an item), computed once and stored:
+        a resumed job reads the stored one."""
+        stored = await self.store.get_value(self.job_id, key)
+        if stored is not None:
+            return stored
+        value = await compute()
+        await self.store.put_value(self.job_id, key, value)
+        return value
+
+    async def drop_refused(self, item_ids: list[str], stage: str, exc: Exception) -> ItemFailed:
         """Records an `error` drop at `stage` for each item a service refused
         (one item, or every item of a refused batch call) that has no result
         there yet; returns the ItemFailed for the caller to raise."""
         for item_id in item_ids:
-            if self.stored(item_id, stage) is None:
-                self.record(item_id, stage, StageResult({"error": str(exc)}, Decision(False, ERROR_FILTER, reason=str(exc))))
+            if await self.stored(item_id, stage) is None:
+                await self.record(item_id, stage, StageResult({"error": str(exc)}, Decision(False, ERROR_FILTER, reason=str(exc))))
         return ItemFailed(f"{', '.join(item_ids[:3])}{' …' if len(item_ids) > 3 else ''} at {stage}: {exc}")
 
     async def item(self, work: Awaitable[bool]) -> bool:
@@ -189,7 +199,7 @@ class JobContext:
         """Runs work(index) for `count` dataset items, at most max_in_flight at
         once, after storing the job's plan (its dataset size, for progress).
         Stops starting items once the error budget is certainly spent."""
-        await self.stage(PLAN_ITEM, PLAN_STAGE, ready(StageResult({"dataset_items": count})))
+        await self.store.put_value(self.job_id, PLAN_KEY, {"dataset_items": count})
         slots = asyncio.Semaphore(self._max_in_flight)
 
         async def bounded(index: int) -> bool:
@@ -202,20 +212,25 @@ class JobContext:
         self.check_error_budget(count)
         return kept
 
-    def record(self, item_id: str, stage: str, result: StageResult) -> None:
+    async def record(self, item_id: str, stage: str, result: StageResult) -> None:
         """Stores a result computed outside `stage` (several items decided by one call)."""
         decision = result.decision
         if decision is not None:
             STAGE_DECISIONS.labels(stage, "kept" if decision.kept else decision.filter).inc()
-        self.store.put_result(
+        await self.store.put_result(
             self.job_id, item_id, stage, result.to_json(),
             kept=None if decision is None else decision.kept, filter_="" if decision is None else decision.filter,
         )
         self._on_change()
 
-    def stored(self, item_id: str, stage: str) -> StageResult | None:
-        value = self.store.get_result(self.job_id, item_id, stage)
+    async def stored(self, item_id: str, stage: str) -> StageResult | None:
+        value = await self.store.get_result(self.job_id, item_id, stage)
         return None if value is None else StageResult.from_json(value)
+
+    async def stored_many(self, item_ids: Sequence[str], stage: str) -> dict[str, StageResult]:
+        """{item_id: result} of the items stored at `stage`, in one read."""
+        found = await self.store.get_results(self.job_id, item_ids, stage)
+        return {item_id: StageResult.from_json(value) for item_id, value in found.items()}
 
     async def call(self, rpc: Callable[[], Awaitable[T]], what: str) -> T:
         """Calls another service, waiting out transient failures (a restart,

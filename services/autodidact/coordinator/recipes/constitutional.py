@@ -101,10 +101,10 @@ class ConstitutionalRecipe:
             judged = await self.ctx.stage(item, "judge", lambda: self._judge(index, prompt, data["initial_response"], data["final_revision"]))
             if judged.decision and not judged.decision.kept:
                 return False  # undecided: its drop is the prompt's final decision
-        if self.ctx.stored(item, "dataset") is None:
+        if await self.ctx.stored(item, "dataset") is None:
             decision = Decision(True) if changed else Decision(False, "unrevised", reason="the revisions left the response as it was")
-            self.ctx.record(item, "dataset", StageResult(decision=decision))
-        stored = self.ctx.stored(item, "dataset")
+            await self.ctx.record(item, "dataset", StageResult(decision=decision))
+        stored = await self.ctx.stored(item, "dataset")
         return bool(stored and stored.decision and stored.decision.kept)
 
     async def _revise(self, index: int, prompt: str) -> StageResult:

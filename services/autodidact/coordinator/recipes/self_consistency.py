@@ -160,13 +160,13 @@ class SelfConsistencyRecipe:
         for number, (path, answer) in enumerate(zip(sampled.data["paths"], verdict.data["answers"])):
             path_item = f"{item}/p{number:03d}"
             decision = self._path_decision(answer, winner, confidence, voted, final)
-            if self.ctx.stored(path_item, "agreement") is None:
+            if await self.ctx.stored(path_item, "agreement") is None:
                 data = {"question": question.text, "path": path["text"], "answer": answer, "seed": path["seed"], "confidence": confidence}
-                self.ctx.record(path_item, "agreement", StageResult(data, decision))
+                await self.ctx.record(path_item, "agreement", StageResult(data, decision))
             self.paths += 1
             self.kept_paths += decision.kept
-        if final is not None and self.ctx.stored(item, "dataset") is None:
-            self.ctx.record(item, "dataset", StageResult({"question": question.text, "winner": winner, "confidence": confidence, "reference": question.reference}, final))
+        if final is not None and await self.ctx.stored(item, "dataset") is None:
+            await self.ctx.record(item, "dataset", StageResult({"question": question.text, "winner": winner, "confidence": confidence, "reference": question.reference}, final))
         return final is not None and final.kept
 
     @staticmethod

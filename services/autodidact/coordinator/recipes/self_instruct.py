@@ -42,7 +42,7 @@ import re
 import string
 import unicodedata
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -62,9 +62,9 @@ STAGES = ("generate_instructions", "heuristics", "diversity", "classify", "insta
 # Stages where a candidate can be dropped before the dataset (at classify only
 # by an error: a service refused it).
 DROPPING_STAGES = ("generate_instructions", "heuristics", "diversity", "classify", "instances")
-SEEDS_ITEM = "_seeds"
+SEED_POOL_KEY = "seed_pool"
 # Where the job notes the round that reached the target, before closing later rounds.
-CLOSED_ITEM, CLOSED_STAGE = "_closed", "closed"
+CLOSED_KEY = "closed"
 UNSUITABLE_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw", "plot", "go to")
 UNSUITABLE_PATTERN = re.compile(r"\b(" + "|".join(map(re.escape, UNSUITABLE_WORDS)) + r")\b", re.IGNORECASE)
 LIST_ITEM_SPLIT = re.compile(r"\n\d+\s?\. ")
@@ -315,7 +315,7 @@ class SelfInstructRecipe:
         self._human = [t.instruction for t in params.seed_tasks]
 
     async def run(self) -> dict[str, Any]:
-        await self.ctx.stage(SEEDS_ITEM, "seed_pool", self._seed_pool)
+        await self.ctx.job_value(SEED_POOL_KEY, self._seed_pool)
         tasks: dict[int, asyncio.Task[list[str]]] = {}
 
         def start(round_: int) -> None:
@@ -340,14 +340,14 @@ class SelfInstructRecipe:
             await asyncio.gather(*tasks.values(), return_exceptions=True)
         # A restarted job must not take the rounds closed below any further (a candidate
         # ended as over_target would gain later decisions), so the close is noted first.
-        self.ctx.record(CLOSED_ITEM, CLOSED_STAGE, StageResult({"last_round": last_round}))
+        await self.ctx.store.put_value(self.ctx.job_id, CLOSED_KEY, {"last_round": last_round})
         for position, item_id in enumerate(finished):
             within = position < self.params.target
-            self.ctx.record(item_id, "dataset", StageResult(decision=Decision(True) if within else self._over_target(item_id)))
+            await self.ctx.record(item_id, "dataset", StageResult(decision=Decision(True) if within else await self._over_target(item_id)))
         # Rounds started but not needed (the rounds started are always 0 .. last_round + window - 1,
         # also across a restart): every candidate they produced ends here, dropped unless it already was.
         for round_ in range(last_round + 1, min(last_round + self.window, self.params.max_rounds)):
-            self._end_open_candidates(round_, self._over_target)
+            await self._end_open_candidates(round_, self._over_target)
         return {"last_round": last_round, "rounds": last_round + 1, "kept": min(len(finished), self.params.target), "target_reached": len(finished) >= self.params.target}
 
     async def _round(self, round_: int) -> list[str]:
@@ -363,7 +363,12 @@ class SelfInstructRecipe:
 
         try:
             if not await self.ctx.item(work()):
-                self._end_open_candidates(round_, lambda _: Decision(False, ERROR_FILTER, reason=self.ctx.errors[-1]))
+                error = Decision(False, ERROR_FILTER, reason=self.ctx.errors[-1])
+
+                async def errored(_: str) -> Decision:
+                    return error
+
+                await self._end_open_candidates(round_, errored)
         finally:
             # Later rounds wait for this one's diversity decisions and build their prompts from them.
             self._kept_by_diversity.setdefault(round_, [])
@@ -372,12 +377,13 @@ class SelfInstructRecipe:
 
     async def _round_candidates(self, round_: int) -> list[str]:
         item = f"r{round_:05d}"
-        closed = self.ctx.stored(CLOSED_ITEM, CLOSED_STAGE)
-        if closed is not None and round_ > closed.data["last_round"]:
+        closed = await self.ctx.store.get_value(self.ctx.job_id, CLOSED_KEY)
+        if closed is not None and round_ > closed["last_round"]:
             return []  # not needed: closed when the job first reached its target
         generated = await self.ctx.stage(item, "generate_instructions", lambda: self._generate_instructions(round_))
-        # No await between the stored generation and its candidates' first decisions.
-        survivors = [(candidate, instruction) for candidate, instruction, kept in self._candidates(round_, generated) if kept]
+        # Each candidate's first decisions are recorded when missing: a cancel or crash
+        # part way through is completed by the replay or by _end_open_candidates.
+        survivors = [(candidate, instruction) for candidate, instruction, kept in await self._candidates(round_, generated) if kept]
         if round_ > 0:
             await self._diversity_turn[round_ - 1].wait()
         diverse = await self._diversity(item, survivors)
@@ -386,17 +392,17 @@ class SelfInstructRecipe:
         outcomes = await asyncio.gather(*(self.ctx.item(self._instances(candidate, instruction)) for candidate, instruction in diverse))
         return [candidate for (candidate, _), kept in zip(diverse, outcomes) if kept]
 
-    def _end_open_candidates(self, round_: int, decision: Callable[[str], Decision]) -> None:
+    async def _end_open_candidates(self, round_: int, decision: Callable[[str], Awaitable[Decision]]) -> None:
         """Gives every candidate of the round still without a final decision its
         `dataset` drop, so each candidate has exactly one final decision."""
-        generated = self.ctx.stored(f"r{round_:05d}", "generate_instructions")
+        generated = await self.ctx.stored(f"r{round_:05d}", "generate_instructions")
         if generated is None or generated.decision is not None:
             return  # never sampled, or the generation itself errored (that row is the round's)
-        for candidate, _, _ in self._candidates(round_, generated):
-            if self.ctx.stored(candidate, "dataset") is None and not self._dropped(candidate):
-                self.ctx.record(candidate, "dataset", StageResult(decision=decision(candidate)))
+        for candidate, _, _ in await self._candidates(round_, generated):
+            if await self.ctx.stored(candidate, "dataset") is None and not await self._dropped(candidate):
+                await self.ctx.record(candidate, "dataset", StageResult(decision=await decision(candidate)))
 
-    def _candidates(self, round_: int, generated: StageResult) -> list[tuple[str, str, bool]]:
+    async def _candidates(self, round_: int, generated: StageResult) -> list[tuple[str, str, bool]]:
         """Each instruction the round's sample listed, as a candidate: its first
         decisions (the sample it came from, the heuristics) recorded once.
         Returns (candidate, instruction, kept by the heuristics)."""
@@ -405,27 +411,27 @@ class SelfInstructRecipe:
         candidates = []
         for position, (instruction, verdict) in enumerate(parsed):
             candidate = f"r{round_:05d}-{position:02d}"
-            if self.ctx.stored(candidate, "generate_instructions") is None:
+            if await self.ctx.stored(candidate, "generate_instructions") is None:
                 origin = Decision(
                     True, reason=f"item {position + 1} of {len(parsed)} listed by round {round_} ({sample['finish_reason']})",
                     model=sample["model"], template_version=TEMPLATE_VERSION, seed=sample["seed"],
                 )
-                self.ctx.record(candidate, "generate_instructions", StageResult({"round": round_}, origin))
-            if self.ctx.stored(candidate, "heuristics") is None:
-                self.ctx.record(candidate, "heuristics", StageResult({"instruction": instruction}, verdict))
+                await self.ctx.record(candidate, "generate_instructions", StageResult({"round": round_}, origin))
+            if await self.ctx.stored(candidate, "heuristics") is None:
+                await self.ctx.record(candidate, "heuristics", StageResult({"instruction": instruction}, verdict))
             candidates.append((candidate, instruction, verdict.kept))
         return candidates
 
-    def _dropped(self, candidate: str) -> bool:
-        results = (self.ctx.stored(candidate, stage) for stage in DROPPING_STAGES)
+    async def _dropped(self, candidate: str) -> bool:
+        results = [await self.ctx.stored(candidate, stage) for stage in DROPPING_STAGES]
         return any(r is not None and r.decision is not None and not r.decision.kept for r in results)
 
-    def _over_target(self, candidate: str) -> Decision:
-        heuristics = self.ctx.stored(candidate, "heuristics")
+    async def _over_target(self, candidate: str) -> Decision:
+        heuristics = await self.ctx.stored(candidate, "heuristics")
         instruction = heuristics.data["instruction"] if heuristics else ""
         return Decision(False, "over_target", reason=f"target of {self.params.target} reached: {quote(instruction)}")
 
-    async def _seed_pool(self) -> StageResult:
+    async def _seed_pool(self) -> dict[str, Any]:
         """Puts the human seed instructions into the namespace first: the paper
         compares each candidate with seed and machine instructions alike, and
         small models copy seeds from their prompt. Ids and batch ids are named
@@ -443,7 +449,7 @@ class SelfInstructRecipe:
             response = await self.ctx.call(lambda: self.ctx.services.dedup.FilterBatch(request, timeout=300), "dedup (seed pool)")
             kept += sum(v.kept for v in response.verdicts)
         # Decides nothing about a candidate: the seeds are context, not dataset rows.
-        return StageResult({"seed_instructions": len(self._human), "in_namespace": kept, "namespace": self.params.namespace})
+        return {"seed_instructions": len(self._human), "in_namespace": kept, "namespace": self.params.namespace}
 
     def _prompt_instructions(self, round_: int) -> list[str]:
         # Machine instructions of rounds that finished before this one could start.
@@ -471,7 +477,7 @@ class SelfInstructRecipe:
         """The round's survivors through the dedup service, as one idempotent batch."""
         if not survivors:
             return []
-        stored = [self.ctx.stored(candidate, "diversity") for candidate, _ in survivors]
+        stored = [await self.ctx.stored(candidate, "diversity") for candidate, _ in survivors]
         if any(result is None for result in stored):
             request = dedup_pb2.FilterBatchRequest(
                 namespace=self.params.namespace,
@@ -487,8 +493,8 @@ class SelfInstructRecipe:
                     verdict.kept, "" if verdict.kept else "similarity", score=round(verdict.similarity, 6),
                     reason=reason if verdict.kept else f"{reason}: {quote(instruction)}",
                 )
-                self.ctx.record(candidate, "diversity", StageResult({"nearest": nearest}, decision))
-            stored = [self.ctx.stored(candidate, "diversity") for candidate, _ in survivors]
+                await self.ctx.record(candidate, "diversity", StageResult({"nearest": nearest}, decision))
+            stored = [await self.ctx.stored(candidate, "diversity") for candidate, _ in survivors]
         return [pair for pair, result in zip(survivors, stored) if result and result.decision and result.decision.kept]
 
     async def _instances(self, candidate: str, instruction: str) -> bool:

@@ -232,26 +232,26 @@ class ToolformerRecipe:
             raise InvalidArgument("spec.toolformer.tools", f"the tool-executor has no {', '.join(missing)}")
         if not self._reference_date:
             # The job's first day, stored: a resumed job keeps the date it started with.
-            stored = await self.ctx.stage("_job", "reference_date", self._today)
-            self._reference_date = stored.data["date"]
+            stored = await self.ctx.job_value("reference_date", self._today)
+            self._reference_date = stored["date"]
         if self.params.collection_documents:
-            await self.ctx.stage("_job", "search_collection", self._index_collection)
+            await self.ctx.job_value("search_collection", self._index_collection)
         kept = await self.ctx.each_item(len(self.params.documents), self._document)
         return {"documents": len(kept), "augmented": sum(kept)}
 
-    async def _today(self) -> StageResult:
+    async def _today(self) -> dict[str, Any]:
         import datetime as dt
 
-        return StageResult({"date": dt.datetime.now(dt.UTC).date().isoformat()})
+        return {"date": dt.datetime.now(dt.UTC).date().isoformat()}
 
-    async def _index_collection(self) -> StageResult:
+    async def _index_collection(self) -> dict[str, Any]:
         documents = [tool_executor_pb2.Document(id=i, text=t) for i, t in self.params.collection_documents]
         size = 0
         for start in range(0, len(documents), 5000):
             request = tool_executor_pb2.IndexDocumentsRequest(collection=self._collection, documents=documents[start : start + 5000])
             response = await self.ctx.call(lambda: self.ctx.services.tool_executor.IndexDocuments(request, timeout=300), "tool-executor (index)")
             size = response.collection_size
-        return StageResult({"collection": self._collection, "size": size})
+        return {"collection": self._collection, "size": size}
 
     async def _document(self, index: int) -> bool:
         document = self.params.documents[index]
@@ -261,7 +261,7 @@ class ToolformerRecipe:
             for tool in self.params.tools:
                 kept_calls += await self._tool(item, document, tool)
         except ItemFailed as exc:
-            self._end_in_error(item, exc)
+            await self._end_in_error(item, exc)
             raise  # counted against the job's error budget by ctx.each_item
         # One call per position: the one that lowered the loss most.
         best: dict[int, dict[str, Any]] = {}
@@ -269,48 +269,48 @@ class ToolformerRecipe:
             if call["char_offset"] not in best or call["gain"] > best[call["char_offset"]]["gain"]:
                 best[call["char_offset"]] = call
         for call in kept_calls:
-            if self.ctx.stored(call["item"], "splice") is not None:
+            if await self.ctx.stored(call["item"], "splice") is not None:
                 continue
             winner = best[call["char_offset"]]
             decision = Decision(True) if winner is call else Decision(False, "same_position", reason=f"{winner['call']} lowered the loss more")
-            self.ctx.record(call["item"], "splice", StageResult(decision=decision))
+            await self.ctx.record(call["item"], "splice", StageResult(decision=decision))
         chosen = sorted(best.values(), key=lambda c: c["char_offset"])
         for tool in self.params.tools:
-            self._conclude_tool(f"{item}/{tool.tool}", sum(c["tool"] == tool.tool for c in chosen))
+            await self._conclude_tool(f"{item}/{tool.tool}", sum(c["tool"] == tool.tool for c in chosen))
         augmented = splice(document.text, [(c["char_offset"], c["call"]) for c in chosen])
         # `text` is what a trainer reads by default (TRL's dataset_text_field), so it is the text with the calls.
         data = {"document_id": document.id, "text": augmented, "original_text": document.text, "calls": [{k: v for k, v in c.items() if k != "item"} for c in chosen]}
         decision = Decision(True, score=len(chosen), reason=f"{len(chosen)} calls spliced") if chosen else Decision(False, "no_useful_call", score=0, reason="no call lowered the loss by τf")
-        if self.ctx.stored(item, "dataset") is None:
-            self.ctx.record(item, "dataset", StageResult(data, decision))
+        if await self.ctx.stored(item, "dataset") is None:
+            await self.ctx.record(item, "dataset", StageResult(data, decision))
         return bool(chosen)
 
-    def _end_in_error(self, item: str, exc: ItemFailed) -> None:
+    async def _end_in_error(self, item: str, exc: ItemFailed) -> None:
         """A service refused part of this document's work: the document and its
         (document, tool) items end with filter `error` (their calls already did)."""
         error = Decision(False, ERROR_FILTER, reason=str(exc))
         for tool in self.params.tools:
             tool_item = f"{item}/{tool.tool}"
-            results = [r for r in (self.ctx.stored(tool_item, s) for s in ("prefilter", "positions", "splice")) if r is not None]
-            ended = any(r.decision is not None and not r.decision.kept for r in results) or self.ctx.stored(tool_item, "splice")
+            results = [r for s in ("prefilter", "positions", "splice") if (r := await self.ctx.stored(tool_item, s)) is not None]
+            ended = any(r.decision is not None and not r.decision.kept for r in results) or await self.ctx.stored(tool_item, "splice")
             if results and not ended:
-                self.ctx.record(tool_item, "splice", StageResult(decision=error))
-        if self.ctx.stored(item, "dataset") is None:
-            self.ctx.record(item, "dataset", StageResult({"document_id": self.params.documents[int(item[3:])].id}, error))
+                await self.ctx.record(tool_item, "splice", StageResult(decision=error))
+        if await self.ctx.stored(item, "dataset") is None:
+            await self.ctx.record(item, "dataset", StageResult({"document_id": self.params.documents[int(item[3:])].id}, error))
 
-    def _conclude_tool(self, tool_item: str, spliced: int) -> None:
+    async def _conclude_tool(self, tool_item: str, spliced: int) -> None:
         """The final decision of a (document, tool) item that passed the
         prefilter: kept when at least one of its calls was spliced. Without
         it the item's prefilter and positions decisions would end nowhere
         (the lineage contract: every decided item ends with one decision)."""
-        if self.ctx.stored(tool_item, "splice") is not None:
+        if await self.ctx.stored(tool_item, "splice") is not None:
             return
-        pre = self.ctx.stored(tool_item, "prefilter")
+        pre = await self.ctx.stored(tool_item, "prefilter")
         if pre is not None and pre.decision is not None and not pre.decision.kept:
             return  # its prefilter drop is its final decision
         decision = Decision(True, score=spliced, reason=f"{spliced} calls spliced") if spliced else Decision(
             False, "no_useful_call", score=0, reason="none of its calls lowered the loss by τf")
-        self.ctx.record(tool_item, "splice", StageResult(decision=decision))
+        await self.ctx.record(tool_item, "splice", StageResult(decision=decision))
 
     async def _tool(self, item: str, document: Document, tool: ToolSettings) -> list[dict[str, Any]]:
         """Kept calls of one tool in one document, as dicts for the dataset."""
@@ -333,7 +333,7 @@ class ToolformerRecipe:
         if refused is not None:  # the other positions' calls never run: they end with the refusal
             if not isinstance(refused, ServiceRefused):
                 raise refused
-            raise self.ctx.drop_refused([c["item"] for c in candidates], "execute", refused)
+            raise await self.ctx.drop_refused([c["item"] for c in candidates], "execute", refused)
         if not candidates:
             return []
         executed = await self._execute(document, candidates)
@@ -354,7 +354,7 @@ class ToolformerRecipe:
     async def _sample_calls(self, item: str, document: Document, tool: ToolSettings, spec: tool_executor_pb2.ToolSpec, offset: int) -> list[dict[str, Any]]:
         """The distinct well-formed calls sampled at one position (each stored as a candidate item)."""
         group = f"{item}/{tool.tool}/p{offset:04d}"
-        stored = self.ctx.stored(group, "sample_call")
+        stored = await self.ctx.stored(group, "sample_call")
         if stored is None:
             seed = derive_seed(self.ctx.seed, "calls", item, tool.tool, offset)
             request = generator_pb2.GenerateRequest(
@@ -379,20 +379,20 @@ class ToolformerRecipe:
                 else:
                     seen[argument] = number
                     decision = Decision(True, **common)
-                self.ctx.record(candidate, "sample_call", StageResult(data, decision))
+                await self.ctx.record(candidate, "sample_call", StageResult(data, decision))
             # Marks the position done only after all its candidates are stored.
-            self.ctx.record(group, "sample_call", StageResult({"candidates": len(response.samples)}))
-            stored = self.ctx.stored(group, "sample_call")
+            await self.ctx.record(group, "sample_call", StageResult({"candidates": len(response.samples)}))
+            stored = await self.ctx.stored(group, "sample_call")
         assert stored is not None
         found = []
         for number in range(stored.data["candidates"]):
-            candidate = self.ctx.stored(f"{group}/c{number:02d}", "sample_call")
+            candidate = await self.ctx.stored(f"{group}/c{number:02d}", "sample_call")
             if candidate is not None and candidate.decision is not None and candidate.decision.kept:
                 found.append({"item": f"{group}/c{number:02d}", **candidate.data})
         return found
 
     async def _execute(self, document: Document, candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        pending = [c for c in candidates if self.ctx.stored(c["item"], "execute") is None]
+        pending = [c for c in candidates if await self.ctx.stored(c["item"], "execute") is None]
         for start in range(0, len(pending), 256):
             batch = pending[start : start + 256]
             request = tool_executor_pb2.ExecuteToolsRequest(
@@ -405,7 +405,7 @@ class ToolformerRecipe:
             try:
                 response = await self.ctx.call(lambda: self.ctx.services.tool_executor.ExecuteTools(request, timeout=CALL_TIMEOUT_SECONDS), "tool-executor (execute)")
             except ServiceRefused as exc:
-                raise self.ctx.drop_refused([c["item"] for c in pending[start:]], "execute", exc) from exc
+                raise await self.ctx.drop_refused([c["item"] for c in pending[start:]], "execute", exc) from exc
             for candidate, result in zip(batch, response.results):
                 if result.HasField("error"):
                     code = tool_executor_pb2.ToolErrorCode.Name(result.error.code).removeprefix("TOOL_ERROR_CODE_").lower()
@@ -414,16 +414,16 @@ class ToolformerRecipe:
                     outcome = StageResult({"result": result.output}, Decision(False, "trivial_call", reason=why))
                 else:
                     outcome = StageResult({"result": result.output}, Decision(True))
-                self.ctx.record(candidate["item"], "execute", outcome)
+                await self.ctx.record(candidate["item"], "execute", outcome)
         executed = []
         for candidate in candidates:
-            outcome = self.ctx.stored(candidate["item"], "execute")
+            outcome = await self.ctx.stored(candidate["item"], "execute")
             if outcome is not None and outcome.decision is not None and outcome.decision.kept:
                 executed.append({**candidate, "result": outcome.data["result"]})
         return executed
 
     async def _filter(self, document: Document, tool: ToolSettings, executed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        pending = [c for c in executed if self.ctx.stored(c["item"], "filter") is None]
+        pending = [c for c in executed if await self.ctx.stored(c["item"], "filter") is None]
         if pending:
             request = scorer_pb2.FilterToolCallsRequest(
                 text=document.text, threshold=tool.filter_threshold, placement=self.params.placement,  # type: ignore[arg-type]
@@ -439,7 +439,7 @@ class ToolformerRecipe:
             try:
                 response = await self.ctx.call(lambda: self.ctx.services.scorer.FilterToolCalls(request, timeout=CALL_TIMEOUT_SECONDS), "scorer (filter)")
             except ServiceRefused as exc:
-                raise self.ctx.drop_refused([c["item"] for c in pending], "filter", exc) from exc
+                raise await self.ctx.drop_refused([c["item"] for c in pending], "filter", exc) from exc
             for decision in response.decisions:
                 losses = {"loss_plus": decision.loss_with_result, "loss_no_call": decision.loss_without_call}
                 if decision.HasField("loss_minus"):
@@ -449,12 +449,12 @@ class ToolformerRecipe:
                 reason = f"L⁻ − L⁺ = {gain:.3f} {'≥' if decision.keep else '<'} τf = {tool.filter_threshold:g}"
                 if "loss_minus" not in losses:
                     reason = f"L(no call) − L⁺ = {gain:.3f} < τf = {tool.filter_threshold:g}, so L⁻ − L⁺ is too"
-                self.ctx.record(decision.id, "filter", StageResult(
+                await self.ctx.record(decision.id, "filter", StageResult(
                     losses, Decision(decision.keep, "" if decision.keep else "loss_not_lowered", score=gain, reason=reason, model=response.model.model),
                 ))
         kept = []
         for candidate in executed:
-            verdict = self.ctx.stored(candidate["item"], "filter")
+            verdict = await self.ctx.stored(candidate["item"], "filter")
             assert verdict is not None and verdict.decision is not None
             if verdict.decision.kept:
                 kept.append({
