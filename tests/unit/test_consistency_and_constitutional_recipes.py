@@ -69,7 +69,7 @@ def test_self_consistency_defaults_are_lmsi_s():
     [
         ({"prompts_path": ""}, "spec.constitutional.prompts_path", "is required"),
         ({"rounds": 17}, "spec.constitutional.rounds", "between 1 and 16"),
-        ({"max_prompts": 200_000}, "spec.constitutional.max_prompts", "between 0 and 100,000"),
+        ({"max_prompts": 2_000_000}, "spec.constitutional.max_prompts", "between 0 and 1,000,000"),
         ({"min_margin": 0.5}, "spec.constitutional.min_margin", "at least 0 and less than 0.5, got 0.5"),
         ({"min_margin": -0.1}, "spec.constitutional.min_margin", "at least 0 and less than 0.5, got -0.1"),
         ({"min_margin": float("nan")}, "spec.constitutional.min_margin", "at least 0 and less than 0.5"),

@@ -240,7 +240,7 @@ class ConstitutionalSpec(_message.Message):
     """Use chain of thought in the judge (labels clamped to [0.4, 0.6])."""
     max_prompts: _builtins.int
     """Use only the first this many prompts of the file. Default 0: all.
-    Bounds [0, 100,000].
+    Bounds [0, 1,000,000].
     """
     min_margin: _builtins.float
     """With judged_pairs: drop a prompt as "undecided" when the judge's

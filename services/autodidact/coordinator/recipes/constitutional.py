@@ -32,7 +32,9 @@ from autodidact.v1 import common_pb2, coordinator_pb2, critic_pb2
 from autodidact.validation import check_range
 
 STAGES = ("revise", "judge", "dataset")
-MAX_PROMPTS = 100_000
+# One item per prompt, one critic call each: a million is the scale the
+# control-plane benchmark (benchmarks/control_plane.py) runs a job at.
+MAX_PROMPTS = 1_000_000
 CALL_SECONDS = 3600.0
 # A judged label this close to 0.5 orients no pair. Chain-of-thought labels
 # are clamped to [0.4, 0.6], so their default margin is half of that room.
