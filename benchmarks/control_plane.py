@@ -34,6 +34,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -114,7 +115,7 @@ class CommitClock:
 
     def __init__(self, store: JobStore) -> None:
         self._store = store
-        self.times = array("d")
+        self.times: array[float] = array("d")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
@@ -130,7 +131,7 @@ class LoopLag:
     """A timer task that sleeps LAG_INTERVAL_S and records how late it wakes."""
 
     def __init__(self) -> None:
-        self.drifts = array("d")
+        self.drifts: array[float] = array("d")
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -154,11 +155,10 @@ def percentile(values: Any, fraction: float) -> float:
 
 
 def peak_rss_mib() -> float:
-    """The process's peak resident set so far (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    """The process's peak resident set so far: the larger of the kernel's two
+    accounts of it (VmHWM and ru_maxrss, both KiB on Linux), which can differ by a few pages."""
+    hwm = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    return max(hwm, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
 async def watch_events(manager: JobManager, job_id: str) -> list[tuple[float, int, int]]:
@@ -169,7 +169,7 @@ async def watch_events(manager: JobManager, job_id: str) -> list[tuple[float, in
     return events
 
 
-def watch_delays(commits: array, events: list[tuple[float, int, int]]) -> list[float]:
+def watch_delays(commits: array[float], events: list[tuple[float, int, int]]) -> list[float]:
     """For every result, the time from its commit to the first event that counts it."""
     delays = []
     event = 0
@@ -201,10 +201,10 @@ def write_prompts(path: Path, items: int) -> None:
 # --- one store's run, in its own process ---
 
 
-async def measure(kind: str, items: int, in_flight: int, workdir: Path) -> dict[str, Any]:
+async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_dir: Path) -> dict[str, Any]:
     prompts = workdir / "prompts.jsonl"
     write_prompts(prompts, items)
-    store = CommitClock(open_store(kind, workdir / "jobs.sqlite"))
+    store = CommitClock(open_store(kind, store_dir / "jobs.sqlite"))
     manager = start_manager(cast(JobStore, store), loadtest_services(), workdir)
     lag = LoopLag()
     lag.start()
@@ -265,21 +265,24 @@ async def measure(kind: str, items: int, in_flight: int, workdir: Path) -> dict[
     }
 
 
-def worker(kind: str, items: int, in_flight: int, result: Path) -> None:
-    with tempfile.TemporaryDirectory(prefix=f"control-plane-{kind}-") as workdir:
-        figures = asyncio.run(measure(kind, items, in_flight, Path(workdir)))
+def worker(kind: str, items: int, in_flight: int, store_parent: Path | None, result: Path) -> None:
+    with (
+        tempfile.TemporaryDirectory(prefix=f"control-plane-{kind}-") as workdir,
+        tempfile.TemporaryDirectory(prefix=f"control-plane-store-{kind}-", dir=store_parent) as store_dir,
+    ):
+        figures = asyncio.run(measure(kind, items, in_flight, Path(workdir), Path(store_dir)))
     result.write_text(json.dumps(figures))
 
 
 # --- the comparison ---
 
 
-def run_worker(kind: str, items: int, in_flight: int) -> dict[str, Any]:
+def run_worker(kind: str, items: int, in_flight: int, store_parent: Path | None) -> dict[str, Any]:
     """One store's figures, measured in a process of its own (its own peak RSS)."""
     with tempfile.TemporaryDirectory(prefix="control-plane-result-") as folder:
         result = Path(folder) / "figures.json"
         command = [sys.executable, __file__, "--worker", kind, "--items", str(items), "--in-flight", str(in_flight)]
-        command += ["--result", str(result)]
+        command += ["--result", str(result)] + (["--store-dir", str(store_parent)] if store_parent else [])
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         return cast(dict[str, Any], json.loads(result.read_text()))
 
@@ -311,20 +314,24 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1_000_000, help="items of the job on the current store")
     parser.add_argument("--baseline-items", type=int, default=5_000, help="items on today's store (0: skip it); compared as rates")
     parser.add_argument("--in-flight", type=int, default=256, help="the job's max_in_flight (bounds [1, 256])")
+    parser.add_argument(
+        "--store-dir", type=Path, help="where the job store's file goes (default: the temporary folder); /dev/shm takes fsync out"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--worker", choices=("current", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.items, args.in_flight, args.result)
+        worker(args.worker, args.items, args.in_flight, args.store_dir, args.result)
         return
-    runs = {"current": run_worker("current", args.items, args.in_flight)}
+    runs = {"current": run_worker("current", args.items, args.in_flight, args.store_dir)}
     if args.baseline_items:
-        runs["baseline"] = run_worker("baseline", args.baseline_items, args.in_flight)
+        runs["baseline"] = run_worker("baseline", args.baseline_items, args.in_flight, args.store_dir)
     checks = verdict(runs["current"])
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "store_dir": str(args.store_dir) if args.store_dir else "a temporary folder",
         "targets": checks,
         "all_met": all(check["met"] for check in checks.values()),
         "runs": runs,
