@@ -61,7 +61,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/toolformer_filter.py
 	$(BIN)/python benchmarks/toolformer_gsm8k.py
 	$(BIN)/python benchmarks/self_consistency_svamp.py
-	$(BIN)/python benchmarks/control_plane.py
+	$(BIN)/python -m benchmarks.control_plane
 
 clean:
 	rm -rf $(VENV) node_modules

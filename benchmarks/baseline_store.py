@@ -1,14 +1,13 @@
 """BASELINE for benchmarks/control_plane.py: the job store as it was before
-issue 11's rebuild (a verbatim copy of services/autodidact/coordinator/store.py
+issue 11's rebuild (a copy of services/autodidact/coordinator/store.py
 at commit 2486bd7), so that every benchmark run measures the new store against
-today's in the same run (one signature wrapped to 140 characters, nothing
-else changed). Not used by the product; do not edit the copied part.
+today's in the same run. Not used by the product.
 
 Its SQLite connection lives on the event loop's thread and every write is its
 own transaction with synchronous=FULL: one fsync per stage result, with the
-loop blocked meanwhile. `BaselineJobStore` at the end adds only what issue 11's
-JobStore protocol asks beyond today's (put_result says whether it wrote,
-has_results), with today's storage behaviour.
+loop blocked meanwhile. Changed from the copy, only so that it answers issue
+11's JobStore protocol, with today's storage behaviour: put_result says whether
+it wrote; has_results is new; one signature is wrapped to 140 characters and the imports sorted.
 
 The original docstring:
 The durable job store: the JobStore protocol the coordinator and recipes
@@ -26,9 +25,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 from autodidact.errors import StartupError
@@ -98,7 +97,8 @@ class JobStore(Protocol):
     async def get_result(self, job_id: str, item_id: str, stage: str) -> dict[str, Any] | None: ...
     async def put_result(
         self, job_id: str, item_id: str, stage: str, value: dict[str, Any], kept: bool | None, filter_: str = ""
-    ) -> None: ...
+    ) -> bool: ...
+    async def has_results(self, job_id: str) -> bool: ...
     async def delete_results(
         self, job_id: str, *, filter_: str | None = None, item_id: str | None = None, stage: str | None = None
     ) -> None: ...
@@ -177,11 +177,15 @@ class SqliteJobStore:
         ).fetchone()
         return None if row is None else json.loads(row[0])
 
-    async def put_result(self, job_id: str, item_id: str, stage: str, value: dict[str, Any], kept: bool | None, filter_: str = "") -> None:
-        self._db.execute(
+    async def put_result(self, job_id: str, item_id: str, stage: str, value: dict[str, Any], kept: bool | None, filter_: str = "") -> bool:
+        cursor = self._db.execute(
             "INSERT OR IGNORE INTO results (job_id, item_id, stage, kept, filter, value, written_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (job_id, item_id, stage, None if kept is None else int(kept), filter_, json.dumps(value, sort_keys=True), time.time()),
         )
+        return cursor.rowcount == 1
+
+    async def has_results(self, job_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM results WHERE job_id = ? LIMIT 1", (job_id,)).fetchone() is not None
 
     async def delete_results(
         self, job_id: str, *, filter_: str | None = None, item_id: str | None = None, stage: str | None = None
@@ -251,20 +255,3 @@ class SqliteJobStore:
 
 
 _JOB_COLUMNS = "seq, id, spec, spec_hash, state, error, created_at, updated_at"
-
-
-class BaselineJobStore(SqliteJobStore):
-    """Today's store under issue 11's protocol: the two additions, nothing else changed."""
-
-    async def put_result(
-        self, job_id: str, item_id: str, stage: str, value: dict[str, Any], kept: bool | None, filter_: str = ""
-    ) -> bool:
-        """True when this call wrote the result (a second write of a key keeps the first)."""
-        cursor = self._db.execute(
-            "INSERT OR IGNORE INTO results (job_id, item_id, stage, kept, filter, value, written_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (job_id, item_id, stage, None if kept is None else int(kept), filter_, json.dumps(value, sort_keys=True), time.time()),
-        )
-        return cursor.rowcount == 1
-
-    async def has_results(self, job_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM results WHERE job_id = ? LIMIT 1", (job_id,)).fetchone() is not None

@@ -24,7 +24,9 @@ Targets (issue 11, on a 2-core machine): >= 20,000 durable results/s, loop lag
 p99 <= 50 ms, RSS <= 1 GiB, Watch <= 1 s behind, export of 1M rows <= 60 s.
 The input (one prompt per item) is generated into a temporary folder.
 
-    .venv/bin/python benchmarks/control_plane.py [--items 1000000] [--baseline-items 5000]
+    .venv/bin/python -m benchmarks.control_plane [--items 1000000] [--baseline-items 5000]
+
+(run from the repository root, as a module: it imports its siblings in benchmarks/).
 """
 
 from __future__ import annotations
@@ -44,15 +46,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
-# Siblings in benchmarks/ (the script's folder, first on sys.path when it runs).
-from baseline_store import BaselineJobStore
-from loadtest_services import loadtest_services
+from benchmarks.loadtest_services import loadtest_services
 
 from autodidact.coordinator.jobs import JobManager
 from autodidact.coordinator.recipes.base import Services
 from autodidact.coordinator.service import CoordinatorServicer
 from autodidact.coordinator.store import JobStore, SqliteJobStore
 from autodidact.v1 import coordinator_pb2
+from benchmarks import baseline_store
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "control_plane.json"
@@ -74,7 +75,10 @@ TARGETS = {
 
 def open_store(kind: str, path: Path) -> JobStore:
     """The store under test: the tree's ("current") or today's before issue 11 ("baseline")."""
-    return BaselineJobStore(path) if kind == "baseline" else SqliteJobStore(path)
+    if kind == "baseline":
+        # Its rows are its own dataclasses (the same fields), so it is a JobStore by shape, not by type.
+        return cast(JobStore, baseline_store.SqliteJobStore(path))
+    return SqliteJobStore(path)
 
 
 def start_manager(store: JobStore, services: Services, data_dir: Path) -> JobManager:
@@ -114,7 +118,8 @@ class CommitClock:
     durable), in order: the k-th time is when the store held k results."""
 
     def __init__(self, store: JobStore) -> None:
-        self._store = store
+        # Any: it wraps today's store too, whose put_result returns None where issue 11's returns a bool.
+        self._store: Any = store
         self.times: array[float] = array("d")
 
     def __getattr__(self, name: str) -> Any:
@@ -210,7 +215,9 @@ async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_di
     lag.start()
     spec = coordinator_pb2.JobSpec(
         constitutional=coordinator_pb2.ConstitutionalSpec(prompts_path=str(prompts), rounds=1),
-        max_in_flight=in_flight, seed=1, output_dir=str(workdir / "dataset"),
+        max_in_flight=in_flight,
+        seed=1,
+        output_dir=str(workdir / "dataset"),
     )
     started = time.perf_counter()
     await submit(manager, JOB_ID, spec)
@@ -220,7 +227,8 @@ async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_di
     ended = events[-1][0]
     state = events[-1][2]
     if state != coordinator_pb2.JOB_STATE_SUCCEEDED:
-        raise RuntimeError(f"the job ended {coordinator_pb2.JobState.Name(state)}: {(await manager.get(JOB_ID)).error}")
+        job = await manager.get(JOB_ID)
+        raise RuntimeError(f"the job ended {coordinator_pb2.JobState.Name(job.state)}: {job.error}")
     followed, _, follow_last = await follower
     job_lag = list(lag.drifts)
     rss_after_job = peak_rss_mib()
@@ -281,9 +289,9 @@ def run_worker(kind: str, items: int, in_flight: int, store_parent: Path | None)
     """One store's figures, measured in a process of its own (its own peak RSS)."""
     with tempfile.TemporaryDirectory(prefix="control-plane-result-") as folder:
         result = Path(folder) / "figures.json"
-        command = [sys.executable, __file__, "--worker", kind, "--items", str(items), "--in-flight", str(in_flight)]
+        command = [sys.executable, "-m", "benchmarks.control_plane", "--worker", kind, "--items", str(items), "--in-flight", str(in_flight)]
         command += ["--result", str(result)] + (["--store-dir", str(store_parent)] if store_parent else [])
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
         return cast(dict[str, Any], json.loads(result.read_text()))
 
 

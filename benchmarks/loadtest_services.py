@@ -41,8 +41,12 @@ class LoadTestCritic:
             for number in range(1, request.rounds + 1)
         ]
         return critic_pb2.ReviseResponse(
-            initial_response=initial, rounds=rounds, final_revision=rounds[-1].revision if rounds else initial,
-            constitution=CONSTITUTION, seed=request.seed, model=MODEL,
+            initial_response=initial,
+            rounds=rounds,
+            final_revision=rounds[-1].revision if rounds else initial,
+            constitution=CONSTITUTION,
+            seed=request.seed,
+            model=MODEL,
         )
 
 

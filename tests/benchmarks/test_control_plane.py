@@ -15,19 +15,34 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ITEMS, BASELINE_ITEMS = 2_000, 200
 FIGURES = (
-    "results", "run_s", "durable_results_per_s", "finish_after_last_result_s", "loop_lag_p99_ms", "loop_lag_max_ms",
-    "loop_lag_max_incl_export_ms", "peak_rss_after_job_mib", "peak_rss_mib", "watch_events", "watch_delay_p50_s",
-    "watch_delay_p99_s", "watch_delay_max_s", "follow_records", "follow_last_record_after_job_s", "follow_records_per_s",
-    "replay_records", "replay_records_per_s", "export_s",
+    "results",
+    "run_s",
+    "durable_results_per_s",
+    "finish_after_last_result_s",
+    "loop_lag_p99_ms",
+    "loop_lag_max_ms",
+    "loop_lag_max_incl_export_ms",
+    "peak_rss_after_job_mib",
+    "peak_rss_mib",
+    "watch_events",
+    "watch_delay_p50_s",
+    "watch_delay_p99_s",
+    "watch_delay_max_s",
+    "follow_records",
+    "follow_last_record_after_job_s",
+    "follow_records_per_s",
+    "replay_records",
+    "replay_records_per_s",
+    "export_s",
 )
 
 
 @pytest.mark.slow
 def test_the_benchmark_reports_every_figure_for_both_stores(tmp_path: Path) -> None:
     out = tmp_path / "control_plane.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "control_plane.py"), "--items", str(ITEMS)]
+    command = [sys.executable, "-m", "benchmarks.control_plane", "--items", str(ITEMS)]
     completed = subprocess.run(
-        [*command, "--baseline-items", str(BASELINE_ITEMS), "--out", str(out)], capture_output=True, text=True, timeout=240
+        [*command, "--baseline-items", str(BASELINE_ITEMS), "--out", str(out)], capture_output=True, text=True, timeout=240, cwd=ROOT
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(out.read_text())
