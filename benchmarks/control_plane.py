@@ -15,8 +15,8 @@ Figures, per store:
 - peak RSS of the process (VmHWM), after the job and at the end;
 - Watch delay behind the store: for every result, the time from its commit to
   the first WatchJob event whose stage counts include it (p50, p99, max);
-- StreamSamples(follow): a follower started with the job (when its last record
-  arrived, behind the job's last result), and a follower of the finished job
+- StreamSamples(follow): a follower started with the job (records/s, and when
+  its last record arrived, behind the job's last result), and a follower of the finished job
   (records/s over the whole stream);
 - export time of the finished job (ExportJob: every table, lineage, manifest).
 
@@ -264,7 +264,8 @@ async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_di
         "watch_delay_p99_s": percentile(delays, 0.99),
         "watch_delay_max_s": max(delays, default=0.0),
         "follow_records": followed,
-        "follow_last_record_after_job_s": follow_last - ended,
+        # Negative when the follower had everything before the job's end (its dataset is written last).
+        "follow_behind_last_result_s": follow_last - last_commit,
         "follow_records_per_s": followed / (follow_last - started),
         "replay_records": replayed,
         "replay_records_per_s": replayed / replay_s if replay_s > 0 else 0.0,
