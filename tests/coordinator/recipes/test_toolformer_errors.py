@@ -66,18 +66,18 @@ def params(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in DOCUMENTS))
     spec = coordinator_pb2.ToolformerSpec(documents_path=str(path), tools=["Calculator"], positions_per_document=1, calls_per_position=2)
-    return toolformer.resolve_params(spec, "job")
+    return toolformer.Toolformer().resolve(spec, "job")
 
 
 def run(tmp_path, refuse_text: str, max_error_fraction: float):
     services = {"tool_executor": ToolsDouble(refuse_text), "scorer": ScorerDouble(refuse_text), "generator": GeneratorDouble()}
-    return run_recipe(tmp_path, services, lambda ctx: toolformer.ToolformerRecipe(ctx, params(tmp_path)), max_error_fraction=max_error_fraction)
+    return run_recipe(tmp_path, services, toolformer.Toolformer(), params(tmp_path), max_error_fraction=max_error_fraction)
 
 
 def test_a_refused_filter_drops_that_document_with_filter_error_and_the_others_go_on(tmp_path):
     summary, store = run(tmp_path, "Ann", max_error_fraction=0.5)
     assert summary == {"documents": 2, "augmented": 1}
-    records = {r.item_id: r for r in assert_lineage_agrees(store, toolformer.STAGES, toolformer.belongs({}), ("dataset", "splice"))}
+    records = {r.item_id: r for r in assert_lineage_agrees(store, toolformer.Toolformer(), summary)}
     assert records["doc00000"].kept and not records["doc00001"].kept
     refused_items = sorted(i for i in records if i.startswith("doc00001"))
     assert len(refused_items) == 4  # the document, its (document, tool) item and its two calls
