@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from autodidact.coordinator.recipes.constitutional import Constitutional, ConstitutionalParams
 from autodidact.v1 import common_pb2, critic_pb2
-from tests.unit.recipe_harness import assert_lineage_agrees, run_recipe
+from tests.unit.recipe_harness import assert_lineage_agrees, job_context, run_recipe
 
 # The double's judge: P(revision better) per prompt.
 LABELS = {"Prefers the initial answer?": 0.2, "Cannot tell?": 0.55, "Prefers the revision?": 0.9, "Left unchanged?": 0.9}
@@ -76,3 +76,21 @@ def test_preference_rows_are_trl_conversational_in_jsonl_and_parquet(tmp_path):
         assert [m["role"] for m in row["chosen"]] == ["assistant"] and [m["role"] for m in row["rejected"]] == ["assistant"]
     table = pa.Table.from_pylist(rows, schema=schema)  # the Parquet writer's schema accepts the JSONL rows as they are
     assert table.to_pylist() == json.loads(json.dumps(rows))
+
+
+def test_a_resumed_job_replays_every_stored_step_and_calls_the_critic_no_more(tmp_path):
+    params = ConstitutionalParams(
+        prompts=list(LABELS), constitution=critic_pb2.ConstitutionRef(), rounds=1, judged_pairs=True,
+        chain_of_thought=False, sampling=common_pb2.SamplingParams(), min_margin=0.1,
+    )
+    summary, store = run_recipe(tmp_path, {"critic": CriticDouble()}, Constitutional(), params)
+    before = asyncio.run(store.results("job"))
+
+    class SilentCritic:
+        """A DOUBLE that fails the test if the replay asks the critic anything."""
+
+        def __getattr__(self, name):
+            raise AssertionError(f"the replay called the critic's {name}")
+
+    again = asyncio.run(Constitutional().run(job_context(store, {"critic": SilentCritic()}), params))
+    assert again == summary and asyncio.run(store.results("job")) == before
