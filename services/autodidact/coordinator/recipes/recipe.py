@@ -51,8 +51,9 @@ class Recipe(ABC, Generic[P]):
         """Checks a concrete recipe's declarations when its module is imported,
         so a mistake fails every test at once rather than one job at run time."""
         super().__init_subclass__(**kwargs)
-        if getattr(cls, "__abstractmethods__", None):
-            return
+        # ABCMeta sets __abstractmethods__ only after this hook runs: ask the methods themselves.
+        if any(getattr(getattr(cls, method), "__isabstractmethod__", False) for method in ("resolve", "run", "belongs", "rows")):
+            return  # an abstract intermediate class declares nothing yet
         for attribute in ("name", "stages", "services", "tables"):
             if not hasattr(cls, attribute):
                 raise TypeError(f"recipe {cls.__name__} does not declare `{attribute}`")
