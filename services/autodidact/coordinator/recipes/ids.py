@@ -28,7 +28,7 @@ class ItemId:
         if match is None:
             raise ValueError(f"{text!r} is not a {cls.__name__}")
         kinds = [field.type for field in fields(cls)]  # type: ignore[arg-type]
-        parsed = cls(*(int(group) if kind in (int, "int") else group for kind, group in zip(kinds, match.groups())))
+        parsed = cls(*(int(group) if kind in (int, "int") else group for kind, group in zip(kinds, match.groups(), strict=True)))
         if str(parsed) != text:  # e.g. "r3-2": a spelling no recipe writes
             raise ValueError(f"{text!r} is not a {cls.__name__} as recipes write it ({parsed})")
         return parsed

@@ -44,7 +44,7 @@ async def replay_batched(
         return []
     ids = [item_id(item) for item in items]
     results = await ctx.stored_many(ids, stage)
-    pending = [item for item, key in zip(items, ids) if key not in results]
+    pending = [item for item, key in zip(items, ids, strict=True) if key not in results]
     if pending and whole_batch:
         pending = list(items)
     size = batch_size or max(len(pending), 1)
@@ -58,9 +58,9 @@ async def replay_batched(
             raise await ctx.drop_refused([item_id(item) for item in pending[start:]], stage, exc) from exc
         if len(computed) != len(batch):
             raise ValueError(f"{stage}: {len(computed)} results for a batch of {len(batch)} items")
-        for item, result in zip(batch, computed):
+        for item, result in zip(batch, computed, strict=True):
             key = item_id(item)
             if key not in results:
                 await ctx.record(key, stage, result)
                 results[key] = result
-    return [(item, results[key]) for item, key in zip(items, ids)]
+    return [(item, results[key]) for item, key in zip(items, ids, strict=True)]
