@@ -56,10 +56,11 @@ def test_wired_points_each_service_at_its_neighbours():
     }
 
 
-def test_a_neighbour_that_is_not_running_gets_no_address():
+def test_a_neighbour_absent_from_the_targets_keeps_its_configured_address():
     options = wired(StackOptions(), {"generator": "127.0.0.1:7000"})
-    assert options.critic.scorer_target == "" and options.coordinator.dedup_target == ""
-    assert options.critic.generator_target == "127.0.0.1:7000"
+    assert options.critic.generator_target == options.coordinator.generator_target == "127.0.0.1:7000"
+    assert options.critic.scorer_target == StackOptions().critic.scorer_target
+    assert options.coordinator.dedup_target == StackOptions().coordinator.dedup_target
 
 
 def test_wiring_keeps_every_other_setting(tmp_path):

@@ -104,13 +104,16 @@ def _settings_field(service: str) -> str:
 
 def wired(options: StackOptions, targets: Mapping[str, str]) -> StackOptions:
     """These options with every service pointed at its neighbours (CALLS) at `targets`
-    (service name -> host:port). A neighbour absent from `targets` is not running:
-    its target is empty, so nothing dials an address another stack may own."""
+    (service name -> host:port). A neighbour absent from `targets` keeps its configured
+    address: a local stack starts what its recipe calls, and grpc logs an error for
+    every channel to an empty address, so absent ones are not blanked."""
     changes = {}
     for service, neighbours in CALLS.items():
         if neighbours:
             settings = getattr(options, _settings_field(service))
-            addresses = {f"{_settings_field(n)}_target": targets.get(n, "") for n in neighbours}
+            addresses = {
+                f"{_settings_field(n)}_target": targets.get(n, getattr(settings, f"{_settings_field(n)}_target")) for n in neighbours
+            }
             changes[_settings_field(service)] = replace(settings, **addresses)
     return replace(options, **changes)
 
