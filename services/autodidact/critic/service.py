@@ -4,9 +4,8 @@ preference judge over the generator and the scorer, map the result."""
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -27,7 +26,6 @@ DEFAULT_SAMPLING = common_pb2.SamplingParams(temperature=1.0, max_tokens=256)
 REASONING_TOKENS = 128
 CALL_SECONDS = 600.0
 UINT32 = 2**32
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -146,7 +144,7 @@ class CriticServicer(critic_pb2_grpc.CriticServiceServicer):
         )
 
 
-async def _call(call: Awaitable[T], what: str) -> T:
+async def _call(call: Any, what: str) -> Any:  # Any: the generated stubs type async calls as their responses
     """Awaits a call to a neighbour; its failure reaches the client as UNAVAILABLE or FAILED_PRECONDITION naming it."""
     try:
         return await call
