@@ -32,7 +32,7 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_server_args(parser: argparse.ArgumentParser, default_host: str) -> None:
-    from autodidact.stack import EMBEDDERS, LLM_BACKENDS
+    from autodidact.backends.registry import EMBEDDER_PORT, LLM_PORT
 
     defaults = ServerSettings()
     parser.add_argument("--host", default=_env("HOST", default_host), help=f"address to bind (default {default_host})")
@@ -55,15 +55,15 @@ def _add_server_args(parser: argparse.ArgumentParser, default_host: str) -> None
     parser.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", ".autodidact") or ".autodidact"),
                         help="where the coordinator's job store and the dedup namespaces live (default .autodidact)")
     parser.add_argument("--embed-threads", type=int, default=0, help="torch threads of the embedder; 0: every core")
-    parser.add_argument("--llm-backend", choices=LLM_BACKENDS, default=_env("LLM_BACKEND", "llamacpp"),
-                        help="generator backend: embedded llama.cpp (default), TGI, or an OpenAI-compatible server (vLLM, SGLang)")
-    parser.add_argument("--llm-url", default=_env("LLM_URL", ""), help="tgi/openai_compat: the server, e.g. http://tgi:80")
+    parser.add_argument(LLM_PORT.flag, choices=LLM_PORT.choices, default=_env("LLM_BACKEND", LLM_PORT.default),
+                        help=f"generator and scorer backend; {LLM_PORT.help()}")
+    parser.add_argument(LLM_PORT.url_flag, default=_env("LLM_URL", ""), help="a remote backend's server, e.g. http://tgi:80")
     parser.add_argument("--llm-model", default=_env("LLM_MODEL", ""), help="openai_compat: model name to request (default: the server's first)")
-    parser.add_argument("--embedder", choices=EMBEDDERS, default=_env("EMBEDDER", "local"),
-                        help="dedup embedder: embedded MiniLM (default) or text-embeddings-inference")
+    parser.add_argument(EMBEDDER_PORT.flag, choices=EMBEDDER_PORT.choices, default=_env("EMBEDDER", EMBEDDER_PORT.default),
+                        help=f"dedup embedder; {EMBEDDER_PORT.help()}")
     parser.add_argument("--constitutions-dir", type=Path, default=Path(_env("CONSTITUTIONS_DIR")) if _env("CONSTITUTIONS_DIR") else None,
                         help="critic: a folder of constitution files (*.yaml) added to the built-in ones")
-    parser.add_argument("--embedder-url", default=_env("EMBEDDER_URL", ""), help="tei: the server, e.g. http://tei:80")
+    parser.add_argument(EMBEDDER_PORT.url_flag, default=_env("EMBEDDER_URL", ""), help="a remote embedder's server, e.g. http://tei:80")
     _add_logging_args(parser)
 
 
@@ -120,15 +120,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _options(args: argparse.Namespace, targets: dict[str, str]):  # -> StackOptions
+def _options(args: argparse.Namespace):  # -> StackOptions
+    """What the flags say about backends and folders; the services' addresses are wired in later."""
     from autodidact.backends.embed.local import LocalEmbedderSettings
     from autodidact.backends.llm.llamacpp import LlamaCppSettings
-    from autodidact.coordinator.service import CoordinatorSettings
-    from autodidact.generator.requests import GeneratorLimits
     from autodidact.backends.remote import RemoteSettings
     from autodidact.critic.service import CriticSettings
+    from autodidact.generator.requests import GeneratorLimits
     from autodidact.stack import StackOptions
-    from autodidact.tool_executor.service import ToolExecutorSettings
 
     return StackOptions(
         llm_backend=args.llm_backend,
@@ -140,19 +139,8 @@ def _options(args: argparse.Namespace, targets: dict[str, str]):  # -> StackOpti
         ),
         generator=GeneratorLimits(max_samples=args.max_samples),
         embedder=LocalEmbedderSettings(threads=args.embed_threads),
-        dedup_data_dir=args.data_dir / "dedup",
-        coordinator=CoordinatorSettings(
-            data_dir=args.data_dir / "coordinator",
-            generator_target=targets["generator"],
-            dedup_target=targets["dedup"],
-            scorer_target=targets["scorer"],
-            tool_executor_target=targets["tool-executor"],
-            critic_target=targets["critic"],
-        ),
-        critic=CriticSettings(generator_target=targets["generator"], scorer_target=targets["scorer"], constitutions_dir=args.constitutions_dir),
-        # QA and translation ask the generator.
-        tool_executor=ToolExecutorSettings(data_dir=args.data_dir / "tool-executor", generator_target=targets["generator"]),
-    )
+        critic=CriticSettings(constitutions_dir=args.constitutions_dir),
+    ).under(args.data_dir)
 
 
 def _server_settings(args: argparse.Namespace, port: int, metrics_port: int | None) -> ServerSettings:
@@ -169,28 +157,26 @@ def _server_settings(args: argparse.Namespace, port: int, metrics_port: int | No
 
 async def _serve(names: list[str], args: argparse.Namespace) -> None:
     from autodidact.runtime.server import ServiceHost, run_until_signalled
-    from autodidact.stack import BASE_PORT, DEFAULT_METRICS_PORTS, DEFAULT_PORTS, build_component
+    from autodidact.stack import CALLS, DEFAULT_METRICS_PORTS, DEFAULT_PORTS, LocalStack, build_component, shifted_ports, wired
 
-    neighbours = ("generator", "dedup", "scorer", "tool-executor", "critic")
+    options = _options(args)
     if args.command == "up":  # services call their neighbours on loopback
-        if not 1 <= args.base_port <= 65535 - 5:
-            raise ValueError(f"--base-port must be between 1 and 65,530, got {args.base_port}")
-        ports = {name: args.base_port + port - BASE_PORT for name, port in DEFAULT_PORTS.items()}
-        targets = {name: f"127.0.0.1:{ports[name]}" for name in neighbours}
+        ports = shifted_ports(args.base_port)
         # One process, one metrics registry: one endpoint, the coordinator's default port.
         metrics_port = DEFAULT_METRICS_PORTS["coordinator"] if args.metrics_port is None else args.metrics_port or None
+        stack = LocalStack(options)
+        for i, name in enumerate(names):
+            # One metrics endpoint per process: the first host starts it.
+            stack.add(name, _server_settings(args, ports[name], metrics_port if i == 0 else None))
+        hosts = list(stack.hosts.values())
     else:
-        ports = {names[0]: args.port if args.port is not None else DEFAULT_PORTS[names[0]]}
-        targets = {name: getattr(args, f"{name.replace('-', '_')}_target") for name in neighbours}
+        name = names[0]
+        called = {neighbour for neighbours in CALLS.values() for neighbour in neighbours}
+        targets = {neighbour: getattr(args, f"{neighbour.replace('-', '_')}_target") for neighbour in called}
         # Each service has its own default, so several `serve` processes share a host.
-        metrics_port = DEFAULT_METRICS_PORTS[names[0]] if args.metrics_port is None else args.metrics_port or None
-    options = _options(args, targets)
-    hosts = []
-    for i, name in enumerate(names):
-        port = ports[name]
-        # One metrics endpoint per process: the first host starts it.
-        settings = _server_settings(args, port, metrics_port if i == 0 else None)
-        hosts.append(ServiceHost([build_component(name, options)], settings))
+        metrics_port = DEFAULT_METRICS_PORTS[name] if args.metrics_port is None else args.metrics_port or None
+        port = args.port if args.port is not None else DEFAULT_PORTS[name]
+        hosts = [ServiceHost([build_component(name, wired(options, targets))], _server_settings(args, port, metrics_port))]
     await run_until_signalled(hosts)
 
 
@@ -200,6 +186,7 @@ async def _generate(args: argparse.Namespace) -> int:
 
     from autodidact.client import wait_until_serving
     from autodidact.runtime.channels import create_channel
+    from autodidact.runtime.neighbours import rpc_error_text
     from autodidact.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
     if args.chat:
@@ -220,7 +207,7 @@ async def _generate(args: argparse.Namespace) -> int:
                 await wait_until_serving(channel, timeout=args.wait)
             response = await generator_pb2_grpc.GeneratorServiceStub(channel).Generate(request, timeout=args.timeout)
         except grpc.aio.AioRpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"error: {rpc_error_text(exc)}", file=sys.stderr)
             return 1
         except TimeoutError as exc:
             print(f"error: {exc}", file=sys.stderr)

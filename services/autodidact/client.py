@@ -8,6 +8,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from autodidact.runtime.neighbours import rpc_error_text
+
 
 async def wait_until_serving(channel: grpc.aio.Channel, service: str = "", timeout: float = 60.0) -> None:
     """Polls the standard health service until `service` ("" = the whole
@@ -22,6 +24,6 @@ async def wait_until_serving(channel: grpc.aio.Channel, service: str = "", timeo
                 return
             last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         except grpc.aio.AioRpcError as exc:
-            last = f"{exc.code().name}: {exc.details()}"
+            last = rpc_error_text(exc)
         await asyncio.sleep(0.2)
     raise TimeoutError(f"{service or 'server'} not SERVING after {timeout:g}s (last: {last})")

@@ -21,6 +21,7 @@ from google.protobuf import json_format
 from autodidact.client import wait_until_serving
 from autodidact.coordinator.jobs import spec_hash
 from autodidact.runtime.channels import create_channel
+from autodidact.runtime.neighbours import is_transient, rpc_error_text
 from autodidact.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
@@ -105,7 +106,7 @@ async def run_job(target: str, job_id: str, spec: coordinator_pb2.JobSpec, show_
         try:
             submitted = await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=job_id, spec=spec))
         except grpc.aio.AioRpcError as exc:
-            print(f"error: job refused: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(f"error: job refused: {rpc_error_text(exc)}", file=sys.stderr)
             return 2
         print(f"job {job_id}: {submission_outcome(submitted)}", file=sys.stderr)
         job = submitted.job
@@ -118,7 +119,7 @@ async def run_job(target: str, job_id: str, spec: coordinator_pb2.JobSpec, show_
                     if show_progress:
                         print(("\r" if tty else "") + _progress_line(job) + ("" if tty else "\n"), end="", file=sys.stderr, flush=True)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                if not is_transient(exc):  # a deadline, a restart, too many watchers: watch again
                     raise
                 await asyncio.sleep(1)
         if tty and show_progress:
@@ -140,45 +141,25 @@ async def run_job(target: str, job_id: str, spec: coordinator_pb2.JobSpec, show_
 async def run_in_process(spec: coordinator_pb2.JobSpec, job_id: str, data_dir: Path, options: Any, show_progress: bool = True) -> int:
     """Hosts the services the recipe calls and a coordinator here (loopback,
     free ports), runs the job, stops them."""
-    from dataclasses import replace
-
-    from autodidact.coordinator.service import CoordinatorSettings
-    from autodidact.runtime.server import ServiceHost
-    from autodidact.runtime.settings import ServerSettings
-    from autodidact.stack import RECIPE_SERVICES, build_component
-    from autodidact.critic.service import CriticSettings
-    from autodidact.tool_executor.service import ToolExecutorSettings
-
     from autodidact.coordinator.jobs import validate_spec
     from autodidact.errors import InvalidArgument
+    from autodidact.runtime.settings import ServerSettings
+    from autodidact.stack import RECIPE_SERVICES, LocalStack
 
     try:  # refused here, before any model loads, exactly as the coordinator would refuse it
         validate_spec(spec, job_id)
     except InvalidArgument as exc:
         print(f"error: job refused: INVALID_ARGUMENT: {exc}", file=sys.stderr)
         return 2
-    hosts: dict[str, ServiceHost] = {}
+    stack = LocalStack(options.under(data_dir))
+    server = ServerSettings(grace_seconds=5)
     try:
         # An unknown recipe starts no services; the coordinator then refuses it by name.
-        for name in RECIPE_SERVICES.get(spec.WhichOneof("recipe") or "", ()):
-            targets = {n: f"127.0.0.1:{host.port}" for n, host in hosts.items()}
-            options = replace(
-                options,
-                dedup_data_dir=data_dir / "dedup",
-                tool_executor=ToolExecutorSettings(data_dir=data_dir / "tool-executor", generator_target=targets.get("generator", "")),
-                critic=CriticSettings(generator_target=targets.get("generator", ""), scorer_target=targets.get("scorer", "")),
-            )
-            hosts[name] = ServiceHost([build_component(name, options)], ServerSettings(grace_seconds=5))
-            await hosts[name].start()
+        await stack.start(RECIPE_SERVICES.get(spec.WhichOneof("recipe") or "", ()), server)
         # Models load before the job starts: llama.cpp silences the process's stderr while it
         # loads one, which would swallow progress lines printed meanwhile.
-        for host in hosts.values():
-            await host.wait_ready()
-        targets = {f"{n.replace('-', '_')}_target": f"127.0.0.1:{host.port}" for n, host in hosts.items()}
-        options = replace(options, coordinator=CoordinatorSettings(data_dir=data_dir / "coordinator", **targets))
-        hosts["coordinator"] = ServiceHost([build_component("coordinator", options)], ServerSettings(grace_seconds=5))
-        await hosts["coordinator"].start()
-        return await run_job(f"127.0.0.1:{hosts['coordinator'].port}", job_id, spec, show_progress)
+        await stack.wait_ready()
+        await stack.start(["coordinator"], server)
+        return await run_job(stack.target("coordinator"), job_id, spec, show_progress)
     finally:
-        for host in reversed(hosts.values()):
-            await host.stop(grace=5)
+        await stack.stop(grace=5)

@@ -1,27 +1,38 @@
-"""Which services exist, where they listen by default, and how each is built.
+"""Which services exist, who calls whom, where they listen by default, and how each is built.
 
-`autodidact serve NAME` hosts one of them; `autodidact up` hosts every
-implemented one in one process, each on its own loopback port, so a local
-stack is addressed exactly like a cluster. Builders import their backends
-only when called: a container image carries just what its service needs
-(the coordinator image has no torch, FAISS or llama.cpp).
+This is the one statement of the service graph. `autodidact serve NAME`
+hosts one service; `autodidact up` hosts every implemented one in one
+process, each on its own loopback port, so a local stack is addressed exactly
+like a cluster; `autodidact run` and the integration tests host the few a
+recipe needs. All of them wire the services through `wired` and `LocalStack`
+here. Builders import their backends only when called: a container image
+carries just what its service needs (the coordinator image has no torch,
+FAISS or llama.cpp).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 from autodidact.backends.embed.local import LocalEmbedderSettings
 from autodidact.backends.llm.llamacpp import LlamaCppSettings
+from autodidact.backends.registry import EMBEDDER_PORT, LLM_PORT
 from autodidact.backends.remote import RemoteSettings
 from autodidact.coordinator.service import CoordinatorSettings
 from autodidact.critic.service import CriticSettings
 from autodidact.dedup.defaults import NamespaceSettings
 from autodidact.generator.requests import GeneratorLimits
-from autodidact.runtime.server import Component
+from autodidact.runtime.component import Component
+from autodidact.runtime.server import ServiceHost
+from autodidact.runtime.settings import ServerSettings
 from autodidact.tool_executor.service import ToolExecutorSettings
+
+if TYPE_CHECKING:
+    from autodidact.backends.embed import Embedder
+    from autodidact.backends.llm import LLM
 
 # Default ports of every service of the architecture (README "Ports").
 DEFAULT_PORTS = {
@@ -36,20 +47,37 @@ BASE_PORT = DEFAULT_PORTS["coordinator"]  # `up --base-port N` shifts them all b
 # Prometheus ports of `serve NAME`: one per service, so several share a host
 # (the container images set AUTODIDACT_METRICS_PORT=9464 for every pod).
 DEFAULT_METRICS_PORTS = {name: 9464 + port - BASE_PORT for name, port in DEFAULT_PORTS.items()}
-LLM_BACKENDS = ("llamacpp", "tgi", "openai_compat")
-EMBEDDERS = ("local", "tei")
+LOOPBACK = "127.0.0.1"
+
+# Who calls whom. A service starts after the ones it calls, and its settings
+# name each of them as `<neighbour>_target` (e.g. CriticSettings.scorer_target).
+CALLS: dict[str, tuple[str, ...]] = {
+    "generator": (),
+    "scorer": (),
+    "tool-executor": ("generator",),  # QA and translation ask the generator
+    "critic": ("generator", "scorer"),
+    "dedup": (),
+    "coordinator": ("generator", "dedup", "scorer", "tool-executor", "critic"),
+}
+
+
+def shifted_ports(base_port: int) -> dict[str, int]:
+    """Every service's port when the coordinator's is `base_port` (`up --base-port`), in the README's order."""
+    if not 1 <= base_port <= 65535 - (len(DEFAULT_PORTS) - 1):
+        raise ValueError(f"--base-port must be between 1 and {65535 - (len(DEFAULT_PORTS) - 1):,}, got {base_port}")
+    return {name: base_port + port - BASE_PORT for name, port in DEFAULT_PORTS.items()}
 
 
 @dataclass(frozen=True)
 class StackOptions:
     """What the implemented services need to build their backends."""
 
-    llm_backend: Literal["llamacpp", "tgi", "openai_compat"] = "llamacpp"
+    llm_backend: str = LLM_PORT.default  # a name in backends/registry.py
     llamacpp: LlamaCppSettings = LlamaCppSettings()
     # The server behind a tgi or openai_compat backend.
     llm_remote: RemoteSettings | None = None
     generator: GeneratorLimits = GeneratorLimits()
-    embedder_backend: Literal["local", "tei"] = "local"
+    embedder_backend: str = EMBEDDER_PORT.default
     embedder: LocalEmbedderSettings = LocalEmbedderSettings()
     # The server behind a tei embedder.
     embedder_remote: RemoteSettings | None = None
@@ -60,50 +88,55 @@ class StackOptions:
     tool_executor: ToolExecutorSettings = field(default_factory=ToolExecutorSettings)
     critic: CriticSettings = field(default_factory=CriticSettings)
 
-
-def _remote(settings: RemoteSettings | None, flag: str) -> RemoteSettings:
-    if settings is None or not settings.url:
-        raise ValueError(f"this backend needs the server's address: {flag} URL")
-    return settings
-
-
-async def load_llm(options: StackOptions):  # noqa: ANN201  (-> LLM)
-    if options.llm_backend == "tgi":
-        from autodidact.backends.llm.tgi import TgiLLM
-
-        return await TgiLLM.load(_remote(options.llm_remote, "--llm-url"))
-    if options.llm_backend == "openai_compat":
-        from autodidact.backends.llm.openai_compat import OpenAICompatLLM
-
-        return await OpenAICompatLLM.load(_remote(options.llm_remote, "--llm-url"))
-    from autodidact.backends.llm.llamacpp import LlamaCppLLM
-
-    return await LlamaCppLLM.load(options.llamacpp)
+    def under(self, data_dir: Path) -> StackOptions:
+        """These options with every service's files in its own folder of `data_dir`."""
+        return replace(
+            self,
+            dedup_data_dir=data_dir / "dedup",
+            coordinator=replace(self.coordinator, data_dir=data_dir / "coordinator"),
+            tool_executor=replace(self.tool_executor, data_dir=data_dir / "tool-executor"),
+        )
 
 
-async def load_embedder(options: StackOptions):  # noqa: ANN201  (-> Embedder)
-    if options.embedder_backend == "tei":
-        from autodidact.backends.embed.tei import TeiEmbedder
+def _settings_field(service: str) -> str:
+    return service.replace("-", "_")
 
-        return await TeiEmbedder.load(_remote(options.embedder_remote, "--embedder-url"))
-    from autodidact.backends.embed.local import LocalEmbedder
 
-    return await LocalEmbedder.load(options.embedder)
+def wired(options: StackOptions, targets: Mapping[str, str]) -> StackOptions:
+    """These options with every service pointed at its neighbours (CALLS) at `targets`
+    (service name -> host:port). A neighbour absent from `targets` keeps its configured
+    address: a local stack starts what its recipe calls, and grpc logs an error for
+    every channel to an empty address, so absent ones are not blanked."""
+    changes = {}
+    for service, neighbours in CALLS.items():
+        if neighbours:
+            settings = getattr(options, _settings_field(service))
+            addresses = {
+                f"{_settings_field(n)}_target": targets.get(n, getattr(settings, f"{_settings_field(n)}_target")) for n in neighbours
+            }
+            changes[_settings_field(service)] = replace(settings, **addresses)
+    return replace(options, **changes)
+
+
+async def load_llm(options: StackOptions) -> LLM:
+    return await LLM_PORT.load(options.llm_backend, options.llamacpp, options.llm_remote)
+
+
+async def load_embedder(options: StackOptions) -> Embedder:
+    return await EMBEDDER_PORT.load(options.embedder_backend, options.embedder, options.embedder_remote)
 
 
 def _generator(options: StackOptions) -> Component:
     from autodidact.generator.service import generator_component
 
-    if options.llm_backend != "llamacpp":
-        _remote(options.llm_remote, "--llm-url")  # refuse at start, not at first load
+    LLM_PORT.check(options.llm_backend, options.llm_remote)  # refuse at start, not at first load
     return generator_component(lambda: load_llm(options), options.generator)
 
 
 def _scorer(options: StackOptions) -> Component:
     from autodidact.scorer.service import scorer_component
 
-    if options.llm_backend != "llamacpp":
-        _remote(options.llm_remote, "--llm-url")
+    LLM_PORT.check(options.llm_backend, options.llm_remote)
     return scorer_component(lambda: load_llm(options))
 
 
@@ -122,8 +155,7 @@ def _critic(options: StackOptions) -> Component:
 def _dedup(options: StackOptions) -> Component:
     from autodidact.dedup.service import dedup_component
 
-    if options.embedder_backend != "local":
-        _remote(options.embedder_remote, "--embedder-url")
+    EMBEDDER_PORT.check(options.embedder_backend, options.embedder_remote)
     return dedup_component(lambda: load_embedder(options), options.dedup_data_dir, options.namespaces)
 
 
@@ -141,7 +173,7 @@ RECIPE_SERVICES = {
     "self_consistency": ("generator", "scorer"),
 }
 
-# In start order: the coordinator's jobs resume only once the services they call are up.
+# In start order, each after the services it calls (CALLS): the coordinator's jobs resume only once those are up.
 BUILDERS = {
     "generator": _generator,
     "scorer": _scorer,
@@ -153,8 +185,58 @@ BUILDERS = {
 IMPLEMENTED = tuple(BUILDERS)
 
 
-def build_component(name: str, options: StackOptions) -> Component:
+def _check_service(name: str) -> None:
     if name not in BUILDERS:
-        known = ", ".join(IMPLEMENTED)
-        raise ValueError(f"no service named {name!r}; services: {known}")
+        raise ValueError(f"no service named {name!r}; services: {', '.join(IMPLEMENTED)}")
+
+
+def build_component(name: str, options: StackOptions) -> Component:
+    _check_service(name)
     return BUILDERS[name](options)
+
+
+def start_order(names: Iterable[str]) -> list[str]:
+    """`names` in the order they start: each after the services it calls."""
+    wanted = set(names)
+    for name in wanted:
+        _check_service(name)
+    return [name for name in BUILDERS if name in wanted]
+
+
+@dataclass
+class LocalStack:
+    """Services hosted in this process, each on its own loopback port, each wired to
+    the services of the stack it calls: what `autodidact up` and `autodidact run` serve
+    and what the integration tests start."""
+
+    options: StackOptions
+    hosts: dict[str, ServiceHost] = field(default_factory=dict)
+
+    def target(self, name: str) -> str:
+        """Where service `name` of this stack listens: its bound port, else the port it will bind."""
+        host = self.hosts[name]
+        return f"{LOOPBACK}:{host.port or host.settings.port}"
+
+    def add(self, name: str, settings: ServerSettings) -> ServiceHost:
+        """Builds service `name` wired to the services added before it. A service on port 0
+        learns its port when started: start it before adding the services that call it."""
+        options = wired(self.options, {added: self.target(added) for added in self.hosts})
+        self.hosts[name] = ServiceHost([build_component(name, options)], settings)
+        return self.hosts[name]
+
+    async def start(self, names: Iterable[str], settings: ServerSettings, wait_each: bool = False) -> None:
+        """Adds and starts `names` in start order; `wait_each`: each one's backend is loaded before the next starts."""
+        for name in start_order(names):
+            host = self.add(name, settings)
+            await host.start()
+            if wait_each:
+                await host.wait_ready()
+
+    async def wait_ready(self) -> None:
+        for host in self.hosts.values():
+            await host.wait_ready()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops every service, callers first; `grace` None: each host's own."""
+        for host in reversed(list(self.hosts.values())):
+            await host.stop(grace)

@@ -7,33 +7,37 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from autodidact.coordinator.records import Record, job_records
 from autodidact.coordinator.recipes.base import JobContext, Services, StageResult
+from autodidact.coordinator.recipes.recipe import Recipe
 from autodidact.coordinator.store import JobStore, SqliteJobStore
 
 JOB = "job"
+SEED = 7
+
+
+def job_context(store: JobStore, services: dict[str, Any], max_in_flight: int = 2, max_error_fraction: float = 0.1) -> JobContext:
+    """The context of job JOB over `store`, calling the given service DOUBLES (None for the others)."""
+    stubs = {name: services.get(name) for name in ("generator", "dedup", "scorer", "tool_executor", "critic")}
+    return JobContext(JOB, SEED, store, Services(**stubs), max_in_flight, lambda: None, max_error_fraction)
 
 
 def run_recipe(
-    tmp_path: Path, services: dict[str, Any], make: Callable[[JobContext], Any], max_in_flight: int = 2, max_error_fraction: float = 0.1,
+    tmp_path: Path, services: dict[str, Any], recipe: Recipe[Any], params: Any, max_in_flight: int = 2, max_error_fraction: float = 0.1,
 ) -> tuple[dict[str, Any], JobStore]:
+    """Runs `recipe` once on a fresh store; returns its summary and the store."""
     store = SqliteJobStore(tmp_path / "jobs.sqlite")
     asyncio.run(store.create_job(JOB, b"", "hash", 1))
-    stubs = {name: services.get(name) for name in ("generator", "dedup", "scorer", "tool_executor", "critic")}
-    ctx = JobContext(JOB, 7, store, Services(**stubs), max_in_flight, lambda: None, max_error_fraction)  # type: ignore[arg-type]
-    summary = asyncio.run(make(ctx).run())
+    summary = asyncio.run(recipe.run(job_context(store, services, max_in_flight, max_error_fraction), params))
     return summary, store
 
 
-def assert_lineage_agrees(
-    store: JobStore, stages: tuple[str, ...], belongs: Callable[[str], bool], final_stages: tuple[str, ...] = ("dataset",),
-) -> list[Record]:
+def assert_lineage_agrees(store: JobStore, recipe: Recipe[Any], summary: dict[str, Any]) -> list[Record]:
     """Every item with a decision is one record with one final decision, and the stage counts are the records' counts."""
-    records = asyncio.run(job_records(store, JOB, stages, final_stages, belongs))
+    records = asyncio.run(job_records(store, JOB, recipe.stages, recipe.final_stages, recipe.belongs(summary)))
     ids = [r.item_id for r in records]
     assert len(ids) == len(set(ids))
     decided = {item for item, _, value in asyncio.run(store.results(JOB)) if StageResult.from_json(value).decision is not None}
@@ -41,7 +45,7 @@ def assert_lineage_agrees(
     for record in records:
         drops = [i for i, (_, d) in enumerate(record.lineage) if not d.kept]
         if record.kept:
-            assert not drops and record.lineage[-1][0] in final_stages, record
+            assert not drops and record.lineage[-1][0] in recipe.final_stages, record
         else:
             assert drops == [len(record.lineage) - 1], record
     for counts in asyncio.run(store.stage_counts(JOB)):

@@ -149,7 +149,6 @@ def test_camel_case_path_keys_resolve_relative_to_the_recipe(tmp_path):
 
 
 async def test_reading_a_large_input_at_submit_leaves_the_event_loop_free(manager, monkeypatch, tmp_path):
-    import dataclasses
     import time
 
     from autodidact.coordinator.recipes import registry
@@ -158,7 +157,7 @@ async def test_reading_a_large_input_at_submit_leaves_the_event_loop_free(manage
         time.sleep(0.5)
         raise InvalidArgument("spec.self_instruct.seed_tasks_path", "stand-in refusal after the parse")
 
-    monkeypatch.setitem(registry.RECIPES, "self_instruct", dataclasses.replace(registry.RECIPES["self_instruct"], resolve=slow_resolve))
+    monkeypatch.setattr(registry.RECIPES["self_instruct"], "resolve", slow_resolve)
     ticks = 0
 
     async def tick() -> None:

@@ -22,7 +22,8 @@ from autodidact.coordinator import jobs
 from autodidact.coordinator.jobs import JobManager
 from autodidact.coordinator.recipes import registry
 from autodidact.coordinator.recipes.base import Decision, JobContext, Services, StageResult
-from autodidact.coordinator.recipes.registry import RecipeKind
+from autodidact.coordinator.recipes.recipe import Recipe
+from autodidact.coordinator.records import Record
 from autodidact.coordinator.store import SqliteJobStore
 from autodidact.errors import FailedPrecondition, InvalidArgument
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
@@ -59,11 +60,24 @@ class Params:
     sampling: common_pb2.SamplingParams
 
 
-def double_recipe(service: DoubleService) -> RecipeKind:
-    async def run(ctx: JobContext, params: Params, in_flight: int) -> dict[str, Any]:
+class DoubleRecipe(Recipe[Params]):
+    """A DOUBLE recipe (answers to spec.self_consistency): item i calls the double service at `work`, then is kept."""
+
+    name = "self_consistency"
+    stages = ("work", "dataset")
+    services = ()
+    tables = {"values": SCHEMA}
+
+    def __init__(self, service: DoubleService) -> None:
+        self.service = service
+
+    def resolve(self, spec: Any, job_id: str) -> Params:
+        return Params(spec.max_questions or 10, spec.sampling)
+
+    async def run(self, ctx: JobContext, params: Params) -> dict[str, Any]:
         async def item(index: int) -> bool:
             async def compute() -> StageResult:
-                value = await ctx.call(lambda: service.work(index), "double service")
+                value = await ctx.call(lambda: self.service.work(index), "double service")
                 return StageResult({"value": value}, Decision(True))
 
             done = await ctx.stage(f"i{index:02d}", "work", compute)
@@ -74,13 +88,15 @@ def double_recipe(service: DoubleService) -> RecipeKind:
         kept = await ctx.each_item(params.items, item)
         return {"kept": sum(kept)}
 
-    def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schema]]:
-        return {"values": ([{"item_id": r.item_id, "value": r.data["value"]} for r in records if r.kept], SCHEMA)}
+    def belongs(self, summary: dict[str, Any]) -> Any:
+        return lambda item_id: True
 
-    return RecipeKind(
-        resolve=lambda spec, job_id: Params(spec.max_questions or 10, spec.sampling),
-        run=run, stages=("work", "dataset"), belongs=lambda summary: lambda item_id: True, tables=tables, target=lambda spec: None,
-    )
+    def rows(self, records: list[Record]) -> dict[str, list[dict[str, Any]]]:
+        return {"values": [{"item_id": r.item_id, "value": r.data["value"]} for r in records if r.kept]}
+
+
+def double_recipe(service: DoubleService) -> DoubleRecipe:
+    return DoubleRecipe(service)
 
 
 @pytest.fixture

@@ -25,7 +25,8 @@ from autodidact.coordinator.records import Record, job_records
 from autodidact.coordinator.recipes.base import (
     DEFAULT_MAX_ERROR_FRACTION, ERROR_FILTER, MAX_ERROR_MESSAGES, PLAN_KEY, JobContext, Services,
 )
-from autodidact.coordinator.recipes.registry import RECIPES, RecipeKind
+from autodidact.coordinator.recipes.recipe import Recipe
+from autodidact.coordinator.recipes.registry import RECIPES
 from autodidact.coordinator.store import JobRow, JobStore
 from autodidact.errors import AlreadyExists, AutodidactError, FailedPrecondition, InvalidArgument, NotFound
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
@@ -45,10 +46,6 @@ PAGE_TOKEN_PATTERN = re.compile(r"[0-9]{1,18}\Z")
 # Job-level values written when a job ends: the recipe's summary, and the error count.
 SUMMARY_KEY, ERRORS_KEY = "summary", "errors"
 RESUMABLE = (FAILED, CANCELLED)
-# The stages whose decision says whether an item is in the dataset ("splice"
-# for a Toolformer call, "agreement" for a self-consistency path, "dataset" for
-# everything else).
-FINAL_STAGES = ("dataset", "splice", "agreement")
 # A prompt's tokens, estimated at submit without the model's tokenizer: a
 # generous characters-per-token figure (English BPE averages about 4), so
 # only a prompt that certainly cannot fit is refused.
@@ -112,7 +109,7 @@ def check_against_model(spec: coordinator_pb2.JobSpec, params: Any, context_leng
             )
 
 
-def recipe_of(spec: coordinator_pb2.JobSpec) -> RecipeKind:
+def recipe_of(spec: coordinator_pb2.JobSpec) -> Recipe[Any]:
     return RECIPES[spec.WhichOneof("recipe") or "self_instruct"]
 
 
@@ -255,7 +252,7 @@ class JobManager:
         recipe = recipe_of(coordinator_pb2.JobSpec.FromString((await self._row(job_id)).spec))
         summary = await self._store.get_value(job_id, SUMMARY_KEY)
         belongs = recipe.belongs(summary) if summary is not None else (lambda _: True)
-        return await job_records(self._store, job_id, recipe.stages, FINAL_STAGES, belongs)
+        return await job_records(self._store, job_id, recipe.stages, recipe.final_stages, belongs)
 
     async def export(self, job_id: str) -> list[coordinator_pb2.ExportedFile]:
         row = await self._row(job_id)
@@ -275,7 +272,7 @@ class JobManager:
         export.remove_temporary_files(directory)
         records = await self.records(job_id)
         files = []
-        tables = recipe_of(spec).tables(records)
+        tables = recipe_of(spec).dataset_tables(records)
         for name, (rows, schema) in tables.items():
             rows = export.conform(rows, schema)
             export.write_jsonl(directory / f"{name}.jsonl", rows)
@@ -356,7 +353,7 @@ class JobManager:
                 ctx = JobContext(
                     job_id, spec.seed, self._store, self._services, in_flight, lambda: self._notify(job_id), max_error_fraction(spec)
                 )
-                summary = await recipe_of(spec).run(ctx, params, in_flight)
+                summary = await recipe_of(spec).run(ctx, params)
                 ctx.check_error_budget()  # each_item checked its own; this covers items run through ctx.item
                 errors = {"count": len(ctx.errors), "items": ctx.items, "messages": ctx.errors[:MAX_ERROR_MESSAGES]}
                 await self._store.put_value(job_id, ERRORS_KEY, errors)
@@ -398,7 +395,7 @@ class JobManager:
             progress = coordinator_pb2.StageProgress(stage=stage, done=c.done, kept=c.kept, dropped_by_filter=c.dropped_by_filter)
             if stage == "dataset":
                 plan = await self._store.get_value(row.id, PLAN_KEY)
-                total = recipe.target(spec) if plan is None else plan["dataset_items"]
+                total = recipe.target(getattr(spec, recipe.name)) if plan is None else plan["dataset_items"]
                 if total is not None:
                     # A target (Self-Instruct's target_instructions) bounds what is kept, not what
                     # is decided: the round that reaches it can bring more candidates, which end

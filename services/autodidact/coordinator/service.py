@@ -13,9 +13,9 @@ from google.protobuf import struct_pb2
 from autodidact.coordinator.jobs import JobManager, check_job_id
 from autodidact.coordinator.recipes.base import Services
 from autodidact.coordinator.store import JobStore, SqliteJobStore
-from autodidact.errors import InvalidArgument, Unavailable
+from autodidact.errors import InvalidArgument
 from autodidact.runtime.channels import create_channel
-from autodidact.runtime.server import Component
+from autodidact.runtime.component import Component, Resource
 from autodidact.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,
@@ -42,14 +42,28 @@ class CoordinatorSettings:
     patience_seconds: float = 600.0
 
 
+@dataclass
+class Coordinator:
+    """What the coordinator servicer needs once loaded: the job store, the channels to the
+    services recipes call, and the job manager over both."""
+
+    store: JobStore
+    channels: list[grpc.aio.Channel]
+    manager: JobManager
+
+    async def close(self) -> None:
+        await self.manager.close()
+        for channel in self.channels:
+            await channel.close()
+        await self.store.close()
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    def __init__(self) -> None:
-        self.jobs: JobManager | None = None
+    def __init__(self, coordinator: Resource[Coordinator]) -> None:
+        self._coordinator = coordinator
 
     def _manager(self) -> JobManager:
-        if self.jobs is None:
-            raise Unavailable("the coordinator is still opening its job store; retry shortly")
-        return self.jobs
+        return self._coordinator.get().manager
 
     async def SubmitJob(self, request: coordinator_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.SubmitJobResponse:
         if not request.HasField("spec"):
@@ -116,10 +130,7 @@ def _record_proto(record) -> coordinator_pb2.JobRecord:  # noqa: ANN001
 
 
 def coordinator_component(settings: CoordinatorSettings) -> Component:
-    servicer = CoordinatorServicer()
-    opened: list[tuple[JobStore, JobManager, list]] = []
-
-    async def load() -> None:
+    async def open_coordinator() -> Coordinator:
         store: JobStore = SqliteJobStore(settings.data_dir / "jobs.sqlite")
         # Channels connect lazily: a recipe that never calls a service never needs it up.
         channels = {
@@ -137,21 +148,12 @@ def coordinator_component(settings: CoordinatorSettings) -> Component:
             critic=critic_pb2_grpc.CriticServiceStub(channels["critic"]),
             patience_seconds=settings.patience_seconds,
         )
-        manager = JobManager(store, services, settings.data_dir)
-        opened.append((store, manager, list(channels.values())))
-        servicer.jobs = manager
-        await manager.resume_unfinished()
+        return Coordinator(store, list(channels.values()), JobManager(store, services, settings.data_dir))
 
-    async def close() -> None:
-        for store, manager, channels in opened:
-            await manager.close()
-            for channel in channels:
-                await channel.close()
-            await store.close()
+    async def resume(coordinator: Coordinator) -> None:
+        # Calls are answered while jobs resume; health turns SERVING once they have.
+        await coordinator.manager.resume_unfinished()
 
-    return Component(
-        name=SERVICE_NAME,
-        register=lambda server: coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server),
-        load=load,
-        close=close,
-    )
+    coordinator = Resource("the coordinator", open_coordinator, after_open=resume)
+    servicer = CoordinatorServicer(coordinator)
+    return Component(SERVICE_NAME, servicer, coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server, coordinator)

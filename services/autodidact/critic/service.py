@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import grpc
 
 from autodidact.critic.constitution import Constitutions
 from autodidact.critic.judge import judge, revise
-from autodidact.errors import FailedPrecondition, InvalidArgument, Unavailable
-from autodidact.runtime.channels import create_channel
-from autodidact.runtime.server import Component
+from autodidact.errors import FailedPrecondition, InvalidArgument
 from autodidact.generator.requests import sampling_with_defaults
+from autodidact.runtime.channels import create_channel
+from autodidact.runtime.component import Component, Resource
+from autodidact.runtime.neighbours import neighbour_error
 from autodidact.v1 import common_pb2, critic_pb2, critic_pb2_grpc, generator_pb2, generator_pb2_grpc, scorer_pb2, scorer_pb2_grpc
 from autodidact.validation import check_length, check_range
 
@@ -44,16 +46,30 @@ def _prompt_text(prompt: common_pb2.Prompt, field: str = "prompt") -> str:
     return text
 
 
+class Neighbours:
+    """The critic's channels to the generator and the scorer."""
+
+    def __init__(self, settings: CriticSettings) -> None:
+        self._channels = (
+            create_channel(settings.generator_target, timeout_seconds=CALL_SECONDS),
+            create_channel(settings.scorer_target, timeout_seconds=CALL_SECONDS),
+        )
+        self.generator = generator_pb2_grpc.GeneratorServiceStub(self._channels[0])
+        self.scorer = scorer_pb2_grpc.ScorerServiceStub(self._channels[1])
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
 class CriticServicer(critic_pb2_grpc.CriticServiceServicer):
-    def __init__(self, constitutions: Constitutions) -> None:
+    def __init__(self, constitutions: Constitutions, neighbours: Resource[Neighbours]) -> None:
         self.constitutions = constitutions
-        self.generator: generator_pb2_grpc.GeneratorServiceStub | None = None
-        self.scorer: scorer_pb2_grpc.ScorerServiceStub | None = None
+        self._neighbours = neighbours
 
     def _stubs(self) -> tuple[generator_pb2_grpc.GeneratorServiceStub, scorer_pb2_grpc.ScorerServiceStub]:
-        if self.generator is None or self.scorer is None:
-            raise Unavailable("the critic is still starting; retry shortly")
-        return self.generator, self.scorer
+        neighbours = self._neighbours.get()
+        return neighbours.generator, neighbours.scorer
 
     async def ListConstitutions(self, request, context) -> critic_pb2.ListConstitutionsResponse:  # noqa: ANN001
         return critic_pb2.ListConstitutionsResponse(
@@ -128,35 +144,20 @@ class CriticServicer(critic_pb2_grpc.CriticServiceServicer):
         )
 
 
-async def _call(call, what: str):  # noqa: ANN001, ANN202
+async def _call(call: Any, what: str) -> Any:  # Any: the generated stubs type async calls as their responses
     """Awaits a call to a neighbour; its failure reaches the client as UNAVAILABLE or FAILED_PRECONDITION naming it."""
     try:
         return await call
     except grpc.aio.AioRpcError as exc:
-        transient = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
-        error = Unavailable if transient else FailedPrecondition
-        raise error(f"{what}: {exc.code().name}: {exc.details()}") from None
+        raise neighbour_error(exc, what) from None
 
 
 def critic_component(settings: CriticSettings) -> Component:
     constitutions = Constitutions.load(settings.constitutions_dir)  # a bad file stops the start here
-    servicer = CriticServicer(constitutions)
-    channels: list[grpc.aio.Channel] = []
 
-    async def load() -> None:
-        generator = create_channel(settings.generator_target, timeout_seconds=CALL_SECONDS)
-        scorer = create_channel(settings.scorer_target, timeout_seconds=CALL_SECONDS)
-        channels.extend((generator, scorer))
-        servicer.generator = generator_pb2_grpc.GeneratorServiceStub(generator)
-        servicer.scorer = scorer_pb2_grpc.ScorerServiceStub(scorer)
+    async def connect() -> Neighbours:
+        return Neighbours(settings)
 
-    async def close() -> None:
-        for channel in channels:
-            await channel.close()
-
-    return Component(
-        name=SERVICE_NAME,
-        register=lambda server: critic_pb2_grpc.add_CriticServiceServicer_to_server(servicer, server),
-        load=load,
-        close=close,
-    )
+    neighbours = Resource("the critic", connect)
+    servicer = CriticServicer(constitutions, neighbours)
+    return Component(SERVICE_NAME, servicer, critic_pb2_grpc.add_CriticServiceServicer_to_server, neighbours)

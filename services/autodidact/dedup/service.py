@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -12,8 +13,8 @@ from autodidact.backends.embed import Embedder
 from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NamespaceSettings
 from autodidact.dedup.diversity import DiversityFilter
 from autodidact.dedup.namespaces import NamespaceRegistry
-from autodidact.errors import InvalidArgument, Unavailable
-from autodidact.runtime.server import Component
+from autodidact.errors import InvalidArgument
+from autodidact.runtime.component import Component, Resource
 from autodidact.v1 import dedup_pb2, dedup_pb2_grpc
 from autodidact.validation import check_count, check_id, check_length, check_range, quoted
 
@@ -42,20 +43,27 @@ def parse_filter_batch(request: dedup_pb2.FilterBatchRequest) -> tuple[list[str]
     return [item.id for item in request.items], [item.text for item in request.items], threshold
 
 
-class DedupServicer(dedup_pb2_grpc.DedupServiceServicer):
-    def __init__(self) -> None:
-        self.diversity: DiversityFilter | None = None  # set once the embedder is loaded
-        self.embedder: Embedder | None = None
+@dataclass
+class DedupBackend:
+    """What the dedup servicer needs once loaded: the embedder and the namespaces it fills."""
 
-    def _loaded(self) -> DiversityFilter:
-        if self.diversity is None:
-            raise Unavailable("the embedder is still loading; retry shortly")
-        return self.diversity
+    embedder: Embedder
+    namespaces: NamespaceRegistry
+    diversity: DiversityFilter
+
+    async def close(self) -> None:
+        await self.embedder.close()
+        self.namespaces.close()
+
+
+class DedupServicer(dedup_pb2_grpc.DedupServiceServicer):
+    def __init__(self, backend: Resource[DedupBackend]) -> None:
+        self._backend = backend
 
     async def FilterBatch(
         self, request: dedup_pb2.FilterBatchRequest, context: grpc.aio.ServicerContext
     ) -> dedup_pb2.FilterBatchResponse:
-        diversity = self._loaded()
+        diversity = self._backend.get().diversity
         ids, texts, threshold = parse_filter_batch(request)
         result = await diversity.filter_batch(request.namespace, ids, texts, threshold, request.batch_id, request.dry_run)
         return dedup_pb2.FilterBatchResponse(
@@ -69,11 +77,10 @@ class DedupServicer(dedup_pb2_grpc.DedupServiceServicer):
     async def GetNamespace(
         self, request: dedup_pb2.GetNamespaceRequest, context: grpc.aio.ServicerContext
     ) -> dedup_pb2.GetNamespaceResponse:
-        diversity = self._loaded()
+        backend = self._backend.get()
         check_namespace("namespace", request.namespace)
-        size, kind = await asyncio.to_thread(diversity.describe, request.namespace)
-        assert self.embedder is not None
-        description = self.embedder.description
+        size, kind = await asyncio.to_thread(backend.diversity.describe, request.namespace)
+        description = backend.embedder.description
         return dedup_pb2.GetNamespaceResponse(
             size=size, index_kind=kind, dimension=description.dimension, embedder=f"{description.backend}:{description.model}"
         )
@@ -82,25 +89,10 @@ class DedupServicer(dedup_pb2_grpc.DedupServiceServicer):
 def dedup_component(
     load_embedder: Callable[[], Awaitable[Embedder]], data_dir: Path, settings: NamespaceSettings | None = None
 ) -> Component:
-    servicer = DedupServicer()
-    registry: list[NamespaceRegistry] = []
-
-    async def load() -> None:
+    async def open_backend() -> DedupBackend:
         embedder = await load_embedder()
         namespaces = NamespaceRegistry(data_dir / "namespaces", embedder.description.dimension, settings)
-        registry.append(namespaces)
-        servicer.embedder = embedder
-        servicer.diversity = DiversityFilter(embedder, namespaces)
+        return DedupBackend(embedder, namespaces, DiversityFilter(embedder, namespaces))
 
-    async def close() -> None:
-        if servicer.embedder is not None:
-            await servicer.embedder.close()
-        for namespaces in registry:
-            namespaces.close()
-
-    return Component(
-        name=SERVICE_NAME,
-        register=lambda server: dedup_pb2_grpc.add_DedupServiceServicer_to_server(servicer, server),
-        load=load,
-        close=close,
-    )
+    backend = Resource("the embedder", open_backend)
+    return Component(SERVICE_NAME, DedupServicer(backend), dedup_pb2_grpc.add_DedupServiceServicer_to_server, backend)

@@ -7,29 +7,23 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from autodidact.backends.llm import LLM
-from autodidact.errors import Unavailable
 from autodidact.generator.requests import GeneratorLimits, generate_response, model_info, parse_generate_request
 from autodidact.runtime.metrics import GENERATED_SAMPLES, GENERATED_TOKENS, PROMPT_TOKENS
-from autodidact.runtime.server import Component
+from autodidact.runtime.component import Component, Resource
 from autodidact.v1 import generator_pb2, generator_pb2_grpc
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
-    def __init__(self, limits: GeneratorLimits) -> None:
+    def __init__(self, backend: Resource[LLM], limits: GeneratorLimits) -> None:
+        self._backend = backend
         self._limits = limits
-        self.backend: LLM | None = None  # set once loaded; health says SERVING from then on
-
-    def _loaded_backend(self) -> LLM:
-        if self.backend is None:
-            raise Unavailable("the model is still loading; retry shortly")
-        return self.backend
 
     async def Generate(
         self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> generator_pb2.GenerateResponse:
-        backend = self._loaded_backend()
+        backend = self._backend.get()
         model = backend.description
         parsed = parse_generate_request(request, model, self._limits)
         generation = await backend.generate(parsed)
@@ -42,24 +36,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self, request: generator_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> generator_pb2.GetModelInfoResponse:
         return generator_pb2.GetModelInfoResponse(
-            model=model_info(self._loaded_backend().description), max_samples=self._limits.max_samples
+            model=model_info(self._backend.get().description), max_samples=self._limits.max_samples
         )
 
 
 def generator_component(load_backend: Callable[[], Awaitable[LLM]], limits: GeneratorLimits | None = None) -> Component:
     """The generator as a hostable component; `load_backend` runs after the port is bound."""
-    servicer = GeneratorServicer(limits or GeneratorLimits())
-
-    async def load() -> None:
-        servicer.backend = await load_backend()
-
-    async def close() -> None:
-        if servicer.backend is not None:
-            await servicer.backend.close()
-
-    return Component(
-        name=SERVICE_NAME,
-        register=lambda server: generator_pb2_grpc.add_GeneratorServiceServicer_to_server(servicer, server),
-        load=load,
-        close=close,
-    )
+    backend = Resource("the model", load_backend)
+    servicer = GeneratorServicer(backend, limits or GeneratorLimits())
+    return Component(SERVICE_NAME, servicer, generator_pb2_grpc.add_GeneratorServiceServicer_to_server, backend)

@@ -1,7 +1,7 @@
 """The gRPC host every autodidact service runs in.
 
-One ServiceHost serves one or more components (a servicer plus the backend it
-needs) on one port, with:
+One ServiceHost serves one or more components (a servicer plus the resource it
+needs: runtime/component.py) on one port, with:
 - the standard health service: NOT_SERVING for each component until its
   backend is loaded, SERVING after; the overall status ("") turns SERVING once
   every component is;
@@ -19,7 +19,6 @@ import asyncio
 import errno
 import signal
 import socket
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -28,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from autodidact.errors import StartupError
+from autodidact.runtime.component import Component
 from autodidact.runtime.health import HealthServicer
 from autodidact.runtime.interceptors import server_interceptors
 from autodidact.runtime.metrics import start_metrics_endpoint
@@ -37,10 +37,6 @@ log = structlog.get_logger("autodidact.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-async def _nothing() -> None:
-    return None
 
 
 def _bind_problem(host: str, port: int) -> str | None:
@@ -53,17 +49,6 @@ def _bind_problem(host: str, port: int) -> str | None:
     except OSError as exc:
         return "the port is in use" if exc.errno == errno.EADDRINUSE else str(exc.strerror or exc)
     return None
-
-
-@dataclass
-class Component:
-    """A service to host: its full proto name, how to add its servicer to a
-    server, and how to load and release the backend it needs."""
-
-    name: str  # e.g. "autodidact.v1.GeneratorService"
-    register: Callable[[grpc.aio.Server], None]
-    load: Callable[[], Awaitable[None]] = _nothing
-    close: Callable[[], Awaitable[None]] = _nothing
 
 
 @dataclass

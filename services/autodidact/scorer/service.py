@@ -15,10 +15,10 @@ import grpc
 
 from autodidact.backends.llm import LLM
 from autodidact.backends.llm.base import ScoringSequence, SequenceScores, TokenScorer
-from autodidact.errors import FailedPrecondition, InvalidArgument, Unavailable
+from autodidact.errors import FailedPrecondition, InvalidArgument
 from autodidact.generator.requests import model_info
 from autodidact.runtime.metrics import SCORED_TOKENS, TOOL_CALL_DECISIONS
-from autodidact.runtime.server import Component
+from autodidact.runtime.component import Component, Resource
 from autodidact.scorer.toolformer import DEFAULT_WEIGHTS, Candidate, best_positions, filter_calls
 from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern, extract_answers, vote
 from autodidact.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
@@ -35,16 +35,11 @@ PREFIX_SEPARATOR = "\n"  # between a prefix call and the document
 
 
 class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
-    def __init__(self) -> None:
-        self.backend: LLM | None = None
-
-    def _loaded(self) -> LLM:
-        if self.backend is None:
-            raise Unavailable("the model is still loading; retry shortly")
-        return self.backend
+    def __init__(self, backend: Resource[LLM]) -> None:
+        self._backend = backend
 
     def _token_scorer(self) -> TokenScorer:
-        backend = self._loaded()
+        backend = self._backend.get()
         if not hasattr(backend, "score_sequences"):
             raise FailedPrecondition(
                 f"backend {backend.description.backend} cannot score token sequences; "
@@ -53,7 +48,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         return cast(TokenScorer, backend)
 
     async def ScoreText(self, request: scorer_pb2.ScoreTextRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.ScoreTextResponse:
-        backend = self._loaded()
+        backend = self._backend.get()
         check_count("items", request.items, 1, 256)
         for i, item in enumerate(request.items):
             check_length(f"items[{i}].context", item.context, 0, MAX_TEXT_CHARS)
@@ -100,7 +95,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
                 for p in positions
             ],
             positions_considered=len(document) - 1,
-            model=model_info(self._loaded().description),
+            model=model_info(self._backend.get().description),
         )
 
     async def FilterToolCalls(
@@ -152,7 +147,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
             tuple(document), candidates, score,
             threshold=threshold, weights=weights, placement=placement, all_losses=request.all_losses,
         )
-        response = scorer_pb2.FilterToolCallsResponse(tokens_evaluated=evaluated, model=model_info(self._loaded().description))
+        response = scorer_pb2.FilterToolCallsResponse(tokens_evaluated=evaluated, model=model_info(self._backend.get().description))
         for decision in decisions:
             TOOL_CALL_DECISIONS.labels("kept" if decision.keep else "dropped").inc()
             proto = response.decisions.add(
@@ -166,7 +161,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
 
 
     async def CompareOptions(self, request: scorer_pb2.CompareOptionsRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.CompareOptionsResponse:
-        backend = self._loaded()
+        backend = self._backend.get()
         check_length("context", request.context, 1, MAX_TEXT_CHARS)
         check_count("options", request.options, 2, 16)
         for i, option in enumerate(request.options):
@@ -193,7 +188,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         answers = await asyncio.to_thread(_answers, request.answer_pattern, [path.text for path in request.paths])
         weights = [1.0] * len(answers)
         if request.method == scorer_pb2.VOTE_METHOD_LENGTH_NORMALIZED_PROBABILITY:
-            backend = self._loaded()
+            backend = self._backend.get()
             for i, path in enumerate(request.paths):
                 if answers[i]:
                     tokens = [t.logprob for t in await backend.logprobs(path.text, request.prompt) if t.logprob is not None]
@@ -226,22 +221,12 @@ def _token_proto(token: Any) -> common_pb2.TokenLogprob:
 
 
 def scorer_component(load_backend: Callable[[], Awaitable[LLM]]) -> Component:
-    servicer = ScorerServicer()
-
-    async def load() -> None:
+    async def load_warm() -> LLM:
         backend = await load_backend()
         # The first score creates the backend's scoring context (llama.cpp keeps logits for every
         # position there); doing it now keeps that cost and its silenced stderr out of the first request.
         await backend.logprobs("ready", "")
-        servicer.backend = backend
+        return backend
 
-    async def close() -> None:
-        if servicer.backend is not None:
-            await servicer.backend.close()
-
-    return Component(
-        name=SERVICE_NAME,
-        register=lambda server: scorer_pb2_grpc.add_ScorerServiceServicer_to_server(servicer, server),
-        load=load,
-        close=close,
-    )
+    backend = Resource("the model", load_warm)
+    return Component(SERVICE_NAME, ScorerServicer(backend), scorer_pb2_grpc.add_ScorerServiceServicer_to_server, backend)

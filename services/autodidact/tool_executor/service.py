@@ -10,10 +10,11 @@ from pathlib import Path
 
 import grpc
 
-from autodidact.errors import InvalidArgument, Unavailable
+from autodidact.errors import InvalidArgument
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.metrics import TOOL_CALLS
-from autodidact.runtime.server import Component
+from autodidact.runtime.component import Component, Resource
+from autodidact.runtime.neighbours import rpc_error_text
 from autodidact.tool_executor.sandbox import Sandbox, SandboxSettings
 from autodidact.tool_executor.search import SearchCollections
 from autodidact.tool_executor.tools import TOOLS, BackendFailure, Complete, ToolExecutor
@@ -74,15 +75,26 @@ def parse_index_request(request: tool_executor_pb2.IndexDocumentsRequest) -> lis
     return [(d.id, d.text) for d in request.documents]
 
 
-class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
-    def __init__(self) -> None:
-        self.executor: ToolExecutor | None = None
-        self.collections: SearchCollections | None = None
+@dataclass
+class Tools:
+    """What the tool-executor servicer needs once started: the sandbox, the search collections,
+    the channel to the generator (QA and translation; None without a generator) and the executor over them."""
 
-    def _loaded(self) -> ToolExecutor:
-        if self.executor is None:
-            raise Unavailable("the tool sandbox is still starting; retry shortly")
-        return self.executor
+    sandbox: Sandbox
+    collections: SearchCollections
+    generator_channel: grpc.aio.Channel | None
+    executor: ToolExecutor
+
+    async def close(self) -> None:
+        await self.sandbox.close()
+        if self.generator_channel is not None:
+            await self.generator_channel.close()
+        self.collections.close()
+
+
+class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
+    def __init__(self, tools: Resource[Tools]) -> None:
+        self._tools = tools
 
     async def ListTools(self, request: tool_executor_pb2.ListToolsRequest, context: grpc.aio.ServicerContext) -> tool_executor_pb2.ListToolsResponse:
         return tool_executor_pb2.ListToolsResponse(
@@ -96,7 +108,7 @@ class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
         )
 
     async def ExecuteTools(self, request: tool_executor_pb2.ExecuteToolsRequest, context: grpc.aio.ServicerContext) -> tool_executor_pb2.ExecuteToolsResponse:
-        executor = self._loaded()
+        executor = self._tools.get().executor
         calls, reference_date, collection = parse_execute_request(request)
         outcomes = await executor.execute(calls, reference_date, collection)
         results = []
@@ -112,10 +124,9 @@ class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
         return tool_executor_pb2.ExecuteToolsResponse(results=results)
 
     async def IndexDocuments(self, request: tool_executor_pb2.IndexDocumentsRequest, context: grpc.aio.ServicerContext) -> tool_executor_pb2.IndexDocumentsResponse:
-        self._loaded()
-        assert self.collections is not None
+        collections = self._tools.get().collections
         # In a thread: storing thousands of documents must not stall the event loop.
-        size = await asyncio.to_thread(self.collections.add, request.collection, parse_index_request(request))
+        size = await asyncio.to_thread(collections.add, request.collection, parse_index_request(request))
         return tool_executor_pb2.IndexDocumentsResponse(collection_size=size)
 
 
@@ -129,38 +140,27 @@ def _generator_completion(stub: generator_pb2_grpc.GeneratorServiceStub, timeout
         try:
             response = await stub.Generate(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise BackendFailure(f"generator: {exc.code().name}: {exc.details()}") from None
+            raise BackendFailure(f"generator: {rpc_error_text(exc)}") from None
         return response.samples[0].text
 
     return complete
 
 
 def tool_executor_component(settings: ToolExecutorSettings) -> Component:
-    servicer = ToolExecutorServicer()
-    sandbox = Sandbox(settings.sandbox)
-    opened: list = []
-
-    async def load() -> None:
-        await sandbox.start()
-        collections = SearchCollections(settings.data_dir / "search.sqlite")
-        complete = None
+    async def start() -> Tools:
+        sandbox = Sandbox(settings.sandbox)
+        try:  # a start cut short (a bad data dir, the host stopping) leaves no worker processes behind
+            await sandbox.start()
+            collections = SearchCollections(settings.data_dir / "search.sqlite")
+        except BaseException:
+            await sandbox.close()
+            raise
+        channel, complete = None, None
         if settings.generator_target:
             channel = create_channel(settings.generator_target, timeout_seconds=settings.generator_timeout_seconds)
-            opened.append(channel)
             complete = _generator_completion(generator_pb2_grpc.GeneratorServiceStub(channel), settings.generator_timeout_seconds)
-        servicer.collections = collections
-        servicer.executor = ToolExecutor(sandbox, collections, complete)
+        return Tools(sandbox, collections, channel, ToolExecutor(sandbox, collections, complete))
 
-    async def close() -> None:
-        await sandbox.close()
-        for channel in opened:
-            await channel.close()
-        if servicer.collections is not None:
-            servicer.collections.close()
-
-    return Component(
-        name=SERVICE_NAME,
-        register=lambda server: tool_executor_pb2_grpc.add_ToolExecutorServiceServicer_to_server(servicer, server),
-        load=load,
-        close=close,
-    )
+    tools = Resource("the tool sandbox", start)
+    servicer = ToolExecutorServicer(tools)
+    return Component(SERVICE_NAME, servicer, tool_executor_pb2_grpc.add_ToolExecutorServiceServicer_to_server, tools)

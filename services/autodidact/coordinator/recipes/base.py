@@ -130,6 +130,7 @@ class JobContext:
         self.store = store
         self.services = services
         self._max_in_flight = max_in_flight
+        self.max_in_flight = max_in_flight
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._on_change = on_change
         self.max_error_fraction = max_error_fraction

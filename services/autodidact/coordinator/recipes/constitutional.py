@@ -18,6 +18,7 @@ Item ids: "p00012" for a prompt. Seeds come from (job seed, prompt).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ import pyarrow as pa
 
 from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed
 from autodidact.coordinator.recipes.formats import check_item_count, json_lines, read_input
+from autodidact.coordinator.recipes.ids import PromptId
+from autodidact.coordinator.recipes.recipe import Recipe
+from autodidact.coordinator.records import Record
 from autodidact.errors import InvalidArgument
 from autodidact.generator.requests import sampling_with_defaults
 from autodidact.v1 import common_pb2, coordinator_pb2, critic_pb2
@@ -39,6 +43,40 @@ CALL_SECONDS = 3600.0
 # A judged label this close to 0.5 orients no pair. Chain-of-thought labels
 # are clamped to [0.4, 0.6], so their default margin is half of that room.
 DEFAULT_MIN_MARGIN, DEFAULT_MIN_MARGIN_COT = 0.1, 0.05
+
+
+CHAT = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+MESSAGES_SCHEMA = pa.schema([("item_id", pa.string()), ("round", pa.int64()), ("principle", pa.string()), ("messages", CHAT)])
+# TRL's conversational preference layout: the prompt as messages, chosen and
+# rejected as one assistant message each (so DPO applies the chat template).
+PREFERENCE_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("source", pa.string()), ("prompt", CHAT), ("chosen", CHAT),
+    ("rejected", CHAT), ("probability_chosen", pa.float64()),
+])
+
+
+class Constitutional(Recipe["ConstitutionalParams"]):
+    """The declared task; the parts below are its input loading, its run and its export."""
+
+    name = "constitutional"
+    stages = STAGES
+    services = ("critic",)
+    tables = {"sft_messages": MESSAGES_SCHEMA, "preferences": PREFERENCE_SCHEMA}
+
+    def resolve(self, spec: coordinator_pb2.ConstitutionalSpec, job_id: str) -> ConstitutionalParams:
+        return resolve_params(spec, f"spec.{self.name}")
+
+    async def run(self, ctx: JobContext, params: ConstitutionalParams) -> dict[str, Any]:
+        return await ConstitutionalRun(ctx, params).run()
+
+    def belongs(self, summary: dict[str, Any]) -> Callable[[str], bool]:
+        return PromptId.matches
+
+    def rows(self, records: list[Record]) -> dict[str, list[dict[str, Any]]]:
+        return export_rows(records)
+
+
+# --- input loading ---
 
 
 @dataclass(frozen=True)
@@ -66,7 +104,8 @@ def load_prompts(path: Path, field: str, limit: int = 0) -> list[str]:
     return prompts
 
 
-def resolve_params(spec: coordinator_pb2.ConstitutionalSpec, job_id: str, field: str = "spec.constitutional") -> ConstitutionalParams:
+def resolve_params(spec: coordinator_pb2.ConstitutionalSpec, field: str) -> ConstitutionalParams:
+    """The spec with every default filled in, validated; its prompts read."""
     if not spec.prompts_path:
         raise InvalidArgument(f"{field}.prompts_path", "is required")
     check_range(f"{field}.max_prompts", spec.max_prompts, 0, MAX_PROMPTS)
@@ -84,7 +123,12 @@ def resolve_params(spec: coordinator_pb2.ConstitutionalSpec, job_id: str, field:
     return ConstitutionalParams(prompts, spec.constitution, int(rounds), spec.judged_pairs, spec.chain_of_thought, sampling, min_margin)
 
 
-class ConstitutionalRecipe:
+# --- orchestration ---
+
+
+class ConstitutionalRun:
+    """One job's run: each prompt revised, judged when asked, and decided."""
+
     def __init__(self, ctx: JobContext, params: ConstitutionalParams) -> None:
         self.ctx = ctx
         self.params = params
@@ -94,7 +138,7 @@ class ConstitutionalRecipe:
         return {"prompts": len(kept), "kept": sum(kept)}
 
     async def _prompt(self, index: int) -> bool:
-        item = f"p{index:05d}"
+        item = str(PromptId(index))
         prompt = self.params.prompts[index]
         revised = await self.ctx.stage(item, "revise", lambda: self._revise(index, prompt))
         data = revised.data
@@ -143,22 +187,9 @@ class ConstitutionalRecipe:
         return StageResult({"probability_revision_better": p, "judge_principle": response.principle}, decision)
 
 
-
-# --- how the coordinator presents this recipe's results ---
-
-
-def belongs(summary: dict[str, Any]) -> Any:
-    return lambda item_id: item_id.startswith("p")
+# --- export ---
 
 
-CHAT = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-MESSAGES_SCHEMA = pa.schema([("item_id", pa.string()), ("round", pa.int64()), ("principle", pa.string()), ("messages", CHAT)])
-# TRL's conversational preference layout: the prompt as messages, chosen and
-# rejected as one assistant message each (so DPO applies the chat template).
-PREFERENCE_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("source", pa.string()), ("prompt", CHAT), ("chosen", CHAT),
-    ("rejected", CHAT), ("probability_chosen", pa.float64()),
-])
 
 
 def preference_row(item_id: str, prompt: str, chosen: str, rejected: str, source: str, probability_chosen: float | None) -> dict[str, Any]:
@@ -169,7 +200,7 @@ def preference_row(item_id: str, prompt: str, chosen: str, rejected: str, source
     }
 
 
-def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schema]]:
+def export_rows(records: list[Record]) -> dict[str, list[dict[str, Any]]]:
     """SFT chat messages (one per round's revision) and one preference pair per kept prompt."""
     messages, preferences = [], []
     for record in records:
@@ -191,4 +222,4 @@ def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schem
             preferences.append(preference_row(record.item_id, prompt, chosen, rejected, "judged", max(p, 1 - p)))
         else:
             preferences.append(preference_row(record.item_id, prompt, final, initial, "revision", None))
-    return {"sft_messages": (messages, MESSAGES_SCHEMA), "preferences": (preferences, PREFERENCE_SCHEMA)}
+    return {"sft_messages": messages, "preferences": preferences}

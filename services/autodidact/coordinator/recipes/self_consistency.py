@@ -18,6 +18,7 @@ repeats exactly.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ import pyarrow as pa
 
 from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed
 from autodidact.coordinator.recipes.formats import check_item_count, json_lines, read_input
+from autodidact.coordinator.recipes.ids import PathId, QuestionId
+from autodidact.coordinator.recipes.recipe import PromptCheck, Recipe
+from autodidact.coordinator.records import Record
 from autodidact.errors import InvalidArgument
 from autodidact.generator.requests import sampling_with_defaults
 from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern
@@ -40,6 +44,45 @@ SAMPLES_PER_CALL = 64  # the generator's default bound on n
 CALL_SECONDS = 1800.0
 DEFAULT_MIN_VOTES = 2
 ANSWER_QUOTE_CHARS = 40  # answers are model text: reasons quote them shortened
+
+PATH_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("question", pa.string()), ("path", pa.string()), ("answer", pa.string()),
+    ("confidence", pa.float64()), ("seed", pa.int64()),
+])
+LMSI_SCHEMA = pa.schema([("item_id", pa.string()), ("format", pa.string()), ("prompt", pa.string()), ("completion", pa.string())])
+
+
+class SelfConsistency(Recipe["SelfConsistencyParams"]):
+    """The declared task; the parts below are its input loading, prompts, run and export."""
+
+    name = "self_consistency"
+    stages = STAGES
+    # A question is decided at "dataset" (or dropped at "vote"); each of its paths at "agreement".
+    final_stages = ("dataset", "agreement")
+    services = ("generator", "scorer")
+    tables = {"paths": PATH_SCHEMA, "lmsi": LMSI_SCHEMA}
+
+    def resolve(self, spec: coordinator_pb2.SelfConsistencySpec, job_id: str) -> SelfConsistencyParams:
+        return resolve_params(spec, f"spec.{self.name}")
+
+    def prompts(self, params: SelfConsistencyParams) -> Iterable[PromptCheck]:
+        """The longest question's chain-of-thought prompt: if it fits, every question's does."""
+        if params.questions:
+            number, longest = max(enumerate(params.questions, 1), key=lambda q: len(q[1].text))
+            yield f"spec.{self.name}.questions_path (question {number})", cot_prompt(longest.text), params.sampling.max_tokens
+
+    async def run(self, ctx: JobContext, params: SelfConsistencyParams) -> dict[str, Any]:
+        return await SelfConsistencyRun(ctx, params).run()
+
+    def belongs(self, summary: dict[str, Any]) -> Callable[[str], bool]:
+        return lambda item_id: QuestionId.matches(item_id) or PathId.matches(item_id)
+
+    def rows(self, records: list[Record]) -> dict[str, list[dict[str, Any]]]:
+        return export_rows(records)
+
+
+# --- prompts ---
+
 
 # Worked examples of our own, in the paper's "Q: ... A: ... The answer is N." shape.
 EXAMPLES = (
@@ -62,6 +105,9 @@ def cot_prompt(question: str) -> str:
 def direct_prompt(question: str) -> str:
     shots = "".join(f"Q: {q}\nA: The answer is {answer}.\n\n" for q, _, answer in EXAMPLES)
     return f"{shots}Q: {question}\nA:"
+
+
+# --- input loading ---
 
 
 @dataclass(frozen=True)
@@ -113,7 +159,8 @@ def load_questions(path: Path, field: str, limit: int = 0) -> list[Question]:
     return questions
 
 
-def resolve_params(spec: coordinator_pb2.SelfConsistencySpec, job_id: str, field: str = "spec.self_consistency") -> SelfConsistencyParams:
+def resolve_params(spec: coordinator_pb2.SelfConsistencySpec, field: str) -> SelfConsistencyParams:
+    """The spec with every default filled in, validated; its questions read."""
     if not spec.questions_path:
         raise InvalidArgument(f"{field}.questions_path", "is required")
     check_range(f"{field}.max_questions", spec.max_questions, 0, MAX_QUESTIONS)
@@ -132,7 +179,12 @@ def resolve_params(spec: coordinator_pb2.SelfConsistencySpec, job_id: str, field
     return SelfConsistencyParams(questions, int(paths), spec.vote_method, spec.answer_pattern, spec.min_confidence, sampling, int(min_votes))
 
 
-class SelfConsistencyRecipe:
+# --- orchestration ---
+
+
+class SelfConsistencyRun:
+    """One job's run: each question's paths sampled, voted on, and every path and question decided."""
+
     def __init__(self, ctx: JobContext, params: SelfConsistencyParams) -> None:
         self.ctx = ctx
         self.params = params
@@ -143,7 +195,8 @@ class SelfConsistencyRecipe:
         return {"questions": len(kept), "kept_questions": sum(kept), "paths": self.paths, "kept_paths": self.kept_paths}
 
     async def _question(self, index: int) -> bool:
-        item = f"q{index:05d}"
+        question_id = QuestionId(index)
+        item = str(question_id)
         question = self.params.questions[index]
         sampled = await self.ctx.stage(item, "paths", lambda: self._paths(index, question))
         verdict = await self.ctx.stage(item, "vote", lambda: self._vote(question, sampled.data["paths"]))
@@ -158,7 +211,7 @@ class SelfConsistencyRecipe:
                 final = Decision(True, score=confidence, reason=f"{confidence:.2f} of answers agree on {_quote(winner)}")
         # Paths first, then the question: a restart in between records the rest (each decision is a pure function of stored results).
         for number, (path, answer) in enumerate(zip(sampled.data["paths"], verdict.data["answers"])):
-            path_item = f"{item}/p{number:03d}"
+            path_item = str(question_id.path(number))
             decision = self._path_decision(answer, winner, confidence, voted, final)
             if await self.ctx.stored(path_item, "agreement") is None:
                 data = {"question": question.text, "path": path["text"], "answer": answer, "seed": path["seed"], "confidence": confidence}
@@ -227,18 +280,9 @@ def _quote(answer: str) -> str:
     return answer if len(answer) <= ANSWER_QUOTE_CHARS else answer[: ANSWER_QUOTE_CHARS - 1] + "…"
 
 
-# --- how the coordinator presents this recipe's results ---
+# --- export ---
 
 
-def belongs(summary: dict[str, Any]) -> Any:
-    return lambda item_id: item_id.startswith("q")
-
-
-PATH_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("question", pa.string()), ("path", pa.string()), ("answer", pa.string()),
-    ("confidence", pa.float64()), ("seed", pa.int64()),
-])
-LMSI_SCHEMA = pa.schema([("item_id", pa.string()), ("format", pa.string()), ("prompt", pa.string()), ("completion", pa.string())])
 
 
 def lmsi_examples(question: str, path: str, answer: str) -> list[tuple[str, str, str]]:
@@ -252,13 +296,14 @@ def lmsi_examples(question: str, path: str, answer: str) -> list[tuple[str, str,
     ]
 
 
-def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schema]]:
+def export_rows(records: list[Record]) -> dict[str, list[dict[str, Any]]]:
+    """Kept reasoning paths, and LMSI's four training examples of each."""
     paths, lmsi = [], []
     for record in records:
-        if "/" not in record.item_id or not record.kept:  # a path is kept only when its question is
+        if not PathId.matches(record.item_id) or not record.kept:  # a path is kept only when its question is
             continue
         data = record.data
         paths.append({"item_id": record.item_id, **{k: data[k] for k in ("question", "path", "answer", "confidence", "seed")}})
         for kind, prompt, completion in lmsi_examples(data["question"], data["path"], data["answer"]):
             lmsi.append({"item_id": record.item_id, "format": kind, "prompt": prompt, "completion": completion})
-    return {"paths": (paths, PATH_SCHEMA), "lmsi": (lmsi, LMSI_SCHEMA)}
+    return {"paths": paths, "lmsi": lmsi}

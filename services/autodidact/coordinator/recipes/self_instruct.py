@@ -51,6 +51,10 @@ import pyarrow as pa
 
 from autodidact.coordinator.recipes.base import ERROR_FILTER, Decision, JobContext, StageResult, derive_rng, derive_seed
 from autodidact.coordinator.recipes.formats import check_item_count, json_lines, read_input
+from autodidact.coordinator.recipes.ids import CandidateId, RoundId
+from autodidact.coordinator.recipes.recipe import Recipe
+from autodidact.coordinator.recipes.replay import replay_batched
+from autodidact.coordinator.records import Record
 from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NAMESPACE_PATTERN
 from autodidact.errors import InvalidArgument
 from autodidact.generator.requests import sampling_with_defaults
@@ -75,17 +79,42 @@ QUOTE_CHARS = 80
 LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\(?\w{1,2}[.)])\s+", re.MULTILINE)
 
 
-def quote(text: str, limit: int = QUOTE_CHARS) -> str:
-    """The model's raw text for a drop reason: JSON-quoted (newlines stay
-    visible), cut to `limit` characters with an ellipsis."""
-    return json.dumps(text if len(text) <= limit else text[:limit] + "…", ensure_ascii=False)
+INSTANCE_SCHEMA = pa.schema(
+    [("item_id", pa.string()), ("instruction", pa.string()), ("input", pa.string()), ("output", pa.string()), ("is_classification", pa.bool_())]
+)
+MESSAGES_SCHEMA = pa.schema(
+    [("item_id", pa.string()), ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))]
+)
 
 
-def normalized(text: str) -> str:
-    """Text without list markers, punctuation, case or spacing, to compare an output with its input."""
-    text = LIST_MARKER.sub("", text)
-    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
-    return " ".join(text.casefold().split())
+class SelfInstruct(Recipe["SelfInstructParams"]):
+    """The declared task; the parts below are its input loading, prompts and parsers, run and export."""
+
+    name = "self_instruct"
+    stages = STAGES
+    services = ("generator", "dedup")
+    tables = {"instances": INSTANCE_SCHEMA, "sft_messages": MESSAGES_SCHEMA}
+
+    def resolve(self, spec: coordinator_pb2.SelfInstructSpec, job_id: str) -> SelfInstructParams:
+        return resolve_params(spec, job_id, f"spec.{self.name}")
+
+    def target(self, spec: coordinator_pb2.SelfInstructSpec) -> int | None:
+        return spec.target_instructions
+
+    async def run(self, ctx: JobContext, params: SelfInstructParams) -> dict[str, Any]:
+        # Rounds in flight: the window a round's prompt looks back past (see the module's docstring).
+        return await SelfInstructRun(ctx, params, ctx.max_in_flight).run()
+
+    def belongs(self, summary: dict[str, Any]) -> Callable[[str], bool]:
+        """Candidates only ("r00003-02"), of every round: those of rounds started
+        but not needed end as over_target, so lineage shows them too."""
+        return CandidateId.matches
+
+    def rows(self, records: list[Record]) -> dict[str, list[dict[str, Any]]]:
+        return export_rows(records)
+
+
+# --- input loading ---
 
 
 @dataclass(frozen=True)
@@ -126,7 +155,7 @@ class SelfInstructParams:
     max_rounds: int
 
 
-def resolve_params(spec: coordinator_pb2.SelfInstructSpec, job_id: str, field: str = "spec.self_instruct") -> SelfInstructParams:
+def resolve_params(spec: coordinator_pb2.SelfInstructSpec, job_id: str, field: str) -> SelfInstructParams:
     """The spec with every default filled in, validated."""
     if not spec.seed_tasks_path:
         raise InvalidArgument(f"{field}.seed_tasks_path", "is required")
@@ -169,6 +198,19 @@ def resolve_params(spec: coordinator_pb2.SelfInstructSpec, job_id: str, field: s
 
 
 # --- prompts and parsers (pure) ---
+
+
+def quote(text: str, limit: int = QUOTE_CHARS) -> str:
+    """The model's raw text for a drop reason: JSON-quoted (newlines stay
+    visible), cut to `limit` characters with an ellipsis."""
+    return json.dumps(text if len(text) <= limit else text[:limit] + "…", ensure_ascii=False)
+
+
+def normalized(text: str) -> str:
+    """Text without list markers, punctuation, case or spacing, to compare an output with its input."""
+    text = LIST_MARKER.sub("", text)
+    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
+    return " ".join(text.casefold().split())
 
 
 def instruction_prompt(instructions: list[str]) -> str:
@@ -300,11 +342,11 @@ def filter_instances(instances: list[tuple[str, str]], truncated: bool = False) 
     return kept, dropped, why
 
 
-# --- the recipe ---
+# --- orchestration ---
 
 
-class SelfInstructRecipe:
-    stages = STAGES
+class SelfInstructRun:
+    """One job's run: rounds of prompts, candidates filtered in round order, instances for the diverse ones."""
 
     def __init__(self, ctx: JobContext, params: SelfInstructParams, rounds_in_flight: int) -> None:
         self.ctx = ctx
@@ -376,7 +418,7 @@ class SelfInstructRecipe:
         return finished
 
     async def _round_candidates(self, round_: int) -> list[str]:
-        item = f"r{round_:05d}"
+        item = str(RoundId(round_))
         closed = await self.ctx.store.get_value(self.ctx.job_id, CLOSED_KEY)
         if closed is not None and round_ > closed["last_round"]:
             return []  # not needed: closed when the job first reached its target
@@ -395,7 +437,7 @@ class SelfInstructRecipe:
     async def _end_open_candidates(self, round_: int, decision: Callable[[str], Awaitable[Decision]]) -> None:
         """Gives every candidate of the round still without a final decision its
         `dataset` drop, so each candidate has exactly one final decision."""
-        generated = await self.ctx.stored(f"r{round_:05d}", "generate_instructions")
+        generated = await self.ctx.stored(str(RoundId(round_)), "generate_instructions")
         if generated is None or generated.decision is not None:
             return  # never sampled, or the generation itself errored (that row is the round's)
         for candidate, _, _ in await self._candidates(round_, generated):
@@ -410,7 +452,7 @@ class SelfInstructRecipe:
         parsed = parse_instructions(sample["text"], sample["finish_reason"] == "length")
         candidates = []
         for position, (instruction, verdict) in enumerate(parsed):
-            candidate = f"r{round_:05d}-{position:02d}"
+            candidate = str(CandidateId(round_, position))
             if await self.ctx.stored(candidate, "generate_instructions") is None:
                 origin = Decision(
                     True, reason=f"item {position + 1} of {len(parsed)} listed by round {round_} ({sample['finish_reason']})",
@@ -474,28 +516,32 @@ class SelfInstructRecipe:
         return StageResult({"prompt_instructions": instructions, "text": sample.text, "finish_reason": finish, "model": response.model.model, "seed": seed})
 
     async def _diversity(self, item: str, survivors: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """The round's survivors through the dedup service, as one idempotent batch."""
-        if not survivors:
-            return []
-        stored = [await self.ctx.stored(candidate, "diversity") for candidate, _ in survivors]
-        if any(result is None for result in stored):
+        """The round's survivors through the dedup service, as one idempotent batch:
+        a resumed round sends the whole batch again (same batch id), so the
+        namespace holds what an uninterrupted run put there. A refusal is the
+        round's: it propagates to `_round`, which ends the round's candidates."""
+
+        async def dedup(batch: list[tuple[str, str]]) -> list[StageResult]:
             request = dedup_pb2.FilterBatchRequest(
                 namespace=self.params.namespace,
-                items=[dedup_pb2.DedupItem(id=f"{self.ctx.job_id}/{candidate}", text=instruction) for candidate, instruction in survivors],
+                items=[dedup_pb2.DedupItem(id=f"{self.ctx.job_id}/{candidate}", text=instruction) for candidate, instruction in batch],
                 threshold=self.params.threshold,
                 batch_id=f"{self.ctx.job_id}/{item}",
             )
             response = await self.ctx.call(lambda: self.ctx.services.dedup.FilterBatch(request, timeout=300), "dedup")
-            for (candidate, instruction), verdict in zip(survivors, response.verdicts):
-                nearest = _readable_id(verdict.nearest_id, self.ctx.job_id)
-                reason = f"cosine {verdict.similarity:.3f} to {nearest or 'nothing'} ({'<' if verdict.kept else '≥'} {self.params.threshold:g})"
-                decision = Decision(
-                    verdict.kept, "" if verdict.kept else "similarity", score=round(verdict.similarity, 6),
-                    reason=reason if verdict.kept else f"{reason}: {quote(instruction)}",
-                )
-                await self.ctx.record(candidate, "diversity", StageResult({"nearest": nearest}, decision))
-            stored = [await self.ctx.stored(candidate, "diversity") for candidate, _ in survivors]
-        return [pair for pair, result in zip(survivors, stored) if result and result.decision and result.decision.kept]
+            return [self._diversity_outcome(instruction, verdict) for (_, instruction), verdict in zip(batch, response.verdicts)]
+
+        decided = await replay_batched(self.ctx, "diversity", survivors, lambda pair: pair[0], dedup, whole_batch=True, drop_refused=False)
+        return [pair for pair, result in decided if result.decision and result.decision.kept]
+
+    def _diversity_outcome(self, instruction: str, verdict: dedup_pb2.DedupVerdict) -> StageResult:
+        nearest = _readable_id(verdict.nearest_id, self.ctx.job_id)
+        reason = f"cosine {verdict.similarity:.3f} to {nearest or 'nothing'} ({'<' if verdict.kept else '≥'} {self.params.threshold:g})"
+        decision = Decision(
+            verdict.kept, "" if verdict.kept else "similarity", score=round(verdict.similarity, 6),
+            reason=reason if verdict.kept else f"{reason}: {quote(instruction)}",
+        )
+        return StageResult({"nearest": nearest}, decision)
 
     async def _instances(self, candidate: str, instruction: str) -> bool:
         classified = await self.ctx.stage(candidate, "classify", lambda: self._classify(candidate, instruction))
@@ -544,25 +590,12 @@ def _readable_id(dedup_id: str, job_id: str) -> str:
     return dedup_id.removeprefix(f"{job_id}/")
 
 
-
-# --- how the coordinator presents this recipe's results ---
-
-
-def belongs(summary: dict[str, Any]) -> Callable[[str], bool]:
-    """Candidates only ("r00003-02"), of every round: those of rounds started
-    but not needed end as over_target, so lineage shows them too."""
-    return lambda item_id: item_id.startswith("r") and "-" in item_id
+# --- export ---
 
 
-INSTANCE_SCHEMA = pa.schema(
-    [("item_id", pa.string()), ("instruction", pa.string()), ("input", pa.string()), ("output", pa.string()), ("is_classification", pa.bool_())]
-)
-MESSAGES_SCHEMA = pa.schema(
-    [("item_id", pa.string()), ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))]
-)
 
 
-def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schema]]:
+def export_rows(records: list[Record]) -> dict[str, list[dict[str, Any]]]:
     """The dataset's rows: instruction/input/output instances and SFT chat messages."""
     instances, messages = [], []
     for record in records:
@@ -578,4 +611,4 @@ def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schem
             messages.append(
                 {"item_id": record.item_id, "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}
             )
-    return {"instances": (instances, INSTANCE_SCHEMA), "sft_messages": (messages, MESSAGES_SCHEMA)}
+    return {"instances": instances, "sft_messages": messages}

@@ -16,8 +16,10 @@ the same dataset.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,10 @@ import pyarrow as pa
 
 from autodidact.coordinator.recipes.base import ERROR_FILTER, Decision, ItemFailed, JobContext, ServiceRefused, StageResult, derive_seed, ready
 from autodidact.coordinator.recipes.formats import check_item_count, gsm8k_document, json_lines, read_input
+from autodidact.coordinator.recipes.ids import CallId, DocumentId, PositionId, ToolItemId, toolformer_id
+from autodidact.coordinator.recipes.recipe import Recipe
+from autodidact.coordinator.recipes.replay import replay_batched
+from autodidact.coordinator.records import Record
 from autodidact.errors import InvalidArgument
 from autodidact.tool_executor.tools import TOOLS
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2, scorer_pb2, tool_executor_pb2
@@ -38,6 +44,7 @@ MAX_DOCUMENT_CHARS = 16_384
 MAX_CALL_TOKENS = 48
 SAMPLING_TEMPERATURE = 1.0  # calls are sampled from the model's own distribution
 CALL_TIMEOUT_SECONDS = 900.0
+EXECUTE_BATCH = 256  # calls per ExecuteTools request
 # The paper's defaults; the calculator (and translation) use their own.
 DEFAULTS = {"position_threshold": 0.05, "positions": 5, "calls": 5, "filter_threshold": 1.0}
 TOOL_DEFAULTS = {
@@ -68,7 +75,47 @@ def call_grammar(tool: str, takes_input: bool) -> str:
         return f'root ::= "{tool}()"\n'
     return f'root ::= "{tool}(" [^()\\[\\]\\n]{{1,200}} ")"\n'
 
+DOCUMENT_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("document_id", pa.string()), ("text", pa.string()), ("original_text", pa.string()),
+    ("calls", pa.list_(pa.struct([
+        ("tool", pa.string()), ("char_offset", pa.int64()), ("call", pa.string()), ("input", pa.string()),
+        ("result", pa.string()), ("loss_plus", pa.float64()), ("loss_minus", pa.float64()), ("gain", pa.float64()),
+    ]))),
+])
+CALL_SCHEMA = pa.schema([
+    ("item_id", pa.string()), ("tool", pa.string()), ("char_offset", pa.int64()), ("input", pa.string()),
+    ("result", pa.string()), ("loss_plus", pa.float64()), ("loss_no_call", pa.float64()),
+    ("loss_without_result", pa.float64()), ("loss_minus", pa.float64()), ("kept", pa.bool_()), ("dropped_by", pa.string()),
+])
+
+
+class Toolformer(Recipe["ToolformerParams"]):
+    """The declared task; the parts below are its input loading, prompts and parsers, run and export."""
+
+    name = "toolformer"
+    stages = STAGES
+    # A document is decided at "dataset"; a (document, tool) item and a candidate call at "splice".
+    final_stages = ("dataset", "splice")
+    services = ("generator", "scorer", "tool_executor")
+    tables = {"documents": DOCUMENT_SCHEMA, "calls": CALL_SCHEMA}
+
+    def resolve(self, spec: coordinator_pb2.ToolformerSpec, job_id: str) -> ToolformerParams:
+        return resolve_params(spec, f"spec.{self.name}")
+
+    async def run(self, ctx: JobContext, params: ToolformerParams) -> dict[str, Any]:
+        return await ToolformerRun(ctx, params).run()
+
+    def belongs(self, summary: dict[str, Any]) -> Callable[[str], bool]:
+        return lambda item_id: item_id.startswith(DocumentId.PREFIX)  # a document and every part of it
+
+    def rows(self, records: list[Record]) -> dict[str, list[dict[str, Any]]]:
+        return export_rows(records)
+
+
 STATEMENT_OF_RESULT = re.compile(r"(=|\bequals\b|\btotal of\b)\s*\$?\s*-?\d", re.IGNORECASE)
+
+
+# --- input loading ---
 
 
 @dataclass(frozen=True)
@@ -113,7 +160,7 @@ def load_documents(path: Path, field: str, limit: int = 0) -> list[Document]:
     return documents
 
 
-def resolve_params(spec: coordinator_pb2.ToolformerSpec, job_id: str, field: str = "spec.toolformer") -> ToolformerParams:
+def resolve_params(spec: coordinator_pb2.ToolformerSpec, field: str) -> ToolformerParams:
     """The spec with every default filled in, validated."""
     if not spec.documents_path:
         raise InvalidArgument(f"{field}.documents_path", "is required")
@@ -148,7 +195,7 @@ def resolve_params(spec: coordinator_pb2.ToolformerSpec, job_id: str, field: str
     return ToolformerParams(documents, tools, spec.placement, spec.reference_date, collection)
 
 
-# --- pure steps ---
+# --- prompts and parsers (pure) ---
 
 
 def looks_arithmetic(text: str) -> bool:
@@ -216,7 +263,12 @@ def splice(text: str, calls: list[tuple[int, str]]) -> str:
     return "".join(out)
 
 
-class ToolformerRecipe:
+# --- orchestration ---
+
+
+class ToolformerRun:
+    """One job's run: every document through every tool's positions, calls, execution, filter and splice."""
+
     def __init__(self, ctx: JobContext, params: ToolformerParams) -> None:
         self.ctx = ctx
         self.params = params
@@ -240,8 +292,6 @@ class ToolformerRecipe:
         return {"documents": len(kept), "augmented": sum(kept)}
 
     async def _today(self) -> dict[str, Any]:
-        import datetime as dt
-
         return {"date": dt.datetime.now(dt.UTC).date().isoformat()}
 
     async def _index_collection(self) -> dict[str, Any]:
@@ -255,13 +305,14 @@ class ToolformerRecipe:
 
     async def _document(self, index: int) -> bool:
         document = self.params.documents[index]
-        item = f"doc{index:05d}"
+        doc_id = DocumentId(index)
+        item = str(doc_id)
         kept_calls: list[dict[str, Any]] = []
         try:
             for tool in self.params.tools:
-                kept_calls += await self._tool(item, document, tool)
+                kept_calls += await self._tool(doc_id.tool(tool.tool), document, tool)
         except ItemFailed as exc:
-            await self._end_in_error(item, exc)
+            await self._end_in_error(doc_id, exc)
             raise  # counted against the job's error budget by ctx.each_item
         # One call per position: the one that lowered the loss most.
         best: dict[int, dict[str, Any]] = {}
@@ -276,7 +327,7 @@ class ToolformerRecipe:
             await self.ctx.record(call["item"], "splice", StageResult(decision=decision))
         chosen = sorted(best.values(), key=lambda c: c["char_offset"])
         for tool in self.params.tools:
-            await self._conclude_tool(f"{item}/{tool.tool}", sum(c["tool"] == tool.tool for c in chosen))
+            await self._conclude_tool(str(doc_id.tool(tool.tool)), sum(c["tool"] == tool.tool for c in chosen))
         augmented = splice(document.text, [(c["char_offset"], c["call"]) for c in chosen])
         # `text` is what a trainer reads by default (TRL's dataset_text_field), so it is the text with the calls.
         data = {"document_id": document.id, "text": augmented, "original_text": document.text, "calls": [{k: v for k, v in c.items() if k != "item"} for c in chosen]}
@@ -285,18 +336,19 @@ class ToolformerRecipe:
             await self.ctx.record(item, "dataset", StageResult(data, decision))
         return bool(chosen)
 
-    async def _end_in_error(self, item: str, exc: ItemFailed) -> None:
+    async def _end_in_error(self, doc_id: DocumentId, exc: ItemFailed) -> None:
         """A service refused part of this document's work: the document and its
         (document, tool) items end with filter `error` (their calls already did)."""
         error = Decision(False, ERROR_FILTER, reason=str(exc))
+        item = str(doc_id)
         for tool in self.params.tools:
-            tool_item = f"{item}/{tool.tool}"
+            tool_item = str(doc_id.tool(tool.tool))
             results = [r for s in ("prefilter", "positions", "splice") if (r := await self.ctx.stored(tool_item, s)) is not None]
             ended = any(r.decision is not None and not r.decision.kept for r in results) or await self.ctx.stored(tool_item, "splice")
             if results and not ended:
                 await self.ctx.record(tool_item, "splice", StageResult(decision=error))
         if await self.ctx.stored(item, "dataset") is None:
-            await self.ctx.record(item, "dataset", StageResult({"document_id": self.params.documents[int(item[3:])].id}, error))
+            await self.ctx.record(item, "dataset", StageResult({"document_id": self.params.documents[doc_id.index].id}, error))
 
     async def _conclude_tool(self, tool_item: str, spliced: int) -> None:
         """The final decision of a (document, tool) item that passed the
@@ -312,20 +364,20 @@ class ToolformerRecipe:
             False, "no_useful_call", score=0, reason="none of its calls lowered the loss by τf")
         await self.ctx.record(tool_item, "splice", StageResult(decision=decision))
 
-    async def _tool(self, item: str, document: Document, tool: ToolSettings) -> list[dict[str, Any]]:
+    async def _tool(self, tool_id: ToolItemId, document: Document, tool: ToolSettings) -> list[dict[str, Any]]:
         """Kept calls of one tool in one document, as dicts for the dataset."""
         name = tool.tool
         if name == "Calculator":
             arithmetic = looks_arithmetic(document.text)
-            pre = await self.ctx.stage(f"{item}/{name}", "prefilter", ready(StageResult(
+            pre = await self.ctx.stage(str(tool_id), "prefilter", ready(StageResult(
                 {"tool": name}, Decision(arithmetic, "" if arithmetic else "no_arithmetic", reason="" if arithmetic else "no stated result and no a∘b=c among its numbers"),
             )))
             if pre.decision and not pre.decision.kept:
                 return []
         spec = self._specs[name]
-        positions = await self.ctx.stage(f"{item}/{name}", "positions", lambda: self._positions(document, tool, spec))
+        positions = await self.ctx.stage(str(tool_id), "positions", lambda: self._positions(document, tool, spec))
         per_position = await asyncio.gather(
-            *(self._sample_calls(item, document, tool, spec, p["char_offset"]) for p in positions.data["positions"]),
+            *(self._sample_calls(tool_id.position(p["char_offset"]), document, tool, spec) for p in positions.data["positions"]),
             return_exceptions=True,
         )
         candidates = [c for found in per_position if isinstance(found, list) for c in found]
@@ -351,12 +403,14 @@ class ToolformerRecipe:
             Decision(True, score=len(positions), reason=f"{len(positions)} of {response.positions_considered} positions", model=response.model.model, template_version=spec.prompt_version),
         )
 
-    async def _sample_calls(self, item: str, document: Document, tool: ToolSettings, spec: tool_executor_pb2.ToolSpec, offset: int) -> list[dict[str, Any]]:
+    async def _sample_calls(
+        self, position: PositionId, document: Document, tool: ToolSettings, spec: tool_executor_pb2.ToolSpec,
+    ) -> list[dict[str, Any]]:
         """The distinct well-formed calls sampled at one position (each stored as a candidate item)."""
-        group = f"{item}/{tool.tool}/p{offset:04d}"
+        group, offset = str(position), position.char_offset
         stored = await self.ctx.stored(group, "sample_call")
         if stored is None:
-            seed = derive_seed(self.ctx.seed, "calls", item, tool.tool, offset)
+            seed = derive_seed(self.ctx.seed, "calls", str(DocumentId(position.index)), tool.tool, offset)
             request = generator_pb2.GenerateRequest(
                 prompt=common_pb2.Prompt(text=call_prompt(spec.few_shot_prompt, document.text, offset)),
                 sampling=common_pb2.SamplingParams(
@@ -369,7 +423,7 @@ class ToolformerRecipe:
             seen: dict[str, int] = {}
             for number, sample in enumerate(response.samples):
                 argument, why = parse_call(sample.text, tool.tool, spec.takes_input)
-                candidate = f"{group}/c{number:02d}"
+                candidate = str(position.call(number))
                 common = {"model": response.model.model, "template_version": spec.prompt_version, "seed": sample.seed}
                 data = {"tool": tool.tool, "char_offset": offset, "sample": sample.text, "input": argument}
                 if argument is None:
@@ -384,17 +438,18 @@ class ToolformerRecipe:
             await self.ctx.record(group, "sample_call", StageResult({"candidates": len(response.samples)}))
             stored = await self.ctx.stored(group, "sample_call")
         assert stored is not None
-        found = []
-        for number in range(stored.data["candidates"]):
-            candidate = await self.ctx.stored(f"{group}/c{number:02d}", "sample_call")
-            if candidate is not None and candidate.decision is not None and candidate.decision.kept:
-                found.append({"item": f"{group}/c{number:02d}", **candidate.data})
-        return found
+        call_ids = [str(position.call(number)) for number in range(stored.data["candidates"])]
+        sampled = await self.ctx.stored_many(call_ids, "sample_call")
+        return [
+            {"item": call_id, **candidate.data}
+            for call_id in call_ids
+            if (candidate := sampled.get(call_id)) is not None and candidate.decision is not None and candidate.decision.kept
+        ]
 
     async def _execute(self, document: Document, candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        pending = [c for c in candidates if await self.ctx.stored(c["item"], "execute") is None]
-        for start in range(0, len(pending), 256):
-            batch = pending[start : start + 256]
+        """The candidates whose call ran and taught something, each with its result."""
+
+        async def execute(batch: list[dict[str, Any]]) -> list[StageResult]:
             request = tool_executor_pb2.ExecuteToolsRequest(
                 calls=[tool_executor_pb2.ToolCall(id=c["item"], tool=c["tool"], input=c["input"]) for c in batch],
                 context=tool_executor_pb2.ToolContext(
@@ -402,29 +457,22 @@ class ToolformerRecipe:
                     collection=self._collection if self.params.collection_documents else "",
                 ),
             )
-            try:
-                response = await self.ctx.call(lambda: self.ctx.services.tool_executor.ExecuteTools(request, timeout=CALL_TIMEOUT_SECONDS), "tool-executor (execute)")
-            except ServiceRefused as exc:
-                raise await self.ctx.drop_refused([c["item"] for c in pending[start:]], "execute", exc) from exc
-            for candidate, result in zip(batch, response.results):
-                if result.HasField("error"):
-                    code = tool_executor_pb2.ToolErrorCode.Name(result.error.code).removeprefix("TOOL_ERROR_CODE_").lower()
-                    outcome = StageResult({"result": None, "error": result.error.message}, Decision(False, f"tool_{code}", reason=result.error.message))
-                elif why := trivial_call(candidate["input"], result.output):
-                    outcome = StageResult({"result": result.output}, Decision(False, "trivial_call", reason=why))
-                else:
-                    outcome = StageResult({"result": result.output}, Decision(True))
-                await self.ctx.record(candidate["item"], "execute", outcome)
-        executed = []
-        for candidate in candidates:
-            outcome = await self.ctx.stored(candidate["item"], "execute")
-            if outcome is not None and outcome.decision is not None and outcome.decision.kept:
-                executed.append({**candidate, "result": outcome.data["result"]})
-        return executed
+            response = await self.ctx.call(
+                lambda: self.ctx.services.tool_executor.ExecuteTools(request, timeout=CALL_TIMEOUT_SECONDS), "tool-executor (execute)"
+            )
+            return [execution_outcome(candidate, result) for candidate, result in zip(batch, response.results)]
+
+        outcomes = await replay_batched(self.ctx, "execute", candidates, lambda c: c["item"], execute, batch_size=EXECUTE_BATCH)
+        return [
+            {**candidate, "result": outcome.data["result"]}
+            for candidate, outcome in outcomes
+            if outcome.decision is not None and outcome.decision.kept
+        ]
 
     async def _filter(self, document: Document, tool: ToolSettings, executed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        pending = [c for c in executed if await self.ctx.stored(c["item"], "filter") is None]
-        if pending:
+        """The executed candidates whose result lowered the loss by τf, as dicts for the dataset."""
+
+        async def score(batch: list[dict[str, Any]]) -> list[StageResult]:
             request = scorer_pb2.FilterToolCallsRequest(
                 text=document.text, threshold=tool.filter_threshold, placement=self.params.placement,  # type: ignore[arg-type]
                 candidates=[
@@ -433,29 +481,18 @@ class ToolformerRecipe:
                         call_without_result=render_call(c["tool"], c["input"]),
                         call_with_result=render_call(c["tool"], c["input"], c["result"]),
                     )
-                    for c in pending
+                    for c in batch
                 ],
             )
-            try:
-                response = await self.ctx.call(lambda: self.ctx.services.scorer.FilterToolCalls(request, timeout=CALL_TIMEOUT_SECONDS), "scorer (filter)")
-            except ServiceRefused as exc:
-                raise await self.ctx.drop_refused([c["item"] for c in pending], "filter", exc) from exc
-            for decision in response.decisions:
-                losses = {"loss_plus": decision.loss_with_result, "loss_no_call": decision.loss_without_call}
-                if decision.HasField("loss_minus"):
-                    losses |= {"loss_minus": decision.loss_minus, "loss_without_result": decision.loss_without_result}
-                # L⁻ − L⁺ when known; otherwise L(no call) − L⁺, an upper bound that was already below τf.
-                gain = losses.get("loss_minus", decision.loss_without_call) - decision.loss_with_result
-                reason = f"L⁻ − L⁺ = {gain:.3f} {'≥' if decision.keep else '<'} τf = {tool.filter_threshold:g}"
-                if "loss_minus" not in losses:
-                    reason = f"L(no call) − L⁺ = {gain:.3f} < τf = {tool.filter_threshold:g}, so L⁻ − L⁺ is too"
-                await self.ctx.record(decision.id, "filter", StageResult(
-                    losses, Decision(decision.keep, "" if decision.keep else "loss_not_lowered", score=gain, reason=reason, model=response.model.model),
-                ))
+            response = await self.ctx.call(
+                lambda: self.ctx.services.scorer.FilterToolCalls(request, timeout=CALL_TIMEOUT_SECONDS), "scorer (filter)"
+            )
+            by_id = {decision.id: decision for decision in response.decisions}
+            return [filter_outcome(by_id[c["item"]], tool.filter_threshold, response.model.model) for c in batch]
+
         kept = []
-        for candidate in executed:
-            verdict = await self.ctx.stored(candidate["item"], "filter")
-            assert verdict is not None and verdict.decision is not None
+        for candidate, verdict in await replay_batched(self.ctx, "filter", executed, lambda c: c["item"], score):
+            assert verdict.decision is not None
             if verdict.decision.kept:
                 kept.append({
                     "item": candidate["item"], "tool": candidate["tool"], "char_offset": candidate["char_offset"],
@@ -466,35 +503,42 @@ class ToolformerRecipe:
         return kept
 
 
-
-# --- how the coordinator presents this recipe's results ---
-
-
-def belongs(summary: dict[str, Any]) -> Any:
-    return lambda item_id: item_id.startswith("doc")
-
-
-DOCUMENT_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("document_id", pa.string()), ("text", pa.string()), ("original_text", pa.string()),
-    ("calls", pa.list_(pa.struct([
-        ("tool", pa.string()), ("char_offset", pa.int64()), ("call", pa.string()), ("input", pa.string()),
-        ("result", pa.string()), ("loss_plus", pa.float64()), ("loss_minus", pa.float64()), ("gain", pa.float64()),
-    ]))),
-])
-CALL_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("tool", pa.string()), ("char_offset", pa.int64()), ("input", pa.string()),
-    ("result", pa.string()), ("loss_plus", pa.float64()), ("loss_no_call", pa.float64()),
-    ("loss_without_result", pa.float64()), ("loss_minus", pa.float64()), ("kept", pa.bool_()), ("dropped_by", pa.string()),
-])
+def execution_outcome(candidate: dict[str, Any], result: tool_executor_pb2.ToolResult) -> StageResult:
+    """A candidate's decision at "execute": the tool's error, a trivial call, or kept with its result."""
+    if result.HasField("error"):
+        code = tool_executor_pb2.ToolErrorCode.Name(result.error.code).removeprefix("TOOL_ERROR_CODE_").lower()
+        return StageResult({"result": None, "error": result.error.message}, Decision(False, f"tool_{code}", reason=result.error.message))
+    if why := trivial_call(candidate["input"], result.output):
+        return StageResult({"result": result.output}, Decision(False, "trivial_call", reason=why))
+    return StageResult({"result": result.output}, Decision(True))
 
 
-def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schema]]:
+def filter_outcome(decision: scorer_pb2.ToolCallDecision, threshold: float, model: str) -> StageResult:
+    """A candidate's decision at "filter", with the losses the scorer measured."""
+    losses = {"loss_plus": decision.loss_with_result, "loss_no_call": decision.loss_without_call}
+    if decision.HasField("loss_minus"):
+        losses |= {"loss_minus": decision.loss_minus, "loss_without_result": decision.loss_without_result}
+    # L⁻ − L⁺ when known; otherwise L(no call) − L⁺, an upper bound that was already below τf.
+    gain = losses.get("loss_minus", decision.loss_without_call) - decision.loss_with_result
+    reason = f"L⁻ − L⁺ = {gain:.3f} {'≥' if decision.keep else '<'} τf = {threshold:g}"
+    if "loss_minus" not in losses:
+        reason = f"L(no call) − L⁺ = {gain:.3f} < τf = {threshold:g}, so L⁻ − L⁺ is too"
+    return StageResult(losses, Decision(decision.keep, "" if decision.keep else "loss_not_lowered", score=gain, reason=reason, model=model))
+
+
+# --- export ---
+
+
+
+
+def export_rows(records: list[Record]) -> dict[str, list[dict[str, Any]]]:
     """Documents with their calls spliced in (`text`, the training text) and every executed candidate call with its losses."""
     documents, calls = [], []
     for record in records:
-        if record.item_id.count("/") == 1:
+        item_id = toolformer_id(record.item_id)
+        if not isinstance(item_id, (DocumentId, CallId)):
             continue  # a (document, tool) item: lineage only
-        if "/" not in record.item_id:
+        if isinstance(item_id, DocumentId):
             if record.kept:
                 documents.append({"item_id": record.item_id, **{k: record.data[k] for k in ("document_id", "text", "original_text", "calls")}})
             continue
@@ -507,4 +551,4 @@ def tables(records: list[Any]) -> dict[str, tuple[list[dict[str, Any]], pa.Schem
             **{k: record.data.get(k) for k in ("loss_plus", "loss_no_call", "loss_without_result", "loss_minus")},
             "kept": record.kept, "dropped_by": dropped,
         })
-    return {"documents": (documents, DOCUMENT_SCHEMA), "calls": (calls, CALL_SCHEMA)}
+    return {"documents": documents, "calls": calls}

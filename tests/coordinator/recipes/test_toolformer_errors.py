@@ -5,6 +5,7 @@ on. Run against deterministic DOUBLES of the tool-executor, scorer and generator
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -13,7 +14,7 @@ import pytest
 from autodidact.coordinator.recipes import toolformer
 from autodidact.coordinator.recipes.base import TooManyErrors
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2, scorer_pb2, tool_executor_pb2
-from tests.unit.recipe_harness import assert_lineage_agrees, run_recipe
+from tests.unit.recipe_harness import assert_lineage_agrees, job_context, run_recipe
 
 DOCUMENTS = ["Tom had 3 apples and bought 4 more, so he had 7 apples.", "Ann paid 5 dollars for 2 pens and 3 dollars more, 8 dollars."]
 
@@ -66,18 +67,18 @@ def params(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in DOCUMENTS))
     spec = coordinator_pb2.ToolformerSpec(documents_path=str(path), tools=["Calculator"], positions_per_document=1, calls_per_position=2)
-    return toolformer.resolve_params(spec, "job")
+    return toolformer.Toolformer().resolve(spec, "job")
 
 
 def run(tmp_path, refuse_text: str, max_error_fraction: float):
     services = {"tool_executor": ToolsDouble(refuse_text), "scorer": ScorerDouble(refuse_text), "generator": GeneratorDouble()}
-    return run_recipe(tmp_path, services, lambda ctx: toolformer.ToolformerRecipe(ctx, params(tmp_path)), max_error_fraction=max_error_fraction)
+    return run_recipe(tmp_path, services, toolformer.Toolformer(), params(tmp_path), max_error_fraction=max_error_fraction)
 
 
 def test_a_refused_filter_drops_that_document_with_filter_error_and_the_others_go_on(tmp_path):
     summary, store = run(tmp_path, "Ann", max_error_fraction=0.5)
     assert summary == {"documents": 2, "augmented": 1}
-    records = {r.item_id: r for r in assert_lineage_agrees(store, toolformer.STAGES, toolformer.belongs({}), ("dataset", "splice"))}
+    records = {r.item_id: r for r in assert_lineage_agrees(store, toolformer.Toolformer(), summary)}
     assert records["doc00000"].kept and not records["doc00001"].kept
     refused_items = sorted(i for i in records if i.startswith("doc00001"))
     assert len(refused_items) == 4  # the document, its (document, tool) item and its two calls
@@ -89,3 +90,29 @@ def test_a_refused_filter_drops_that_document_with_filter_error_and_the_others_g
 def test_more_refused_documents_than_the_budget_fail_the_job(tmp_path):
     with pytest.raises(TooManyErrors, match="1 of 2 items errored, more than max_error_fraction 0.1"):
         run(tmp_path, "Ann", max_error_fraction=0.1)
+
+
+class Counting:
+    """Wraps a service DOUBLE and counts the calls of every method but ListTools (asked on every run)."""
+
+    def __init__(self, double: object) -> None:
+        self.double, self.calls = double, 0
+
+    def __getattr__(self, name: str):
+        method = getattr(self.double, name)
+
+        async def counted(request, timeout=None):
+            self.calls += name != "ListTools"
+            return await method(request, timeout)
+
+        return counted
+
+
+def test_a_resumed_job_replays_every_stored_step_and_calls_no_service_again(tmp_path):
+    summary, store = run(tmp_path, "no document holds this", max_error_fraction=0.1)
+    before = asyncio.run(store.results("job"))
+    services = {name: Counting(double) for name, double in
+                {"tool_executor": ToolsDouble(""), "scorer": ScorerDouble("-"), "generator": GeneratorDouble()}.items()}
+    again = asyncio.run(toolformer.Toolformer().run(job_context(store, services), params(tmp_path)))
+    assert again == summary and asyncio.run(store.results("job")) == before
+    assert {name: service.calls for name, service in services.items()} == {"tool_executor": 0, "scorer": 0, "generator": 0}

@@ -9,14 +9,13 @@ import pytest
 from autodidact.coordinator.records import Record
 from autodidact.coordinator.recipes.base import Decision
 from autodidact.coordinator.recipes.toolformer import (
+    Toolformer,
     call_grammar,
     call_prompt,
     looks_arithmetic,
     parse_call,
     render_call,
-    resolve_params,
     splice,
-    tables,
     trivial_call,
 )
 from autodidact.errors import InvalidArgument
@@ -94,7 +93,7 @@ def _spec(tmp_path, **fields):
 
 
 def test_paper_defaults_per_tool(tmp_path):
-    params = resolve_params(_spec(tmp_path, tools=["Calculator", "QA"]), "job")
+    params = Toolformer().resolve(_spec(tmp_path, tools=["Calculator", "QA"]), "job")
     calculator, qa = params.tools
     assert (calculator.position_threshold, calculator.positions, calculator.calls, calculator.filter_threshold) == (0.0, 20, 10, 0.5)
     assert (qa.position_threshold, qa.positions, qa.calls, qa.filter_threshold) == (pytest.approx(0.05), 5, 5, 1.0)
@@ -117,7 +116,7 @@ def test_paper_defaults_per_tool(tmp_path):
 )
 def test_bad_specs_are_refused_naming_the_field(tmp_path, fields, field, rule):
     with pytest.raises(InvalidArgument) as raised:
-        resolve_params(_spec(tmp_path, **fields), "job")
+        Toolformer().resolve(_spec(tmp_path, **fields), "job")
     assert raised.value.field == field and rule in raised.value.rule
 
 
@@ -125,14 +124,14 @@ def test_gsm8k_lines_are_documents_and_max_documents_takes_the_first(tmp_path):
     (tmp_path / "docs.jsonl").write_text(
         json.dumps({"question": "Q1?", "answer": "1+1 = <<1+1=2>>2\n#### 2"}) + "\n" + json.dumps({"text": "second"}) + "\n" + json.dumps({"text": "third"}) + "\n"
     )
-    params = resolve_params(_spec(tmp_path, max_documents=2), "job")
+    params = Toolformer().resolve(_spec(tmp_path, max_documents=2), "job")
     assert [d.text for d in params.documents] == ["Q1?\n1+1 = 2\nThe answer is 2.", "second"]
 
 
 def test_bad_document_files_name_the_line(tmp_path):
     (tmp_path / "docs.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
     with pytest.raises(InvalidArgument) as raised:
-        resolve_params(_spec(tmp_path), "job")
+        Toolformer().resolve(_spec(tmp_path), "job")
     assert "line 2" in raised.value.rule
 
 
@@ -174,8 +173,8 @@ def test_the_documents_table_trains_on_the_text_with_calls_and_keeps_the_origina
         _record("doc00000/Calculator/p0015/c00", False, {"tool": "Calculator", "char_offset": 15, "input": "24", "result": "24"},
                 [("sample_call", True, ""), ("execute", False, "trivial_call")]),
     ]
-    documents, _ = tables(records)["documents"]
+    documents = Toolformer().rows(records)["documents"]
     assert documents == [{"item_id": "doc00000", "document_id": "d0", "text": "She sold 48/2 = [Calculator(48/2) -> 24] 24 clips.",
                           "original_text": "She sold 48/2 = 24 clips.", "calls": [call]}]
-    calls, _ = tables(records)["calls"]
+    calls = Toolformer().rows(records)["calls"]
     assert [(c["item_id"], c["kept"], c["dropped_by"]) for c in calls] == [("doc00000/Calculator/p0015/c00", False, "trivial_call")]

@@ -10,11 +10,10 @@ import re
 
 import grpc
 
-from autodidact.coordinator.recipes import self_instruct
-from autodidact.coordinator.recipes.base import JobContext, Services, derive_seed
-from autodidact.coordinator.recipes.self_instruct import SeedTask, SelfInstructParams, SelfInstructRecipe
+from autodidact.coordinator.recipes.base import derive_seed
+from autodidact.coordinator.recipes.self_instruct import SeedTask, SelfInstruct, SelfInstructParams
 from autodidact.v1 import common_pb2, dedup_pb2, generator_pb2
-from tests.unit.recipe_harness import assert_lineage_agrees, run_recipe
+from tests.unit.recipe_harness import assert_lineage_agrees, job_context, run_recipe
 
 WINDOW = 3
 ROUND_OF_SEED = {derive_seed(7, "instructions", r): r for r in range(20)}
@@ -81,10 +80,10 @@ def test_every_candidate_of_every_started_round_has_one_final_decision(tmp_path)
     dedup = DedupDouble()
     summary, store = run_recipe(
         tmp_path, {"generator": GeneratorDouble(dedup), "dedup": dedup},
-        lambda ctx: SelfInstructRecipe(ctx, params, WINDOW), max_in_flight=WINDOW,
+        SelfInstruct(), params, max_in_flight=WINDOW,
     )
     assert summary["last_round"] == 0 and summary["kept"] == 2
-    records = assert_lineage_agrees(store, self_instruct.STAGES, self_instruct.belongs(summary))
+    records = assert_lineage_agrees(store, SelfInstruct(), summary)
     by_id = {r.item_id: r for r in records}
     # Rounds 0..2 were started (the window), 3 was not; each listed 4 candidates.
     assert sorted(by_id) == [f"r{r:05d}-{i:02d}" for r in range(3) for i in range(4)]
@@ -120,17 +119,15 @@ def test_a_restarted_job_does_not_take_closed_rounds_further(tmp_path):
     stored job: rounds past the target stay as they were closed, nothing is generated."""
     params = small_params()
     dedup = DedupDouble()
-    first, store = run_recipe(tmp_path, {"generator": GeneratorDouble(dedup), "dedup": dedup}, lambda ctx: SelfInstructRecipe(ctx, params, WINDOW), WINDOW)
+    first, store = run_recipe(tmp_path, {"generator": GeneratorDouble(dedup), "dedup": dedup}, SelfInstruct(), params, WINDOW)
     before = asyncio.run(store.results("job"))
     again = DedupDouble()
     again.three_batches.set()
     generator = CountingGenerator(again)
-    services = Services(generator=generator, dedup=again, scorer=None, tool_executor=None, critic=None)  # type: ignore[arg-type]
-    ctx = JobContext("job", 7, store, services, WINDOW, lambda: None)
-    second = asyncio.run(SelfInstructRecipe(ctx, params, WINDOW).run())
+    second = asyncio.run(SelfInstruct().run(job_context(store, {"generator": generator, "dedup": again}, WINDOW), params))
     assert second == first and generator.calls == 0
     assert asyncio.run(store.results("job")) == before
-    assert_lineage_agrees(store, self_instruct.STAGES, self_instruct.belongs(second))
+    assert_lineage_agrees(store, SelfInstruct(), second)
 
 
 class RefusingGenerator(GeneratorDouble):
@@ -147,10 +144,10 @@ def test_a_candidate_a_service_refuses_is_dropped_with_filter_error_and_the_job_
     dedup = DedupDouble()
     summary, store = run_recipe(
         tmp_path, {"generator": RefusingGenerator(dedup), "dedup": dedup},
-        lambda ctx: SelfInstructRecipe(ctx, params, WINDOW), max_in_flight=WINDOW,
+        SelfInstruct(), params, max_in_flight=WINDOW,
     )
     assert summary["kept"] == 2  # before: the refusal failed the whole job
-    records = assert_lineage_agrees(store, self_instruct.STAGES, self_instruct.belongs(summary))
+    records = assert_lineage_agrees(store, SelfInstruct(), summary)
     by_id = {r.item_id: r for r in records}
     assert [r.item_id for r in records if r.kept] == ["r00000-00", "r00000-02"]
     stage, decision = by_id["r00000-01"].lineage[-1]

@@ -19,10 +19,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from autodidact.backends.llm import LLM
 from autodidact.coordinator.jobs import JobManager
 from autodidact.coordinator.recipes.base import Services
 from autodidact.coordinator.recipes.self_consistency import STAGES
 from autodidact.coordinator.store import SqliteJobStore
+from autodidact.runtime.component import Resource
 from autodidact.scorer.service import ScorerServicer
 from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern, extract_answer
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
@@ -61,11 +63,15 @@ class DoubleGenerator:
         return generator_pb2.GetModelInfoResponse(model=common_pb2.ModelInfo(backend="double", model="double-model", context_length=2048), max_samples=64)
 
 
+async def _no_model() -> LLM:
+    raise AssertionError("a majority vote needs no model")
+
+
 class InProcessScorer:
     """The real Vote handler without a server (majority votes need no model)."""
 
     def __init__(self) -> None:
-        self.servicer = ScorerServicer()
+        self.servicer = ScorerServicer(Resource("the model", _no_model))  # a majority vote never asks for it
 
     async def Vote(self, request, timeout: float | None = None):  # noqa: ANN001
         return await self.servicer.Vote(request, None)

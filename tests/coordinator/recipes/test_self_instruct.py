@@ -9,13 +9,13 @@ import pytest
 from autodidact.coordinator.jobs import validate_spec
 from autodidact.coordinator.recipes.base import derive_seed
 from autodidact.coordinator.recipes.self_instruct import (
+    SelfInstruct,
     filter_instances,
     instances_cut_off,
     instruction_prompt,
     parse_instances,
     parse_instructions,
     quote,
-    resolve_params,
 )
 from autodidact.errors import InvalidArgument
 from autodidact.v1 import common_pb2, coordinator_pb2
@@ -126,7 +126,7 @@ def spec(**fields) -> coordinator_pb2.JobSpec:
 
 
 def test_defaults_are_the_papers():
-    params = resolve_params(spec().self_instruct, "job-1")
+    params = SelfInstruct().resolve(spec().self_instruct, "job-1")
     assert len(params.seed_tasks) == 175 and sum(t.is_classification for t in params.seed_tasks) > 0
     assert (params.human_per_prompt, params.machine_per_prompt, params.threshold, params.namespace) == (6, 2, pytest.approx(0.9), "job-1")
     s = params.instruction_sampling
@@ -136,12 +136,12 @@ def test_defaults_are_the_papers():
 
 
 def test_given_sampling_fields_override_only_themselves():
-    params = resolve_params(spec(instruction_sampling=common_pb2.SamplingParams(max_tokens=200)).self_instruct, "j")
+    params = SelfInstruct().resolve(spec(instruction_sampling=common_pb2.SamplingParams(max_tokens=200)).self_instruct, "j")
     assert params.instruction_sampling.max_tokens == 200 and params.instruction_sampling.top_p == pytest.approx(0.5)
 
 
 def test_zero_machine_instructions_can_be_asked_for():
-    assert resolve_params(spec(machine_per_prompt=0).self_instruct, "j").machine_per_prompt == 0
+    assert SelfInstruct().resolve(spec(machine_per_prompt=0).self_instruct, "j").machine_per_prompt == 0
 
 
 @pytest.mark.parametrize(
@@ -170,4 +170,4 @@ def test_a_seed_file_in_the_wrong_format_is_refused(tmp_path):
     bad = tmp_path / "seeds.jsonl"
     bad.write_text(json.dumps({"instruction": "Do it", "instances": []}) + "\n")
     with pytest.raises(InvalidArgument, match="line 1 .* is not a seed task"):
-        resolve_params(spec(seed_tasks_path=str(bad)).self_instruct, "j")
+        SelfInstruct().resolve(spec(seed_tasks_path=str(bad)).self_instruct, "j")

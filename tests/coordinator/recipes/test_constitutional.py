@@ -10,10 +10,9 @@ import json
 
 import pyarrow as pa
 
-from autodidact.coordinator.recipes import constitutional
-from autodidact.coordinator.recipes.constitutional import ConstitutionalParams, ConstitutionalRecipe
+from autodidact.coordinator.recipes.constitutional import Constitutional, ConstitutionalParams
 from autodidact.v1 import common_pb2, critic_pb2
-from tests.unit.recipe_harness import assert_lineage_agrees, run_recipe
+from tests.unit.recipe_harness import assert_lineage_agrees, job_context, run_recipe
 
 # The double's judge: P(revision better) per prompt.
 LABELS = {"Prefers the initial answer?": 0.2, "Cannot tell?": 0.55, "Prefers the revision?": 0.9, "Left unchanged?": 0.9}
@@ -41,14 +40,14 @@ def _run(tmp_path, judged: bool):
         prompts=list(LABELS), constitution=critic_pb2.ConstitutionRef(), rounds=1, judged_pairs=judged,
         chain_of_thought=False, sampling=common_pb2.SamplingParams(), min_margin=0.1,
     )
-    summary, store = run_recipe(tmp_path, {"critic": CriticDouble()}, lambda ctx: ConstitutionalRecipe(ctx, params))
-    records = assert_lineage_agrees(store, constitutional.STAGES, constitutional.belongs(summary))
+    summary, store = run_recipe(tmp_path, {"critic": CriticDouble()}, Constitutional(), params)
+    records = assert_lineage_agrees(store, Constitutional(), summary)
     return records, {c.stage: c for c in asyncio.run(store.stage_counts("job"))}
 
 
 def test_the_judge_orients_the_only_pair_and_undecided_pairs_are_dropped(tmp_path):
     records, counts = _run(tmp_path, judged=True)
-    pairs = constitutional.tables(records)["preferences"][0]
+    pairs = Constitutional().rows(records)["preferences"]
     # One pair per kept prompt: no cheap pair beside the judged one to contradict it.
     assert [(p["item_id"], p["source"]) for p in pairs] == [("p00000", "judged"), ("p00002", "judged")]
     initial_better, revision_better = pairs
@@ -63,17 +62,35 @@ def test_the_judge_orients_the_only_pair_and_undecided_pairs_are_dropped(tmp_pat
 
 def test_without_the_judge_each_prompt_gets_one_cheap_revision_pair(tmp_path):
     records, _ = _run(tmp_path, judged=False)
-    pairs = constitutional.tables(records)["preferences"][0]
+    pairs = Constitutional().rows(records)["preferences"]
     assert [p["source"] for p in pairs] == ["revision"] * 3
     assert all(p["chosen"][0]["content"].startswith("revised") and p["probability_chosen"] is None for p in pairs)
 
 
 def test_preference_rows_are_trl_conversational_in_jsonl_and_parquet(tmp_path):
     records, _ = _run(tmp_path, judged=True)
-    rows, schema = constitutional.tables(records)["preferences"]
+    rows, schema = Constitutional().dataset_tables(records)["preferences"]
     for row in rows:
         # TRL's is_conversational looks at the first message of prompt/chosen/rejected for role and content.
         assert row["prompt"] == [{"role": "user", "content": list(LABELS)[int(row["item_id"][1:])]}]
         assert [m["role"] for m in row["chosen"]] == ["assistant"] and [m["role"] for m in row["rejected"]] == ["assistant"]
     table = pa.Table.from_pylist(rows, schema=schema)  # the Parquet writer's schema accepts the JSONL rows as they are
     assert table.to_pylist() == json.loads(json.dumps(rows))
+
+
+def test_a_resumed_job_replays_every_stored_step_and_calls_the_critic_no_more(tmp_path):
+    params = ConstitutionalParams(
+        prompts=list(LABELS), constitution=critic_pb2.ConstitutionRef(), rounds=1, judged_pairs=True,
+        chain_of_thought=False, sampling=common_pb2.SamplingParams(), min_margin=0.1,
+    )
+    summary, store = run_recipe(tmp_path, {"critic": CriticDouble()}, Constitutional(), params)
+    before = asyncio.run(store.results("job"))
+
+    class SilentCritic:
+        """A DOUBLE that fails the test if the replay asks the critic anything."""
+
+        def __getattr__(self, name):
+            raise AssertionError(f"the replay called the critic's {name}")
+
+    again = asyncio.run(Constitutional().run(job_context(store, {"critic": SilentCritic()}), params))
+    assert again == summary and asyncio.run(store.results("job")) == before

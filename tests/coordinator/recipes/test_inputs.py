@@ -54,12 +54,12 @@ def test_bad_self_consistency_specs_are_refused(fields, field, rule):
         else:
             setattr(spec, key, value)
     with pytest.raises(InvalidArgument) as raised:
-        self_consistency.resolve_params(spec, "job")
+        self_consistency.SelfConsistency().resolve(spec, "job")
     assert raised.value.field == field and rule in raised.value.rule
 
 
 def test_self_consistency_defaults_are_lmsi_s():
-    params = self_consistency.resolve_params(coordinator_pb2.SelfConsistencySpec(questions_path=str(SVAMP), max_questions=2), "job")
+    params = self_consistency.SelfConsistency().resolve(coordinator_pb2.SelfConsistencySpec(questions_path=str(SVAMP), max_questions=2), "job")
     assert params.paths == 32 and params.sampling.temperature == pytest.approx(0.7) and params.sampling.top_k == 40
     assert params.min_votes == 2
 
@@ -80,7 +80,7 @@ def test_bad_constitutional_specs_are_refused(tmp_path, fields, field, rule):
     prompts.write_text(json.dumps({"prompt": "Hello?"}) + "\n")
     spec = coordinator_pb2.ConstitutionalSpec(**{"prompts_path": str(prompts), **fields})
     with pytest.raises(InvalidArgument) as raised:
-        constitutional.resolve_params(spec, "job")
+        constitutional.Constitutional().resolve(spec, "job")
     assert raised.value.field == field and rule in raised.value.rule
 
 
@@ -88,15 +88,15 @@ def test_prompt_files_name_the_bad_line(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
     with pytest.raises(InvalidArgument) as raised:
-        constitutional.resolve_params(coordinator_pb2.ConstitutionalSpec(prompts_path=str(prompts)), "job")
+        constitutional.Constitutional().resolve(coordinator_pb2.ConstitutionalSpec(prompts_path=str(prompts)), "job")
     assert "line 2" in raised.value.rule
 
 
 def test_min_margin_defaults_to_a_tenth_or_half_that_with_chain_of_thought(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Hello?"}) + "\n")
-    assert constitutional.resolve_params(coordinator_pb2.ConstitutionalSpec(prompts_path=str(prompts)), "job").min_margin == 0.1
+    assert constitutional.Constitutional().resolve(coordinator_pb2.ConstitutionalSpec(prompts_path=str(prompts)), "job").min_margin == 0.1
     cot = coordinator_pb2.ConstitutionalSpec(prompts_path=str(prompts), chain_of_thought=True)
-    assert constitutional.resolve_params(cot, "job").min_margin == 0.05  # CoT labels live in [0.4, 0.6]
+    assert constitutional.Constitutional().resolve(cot, "job").min_margin == 0.05  # CoT labels live in [0.4, 0.6]
     explicit = coordinator_pb2.ConstitutionalSpec(prompts_path=str(prompts), min_margin=0.0)
-    assert constitutional.resolve_params(explicit, "job").min_margin == 0.0
+    assert constitutional.Constitutional().resolve(explicit, "job").min_margin == 0.0
