@@ -46,14 +46,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
-from benchmarks.loadtest_services import loadtest_services
-
 from autodidact.coordinator.jobs import JobManager
 from autodidact.coordinator.recipes.base import Services
-from autodidact.coordinator.service import CoordinatorServicer
+from autodidact.coordinator.service import Coordinator, CoordinatorServicer
 from autodidact.coordinator.store import JobStore, SqliteJobStore
+from autodidact.runtime.component import Resource
 from autodidact.v1 import coordinator_pb2
-from benchmarks import baseline_store
+from benchmarks import baseline_store, loadtest_services
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "control_plane.json"
@@ -93,12 +92,17 @@ def watch(manager: JobManager, job_id: str) -> AsyncIterator[coordinator_pb2.Job
     return manager.watch(job_id)
 
 
-def stream_samples(manager: JobManager, job_id: str) -> AsyncIterator[coordinator_pb2.StreamSamplesResponse]:
+async def stream_samples(manager: JobManager, store: JobStore, job_id: str) -> AsyncIterator[coordinator_pb2.StreamSamplesResponse]:
     """StreamSamples(follow) as a client gets it, through the servicer (no gRPC transport: it would time the network)."""
-    servicer = CoordinatorServicer()
-    servicer.jobs = manager
+
+    async def opened() -> Coordinator:
+        return Coordinator(store=store, channels=[], manager=manager)
+
+    coordinator = Resource("the job store", opened)
+    await coordinator.load()
     request = coordinator_pb2.StreamSamplesRequest(job_id=job_id, follow=True, include_dropped=True)
-    return servicer.StreamSamples(request, cast(Any, None))
+    async for response in CoordinatorServicer(coordinator).StreamSamples(request, cast(Any, None)):
+        yield response
 
 
 async def export(manager: JobManager, job_id: str) -> list[coordinator_pb2.ExportedFile]:
@@ -187,10 +191,10 @@ def watch_delays(commits: array[float], events: list[tuple[float, int, int]]) ->
     return delays
 
 
-async def follow(manager: JobManager, job_id: str) -> tuple[int, float | None, float]:
+async def follow(manager: JobManager, store: JobStore, job_id: str) -> tuple[int, float | None, float]:
     """(records, time of the first, time of the last) a StreamSamples(follow) client received."""
     count, first, last = 0, None, time.perf_counter()
-    async for _ in stream_samples(manager, job_id):
+    async for _ in stream_samples(manager, store, job_id):
         count += 1
         last = time.perf_counter()
         first = first if first is not None else last
@@ -210,7 +214,7 @@ async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_di
     prompts = workdir / "prompts.jsonl"
     write_prompts(prompts, items)
     store = CommitClock(open_store(kind, store_dir / "jobs.sqlite"))
-    manager = start_manager(cast(JobStore, store), loadtest_services(), workdir)
+    manager = start_manager(cast(JobStore, store), loadtest_services.loadtest_services(), workdir)
     lag = LoopLag()
     lag.start()
     spec = coordinator_pb2.JobSpec(
@@ -222,7 +226,7 @@ async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_di
     started = time.perf_counter()
     await submit(manager, JOB_ID, spec)
     watcher = asyncio.create_task(watch_events(manager, JOB_ID))
-    follower = asyncio.create_task(follow(manager, JOB_ID))
+    follower = asyncio.create_task(follow(manager, cast(JobStore, store), JOB_ID))
     events = await watcher
     ended = events[-1][0]
     state = events[-1][2]
@@ -238,7 +242,7 @@ async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_di
     export_s = time.perf_counter() - export_started
 
     replay_started = time.perf_counter()
-    replayed, _, replay_last = await follow(manager, JOB_ID)
+    replayed, _, replay_last = await follow(manager, cast(JobStore, store), JOB_ID)
     replay_s = replay_last - replay_started
     await lag.stop()
     await close(manager, cast(JobStore, store))
