@@ -19,7 +19,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from autodidact.coordinator.jobs import FINAL_STAGES
+from autodidact.coordinator.jobs import recipe_of
+from autodidact.coordinator.records import final_stages_of
 from autodidact.v1 import coordinator_pb2
 
 
@@ -35,6 +36,7 @@ def assert_lineage_agrees(job: coordinator_pb2.Job, export_dir: Path) -> None:
 def lineage_problems(job: coordinator_pb2.Job, export_dir: Path) -> list[str]:
     """Every broken rule, as "rule N: what" lines (empty when the contract holds)."""
     problems: list[str] = []
+    final_stages = final_stages_of(recipe_of(job.spec))
     rows = read_jsonl(export_dir / "lineage.jsonl")
     manifest = json.loads((export_dir / "manifest.json").read_text())
 
@@ -52,7 +54,7 @@ def lineage_problems(job: coordinator_pb2.Job, export_dir: Path) -> list[str]:
         elif not drops:
             if not row["kept"]:
                 problems.append(f"rule 2: {row['item_id']}: every decision kept it, but the row says dropped")
-            if decisions[-1]["stage"] not in FINAL_STAGES:
+            if decisions[-1]["stage"] not in final_stages:
                 problems.append(f"rule 2: {row['item_id']}: kept, but its last decision is at {decisions[-1]['stage']}, not a final stage")
         else:
             if len(drops) > 1:
@@ -61,7 +63,7 @@ def lineage_problems(job: coordinator_pb2.Job, export_dir: Path) -> list[str]:
                 problems.append(f"rule 2: {row['item_id']}: dropped at {drops[0]['stage']} but decided again after")
             if row["kept"]:
                 problems.append(f"rule 2: {row['item_id']}: dropped at {drops[0]['stage']}, but the row says kept")
-        if sum(1 for d in decisions if d["stage"] in FINAL_STAGES) > 1:
+        if sum(1 for d in decisions if d["stage"] in final_stages) > 1:
             problems.append(f"rule 2: {row['item_id']} has more than one final decision")
 
     # 3. stage counts agree with the rows
