@@ -1,15 +1,24 @@
 """The export folder reads as a Hugging Face dataset, with numbers as numbers
-and no temporary files left by a failed write (issue 10, items 9 and 10)."""
+and no temporary files left by a failed write (issue 10, items 9 and 10); a
+job's records are written a chunk at a time (issue 11)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
-
+from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from autodidact.coordinator import export
+from autodidact.coordinator.records import Record
+from autodidact.coordinator.recipes.base import ERROR_FILTER, Decision, StageResult
+from autodidact.coordinator.recipes.registry import RecipeKind
+from autodidact.coordinator.store import SqliteJobStore
 from autodidact.v1 import coordinator_pb2
 
 SCHEMA = pa.schema([("item_id", pa.string()), ("score", pa.float64()), ("tags", pa.list_(pa.string())), ("note", pa.string())])
@@ -65,3 +74,78 @@ def test_a_failed_write_leaves_no_temporary_file_and_leftovers_are_removed(tmp_p
     (tmp_path / "old.jsonl.tmp").write_text("killed mid-write")
     export.remove_temporary_files(tmp_path)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# --- write_dataset: records streamed from the store a chunk at a time ---
+
+JOB = "job"
+VALUES = pa.schema([("item_id", pa.string()), ("value", pa.int64())])
+
+
+def _values_table(records: list[Record]) -> dict[str, tuple[list[dict[str, Any]], pa.Schema]]:
+    return {"values": ([{"item_id": r.item_id, "value": r.data["value"]} for r in records if r.kept], VALUES)}
+
+
+# A DOUBLE recipe: what write_dataset reads of one (stages, belongs, tables).
+RECIPE = RecipeKind(
+    resolve=lambda spec, job_id: None, run=None, stages=("work", "dataset"),  # type: ignore[arg-type]
+    belongs=lambda summary: lambda item_id: True, tables=_values_table, target=lambda spec: None,
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SqliteJobStore:
+    store = SqliteJobStore(tmp_path / "jobs.sqlite")
+
+    async def fill() -> None:
+        await store.create_job(JOB, b"", "hash", coordinator_pb2.JOB_STATE_SUCCEEDED)
+        for number in range(10):
+            item, kept = f"i{number:02d}", number != 4
+            decision = Decision(kept, "" if kept else ERROR_FILTER, reason="" if kept else "refused", model="m.gguf")
+            value = StageResult({"value": number}, decision).to_json()
+            await store.put_result(JOB, item, "dataset", value, kept=kept, filter_=decision.filter)
+
+    asyncio.run(fill())
+    yield store
+    asyncio.run(store.close())
+
+
+def _job(out: Path) -> coordinator_pb2.Job:
+    spec = coordinator_pb2.JobSpec(self_consistency=coordinator_pb2.SelfConsistencySpec(), output_dir=str(out))
+    return coordinator_pb2.Job(id=JOB, spec=spec, state=coordinator_pb2.JOB_STATE_CANCELLED)
+
+
+async def test_chunks_become_row_groups_and_the_files_read_as_one_export(store, tmp_path, monkeypatch):
+    whole = await export.write_dataset(store, _job(tmp_path / "whole"), RECIPE, tmp_path / "whole")
+    monkeypatch.setattr(export, "RECORDS_PER_CHUNK", 4)
+    chunked = await export.write_dataset(store, _job(tmp_path / "chunked"), RECIPE, tmp_path / "chunked")
+    assert [(f.kind, f.rows) for f in chunked] == [(f.kind, f.rows) for f in whole]
+    assert {f.kind: f.rows for f in chunked}["values_parquet"] == 9 and {f.kind: f.rows for f in chunked}["lineage_jsonl"] == 10
+    assert pq.ParquetFile(tmp_path / "chunked" / "values.parquet").num_row_groups == 3  # 10 records, 4 a chunk
+    for name in ("values.jsonl", "lineage.jsonl", "README.md"):
+        assert (tmp_path / "chunked" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    rows = [json.loads(line) for line in (tmp_path / "chunked" / "values.jsonl").read_text().splitlines()]
+    assert pq.read_table(tmp_path / "chunked" / "values.parquet").to_pylist() == rows
+    manifest = json.loads((tmp_path / "chunked" / "manifest.json").read_text())
+    # A cancelled job stored no error report: it is counted from the lineage, over every chunk.
+    assert manifest["errors"] == {"count": 1, "items": 10, "messages": ["refused"], "fraction": 0.1, "max_error_fraction": 0.1}
+    assert manifest["partial"] is True and manifest["models"] == ["m.gguf"]
+
+
+async def test_an_export_that_fails_midway_leaves_the_previous_files_and_no_temporary_ones(store, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    await export.write_dataset(store, _job(out), RECIPE, out)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    chunks = 0
+
+    def failing(records: list[Record]) -> dict[str, tuple[list[dict[str, Any]], pa.Schema]]:
+        nonlocal chunks
+        chunks += 1
+        if chunks == 3:  # (the first call asks for the schemas)
+            raise OSError("disk full")
+        return _values_table(records)
+
+    monkeypatch.setattr(export, "RECORDS_PER_CHUNK", 4)
+    with pytest.raises(OSError, match="disk full"):
+        await export.write_dataset(store, _job(out), dataclasses.replace(RECIPE, tables=failing), out)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before

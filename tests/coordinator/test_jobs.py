@@ -223,3 +223,44 @@ async def test_a_generator_that_does_not_answer_is_asked_again_only_after_a_whil
     assert SilentGenerator.calls == 1
     await manager.close()
     await store.close()
+
+
+async def test_watch_reads_the_stage_counters_once_per_wake_up_not_once_per_result(manager, tmp_path, monkeypatch):
+    manager, service = manager
+    reads = 0
+    counters = manager._store.stage_counts
+
+    async def counted(job_id: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return await counters(job_id)
+
+    monkeypatch.setattr(manager._store, "stage_counts", counted)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await manager.submit("many", spec(tmp_path / "out", items=300))
+    events = [job async for job in manager.watch("many")]
+    elapsed = loop.time() - started
+    assert events[-1].state == jobs.SUCCEEDED and {s.stage: s.done for s in events[-1].stages} == {"work": 300, "dataset": 300}
+    # 600 results: watch reads at most every 0.2 s (plus submit's and the export's reads), not per result.
+    assert reads <= 4 + elapsed / 0.2, (reads, elapsed)
+
+
+async def test_following_samples_sends_every_item_once_and_ends_with_the_job(manager, tmp_path):
+    manager, service = manager
+    service.gate, service.refuse = asyncio.Event(), {3}
+    await manager.submit("followed", spec(tmp_path / "out"))
+    following = asyncio.create_task(_collect(manager.samples("followed", follow=True, include_dropped=True)))
+    while len(service.calls) < 2:
+        await asyncio.sleep(0.01)
+    assert not following.done()
+    service.gate.set()
+    records = await asyncio.wait_for(following, timeout=10)
+    assert sorted(r.item_id for r in records) == [f"i{n:02d}" for n in range(10)]
+    assert [r.item_id for r in records if not r.kept] == ["i03"]
+    kept_only = await _collect(manager.samples("followed", follow=False, include_dropped=False))
+    assert sorted(r.item_id for r in kept_only) == [f"i{n:02d}" for n in range(10) if n != 3]
+
+
+async def _collect(stream: Any) -> list[Any]:
+    return [item async for item in stream]
