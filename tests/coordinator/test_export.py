@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from autodidact.coordinator import export
-from autodidact.coordinator.records import Record
 from autodidact.coordinator.recipes.base import ERROR_FILTER, Decision, StageResult
 from autodidact.coordinator.recipes.registry import RecipeKind
+from autodidact.coordinator.records import Record
 from autodidact.coordinator.store import SqliteJobStore
 from autodidact.v1 import coordinator_pb2
 
@@ -34,8 +34,10 @@ def test_rows_missing_a_column_or_typed_loosely_are_written_with_the_table_schem
 def test_the_dataset_card_lets_datasets_load_every_table_by_name(tmp_path):
     import datasets
 
-    tables = {"first": (export.conform([{"item_id": "a", "score": 2}], SCHEMA), SCHEMA),
-              "second": ([{"prompt": "p", "completion": "c"}], pa.schema([("prompt", pa.string()), ("completion", pa.string())]))}
+    tables = {
+        "first": (export.conform([{"item_id": "a", "score": 2}], SCHEMA), SCHEMA),
+        "second": ([{"prompt": "p", "completion": "c"}], pa.schema([("prompt", pa.string()), ("completion", pa.string())])),
+    }
     for name, (rows, schema) in tables.items():
         export.write_jsonl(tmp_path / f"{name}.jsonl", rows)
         export.write_parquet(tmp_path / f"{name}.parquet", rows, schema)
@@ -88,8 +90,12 @@ def _values_table(records: list[Record]) -> dict[str, tuple[list[dict[str, Any]]
 
 # A DOUBLE recipe: what write_dataset reads of one (stages, belongs, tables).
 RECIPE = RecipeKind(
-    resolve=lambda spec, job_id: None, run=None, stages=("work", "dataset"),  # type: ignore[arg-type]
-    belongs=lambda summary: lambda item_id: True, tables=_values_table, target=lambda spec: None,
+    resolve=lambda spec, job_id: None,
+    run=None,
+    stages=("work", "dataset"),  # type: ignore[arg-type]
+    belongs=lambda summary: lambda item_id: True,
+    tables=_values_table,
+    target=lambda spec: None,
 )
 
 

@@ -6,8 +6,6 @@ JobContext like the real ones: each item calls a "service" once at stage
 
 from __future__ import annotations
 
-
-
 import asyncio
 import json
 from dataclasses import dataclass, field
@@ -44,7 +42,9 @@ class DoubleService:
         if self.gate is not None:
             await self.gate.wait()
         if index in self.refuse:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), f"item {index} is malformed")
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), f"item {index} is malformed"
+            )
         return index * 10
 
 
@@ -79,7 +79,11 @@ def double_recipe(service: DoubleService) -> RecipeKind:
 
     return RecipeKind(
         resolve=lambda spec, job_id: Params(spec.max_questions or 10, spec.sampling),
-        run=run, stages=("work", "dataset"), belongs=lambda summary: lambda item_id: True, tables=tables, target=lambda spec: None,
+        run=run,
+        stages=("work", "dataset"),
+        belongs=lambda summary: lambda item_id: True,
+        tables=tables,
+        target=lambda spec: None,
     )
 
 
@@ -95,7 +99,9 @@ def manager(tmp_path, monkeypatch):
 
 def spec(out: Path, items: int = 10, fraction: float | None = None, max_tokens: int = 64) -> coordinator_pb2.JobSpec:
     value = coordinator_pb2.JobSpec(
-        self_consistency=coordinator_pb2.SelfConsistencySpec(max_questions=items, sampling=common_pb2.SamplingParams(max_tokens=max_tokens)),
+        self_consistency=coordinator_pb2.SelfConsistencySpec(
+            max_questions=items, sampling=common_pb2.SamplingParams(max_tokens=max_tokens)
+        ),
         output_dir=str(out),
     )
     if fraction is not None:
@@ -104,9 +110,8 @@ def spec(out: Path, items: int = 10, fraction: float | None = None, max_tokens: 
 
 
 async def finish(manager: JobManager, job_id: str) -> coordinator_pb2.Job:
-    async for job in manager.watch(job_id):
-        pass
-    return job
+    events = [job async for job in manager.watch(job_id)]
+    return events[-1]
 
 
 async def test_one_refused_item_is_dropped_and_reported_and_the_lineage_contract_holds(manager, tmp_path):
@@ -117,7 +122,10 @@ async def test_one_refused_item_is_dropped_and_reported_and_the_lineage_contract
     assert job.state == jobs.SUCCEEDED, job.error
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["errors"] == {
-        "count": 1, "items": 10, "fraction": 0.1, "max_error_fraction": 0.1,
+        "count": 1,
+        "items": 10,
+        "fraction": 0.1,
+        "max_error_fraction": 0.1,
         "messages": ["i04 at work: double service: INVALID_ARGUMENT: item 4 is malformed"],
     }
     lineage = {r["item_id"]: r for r in map(json.loads, (tmp_path / "out" / "lineage.jsonl").read_text().splitlines())}
@@ -165,7 +173,7 @@ async def test_resubmitting_a_failed_job_resumes_it(manager, tmp_path):
     await manager.submit("again", spec(tmp_path / "out"))
     assert (await finish(manager, "again")).state == jobs.FAILED
     service.refuse = set()
-    job, created, resumed = await manager.submit("again", spec(tmp_path / "out"))
+    _, created, resumed = await manager.submit("again", spec(tmp_path / "out"))
     assert resumed and not created
     assert (await finish(manager, "again")).state == jobs.SUCCEEDED
     _, created, resumed = await manager.submit("again", spec(tmp_path / "out"))
@@ -187,7 +195,10 @@ async def test_a_cancelled_job_exports_what_it_finished_marked_partial(manager, 
 
 async def test_limits_of_the_generators_model_are_refused_at_submit_naming_the_field(manager, tmp_path):
     manager, _ = manager
-    with pytest.raises(InvalidArgument, match=r"spec.self_consistency.sampling.max_tokens: must be at most the generator's context length, 2,048 tokens, got 2,049"):
+    with pytest.raises(
+        InvalidArgument,
+        match=r"spec.self_consistency.sampling.max_tokens: must be at most the generator's context length, 2,048 tokens, got 2,049",
+    ):
         await manager.submit("too-many-tokens", spec(tmp_path / "out", max_tokens=2049))
     with pytest.raises(InvalidArgument, match=r"spec.max_error_fraction: must be between 0 and 1"):
         await manager.submit("bad-fraction", spec(tmp_path / "out", fraction=1.5))
@@ -226,7 +237,7 @@ async def test_a_generator_that_does_not_answer_is_asked_again_only_after_a_whil
 
 
 async def test_watch_reads_the_stage_counters_once_per_wake_up_not_once_per_result(manager, tmp_path, monkeypatch):
-    manager, service = manager
+    manager, _ = manager
     reads = 0
     counters = manager._store.stage_counts
 

@@ -14,17 +14,21 @@ import pytest
 
 from autodidact.coordinator import protos, samples
 from autodidact.coordinator.jobs import JobChanges
-from autodidact.coordinator.records import Record
 from autodidact.coordinator.recipes.base import Decision, StageResult
 from autodidact.coordinator.recipes.registry import RecipeKind
+from autodidact.coordinator.records import Record
 from autodidact.coordinator.store import JobStore, SqliteJobStore
 
 JOB = "job"
 STAGES = ("work", "dataset")
 # A DOUBLE recipe: only what samples.py reads of one (stages, belongs).
 RECIPE = RecipeKind(
-    resolve=lambda spec, job_id: None, run=None, stages=STAGES,  # type: ignore[arg-type]
-    belongs=lambda summary: lambda item_id: not item_id.startswith("x"), tables=lambda records: {}, target=lambda spec: None,
+    resolve=lambda spec, job_id: None,
+    run=None,
+    stages=STAGES,  # type: ignore[arg-type]
+    belongs=lambda summary: lambda item_id: not item_id.startswith("x"),
+    tables=lambda records: {},
+    target=lambda spec: None,
 )
 
 

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,8 +23,8 @@ from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 
 from autodidact.coordinator.protos import CANCELLED, max_error_fraction, state_name
-from autodidact.coordinator.records import ERRORS_KEY, SUMMARY_KEY, Record, dataset_members, final_stages_of, iter_records
 from autodidact.coordinator.recipes.base import ERROR_FILTER, MAX_ERROR_MESSAGES
+from autodidact.coordinator.records import ERRORS_KEY, SUMMARY_KEY, Record, dataset_members, final_stages_of, iter_records
 from autodidact.coordinator.store import JobStore
 from autodidact.v1 import coordinator_pb2
 
@@ -36,8 +36,11 @@ TMP_SUFFIX = ".tmp"
 RECORDS_PER_CHUNK = 8192
 # proto3's JSON mapping writes these as strings; the manifest wants numbers.
 _INT64_TYPES = {
-    descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64, descriptor.FieldDescriptor.TYPE_SINT64,
-    descriptor.FieldDescriptor.TYPE_FIXED64, descriptor.FieldDescriptor.TYPE_SFIXED64,
+    descriptor.FieldDescriptor.TYPE_INT64,
+    descriptor.FieldDescriptor.TYPE_UINT64,
+    descriptor.FieldDescriptor.TYPE_SINT64,
+    descriptor.FieldDescriptor.TYPE_FIXED64,
+    descriptor.FieldDescriptor.TYPE_SFIXED64,
 }
 
 
@@ -64,12 +67,12 @@ def conform(rows: list[dict[str, Any]], schema: pa.Schema) -> list[dict[str, Any
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8") as out:
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _replace_atomically(path, lambda tmp: _write_jsonl_rows(tmp, rows, "w"))
 
-    _replace_atomically(path, write)
+
+def _write_jsonl_rows(path: Path, rows: list[dict[str, Any]], mode: str) -> None:
+    with open(path, mode, encoding="utf-8") as out:
+        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
 def write_parquet(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
@@ -110,13 +113,17 @@ def _numbers(message_type: descriptor.Descriptor, value: dict[str, Any]) -> dict
         elif field.type in _INT64_TYPES:
             value[field.json_name] = [int(v) for v in entry] if isinstance(entry, list) else int(entry)
         elif field.message_type is not None and field.message_type.full_name.startswith("autodidact."):
-            value[field.json_name] = [_numbers(field.message_type, v) for v in entry] if isinstance(entry, list) else _numbers(field.message_type, entry)
+            value[field.json_name] = (
+                [_numbers(field.message_type, v) for v in entry] if isinstance(entry, list) else _numbers(field.message_type, entry)
+            )
     return value
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     path = directory / "manifest.json"
-    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps({**manifest, "exported_at": time.time()}, indent=2, sort_keys=True) + "\n"))
+    _replace_atomically(
+        path, lambda tmp: tmp.write_text(json.dumps({**manifest, "exported_at": time.time()}, indent=2, sort_keys=True) + "\n")
+    )
     return path
 
 
@@ -134,8 +141,11 @@ def write_dataset_card(directory: Path, job_id: str, recipe: str, tables: dict[s
     lines += ["---", "", f"# {job_id}", "", f"Made by autodidact's {recipe} recipe."]
     if partial:
         lines.append("The job was cancelled: these tables hold what it finished, no more (see manifest.json).")
-    lines += ["Each table is in `TABLE.parquet` and `TABLE.jsonl` (same rows, same columns); `lineage.jsonl` says why",
-              "every candidate was kept or dropped, and `manifest.json` holds the spec, models and stage counts.", ""]
+    lines += [
+        "Each table is in `TABLE.parquet` and `TABLE.jsonl` (same rows, same columns); `lineage.jsonl` says why",
+        "every candidate was kept or dropped, and `manifest.json` holds the spec, models and stage counts.",
+        "",
+    ]
     for name, (schema, rows) in tables.items():
         lines += [f"## {name}", "", f"{rows:,} rows." + ("" if rows else " Empty, so not a config: `datasets` cannot load it."), ""]
         lines += ["| column | type |", "| --- | --- |"]
@@ -161,13 +171,14 @@ class DatasetWriter:
         self.error_count = 0
         self.error_messages: list[str] = []
         self._renames: list[tuple[Path, Path]] = []
-        self._jsonl: dict[str, IO[str]] = {}
-        self._parquet: dict[str, pq.ParquetWriter] = {}
+        self._parquet: dict[str, pq.ParquetWriter] = {}  # open until commit or abort
         try:
+            self._jsonl = {name: self._temporary(directory / f"{name}.jsonl") for name in schemas}
+            self._lineage = self._temporary(directory / "lineage.jsonl")
+            for tmp in [*self._jsonl.values(), self._lineage]:
+                tmp.write_text("", encoding="utf-8")
             for name, schema in schemas.items():
-                self._jsonl[name] = open(self._temporary(directory / f"{name}.jsonl"), "w", encoding="utf-8")
                 self._parquet[name] = pq.ParquetWriter(self._temporary(directory / f"{name}.parquet"), schema)
-            self._jsonl[""] = open(self._temporary(directory / "lineage.jsonl"), "w", encoding="utf-8")
         except BaseException:
             self.abort()
             raise
@@ -183,9 +194,9 @@ class DatasetWriter:
             if rows:
                 table = pa.Table.from_pylist(rows, schema=self.schemas[name])
                 self._parquet[name].write_table(table)
-                self._jsonl[name].writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in table.to_pylist())
+                _write_jsonl_rows(self._jsonl[name], table.to_pylist(), "a")
                 self.rows[name] += table.num_rows
-        self._jsonl[""].writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in lineage_rows(records))
+        _write_jsonl_rows(self._lineage, lineage_rows(records), "a")
         self.records += len(records)
         for record in records:
             for _, decision in record.lineage:
@@ -198,18 +209,12 @@ class DatasetWriter:
                     if len(self.error_messages) < MAX_ERROR_MESSAGES:
                         self.error_messages.append(decision.reason)
 
-    def _close(self, complete: bool) -> None:
-        for name, writer in self._parquet.items():
-            if writer.is_open:
-                if complete and not self.rows[name]:  # a table without rows, as pq.write_table writes one
-                    writer.write_table(self.schemas[name].empty_table())
-                writer.close()
-        for out in self._jsonl.values():
-            out.close()
-
     def commit(self) -> None:
         try:
-            self._close(complete=True)
+            for name, writer in self._parquet.items():
+                if not self.rows[name]:  # a table without rows, as pq.write_table writes one
+                    writer.write_table(self.schemas[name].empty_table())
+                writer.close()
             for tmp, path in self._renames:
                 os.replace(tmp, path)
         finally:
@@ -218,7 +223,9 @@ class DatasetWriter:
     def abort(self) -> None:
         """Closes and removes every temporary file (after a commit, none is left)."""
         try:
-            self._close(complete=False)
+            for writer in self._parquet.values():
+                if writer.is_open:
+                    writer.close()
         finally:
             for tmp, _ in self._renames:
                 tmp.unlink(missing_ok=True)
@@ -239,7 +246,9 @@ def _file(path: Path, kind: str, rows: int = 0) -> coordinator_pb2.ExportedFile:
     return coordinator_pb2.ExportedFile(path=str(path), kind=kind, rows=rows)
 
 
-async def write_dataset(store: JobStore, job: coordinator_pb2.Job, recipe: RecipeKind, directory: Path) -> list[coordinator_pb2.ExportedFile]:
+async def write_dataset(
+    store: JobStore, job: coordinator_pb2.Job, recipe: RecipeKind, directory: Path
+) -> list[coordinator_pb2.ExportedFile]:
     """Writes the job's dataset into `directory`: each table's JSONL and
     Parquet, lineage.jsonl, the dataset card and the manifest (which lists
     the others). `job` is the job as GetJob reports it: its state and stage

@@ -27,11 +27,20 @@ from google.protobuf import json_format
 
 from autodidact.coordinator import export, samples
 from autodidact.coordinator.protos import (
-    CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, TERMINAL, job_message, max_error_fraction, progress_stage, state_name,
+    CANCELLED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    job_message,
+    max_error_fraction,
+    progress_stage,
+    state_name,
 )
-from autodidact.coordinator.records import ERRORS_KEY, SUMMARY_KEY, Record
 from autodidact.coordinator.recipes.base import ERROR_FILTER, MAX_ERROR_MESSAGES, PLAN_KEY, JobContext, Services
 from autodidact.coordinator.recipes.registry import RECIPES, RecipeKind
+from autodidact.coordinator.records import ERRORS_KEY, SUMMARY_KEY, Record
 from autodidact.coordinator.store import JobRow, JobStore
 from autodidact.errors import AlreadyExists, AutodidactError, FailedPrecondition, InvalidArgument, NotFound
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
@@ -331,7 +340,13 @@ class JobManager:
                 self._changes.notify(job_id)
                 in_flight = spec.max_in_flight or 4
                 ctx = JobContext(
-                    job_id, spec.seed, self._store, self._services, in_flight, lambda: self._changes.notify(job_id), max_error_fraction(spec)
+                    job_id,
+                    spec.seed,
+                    self._store,
+                    self._services,
+                    in_flight,
+                    lambda: self._changes.notify(job_id),
+                    max_error_fraction(spec),
                 )
                 summary = await recipe_of(spec).run(ctx, params, in_flight)
                 ctx.check_error_budget()  # each_item checked its own; this covers items run through ctx.item

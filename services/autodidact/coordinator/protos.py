@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from google.protobuf import struct_pb2
 
-from autodidact.coordinator.records import Record
 from autodidact.coordinator.recipes.base import DEFAULT_MAX_ERROR_FRACTION
+from autodidact.coordinator.records import Record
 from autodidact.coordinator.store import JobRow, StageCounts
 from autodidact.v1 import coordinator_pb2
 

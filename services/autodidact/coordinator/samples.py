@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from autodidact.coordinator.protos import TERMINAL
-from autodidact.coordinator.records import Record, assemble, dataset_members, final_stages_of
 from autodidact.coordinator.recipes.base import StageResult
+from autodidact.coordinator.records import Record, assemble, dataset_members, final_stages_of
 from autodidact.coordinator.store import JobStore
 
 if TYPE_CHECKING:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             raise Unavailable("the coordinator is still opening its job store; retry shortly")
         return self.jobs
 
-    async def SubmitJob(self, request: coordinator_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.SubmitJobResponse:
+    async def SubmitJob(
+        self, request: coordinator_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.SubmitJobResponse:
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
         job, created, resumed = await self._manager().submit(request.job_id, request.spec)
@@ -61,15 +62,21 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         check_job_id("job_id", request.job_id)
         return coordinator_pb2.GetJobResponse(job=await self._manager().get(request.job_id))
 
-    async def ListJobs(self, request: coordinator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.ListJobsResponse:
+    async def ListJobs(
+        self, request: coordinator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.ListJobsResponse:
         jobs, token = await self._manager().list_jobs(request.page_size, request.page_token)
         return coordinator_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
 
-    async def CancelJob(self, request: coordinator_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.CancelJobResponse:
+    async def CancelJob(
+        self, request: coordinator_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.CancelJobResponse:
         check_job_id("job_id", request.job_id)
         return coordinator_pb2.CancelJobResponse(job=await self._manager().cancel(request.job_id))
 
-    async def WatchJob(self, request: coordinator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
+    async def WatchJob(
+        self, request: coordinator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
         check_job_id("job_id", request.job_id)
         async for job in self._manager().watch(request.job_id):
             yield coordinator_pb2.WatchJobResponse(job=job)
@@ -81,11 +88,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         async for record in self._manager().samples(request.job_id, follow=request.follow, include_dropped=request.include_dropped):
             yield coordinator_pb2.StreamSamplesResponse(record=record_message(record))
 
-    async def ExportJob(self, request: coordinator_pb2.ExportJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.ExportJobResponse:
+    async def ExportJob(
+        self, request: coordinator_pb2.ExportJobRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.ExportJobResponse:
         check_job_id("job_id", request.job_id)
         return coordinator_pb2.ExportJobResponse(files=await self._manager().export(request.job_id))
 
-    async def RetryJob(self, request: coordinator_pb2.RetryJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.RetryJobResponse:
+    async def RetryJob(
+        self, request: coordinator_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.RetryJobResponse:
         check_job_id("job_id", request.job_id)
         return coordinator_pb2.RetryJobResponse(job=await self._manager().retry(request.job_id))
 
