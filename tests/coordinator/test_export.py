@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,8 @@ def _values_table(records: list[Record]) -> dict[str, tuple[list[dict[str, Any]]
 # A DOUBLE recipe: what write_dataset reads of one (stages, belongs, tables).
 RECIPE = RecipeKind(
     resolve=lambda spec, job_id: None,
-    run=None,
-    stages=("work", "dataset"),  # type: ignore[arg-type]
+    run=None,  # type: ignore[arg-type]
+    stages=("work", "dataset"),
     belongs=lambda summary: lambda item_id: True,
     tables=_values_table,
     target=lambda spec: None,
@@ -100,7 +101,7 @@ RECIPE = RecipeKind(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SqliteJobStore:
+def store(tmp_path: Path) -> Iterator[SqliteJobStore]:
     store = SqliteJobStore(tmp_path / "jobs.sqlite")
 
     async def fill() -> None:

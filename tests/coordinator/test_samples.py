@@ -6,7 +6,7 @@ DOUBLE (two stages, no model)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ STAGES = ("work", "dataset")
 # A DOUBLE recipe: only what samples.py reads of one (stages, belongs).
 RECIPE = RecipeKind(
     resolve=lambda spec, job_id: None,
-    run=None,
-    stages=STAGES,  # type: ignore[arg-type]
+    run=None,  # type: ignore[arg-type]
+    stages=STAGES,
     belongs=lambda summary: lambda item_id: not item_id.startswith("x"),
     tables=lambda records: {},
     target=lambda spec: None,
@@ -57,7 +57,7 @@ class CountingStore:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> CountingStore:
+def store(tmp_path: Path) -> Iterator[CountingStore]:
     real = SqliteJobStore(tmp_path / "jobs.sqlite")
     asyncio.run(real.create_job(JOB, b"", "hash", protos.RUNNING))
     yield CountingStore(real)

@@ -242,6 +242,11 @@ async def _chunks(records: AsyncIterator[Record], size: int) -> AsyncIterator[li
         yield chunk
 
 
+def _prepare(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_temporary_files(directory)
+
+
 def _file(path: Path, kind: str, rows: int = 0) -> coordinator_pb2.ExportedFile:
     return coordinator_pb2.ExportedFile(path=str(path), kind=kind, rows=rows)
 
@@ -254,7 +259,7 @@ async def write_dataset(
     the others). `job` is the job as GetJob reports it: its state and stage
     counts go into the manifest. A cancelled job's tables hold what it finished."""
     partial = job.state == CANCELLED
-    await asyncio.to_thread(lambda: (directory.mkdir(parents=True, exist_ok=True), remove_temporary_files(directory)))
+    await asyncio.to_thread(_prepare, directory)
     belongs = await dataset_members(store, job.id, recipe)
     schemas = {name: schema for name, (_, schema) in recipe.tables([]).items()}
     writer = await asyncio.to_thread(DatasetWriter, directory, schemas, recipe.tables)
