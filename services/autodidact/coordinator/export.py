@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # the registry imports every recipe
     from autodidact.coordinator.recipes.registry import RecipeKind
 
 TMP_SUFFIX = ".tmp"
+# json.dumps(row, ensure_ascii=False) without building an encoder per row (an export writes millions).
+_JSON = json.JSONEncoder(ensure_ascii=False)
 # Records per chunk: what an export holds at once, and one Parquet row group of each table.
 RECORDS_PER_CHUNK = 8192
 # proto3's JSON mapping writes these as strings; the manifest wants numbers.
@@ -72,7 +74,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _write_jsonl_rows(path: Path, rows: list[dict[str, Any]], mode: str) -> None:
     with open(path, mode, encoding="utf-8") as out:
-        out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        out.writelines(_JSON.encode(row) + "\n" for row in rows)
 
 
 def write_parquet(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
