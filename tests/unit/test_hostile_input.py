@@ -61,11 +61,11 @@ def manager(tmp_path):
 @pytest.mark.parametrize("token", ["9" * 40, "²", "-1", "1e5", " 7", "7\n", "x"])
 def test_list_jobs_refuses_page_tokens_it_did_not_write(manager, token):
     with pytest.raises(InvalidArgument, match="page_token: is not a token from a previous ListJobs response"):
-        asyncio.run(manager.list(10, token))
+        asyncio.run(manager.list_jobs(10, token))
 
 
 def test_list_jobs_accepts_its_own_tokens(manager):
-    assert asyncio.run(manager.list(10, "123")) == ([], "")
+    assert asyncio.run(manager.list_jobs(10, "123")) == ([], "")
 
 
 def seed_file(path: Path) -> Path:

@@ -1,28 +1,48 @@
 """Writes a job's dataset: JSONL and Parquet tables, the lineage of every
 candidate, a manifest and a dataset card. Files are written to a temporary
 name and renamed, so a reader never sees half a file, and a failed write
-leaves no temporary file behind."""
+leaves no temporary file behind.
+
+Records stream from the store a chunk at a time (one Parquet row group per
+chunk), so an export holds one chunk, not the job; the writing runs off the
+event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 
-from autodidact.coordinator.records import Record
+from autodidact.coordinator.protos import CANCELLED, max_error_fraction, state_name
+from autodidact.coordinator.recipes.base import ERROR_FILTER, MAX_ERROR_MESSAGES
+from autodidact.coordinator.records import ERRORS_KEY, SUMMARY_KEY, Record, dataset_members, iter_records
+from autodidact.coordinator.store import JobStore
+from autodidact.v1 import coordinator_pb2
+
+if TYPE_CHECKING:  # the registry imports every recipe
+    from autodidact.coordinator.recipes.recipe import Recipe
 
 TMP_SUFFIX = ".tmp"
+# json.dumps(row, ensure_ascii=False) without building an encoder per row (an export writes millions).
+_JSON = json.JSONEncoder(ensure_ascii=False)
+# Records per chunk: what an export holds at once, and one Parquet row group of each table.
+RECORDS_PER_CHUNK = 8192
 # proto3's JSON mapping writes these as strings; the manifest wants numbers.
 _INT64_TYPES = {
-    descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64, descriptor.FieldDescriptor.TYPE_SINT64,
-    descriptor.FieldDescriptor.TYPE_FIXED64, descriptor.FieldDescriptor.TYPE_SFIXED64,
+    descriptor.FieldDescriptor.TYPE_INT64,
+    descriptor.FieldDescriptor.TYPE_UINT64,
+    descriptor.FieldDescriptor.TYPE_SINT64,
+    descriptor.FieldDescriptor.TYPE_FIXED64,
+    descriptor.FieldDescriptor.TYPE_SFIXED64,
 }
 
 
@@ -49,12 +69,12 @@ def conform(rows: list[dict[str, Any]], schema: pa.Schema) -> list[dict[str, Any
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8") as out:
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _replace_atomically(path, lambda tmp: _write_jsonl_rows(tmp, rows, "w"))
 
-    _replace_atomically(path, write)
+
+def _write_jsonl_rows(path: Path, rows: list[dict[str, Any]], mode: str) -> None:
+    with open(path, mode, encoding="utf-8") as out:
+        out.writelines(_JSON.encode(row) + "\n" for row in rows)
 
 
 def write_parquet(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
@@ -95,13 +115,17 @@ def _numbers(message_type: descriptor.Descriptor, value: dict[str, Any]) -> dict
         elif field.type in _INT64_TYPES:
             value[field.json_name] = [int(v) for v in entry] if isinstance(entry, list) else int(entry)
         elif field.message_type is not None and field.message_type.full_name.startswith("autodidact."):
-            value[field.json_name] = [_numbers(field.message_type, v) for v in entry] if isinstance(entry, list) else _numbers(field.message_type, entry)
+            value[field.json_name] = (
+                [_numbers(field.message_type, v) for v in entry] if isinstance(entry, list) else _numbers(field.message_type, entry)
+            )
     return value
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     path = directory / "manifest.json"
-    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps({**manifest, "exported_at": time.time()}, indent=2, sort_keys=True) + "\n"))
+    _replace_atomically(
+        path, lambda tmp: tmp.write_text(json.dumps({**manifest, "exported_at": time.time()}, indent=2, sort_keys=True) + "\n")
+    )
     return path
 
 
@@ -119,8 +143,11 @@ def write_dataset_card(directory: Path, job_id: str, recipe: str, tables: dict[s
     lines += ["---", "", f"# {job_id}", "", f"Made by autodidact's {recipe} recipe."]
     if partial:
         lines.append("The job was cancelled: these tables hold what it finished, no more (see manifest.json).")
-    lines += ["Each table is in `TABLE.parquet` and `TABLE.jsonl` (same rows, same columns); `lineage.jsonl` says why",
-              "every candidate was kept or dropped, and `manifest.json` holds the spec, models and stage counts.", ""]
+    lines += [
+        "Each table is in `TABLE.parquet` and `TABLE.jsonl` (same rows, same columns); `lineage.jsonl` says why",
+        "every candidate was kept or dropped, and `manifest.json` holds the spec, models and stage counts.",
+        "",
+    ]
     for name, (schema, rows) in tables.items():
         lines += [f"## {name}", "", f"{rows:,} rows." + ("" if rows else " Empty, so not a config: `datasets` cannot load it."), ""]
         lines += ["| column | type |", "| --- | --- |"]
@@ -129,3 +156,150 @@ def write_dataset_card(directory: Path, job_id: str, recipe: str, tables: dict[s
     path = directory / "README.md"
     _replace_atomically(path, lambda tmp: tmp.write_text("\n".join(lines), encoding="utf-8"))
     return path
+
+
+class DatasetWriter:
+    """The tables and lineage.jsonl of one export, written a chunk of records
+    at a time to temporary files; `commit` renames every file into place,
+    `abort` removes them. Also tallies what the manifest reports of the records."""
+
+    def __init__(self, directory: Path, schemas: dict[str, pa.Schema], tables: Callable[[list[Record]], dict[str, Any]]) -> None:
+        self.schemas = schemas
+        self._tables = tables  # records -> {table name: (rows, schema)}
+        self.rows = dict.fromkeys(schemas, 0)
+        self.records = 0
+        self.models: set[str] = set()
+        self.template_versions: set[str] = set()
+        self.error_count = 0
+        self.error_messages: list[str] = []
+        self._renames: list[tuple[Path, Path]] = []
+        self._parquet: dict[str, pq.ParquetWriter] = {}  # open until commit or abort
+        try:
+            self._jsonl = {name: self._temporary(directory / f"{name}.jsonl") for name in schemas}
+            self._lineage = self._temporary(directory / "lineage.jsonl")
+            for tmp in [*self._jsonl.values(), self._lineage]:
+                tmp.write_text("", encoding="utf-8")
+            for name, schema in schemas.items():
+                self._parquet[name] = pq.ParquetWriter(self._temporary(directory / f"{name}.parquet"), schema)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _temporary(self, path: Path) -> Path:
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        self._renames.append((tmp, path))
+        return tmp
+
+    def add(self, records: list[Record]) -> None:
+        """Appends a chunk: each table's rows as one row group, conformed to its schema, and every record's lineage."""
+        for name, (rows, _) in self._tables(records).items():
+            if rows:
+                table = pa.Table.from_pylist(rows, schema=self.schemas[name])
+                self._parquet[name].write_table(table)
+                _write_jsonl_rows(self._jsonl[name], table.to_pylist(), "a")
+                self.rows[name] += table.num_rows
+        _write_jsonl_rows(self._lineage, lineage_rows(records), "a")
+        self.records += len(records)
+        for record in records:
+            for _, decision in record.lineage:
+                if decision.model:
+                    self.models.add(decision.model)
+                if decision.template_version:
+                    self.template_versions.add(decision.template_version)
+                if decision.filter == ERROR_FILTER:
+                    self.error_count += 1
+                    if len(self.error_messages) < MAX_ERROR_MESSAGES:
+                        self.error_messages.append(decision.reason)
+
+    def commit(self) -> None:
+        try:
+            for name, writer in self._parquet.items():
+                if not self.rows[name]:  # a table without rows, as pq.write_table writes one
+                    writer.write_table(self.schemas[name].empty_table())
+                writer.close()
+            for tmp, path in self._renames:
+                os.replace(tmp, path)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Closes and removes every temporary file (after a commit, none is left)."""
+        try:
+            for writer in self._parquet.values():
+                if writer.is_open:
+                    writer.close()
+        finally:
+            for tmp, _ in self._renames:
+                tmp.unlink(missing_ok=True)
+
+
+async def _chunks(records: AsyncIterator[Record], size: int) -> AsyncIterator[list[Record]]:
+    chunk: list[Record] = []
+    async for record in records:
+        chunk.append(record)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _prepare(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_temporary_files(directory)
+
+
+def _file(path: Path, kind: str, rows: int = 0) -> coordinator_pb2.ExportedFile:
+    return coordinator_pb2.ExportedFile(path=str(path), kind=kind, rows=rows)
+
+
+async def write_dataset(
+    store: JobStore, job: coordinator_pb2.Job, recipe: Recipe[Any], directory: Path
+) -> list[coordinator_pb2.ExportedFile]:
+    """Writes the job's dataset into `directory`: each table's JSONL and
+    Parquet, lineage.jsonl, the dataset card and the manifest (which lists
+    the others). `job` is the job as GetJob reports it: its state and stage
+    counts go into the manifest. A cancelled job's tables hold what it finished."""
+    partial = job.state == CANCELLED
+    await asyncio.to_thread(_prepare, directory)
+    belongs = await dataset_members(store, job.id, recipe)
+    schemas = recipe.tables
+    writer = await asyncio.to_thread(DatasetWriter, directory, schemas, recipe.dataset_tables)
+    try:
+        records = iter_records(store, job.id, recipe.stages, recipe.final_stages, belongs)
+        async for chunk in _chunks(records, RECORDS_PER_CHUNK):
+            await asyncio.to_thread(writer.add, chunk)
+        await asyncio.to_thread(writer.commit)
+    except BaseException:
+        await asyncio.to_thread(writer.abort)
+        raise
+    files = []
+    for name, rows in writer.rows.items():
+        files += [_file(directory / f"{name}.jsonl", f"{name}_jsonl", rows), _file(directory / f"{name}.parquet", f"{name}_parquet", rows)]
+    files.append(_file(directory / "lineage.jsonl", "lineage_jsonl", writer.records))
+    recipe_name = job.spec.WhichOneof("recipe") or ""
+    tables = {name: (schema, writer.rows[name]) for name, schema in schemas.items()}
+    card = await asyncio.to_thread(write_dataset_card, directory, job.id, recipe_name, tables, partial)
+    files.append(_file(card, "dataset_card"))
+    errors = await store.get_value(job.id, ERRORS_KEY)
+    if errors is None:  # a cancelled job wrote no error report: count what its lineage shows
+        errors = {"count": writer.error_count, "items": writer.records, "messages": writer.error_messages}
+    manifest = {
+        "job_id": job.id,
+        "recipe": recipe_name,
+        "state": state_name(job.state),
+        "partial": partial,
+        "spec": message_json(job.spec),
+        "models": sorted(writer.models),
+        "template_versions": sorted(writer.template_versions),
+        "summary": await store.get_value(job.id, SUMMARY_KEY) or {},
+        "errors": {
+            **errors,
+            "fraction": errors["count"] / errors["items"] if errors["items"] else 0.0,
+            "max_error_fraction": max_error_fraction(job.spec),
+        },
+        "stages": [message_json(stage, zeros=True) for stage in job.stages],
+        "files": [message_json(f, zeros=True) for f in files],
+    }
+    files.append(_file(await asyncio.to_thread(write_manifest, directory, manifest), "manifest"))
+    return files

@@ -1,15 +1,20 @@
-"""Jobs: submission, the task that runs each one, progress, records and export.
+"""Jobs: submission, the task that runs each one, and watching them.
 
 A job's task is plain recipe code over a JobContext. Whatever the task stored
 survives the process: on start the manager relaunches every job that was
 PENDING or RUNNING, and the recipe replays what is stored. A FAILED or
 CANCELLED job resumes the same way when retried (RetryJob, or the same id and
 spec submitted again); items that errored are tried again.
+
+The API's messages are made in protos.py, the dataset is written by
+export.py, and StreamSamples reads records in samples.py; this module knows
+no recipe and no stage by name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import re
 from collections.abc import AsyncIterator
@@ -20,13 +25,23 @@ import grpc
 import structlog
 from google.protobuf import json_format
 
-from autodidact.coordinator import export
-from autodidact.coordinator.records import Record, job_records
-from autodidact.coordinator.recipes.base import (
-    DEFAULT_MAX_ERROR_FRACTION, ERROR_FILTER, MAX_ERROR_MESSAGES, PLAN_KEY, JobContext, Services,
+from autodidact.coordinator import export, samples
+from autodidact.coordinator.protos import (
+    CANCELLED,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    job_message,
+    max_error_fraction,
+    progress_stage,
+    state_name,
 )
+from autodidact.coordinator.recipes.base import ERROR_FILTER, MAX_ERROR_MESSAGES, PLAN_KEY, JobContext, Services
 from autodidact.coordinator.recipes.recipe import Recipe
 from autodidact.coordinator.recipes.registry import RECIPES
+from autodidact.coordinator.records import ERRORS_KEY, SUMMARY_KEY, Record
 from autodidact.coordinator.store import JobRow, JobStore
 from autodidact.errors import AlreadyExists, AutodidactError, FailedPrecondition, InvalidArgument, NotFound
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
@@ -34,17 +49,7 @@ from autodidact.validation import check_id, check_range
 
 log = structlog.get_logger("autodidact.jobs")
 
-PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
-    coordinator_pb2.JOB_STATE_PENDING,
-    coordinator_pb2.JOB_STATE_RUNNING,
-    coordinator_pb2.JOB_STATE_SUCCEEDED,
-    coordinator_pb2.JOB_STATE_FAILED,
-    coordinator_pb2.JOB_STATE_CANCELLED,
-)
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 PAGE_TOKEN_PATTERN = re.compile(r"[0-9]{1,18}\Z")
-# Job-level values written when a job ends: the recipe's summary, and the error count.
-SUMMARY_KEY, ERRORS_KEY = "summary", "errors"
 RESUMABLE = (FAILED, CANCELLED)
 # A prompt's tokens, estimated at submit without the model's tokenizer: a
 # generous characters-per-token figure (English BPE averages about 4), so
@@ -52,6 +57,41 @@ RESUMABLE = (FAILED, CANCELLED)
 CHARS_PER_TOKEN = 6
 MODEL_INFO_SECONDS = 5.0
 MODEL_INFO_RETRY_SECONDS = 60.0
+# A watcher (WatchJob, StreamSamples with follow) reads the store at most this often however fast
+# the job changes, and at least this often while it runs even when it hears of no change.
+WATCH_MIN_INTERVAL_SECONDS = 0.2
+WATCH_MAX_INTERVAL_SECONDS = 1.0
+
+
+class JobChanges:
+    """Wakes the watchers of a job when it changes (a result stored, a new
+    state). Every watcher sees every change: each remembers the version it
+    read at, and waits only when nothing changed since. A notification costs
+    a counter, so a job can send one per stored result."""
+
+    def __init__(self) -> None:
+        self._versions: dict[str, int] = {}
+        self._events: dict[str, asyncio.Event] = {}
+
+    def notify(self, job_id: str) -> None:
+        self._versions[job_id] = self._versions.get(job_id, 0) + 1
+        event = self._events.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    def version(self, job_id: str) -> int:
+        return self._versions.get(job_id, 0)
+
+    async def wait(self, job_id: str, seen: int, read_at: float) -> None:
+        """Returns once the job changed after version `seen` (or
+        WATCH_MAX_INTERVAL_SECONDS after `read_at`, the loop time of the last
+        read), but not before WATCH_MIN_INTERVAL_SECONDS after it: changes coalesce."""
+        loop = asyncio.get_running_loop()
+        if self.version(job_id) == seen:
+            event = self._events.setdefault(job_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), max(0.0, read_at + WATCH_MAX_INTERVAL_SECONDS - loop.time()))
+        await asyncio.sleep(max(0.0, read_at + WATCH_MIN_INTERVAL_SECONDS - loop.time()))
 
 
 def check_job_id(field: str, job_id: str) -> None:
@@ -82,10 +122,6 @@ def validate_spec(spec: coordinator_pb2.JobSpec, job_id: str) -> Any:
     check_range("spec.max_in_flight", spec.max_in_flight or 4, 1, 256)
     check_range("spec.max_error_fraction", max_error_fraction(spec), 0.0, 1.0)
     return RECIPES[recipe].resolve(getattr(spec, recipe), job_id)
-
-
-def max_error_fraction(spec: coordinator_pb2.JobSpec) -> float:
-    return spec.max_error_fraction if spec.HasField("max_error_fraction") else DEFAULT_MAX_ERROR_FRACTION
 
 
 def check_against_model(spec: coordinator_pb2.JobSpec, params: Any, context_length: int) -> None:
@@ -123,7 +159,8 @@ class JobManager:
         self._services = services
         self._data_dir = data_dir
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._changed: dict[str, asyncio.Event] = {}
+        self._changes = JobChanges()
+        self._planned_items: dict[str, int] = {}  # each job's stored plan, once read
         self._cancel_requested: set[str] = set()
         self._context_length: int | None = None  # the generator's, asked once
         self._ask_generator_after = 0.0  # loop time; set after the generator did not answer
@@ -172,9 +209,7 @@ class JobManager:
         items and the end-of-job records are forgotten, so they are done again."""
         row = await self._row(job_id)
         if row.state not in RESUMABLE:
-            raise FailedPrecondition(
-                f"job {job_id!r} is {coordinator_pb2.JobState.Name(row.state)}; only a FAILED or CANCELLED job can be retried"
-            )
+            raise FailedPrecondition(f"job {job_id!r} is {state_name(row.state)}; only a FAILED or CANCELLED job can be retried")
         task = self._tasks.get(job_id)
         if task is not None and not task.done():
             raise FailedPrecondition(f"job {job_id!r} is still stopping; retry shortly")
@@ -183,9 +218,9 @@ class JobManager:
         await self._store.delete_value(job_id, SUMMARY_KEY)
         await self._store.delete_value(job_id, ERRORS_KEY)
         await self._store.set_state(job_id, PENDING)
-        log.info("job retried", job_id=job_id, was=coordinator_pb2.JobState.Name(row.state))
+        log.info("job retried", job_id=job_id, was=state_name(row.state))
         self._launch(job_id)
-        self._notify(job_id)
+        self._changes.notify(job_id)
         return await self.get(job_id)
 
     async def _generator_context(self) -> int | None:
@@ -204,9 +239,9 @@ class JobManager:
         return self._context_length
 
     async def get(self, job_id: str) -> coordinator_pb2.Job:
-        return await self._job_proto(await self._row(job_id))
+        return await self._job_message(await self._row(job_id))
 
-    async def list(self, page_size: int, page_token: str) -> tuple[list[coordinator_pb2.Job], str]:
+    async def list_jobs(self, page_size: int, page_token: str) -> tuple[list[coordinator_pb2.Job], str]:
         size = page_size or 50
         check_range("page_size", size, 1, 1000)
         # A token is a job's sequence number; anything else (a huge number would overflow
@@ -215,7 +250,7 @@ class JobManager:
             raise InvalidArgument("page_token", "is not a token from a previous ListJobs response")
         rows = await self._store.list_jobs(size + 1, int(page_token) if page_token else None)
         next_token = str(rows[size - 1].seq) if len(rows) > size else ""
-        return [await self._job_proto(row) for row in rows[:size]], next_token
+        return [await self._job_message(row) for row in rows[:size]], next_token
 
     async def cancel(self, job_id: str) -> coordinator_pb2.Job:
         row = await self._row(job_id)
@@ -225,16 +260,19 @@ class JobManager:
             if task is not None:
                 task.cancel()
             await self._store.set_state(job_id, CANCELLED)
-            self._notify(job_id)
+            self._changes.notify(job_id)
         return await self.get(job_id)
 
     async def watch(self, job_id: str) -> AsyncIterator[coordinator_pb2.Job]:
-        """The job now, then after every change (at most every 0.2 s), until it ends."""
+        """The job now, then after every change until it ends: one read of
+        the job and its stage counters per wake-up (JobChanges coalesces
+        them), never of its results."""
         await self._row(job_id)
+        loop = asyncio.get_running_loop()
         last = None
         while True:
-            event = self._changed.setdefault(job_id, asyncio.Event())
-            event.clear()
+            seen = self._changes.version(job_id)
+            read_at = loop.time()
             job = await self.get(job_id)
             snapshot = job.SerializeToString(deterministic=True)
             if snapshot != last:
@@ -242,88 +280,25 @@ class JobManager:
                 yield job
             if job.state in TERMINAL:
                 return
-            try:
-                await asyncio.wait_for(event.wait(), timeout=5.0)
-            except TimeoutError:
-                pass
-            await asyncio.sleep(0.2)
+            await self._changes.wait(job_id, seen, read_at)
 
-    async def records(self, job_id: str) -> list[Record]:
+    async def samples(self, job_id: str, follow: bool, include_dropped: bool) -> AsyncIterator[Record]:
+        """The job's decided records (samples.py says in which order); with
+        `follow`, then each record as it is decided, until the job ends."""
         recipe = recipe_of(coordinator_pb2.JobSpec.FromString((await self._row(job_id)).spec))
-        summary = await self._store.get_value(job_id, SUMMARY_KEY)
-        belongs = recipe.belongs(summary) if summary is not None else (lambda _: True)
-        return await job_records(self._store, job_id, recipe.stages, recipe.final_stages, belongs)
+        async for record in samples.stream_records(
+            self._store, job_id, recipe, include_dropped=include_dropped, changes=self._changes if follow else None
+        ):
+            yield record
 
     async def export(self, job_id: str) -> list[coordinator_pb2.ExportedFile]:
         row = await self._row(job_id)
         if row.state not in (SUCCEEDED, CANCELLED):
             raise FailedPrecondition(
-                f"job {job_id!r} is {coordinator_pb2.JobState.Name(row.state)}; only a succeeded or cancelled job can be exported"
+                f"job {job_id!r} is {state_name(row.state)}; only a succeeded or cancelled job can be exported"
                 + (" (RetryJob resumes a failed one)" if row.state == FAILED else "")
             )
         return await self._write_dataset(row)
-
-    async def _write_dataset(self, row: JobRow) -> list[coordinator_pb2.ExportedFile]:
-        job_id = row.id
-        spec = coordinator_pb2.JobSpec.FromString(row.spec)
-        partial = row.state == CANCELLED  # what a cancelled job finished, no more
-        directory = Path(spec.output_dir) if spec.output_dir else self._data_dir / "jobs" / job_id / "dataset"
-        directory.mkdir(parents=True, exist_ok=True)
-        export.remove_temporary_files(directory)
-        records = await self.records(job_id)
-        files = []
-        tables = recipe_of(spec).dataset_tables(records)
-        for name, (rows, schema) in tables.items():
-            rows = export.conform(rows, schema)
-            export.write_jsonl(directory / f"{name}.jsonl", rows)
-            export.write_parquet(directory / f"{name}.parquet", rows, schema)
-            files += [
-                coordinator_pb2.ExportedFile(path=str(directory / f"{name}.jsonl"), kind=f"{name}_jsonl", rows=len(rows)),
-                coordinator_pb2.ExportedFile(path=str(directory / f"{name}.parquet"), kind=f"{name}_parquet", rows=len(rows)),
-            ]
-        lineage = export.lineage_rows(records)
-        export.write_jsonl(directory / "lineage.jsonl", lineage)
-        files.append(coordinator_pb2.ExportedFile(path=str(directory / "lineage.jsonl"), kind="lineage_jsonl", rows=len(lineage)))
-        job = await self.get(job_id)
-        summary = await self._store.get_value(job_id, SUMMARY_KEY) or {}
-        models = sorted({d.model for r in records for _, d in r.lineage if d.model})
-        card = export.write_dataset_card(
-            directory, job_id, spec.WhichOneof("recipe") or "", {n: (schema, len(rows)) for n, (rows, schema) in tables.items()}, partial
-        )
-        files.append(coordinator_pb2.ExportedFile(path=str(card), kind="dataset_card"))
-        manifest = export.write_manifest(
-            directory,
-            {
-                "job_id": job_id,
-                "recipe": spec.WhichOneof("recipe"),
-                "state": coordinator_pb2.JobState.Name(row.state).removeprefix("JOB_STATE_"),
-                "partial": partial,
-                "spec": export.message_json(spec),
-                "models": models,
-                "template_versions": sorted({d.template_version for r in records for _, d in r.lineage if d.template_version}),
-                "summary": summary,
-                "errors": await self._errors(job_id, spec, records),
-                "stages": [export.message_json(stage, zeros=True) for stage in job.stages],
-                "files": [export.message_json(f, zeros=True) for f in files],
-            },
-        )
-        files.append(coordinator_pb2.ExportedFile(path=str(manifest), kind="manifest"))
-        return files
-
-    async def _errors(self, job_id: str, spec: coordinator_pb2.JobSpec, records: list[Record]) -> dict[str, Any]:
-        """The manifest's error report: how many items a service refused, of how many, and a few messages."""
-        stored = await self._store.get_value(job_id, ERRORS_KEY)
-        if stored is not None:
-            counted = stored
-        else:  # a cancelled job: count what its lineage shows
-            errored = [d.reason for r in records for _, d in r.lineage if d.filter == ERROR_FILTER]
-            counted = {"count": len(errored), "items": len(records), "messages": errored[:MAX_ERROR_MESSAGES]}
-        items = counted["items"]
-        return {
-            **counted,
-            "fraction": counted["count"] / items if items else 0.0,
-            "max_error_fraction": max_error_fraction(spec),
-        }
 
     # --- internals ---
 
@@ -333,10 +308,25 @@ class JobManager:
             raise NotFound(f"job {job_id!r} does not exist")
         return row
 
-    def _notify(self, job_id: str) -> None:
-        event = self._changed.get(job_id)
-        if event is not None:
-            event.set()
+    async def _job_message(self, row: JobRow) -> coordinator_pb2.Job:
+        spec = coordinator_pb2.JobSpec.FromString(row.spec)
+        recipe = recipe_of(spec)
+        counts = await self._store.stage_counts(row.id)
+        total = None
+        if any(c.stage == progress_stage(recipe) for c in counts):
+            # The plan the running recipe stored (write-once, so read until found) says
+            # how many items its dataset has; a recipe without one has a target, or neither.
+            if row.id not in self._planned_items:
+                plan = await self._store.get_value(row.id, PLAN_KEY)
+                if plan is not None:
+                    self._planned_items[row.id] = plan["dataset_items"]
+            total = self._planned_items.get(row.id, recipe.target(getattr(spec, recipe.name)))
+        return job_message(row, spec, recipe, counts, total)
+
+    async def _write_dataset(self, row: JobRow) -> list[coordinator_pb2.ExportedFile]:
+        spec = coordinator_pb2.JobSpec.FromString(row.spec)
+        directory = Path(spec.output_dir) if spec.output_dir else self._data_dir / "jobs" / row.id / "dataset"
+        return await export.write_dataset(self._store, await self._job_message(row), recipe_of(spec), directory)
 
     def _launch(self, job_id: str) -> None:
         self._tasks[job_id] = asyncio.create_task(self._run(job_id), name=f"job {job_id}")
@@ -348,10 +338,16 @@ class JobManager:
             try:
                 params = await asyncio.to_thread(validate_spec, spec, job_id)
                 await self._store.set_state(job_id, RUNNING)
-                self._notify(job_id)
+                self._changes.notify(job_id)
                 in_flight = spec.max_in_flight or 4
                 ctx = JobContext(
-                    job_id, spec.seed, self._store, self._services, in_flight, lambda: self._notify(job_id), max_error_fraction(spec)
+                    job_id,
+                    spec.seed,
+                    self._store,
+                    self._services,
+                    in_flight,
+                    lambda: self._changes.notify(job_id),
+                    max_error_fraction(spec),
                 )
                 summary = await recipe_of(spec).run(ctx, params)
                 ctx.check_error_budget()  # each_item checked its own; this covers items run through ctx.item
@@ -362,7 +358,7 @@ class JobManager:
                 # visibly, and a crash in between resumes the job, which replays and writes again.
                 await self._write_dataset(await self._row(job_id))
                 await self._store.set_state(job_id, SUCCEEDED)
-                self._notify(job_id)
+                self._changes.notify(job_id)
                 log.info("job succeeded", **summary)
             except asyncio.CancelledError:
                 if job_id in self._cancel_requested:
@@ -379,27 +375,4 @@ class JobManager:
     async def _fail(self, job_id: str, message: str) -> None:
         log.warning("job failed", error=message)
         await self._store.set_state(job_id, FAILED, message)
-        self._notify(job_id)
-
-    async def _job_proto(self, row: JobRow) -> coordinator_pb2.Job:
-        spec = coordinator_pb2.JobSpec.FromString(row.spec)
-        job = coordinator_pb2.Job(id=row.id, spec=spec, state=row.state, error=row.error)  # type: ignore[arg-type]
-        job.created_at.FromNanoseconds(int(row.created_at * 1e9))
-        job.updated_at.FromNanoseconds(int(row.updated_at * 1e9))
-        counts = {c.stage: c for c in await self._store.stage_counts(row.id)}
-        recipe = recipe_of(spec)
-        for stage in recipe.stages:
-            if stage not in counts:
-                continue
-            c = counts[stage]
-            progress = coordinator_pb2.StageProgress(stage=stage, done=c.done, kept=c.kept, dropped_by_filter=c.dropped_by_filter)
-            if stage == "dataset":
-                plan = await self._store.get_value(row.id, PLAN_KEY)
-                total = recipe.target(getattr(spec, recipe.name)) if plan is None else plan["dataset_items"]
-                if total is not None:
-                    # A target (Self-Instruct's target_instructions) bounds what is kept, not what
-                    # is decided: the round that reaches it can bring more candidates, which end
-                    # as over_target. Total then counts them too, so done never passes it.
-                    progress.total = max(total, c.done)
-            job.stages.append(progress)
-        return job
+        self._changes.notify(job_id)

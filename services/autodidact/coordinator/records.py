@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autodidact.coordinator.recipes.base import Decision, StageResult
 from autodidact.coordinator.store import JobStore
+
+if TYPE_CHECKING:  # the registry imports every recipe, and a recipe may use Record
+    from autodidact.coordinator.recipes.recipe import Recipe
+
+# Job-level values written when a job ends: the recipe's summary, and the error report.
+SUMMARY_KEY, ERRORS_KEY = "summary", "errors"
 
 
 @dataclass(frozen=True)
@@ -18,15 +24,26 @@ class Record:
     lineage: list[tuple[str, Decision]]
 
 
+def _every_item(item_id: str) -> bool:
+    return True
+
+
+async def dataset_members(store: JobStore, job_id: str, recipe: Recipe[Any]) -> Callable[[str], bool]:
+    """Which item ids belong to the dataset: the recipe says from its summary
+    once the job has one (it ended); until then every item does."""
+    summary = await store.get_value(job_id, SUMMARY_KEY)
+    return _every_item if summary is None else recipe.belongs(summary)
+
+
 async def job_records(
-    store: JobStore, job_id: str, stages: tuple[str, ...], final_stages: tuple[str, ...], belongs: Callable[[str], bool] = lambda _: True
+    store: JobStore, job_id: str, stages: tuple[str, ...], final_stages: tuple[str, ...], belongs: Callable[[str], bool] = _every_item
 ) -> list[Record]:
     """Every record of iter_records, as a list."""
     return [record async for record in iter_records(store, job_id, stages, final_stages, belongs)]
 
 
 async def iter_records(
-    store: JobStore, job_id: str, stages: tuple[str, ...], final_stages: tuple[str, ...], belongs: Callable[[str], bool] = lambda _: True
+    store: JobStore, job_id: str, stages: tuple[str, ...], final_stages: tuple[str, ...], belongs: Callable[[str], bool] = _every_item
 ) -> AsyncIterator[Record]:
     """Every decided item that `belongs` to the dataset, in item order; kept
     means its final stage (the first of final_stages it has) kept it. Items still in flight are left out, and so

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from google.protobuf import struct_pb2
 
 from autodidact.coordinator.jobs import JobManager, check_job_id
+from autodidact.coordinator.protos import record_message
 from autodidact.coordinator.recipes.base import Services
 from autodidact.coordinator.store import JobStore, SqliteJobStore
 from autodidact.errors import InvalidArgument
@@ -65,7 +64,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def _manager(self) -> JobManager:
         return self._coordinator.get().manager
 
-    async def SubmitJob(self, request: coordinator_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.SubmitJobResponse:
+    async def SubmitJob(
+        self, request: coordinator_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.SubmitJobResponse:
         if not request.HasField("spec"):
             raise InvalidArgument("spec", "is required")
         job, created, resumed = await self._manager().submit(request.job_id, request.spec)
@@ -75,15 +76,21 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         check_job_id("job_id", request.job_id)
         return coordinator_pb2.GetJobResponse(job=await self._manager().get(request.job_id))
 
-    async def ListJobs(self, request: coordinator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.ListJobsResponse:
-        jobs, token = await self._manager().list(request.page_size, request.page_token)
+    async def ListJobs(
+        self, request: coordinator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.ListJobsResponse:
+        jobs, token = await self._manager().list_jobs(request.page_size, request.page_token)
         return coordinator_pb2.ListJobsResponse(jobs=jobs, next_page_token=token)
 
-    async def CancelJob(self, request: coordinator_pb2.CancelJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.CancelJobResponse:
+    async def CancelJob(
+        self, request: coordinator_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.CancelJobResponse:
         check_job_id("job_id", request.job_id)
         return coordinator_pb2.CancelJobResponse(job=await self._manager().cancel(request.job_id))
 
-    async def WatchJob(self, request: coordinator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
+    async def WatchJob(
+        self, request: coordinator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
         check_job_id("job_id", request.job_id)
         async for job in self._manager().watch(request.job_id):
             yield coordinator_pb2.WatchJobResponse(job=job)
@@ -92,41 +99,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self, request: coordinator_pb2.StreamSamplesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.StreamSamplesResponse]:
         check_job_id("job_id", request.job_id)
-        manager = self._manager()
-        sent: set[str] = set()
-        watching = manager.watch(request.job_id) if request.follow else None
-        while True:
-            for record in await manager.records(request.job_id):
-                if record.item_id in sent or (not record.kept and not request.include_dropped):
-                    continue
-                sent.add(record.item_id)
-                yield coordinator_pb2.StreamSamplesResponse(record=_record_proto(record))
-            if watching is None or await anext(watching, None) is None:
-                return
+        async for record in self._manager().samples(request.job_id, follow=request.follow, include_dropped=request.include_dropped):
+            yield coordinator_pb2.StreamSamplesResponse(record=record_message(record))
 
-    async def ExportJob(self, request: coordinator_pb2.ExportJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.ExportJobResponse:
+    async def ExportJob(
+        self, request: coordinator_pb2.ExportJobRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.ExportJobResponse:
         check_job_id("job_id", request.job_id)
         return coordinator_pb2.ExportJobResponse(files=await self._manager().export(request.job_id))
 
-
-    async def RetryJob(self, request: coordinator_pb2.RetryJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.RetryJobResponse:
+    async def RetryJob(
+        self, request: coordinator_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.RetryJobResponse:
         check_job_id("job_id", request.job_id)
         return coordinator_pb2.RetryJobResponse(job=await self._manager().retry(request.job_id))
-
-
-def _record_proto(record) -> coordinator_pb2.JobRecord:  # noqa: ANN001
-    data = struct_pb2.Struct()
-    data.update(record.data)
-    proto = coordinator_pb2.JobRecord(item_id=record.item_id, kept=record.kept, data=data)
-    for stage, decision in record.lineage:
-        entry = proto.lineage.add(stage=stage, kept=decision.kept, filter=decision.filter, reason=decision.reason, template_version=decision.template_version)
-        if decision.score is not None:
-            entry.score = decision.score
-        if decision.seed is not None:
-            entry.seed = decision.seed
-        if decision.model:
-            entry.model.model = decision.model
-    return proto
 
 
 def coordinator_component(settings: CoordinatorSettings) -> Component:

@@ -6,8 +6,6 @@ JobContext like the real ones: each item calls a "service" once at stage
 
 from __future__ import annotations
 
-
-
 import asyncio
 import json
 from dataclasses import dataclass, field
@@ -45,7 +43,9 @@ class DoubleService:
         if self.gate is not None:
             await self.gate.wait()
         if index in self.refuse:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), f"item {index} is malformed")
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), f"item {index} is malformed"
+            )
         return index * 10
 
 
@@ -111,7 +111,9 @@ def manager(tmp_path, monkeypatch):
 
 def spec(out: Path, items: int = 10, fraction: float | None = None, max_tokens: int = 64) -> coordinator_pb2.JobSpec:
     value = coordinator_pb2.JobSpec(
-        self_consistency=coordinator_pb2.SelfConsistencySpec(max_questions=items, sampling=common_pb2.SamplingParams(max_tokens=max_tokens)),
+        self_consistency=coordinator_pb2.SelfConsistencySpec(
+            max_questions=items, sampling=common_pb2.SamplingParams(max_tokens=max_tokens)
+        ),
         output_dir=str(out),
     )
     if fraction is not None:
@@ -120,9 +122,8 @@ def spec(out: Path, items: int = 10, fraction: float | None = None, max_tokens: 
 
 
 async def finish(manager: JobManager, job_id: str) -> coordinator_pb2.Job:
-    async for job in manager.watch(job_id):
-        pass
-    return job
+    events = [job async for job in manager.watch(job_id)]
+    return events[-1]
 
 
 async def test_one_refused_item_is_dropped_and_reported_and_the_lineage_contract_holds(manager, tmp_path):
@@ -133,7 +134,10 @@ async def test_one_refused_item_is_dropped_and_reported_and_the_lineage_contract
     assert job.state == jobs.SUCCEEDED, job.error
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["errors"] == {
-        "count": 1, "items": 10, "fraction": 0.1, "max_error_fraction": 0.1,
+        "count": 1,
+        "items": 10,
+        "fraction": 0.1,
+        "max_error_fraction": 0.1,
         "messages": ["i04 at work: double service: INVALID_ARGUMENT: item 4 is malformed"],
     }
     lineage = {r["item_id"]: r for r in map(json.loads, (tmp_path / "out" / "lineage.jsonl").read_text().splitlines())}
@@ -181,7 +185,7 @@ async def test_resubmitting_a_failed_job_resumes_it(manager, tmp_path):
     await manager.submit("again", spec(tmp_path / "out"))
     assert (await finish(manager, "again")).state == jobs.FAILED
     service.refuse = set()
-    job, created, resumed = await manager.submit("again", spec(tmp_path / "out"))
+    _, created, resumed = await manager.submit("again", spec(tmp_path / "out"))
     assert resumed and not created
     assert (await finish(manager, "again")).state == jobs.SUCCEEDED
     _, created, resumed = await manager.submit("again", spec(tmp_path / "out"))
@@ -203,7 +207,10 @@ async def test_a_cancelled_job_exports_what_it_finished_marked_partial(manager, 
 
 async def test_limits_of_the_generators_model_are_refused_at_submit_naming_the_field(manager, tmp_path):
     manager, _ = manager
-    with pytest.raises(InvalidArgument, match=r"spec.self_consistency.sampling.max_tokens: must be at most the generator's context length, 2,048 tokens, got 2,049"):
+    with pytest.raises(
+        InvalidArgument,
+        match=r"spec.self_consistency.sampling.max_tokens: must be at most the generator's context length, 2,048 tokens, got 2,049",
+    ):
         await manager.submit("too-many-tokens", spec(tmp_path / "out", max_tokens=2049))
     with pytest.raises(InvalidArgument, match=r"spec.max_error_fraction: must be between 0 and 1"):
         await manager.submit("bad-fraction", spec(tmp_path / "out", fraction=1.5))
@@ -239,3 +246,44 @@ async def test_a_generator_that_does_not_answer_is_asked_again_only_after_a_whil
     assert SilentGenerator.calls == 1
     await manager.close()
     await store.close()
+
+
+async def test_watch_reads_the_stage_counters_once_per_wake_up_not_once_per_result(manager, tmp_path, monkeypatch):
+    manager, _ = manager
+    reads = 0
+    counters = manager._store.stage_counts
+
+    async def counted(job_id: str) -> Any:
+        nonlocal reads
+        reads += 1
+        return await counters(job_id)
+
+    monkeypatch.setattr(manager._store, "stage_counts", counted)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await manager.submit("many", spec(tmp_path / "out", items=300))
+    events = [job async for job in manager.watch("many")]
+    elapsed = loop.time() - started
+    assert events[-1].state == jobs.SUCCEEDED and {s.stage: s.done for s in events[-1].stages} == {"work": 300, "dataset": 300}
+    # 600 results: watch reads at most every 0.2 s (plus submit's and the export's reads), not per result.
+    assert reads <= 4 + elapsed / 0.2, (reads, elapsed)
+
+
+async def test_following_samples_sends_every_item_once_and_ends_with_the_job(manager, tmp_path):
+    manager, service = manager
+    service.gate, service.refuse = asyncio.Event(), {3}
+    await manager.submit("followed", spec(tmp_path / "out"))
+    following = asyncio.create_task(_collect(manager.samples("followed", follow=True, include_dropped=True)))
+    while len(service.calls) < 2:
+        await asyncio.sleep(0.01)
+    assert not following.done()
+    service.gate.set()
+    records = await asyncio.wait_for(following, timeout=10)
+    assert sorted(r.item_id for r in records) == [f"i{n:02d}" for n in range(10)]
+    assert [r.item_id for r in records if not r.kept] == ["i03"]
+    kept_only = await _collect(manager.samples("followed", follow=False, include_dropped=False))
+    assert sorted(r.item_id for r in kept_only) == [f"i{n:02d}" for n in range(10) if n != 3]
+
+
+async def _collect(stream: Any) -> list[Any]:
+    return [item async for item in stream]
