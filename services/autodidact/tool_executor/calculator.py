@@ -136,7 +136,7 @@ def _evaluate(node: ast.expr, limits: Limits) -> float:
         raise CalculatorError(TOO_LARGE, f"the result is larger than 2**{limits.max_bits}") from None
     if isinstance(result, complex) or (isinstance(result, float) and math.isnan(result)):
         raise CalculatorError(UNDEFINED, "the result is not a real number")
-    if isinstance(result, float) and math.isinf(result) or _bits(result) > limits.max_bits:
+    if (isinstance(result, float) and math.isinf(result)) or _bits(result) > limits.max_bits:
         raise CalculatorError(TOO_LARGE, f"the result is larger than 2**{limits.max_bits}")
     return result
 

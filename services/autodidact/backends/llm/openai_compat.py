@@ -81,9 +81,14 @@ class OpenAICompatLLM:
 
     def _common(self, sampling: Sampling, seed: int) -> dict[str, Any]:
         payload: dict[str, Any] = {
-            "model": self._description.model, "max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
-            "top_p": sampling.top_p, "seed": seed, "n": 1,
-            "presence_penalty": sampling.presence_penalty, "frequency_penalty": sampling.frequency_penalty,
+            "model": self._description.model,
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "seed": seed,
+            "n": 1,
+            "presence_penalty": sampling.presence_penalty,
+            "frequency_penalty": sampling.frequency_penalty,
         }
         if sampling.stop:
             payload["stop"] = list(sampling.stop)
@@ -124,7 +129,8 @@ class OpenAICompatLLM:
         if not tokens or values is None or offsets is None:
             raise FailedPrecondition(f"{BACKEND} at {self._settings.url} did not echo prompt log-probabilities")
         scored = []
-        for token, value, offset in zip(tokens, values, offsets):
+        # Parallel lists from the server; one cut short ends the scan, as the generated token does.
+        for token, value, offset in zip(tokens, values, offsets, strict=False):
             if offset >= len(prompt):
                 break  # the one generated token
             if offset >= len(context):
