@@ -59,7 +59,7 @@ def direct_round(llm: Llama, prompts: list[str], seeds: list[int], max_tokens: i
 
 
 async def service_round(
-    stub: generator_pb2_grpc.GeneratorServiceStub, prompts: list[str], seeds: list[int], max_tokens: int, temperature: float
+    stub: generator_pb2_grpc.GeneratorServiceAsyncStub, prompts: list[str], seeds: list[int], max_tokens: int, temperature: float
 ) -> tuple[int, float]:
     from autodidact.v1 import common_pb2, generator_pb2
 

@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from autodidact.backends.llm.base import GenerationRequest, Sampling
 from autodidact.backends.llm.llamacpp import LlamaCppLLM, LlamaCppSettings
@@ -27,7 +28,7 @@ async def measure(questions: int, paths: int, temperature: float, max_tokens: in
     llm = await LlamaCppLLM.load(LlamaCppSettings(threads=threads))
     pattern = compile_pattern(DEFAULT_ANSWER_PATTERN)
     stop = ("\nQ:", "\n\n")
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         for index, question in enumerate(load_questions(ROOT.parent / "shared" / "data" / "svamp.json", "svamp", questions)):
             prompt = cot_prompt(question.text)

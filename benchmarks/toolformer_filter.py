@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from autodidact.backends.llm.base import ScoringSequence
+from autodidact.backends.llm.base import ScoringSequence, SequenceScores
 from autodidact.backends.llm.llamacpp import LlamaCppLLM, LlamaCppSettings
 from autodidact.coordinator.recipes.formats import gsm8k_document
 from autodidact.coordinator.recipes.toolformer import render_call
@@ -155,7 +155,7 @@ async def measure(documents: list[str], calls: list[dict], threshold: float, thr
                 continue
             document = tuple(tokens)
 
-            async def ours(batch: list, document: tuple[int, ...] = document) -> object:
+            async def ours(batch: list[ScoringSequence], document: tuple[int, ...] = document) -> SequenceScores:
                 return await llm.score_sequences(batch)
 
             started = time.perf_counter()
@@ -169,6 +169,7 @@ async def measure(documents: list[str], calls: list[dict], threshold: float, thr
                     seconds["autodidact"] += time.perf_counter() - started
                     totals["autodidact"] += evaluated
                 for a, b in zip(decisions, reference, strict=True):
+                    assert b.loss_minus is not None  # the straightforward reference computes every loss
                     expected = b.loss_minus - b.loss_with_result >= checked
                     mismatched[checked] += a.keep != expected
                     kept[checked] += a.keep

@@ -23,6 +23,7 @@ import random
 import time
 from pathlib import Path
 
+from autodidact.backends.llm.base import ScoringSequence, SequenceScores
 from autodidact.backends.llm.llamacpp import LlamaCppLLM, LlamaCppSettings
 from autodidact.coordinator.recipes.formats import gsm8k_document
 from autodidact.scorer.service import PREFIX_SEPARATOR
@@ -71,11 +72,12 @@ async def score(documents: int, threads: int, seed: int) -> list[dict]:
             if not candidates:
                 continue
 
-            async def scored(sequences: list) -> object:
+            async def scored(sequences: list[ScoringSequence]) -> SequenceScores:
                 return await llm.score_sequences(sequences)
 
             decisions, _ = await filter_calls(tuple(tokens), candidates, scored, threshold=0.0, all_losses=True)
             for decision, correct in zip(decisions, labels, strict=True):
+                assert decision.loss_minus is not None  # all_losses=True computes every loss
                 rows.append(
                     {
                         "id": decision.id,

@@ -114,6 +114,7 @@ def _bits(value: float) -> float:
 def _evaluate(node: ast.expr, limits: Limits) -> float:
     if isinstance(node, ast.Constant):
         value = node.value
+        assert isinstance(value, int | float)  # _check_allowed admitted no other constant
         if _bits(value) > limits.max_bits:
             raise CalculatorError(TOO_LARGE, f"a number is larger than 2**{limits.max_bits}")
         return value

@@ -23,7 +23,15 @@ from typing import Any
 
 import aiohttp
 
-from autodidact.backends.llm.base import GeneratedSample, Generation, GenerationRequest, ModelDescription, Sampling, TokenScore
+from autodidact.backends.llm.base import (
+    FinishReason,
+    GeneratedSample,
+    Generation,
+    GenerationRequest,
+    ModelDescription,
+    Sampling,
+    TokenScore,
+)
 from autodidact.backends.remote import RemoteSettings, get_json, post_json, with_backoff
 from autodidact.errors import FailedPrecondition
 
@@ -113,7 +121,7 @@ class OpenAICompatLLM:
             text = answer["choices"][0]["message"]["content"] or ""
         choice = answer["choices"][0]
         usage = answer.get("usage") or {}
-        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        finish: FinishReason = "length" if choice.get("finish_reason") == "length" else "stop"
         sample = GeneratedSample(text=text, finish_reason=finish, seed=seed, completion_tokens=int(usage.get("completion_tokens", 0)))
         return sample, int(usage.get("prompt_tokens", 0))
 

@@ -23,7 +23,15 @@ from huggingface_hub import AsyncInferenceClient
 from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, TextGenerationError, ValidationError
 
 from autodidact.backends.llm._offsets import scores_after_context
-from autodidact.backends.llm.base import GeneratedSample, Generation, GenerationRequest, ModelDescription, Sampling, TokenScore
+from autodidact.backends.llm.base import (
+    FinishReason,
+    GeneratedSample,
+    Generation,
+    GenerationRequest,
+    ModelDescription,
+    Sampling,
+    TokenScore,
+)
 from autodidact.backends.remote import RETRYABLE_STATUS, Refused, RemoteSettings, Retryable, get_json, with_backoff
 from autodidact.errors import FailedPrecondition, InvalidArgument
 
@@ -116,7 +124,7 @@ class TgiLLM:
                 if text.endswith(stop):
                     text = text[: -len(stop)]
                     break
-        finish = "length" if details.finish_reason == "length" else "stop"
+        finish: FinishReason = "length" if details.finish_reason == "length" else "stop"
         sample = GeneratedSample(text=text, finish_reason=finish, seed=seed, completion_tokens=details.generated_tokens)
         return sample, len(details.prefill or [])
 
@@ -136,7 +144,7 @@ class TgiLLM:
             )
         )
         choice = output.choices[0]
-        finish = "length" if choice.finish_reason == "length" else "stop"
+        finish: FinishReason = "length" if choice.finish_reason == "length" else "stop"
         usage = output.usage
         sample = GeneratedSample(
             text=choice.message.content or "", finish_reason=finish, seed=seed, completion_tokens=usage.completion_tokens
