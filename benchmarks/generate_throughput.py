@@ -54,6 +54,7 @@ def direct_round(llm: Llama, prompts: list[str], seeds: list[int], max_tokens: i
                 repeat_penalty=1.0,
                 seed=seed,
             )
+            assert isinstance(out, dict)  # not streamed: one response, not an iterator of chunks
             tokens += out["usage"]["completion_tokens"]
     return tokens, time.perf_counter() - started
 

@@ -19,7 +19,7 @@ import asyncio
 import json
 from typing import Any
 
-from huggingface_hub import AsyncInferenceClient
+from huggingface_hub import AsyncInferenceClient, TextGenerationInputGrammarType
 from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, TextGenerationError, ValidationError
 
 from autodidact.backends.llm._offsets import scores_after_context
@@ -139,7 +139,8 @@ class TgiLLM:
                 seed=seed,
                 stop=list(sampling.stop) or None,
                 temperature=sampling.temperature,
-                response_format=_json_grammar(sampling),
+                # TGI's chat endpoint takes its grammar type here too; huggingface_hub annotates only OpenAI's formats.
+                response_format=_json_grammar(sampling),  # type: ignore[arg-type]
                 **{k: v for k, v in parameters.items() if k != "temperature"},
             )
         )
@@ -171,9 +172,9 @@ class TgiLLM:
         await self._client.close()
 
 
-def _json_grammar(sampling: Sampling) -> dict[str, Any] | None:
-    """TGI's grammar for a JSON schema (the generator checked it is a JSON object)."""
-    return {"type": "json", "value": json.loads(sampling.json_schema)} if sampling.json_schema else None
+def _json_grammar(sampling: Sampling) -> TextGenerationInputGrammarType | None:
+    """TGI's grammar for a JSON schema (the generator checked it is a JSON object); a dict on the wire."""
+    return TextGenerationInputGrammarType(type="json", value=json.loads(sampling.json_schema)) if sampling.json_schema else None
 
 
 def _sampling_parameters(sampling: Sampling) -> dict[str, Any]:
