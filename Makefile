@@ -46,11 +46,17 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	./scripts/demo.sh
 
-test: $(VENV)/.installed node_modules/.installed kubectl
+## The CI command: lint first (seconds), then the suite (minutes).
+test: lint kubectl
 	$(BIN)/pytest
 
-lint: node_modules/.installed
+## Protos (buf), Python lint and format (ruff), types (mypy); all configured in
+## buf.yaml and pyproject.toml. `ruff format` (without --check) applies the format.
+lint: $(VENV)/.installed node_modules/.installed
 	node_modules/.bin/buf lint
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
+	$(BIN)/mypy
 
 stubs: $(VENV)/.installed
 	$(BIN)/python scripts/generate_stubs.py

@@ -31,8 +31,12 @@ import time
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # rouge-score is a dev dependency, imported where it is used
+    from rouge_score.rouge_scorer import RougeScorer
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("AUTODIDACT_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -78,10 +82,17 @@ async def grow_with_diversity(seeds: list[str], stream: list[str], threshold: fl
         seconds = time.perf_counter() - started
         kind = diversity.describe("pool")[1]
     await embedder.close()
-    return {"seconds": seconds, "candidates": len(stream), "kept": size - len(seeds), "final_pool": size, "index": kind, "pool_sizes": pool_sizes}
+    return {
+        "seconds": seconds,
+        "candidates": len(stream),
+        "kept": size - len(seeds),
+        "final_pool": size,
+        "index": kind,
+        "pool_sizes": pool_sizes,
+    }
 
 
-def rouge_filter_one(scorer, candidate: str, pool: list[str]) -> bool:
+def rouge_filter_one(scorer: RougeScorer, candidate: str, pool: list[str]) -> bool:
     """The original procedure for one candidate: a fresh Pool(4), ROUGE-L against every pooled instruction."""
     with Pool(4) as workers:
         scores = workers.map(partial(scorer.score, candidate), pool)
@@ -105,7 +116,11 @@ def time_rouge(stream: list[str], pool_sizes: list[int], per_size: int) -> dict:
         points.append((size, (time.perf_counter() - started) / len(candidates)))
     sizes, seconds = np.array(points).T
     slope, intercept = np.polyfit(sizes, seconds, 1)
-    return {"points": [{"pool": int(p), "seconds_per_candidate": round(s, 4)} for p, s in points], "intercept_s": intercept, "per_pooled_s": slope}
+    return {
+        "points": [{"pool": int(p), "seconds_per_candidate": round(s, 4)} for p, s in points],
+        "intercept_s": intercept,
+        "per_pooled_s": slope,
+    }
 
 
 def agreement(texts: list[str], vectors: np.ndarray, thresholds: list[float]) -> dict:
@@ -131,8 +146,23 @@ def agreement(texts: list[str], vectors: np.ndarray, thresholds: list[float]) ->
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        rows.append({"threshold": t, "agreement": round(agree, 5), "kappa": round(kappa, 3), "precision": round(precision, 3), "recall": round(recall, 3), "f1": round(f1, 3), "cosine_dups": int(cos_dup.sum())})
-    return {"pairs": len(rouge_pairs), "rouge_dups": int(rouge_dup.sum()), "by_threshold": rows, "best": max(rows, key=lambda r: r["kappa"])}
+        rows.append(
+            {
+                "threshold": t,
+                "agreement": round(agree, 5),
+                "kappa": round(kappa, 3),
+                "precision": round(precision, 3),
+                "recall": round(recall, 3),
+                "f1": round(f1, 3),
+                "cosine_dups": int(cos_dup.sum()),
+            }
+        )
+    return {
+        "pairs": len(rouge_pairs),
+        "rouge_dups": int(rouge_dup.sum()),
+        "by_threshold": rows,
+        "best": max(rows, key=lambda r: r["kappa"]),
+    }
 
 
 async def main() -> None:
@@ -154,12 +184,19 @@ async def main() -> None:
     stream = candidate_stream(texts, args.pool)
 
     grown = await grow_with_diversity(texts["seed"], stream, threshold, args.batch, args.threads)
-    print(f"diversity filter: {grown['candidates']:,} candidates in {grown['seconds']:.1f} s, kept {grown['kept']:,} ({grown['index']} index)", flush=True)
+    print(
+        f"diversity filter: {grown['candidates']:,} candidates in {grown['seconds']:.1f} s, "
+        f"kept {grown['kept']:,} ({grown['index']} index)",
+        flush=True,
+    )
 
     rouge = time_rouge(texts["seed"] + stream, [int(s) for s in args.rouge_sizes.split(",")], args.rouge_candidates)
     rouge_total = sum(rouge["intercept_s"] + rouge["per_pooled_s"] * size for size in grown["pool_sizes"])
-    print(f"ROUGE-L procedure: {rouge['intercept_s']:.3f} s + {rouge['per_pooled_s'] * 1e6:.1f} µs per pooled instruction per candidate; "
-          f"extrapolated over the same growth: {rouge_total:,.0f} s ({rouge_total / 3600:.1f} h)", flush=True)
+    print(
+        f"ROUGE-L procedure: {rouge['intercept_s']:.3f} s + {rouge['per_pooled_s'] * 1e6:.1f} µs per pooled instruction per candidate; "
+        f"extrapolated over the same growth: {rouge_total:,.0f} s ({rouge_total / 3600:.1f} h)",
+        flush=True,
+    )
     speedup = rouge_total / grown["seconds"]
     print(f"speed-up: {speedup:,.0f}x (target 1,000x)", flush=True)
 
@@ -174,12 +211,18 @@ async def main() -> None:
     agree = agreement(sample, vectors, [0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.95])
     print(f"agreement on {agree['pairs']:,} real pairs ({agree['rouge_dups']:,} with ROUGE-L > 0.7):")
     for row in agree["by_threshold"]:
-        print(f"  cosine >= {row['threshold']:.2f}: agree {row['agreement']:.4%}  kappa {row['kappa']:.3f}  precision {row['precision']:.3f}  recall {row['recall']:.3f}")
+        print(
+            f"  cosine >= {row['threshold']:.2f}: agree {row['agreement']:.4%}  kappa {row['kappa']:.3f}  "
+            f"precision {row['precision']:.3f}  recall {row['recall']:.3f}"
+        )
     print(f"best agreement (kappa): cosine >= {agree['best']['threshold']}")
 
     result = {
-        "diversity": {k: v for k, v in grown.items() if k != "pool_sizes"}, "threshold": threshold,
-        "rouge": {**rouge, "extrapolated_total_s": round(rouge_total)}, "speedup": round(speedup), "target_speedup": 1000,
+        "diversity": {k: v for k, v in grown.items() if k != "pool_sizes"},
+        "threshold": threshold,
+        "rouge": {**rouge, "extrapolated_total_s": round(rouge_total)},
+        "speedup": round(speedup),
+        "target_speedup": 1000,
         "agreement": agree,
     }
     if args.json:

@@ -21,6 +21,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported in main, after the arguments are parsed
+    from llama_cpp import Llama
+
+    from autodidact.v1 import generator_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_TASKS = ROOT.parent / "shared" / "data" / "self_instruct_seed_tasks.jsonl"
@@ -32,20 +38,30 @@ def load_prompts(count: int) -> list[str]:
     return [f"Instruction: {task['instruction']}\nResponse:" for task in tasks[:count]]
 
 
-def direct_round(llm, prompts: list[str], seeds: list[int], max_tokens: int, temperature: float) -> tuple[int, float]:
+def direct_round(llm: Llama, prompts: list[str], seeds: list[int], max_tokens: int, temperature: float) -> tuple[int, float]:
     tokens = 0
     started = time.perf_counter()
     for prompt in prompts:
         for seed in seeds:
             out = llm.create_completion(
-                prompt, max_tokens=max_tokens, temperature=temperature, top_p=1.0, top_k=0, min_p=0.0,
-                typical_p=1.0, repeat_penalty=1.0, seed=seed,
+                prompt,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=1.0,
+                top_k=0,
+                min_p=0.0,
+                typical_p=1.0,
+                repeat_penalty=1.0,
+                seed=seed,
             )
+            assert isinstance(out, dict)  # not streamed: one response, not an iterator of chunks
             tokens += out["usage"]["completion_tokens"]
     return tokens, time.perf_counter() - started
 
 
-async def service_round(stub, prompts: list[str], seeds: list[int], max_tokens: int, temperature: float) -> tuple[int, float]:
+async def service_round(
+    stub: generator_pb2_grpc.GeneratorServiceAsyncStub, prompts: list[str], seeds: list[int], max_tokens: int, temperature: float
+) -> tuple[int, float]:
     from autodidact.v1 import common_pb2, generator_pb2
 
     tokens = 0
@@ -93,8 +109,21 @@ async def main() -> None:
     direct = Llama(str(model), n_ctx=2048, n_threads=args.threads, verbose=False)
     port = free_port()
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "autodidact"), "serve", "generator", "--host", "127.0.0.1", "--port", str(port),
-         "--metrics-port", "0", "--threads", str(args.threads), "--log-level", "warning"],
+        [
+            str(Path(sys.executable).parent / "autodidact"),
+            "serve",
+            "generator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--threads",
+            str(args.threads),
+            "--log-level",
+            "warning",
+        ],
     )
     rates: dict[str, list[float]] = {"direct": [], "service": []}
     try:
@@ -111,7 +140,9 @@ async def main() -> None:
                     else:
                         tokens, seconds = await service_round(stub, prompts, seeds, args.max_tokens, args.temperature)
                     rates[side].append(tokens / seconds)
-                    print(f"round {round_ + 1} {side:8s} {tokens:5d} tokens in {seconds:6.2f} s = {tokens / seconds:6.1f} tok/s", flush=True)
+                    print(
+                        f"round {round_ + 1} {side:8s} {tokens:5d} tokens in {seconds:6.2f} s = {tokens / seconds:6.1f} tok/s", flush=True
+                    )
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -120,10 +151,18 @@ async def main() -> None:
     service_rate = statistics.median(rates["service"])
     ratio = service_rate / direct_rate
     result = {
-        "model": model.name, "threads": args.threads, "prompts": len(prompts), "samples_per_prompt": args.n,
-        "max_tokens": args.max_tokens, "temperature": args.temperature, "rounds": args.rounds,
-        "direct_tokens_per_s": round(direct_rate, 1), "service_tokens_per_s": round(service_rate, 1),
-        "ratio": round(ratio, 3), "target": 0.9, "met": ratio >= 0.9,
+        "model": model.name,
+        "threads": args.threads,
+        "prompts": len(prompts),
+        "samples_per_prompt": args.n,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "rounds": args.rounds,
+        "direct_tokens_per_s": round(direct_rate, 1),
+        "service_tokens_per_s": round(service_rate, 1),
+        "ratio": round(ratio, 3),
+        "target": 0.9,
+        "met": ratio >= 0.9,
     }
     print(json.dumps(result, indent=2))
     if args.json:

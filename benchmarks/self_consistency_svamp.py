@@ -12,44 +12,60 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from autodidact.backends.llm.base import GenerationRequest, Sampling
+from autodidact.backends.llm.llamacpp import LlamaCppLLM, LlamaCppSettings
+from autodidact.coordinator.recipes.self_consistency import cot_prompt, load_questions
+from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern, extract_answer, normalise_answer, vote
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from autodidact.backends.llm.base import GenerationRequest, Sampling  # noqa: E402
-from autodidact.backends.llm.llamacpp import LlamaCppLLM, LlamaCppSettings  # noqa: E402
-from autodidact.coordinator.recipes.self_consistency import cot_prompt, load_questions  # noqa: E402
-from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern, extract_answer, normalise_answer, vote  # noqa: E402
 
 
 async def measure(questions: int, paths: int, temperature: float, max_tokens: int, threads: int, seed: int) -> dict:
     llm = await LlamaCppLLM.load(LlamaCppSettings(threads=threads))
     pattern = compile_pattern(DEFAULT_ANSWER_PATTERN)
     stop = ("\nQ:", "\n\n")
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         for index, question in enumerate(load_questions(ROOT.parent / "shared" / "data" / "svamp.json", "svamp", questions)):
             prompt = cot_prompt(question.text)
             greedy = await llm.generate(GenerationRequest(prompt, Sampling(temperature=0.0, max_tokens=max_tokens, stop=stop), (seed,)))
-            sampled = await llm.generate(GenerationRequest(
-                prompt, Sampling(temperature=temperature, top_k=40, max_tokens=max_tokens, stop=stop), tuple(seed + 1000 * index + i for i in range(paths))
-            ))
+            sampled = await llm.generate(
+                GenerationRequest(
+                    prompt,
+                    Sampling(temperature=temperature, top_k=40, max_tokens=max_tokens, stop=stop),
+                    tuple(seed + 1000 * index + i for i in range(paths)),
+                )
+            )
             answers = [extract_answer(s.text, pattern) for s in sampled.samples]
             result = vote(answers, [1.0] * len(answers))
             reference = normalise_answer(question.reference)
-            rows.append({
-                "greedy": extract_answer(greedy.samples[0].text, pattern), "majority": result.winner, "reference": reference,
-                "answered": sum(bool(a) for a in answers), "confidence": result.confidence,
-            })
-            print(f"{index}: reference {reference}, greedy {rows[-1]['greedy'] or '-'}, majority {result.winner or '-'} ({result.confidence:.2f})", flush=True)
+            rows.append(
+                {
+                    "greedy": extract_answer(greedy.samples[0].text, pattern),
+                    "majority": result.winner,
+                    "reference": reference,
+                    "answered": sum(bool(a) for a in answers),
+                    "confidence": result.confidence,
+                }
+            )
+            print(
+                f"{index}: reference {reference}, greedy {rows[-1]['greedy'] or '-'}, "
+                f"majority {result.winner or '-'} ({result.confidence:.2f})",
+                flush=True,
+            )
     finally:
         await llm.close()
     n = len(rows)
     return {
-        "questions": n, "paths": paths, "temperature": temperature, "top_k": 40, "max_tokens": max_tokens,
+        "questions": n,
+        "paths": paths,
+        "temperature": temperature,
+        "top_k": 40,
+        "max_tokens": max_tokens,
         "greedy_accuracy": sum(r["greedy"] == r["reference"] for r in rows) / n,
         "majority_accuracy": sum(r["majority"] == r["reference"] for r in rows) / n,
         "greedy_answered": sum(bool(r["greedy"]) for r in rows) / n,

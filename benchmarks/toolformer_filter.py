@@ -28,22 +28,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from autodidact.backends.llm.base import ScoringSequence, SequenceScores
+from autodidact.backends.llm.llamacpp import LlamaCppLLM, LlamaCppSettings
+from autodidact.coordinator.recipes.formats import gsm8k_document
+from autodidact.coordinator.recipes.toolformer import render_call
+from autodidact.scorer.service import PREFIX_SEPARATOR
+from autodidact.scorer.toolformer import DEFAULT_WEIGHTS, CallDecision, Candidate, filter_calls, normalise_weights, weighted_loss
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from autodidact.backends.llm.base import ScoringSequence  # noqa: E402
-from autodidact.backends.llm.llamacpp import LlamaCppLLM, LlamaCppSettings  # noqa: E402
-from autodidact.coordinator.recipes.formats import gsm8k_document  # noqa: E402
-from autodidact.coordinator.recipes.toolformer import render_call  # noqa: E402
-from autodidact.scorer.service import PREFIX_SEPARATOR  # noqa: E402
-from autodidact.scorer.toolformer import DEFAULT_WEIGHTS, Candidate, CallDecision, filter_calls, normalise_weights, weighted_loss  # noqa: E402
 
 WINDOW = 128
 # τf values at which autodidact's decisions are compared with the reference
@@ -59,8 +56,12 @@ class Doc:
 
 
 async def straightforward_decisions(
-    llm: LlamaCppLLM, document: tuple[int, ...], candidates: list[Candidate], threshold: float,
-    weights: tuple[float, ...] = DEFAULT_WEIGHTS, placement: str = "prefix",
+    llm: LlamaCppLLM,
+    document: tuple[int, ...],
+    candidates: list[Candidate],
+    threshold: float,
+    weights: tuple[float, ...] = DEFAULT_WEIGHTS,
+    placement: str = "prefix",
 ) -> tuple[list[CallDecision], int]:
     """The paper's formula, one full pass per loss: the reference decisions."""
     w = normalise_weights(weights)
@@ -154,7 +155,7 @@ async def measure(documents: list[str], calls: list[dict], threshold: float, thr
                 continue
             document = tuple(tokens)
 
-            async def ours(batch: list, document: tuple[int, ...] = document) -> object:
+            async def ours(batch: list[ScoringSequence], document: tuple[int, ...] = document) -> SequenceScores:
                 return await llm.score_sequences(batch)
 
             started = time.perf_counter()
@@ -167,7 +168,8 @@ async def measure(documents: list[str], calls: list[dict], threshold: float, thr
                 if checked == threshold:
                     seconds["autodidact"] += time.perf_counter() - started
                     totals["autodidact"] += evaluated
-                for a, b in zip(decisions, reference):
+                for a, b in zip(decisions, reference, strict=True):
+                    assert b.loss_minus is not None  # the straightforward reference computes every loss
                     expected = b.loss_minus - b.loss_with_result >= checked
                     mismatched[checked] += a.keep != expected
                     kept[checked] += a.keep
@@ -204,7 +206,9 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=4)
     parser.add_argument("--positions", type=int, default=20, help="k (paper: 20 for the calculator)")
     parser.add_argument("--calls", type=int, default=10, help="m (paper: 10 for the calculator)")
-    parser.add_argument("--threshold", type=float, default=0.5, choices=CHECKED, help="τf whose tokens are reported (paper: 0.5 for the calculator)")
+    parser.add_argument(
+        "--threshold", type=float, default=0.5, choices=CHECKED, help="τf whose tokens are reported (paper: 0.5 for the calculator)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args()
@@ -220,8 +224,12 @@ def main() -> None:
     distinct_texts = len({(c["item_id"].split("/")[0], c["input"], c["result"]) for c in calls})
     result = asyncio.run(measure(documents, calls, args.threshold, args.threads))
     result |= {
-        "documents": args.documents, "positions": args.positions, "calls_per_position": args.calls,
-        "threshold": args.threshold, "distinct_call_texts": distinct_texts, "weights": list(DEFAULT_WEIGHTS),
+        "documents": args.documents,
+        "positions": args.positions,
+        "calls_per_position": args.calls,
+        "threshold": args.threshold,
+        "distinct_call_texts": distinct_texts,
+        "weights": list(DEFAULT_WEIGHTS),
         "window": WINDOW,
     }
     print(json.dumps(result, indent=2))

@@ -20,17 +20,16 @@ import argparse
 import asyncio
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from autodidact.backends.llm.base import ScoringSequence, SequenceScores
+from autodidact.backends.llm.llamacpp import LlamaCppLLM, LlamaCppSettings
+from autodidact.coordinator.recipes.formats import gsm8k_document
+from autodidact.scorer.service import PREFIX_SEPARATOR
+from autodidact.scorer.toolformer import Candidate, filter_calls
 
-from autodidact.backends.llm.llamacpp import LlamaCppLLM, LlamaCppSettings  # noqa: E402
-from autodidact.coordinator.recipes.formats import gsm8k_document  # noqa: E402
-from autodidact.scorer.service import PREFIX_SEPARATOR  # noqa: E402
-from autodidact.scorer.toolformer import Candidate, filter_calls  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 THRESHOLDS = (-1.0, -0.5, -0.25, 0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -62,21 +61,31 @@ async def score(documents: int, threads: int, seed: int) -> list[dict]:
                 wrong = corrupt(annotation["result"], rng)
                 if wrong is None:
                     continue
-                position = max(i for i, o in enumerate(offsets) if 0 < i and o <= annotation["char_offset"])
+                position = max(i for i, o in enumerate(offsets) if i > 0 and o <= annotation["char_offset"])
                 without, _ = await llm.tokenize_with_offsets(f"[Calculator({annotation['expression']})]{PREFIX_SEPARATOR}")
                 for correct, result in ((True, annotation["result"]), (False, wrong)):
-                    with_result, _ = await llm.tokenize_with_offsets(f"[Calculator({annotation['expression']}) -> {result}]{PREFIX_SEPARATOR}")
+                    with_result, _ = await llm.tokenize_with_offsets(
+                        f"[Calculator({annotation['expression']}) -> {result}]{PREFIX_SEPARATOR}"
+                    )
                     candidates.append(Candidate(f"{index}/{number}/{correct}", position, tuple(without), tuple(with_result)))
                     labels.append(correct)
             if not candidates:
                 continue
 
-            async def scored(sequences: list) -> object:
+            async def scored(sequences: list[ScoringSequence]) -> SequenceScores:
                 return await llm.score_sequences(sequences)
 
             decisions, _ = await filter_calls(tuple(tokens), candidates, scored, threshold=0.0, all_losses=True)
-            for decision, correct in zip(decisions, labels):
-                rows.append({"id": decision.id, "correct": correct, "gain": decision.loss_minus - decision.loss_with_result, "loss_plus": decision.loss_with_result})
+            for decision, correct in zip(decisions, labels, strict=True):
+                assert decision.loss_minus is not None  # all_losses=True computes every loss
+                rows.append(
+                    {
+                        "id": decision.id,
+                        "correct": correct,
+                        "gain": decision.loss_minus - decision.loss_with_result,
+                        "loss_plus": decision.loss_with_result,
+                    }
+                )
     finally:
         await llm.close()
     return rows
@@ -92,14 +101,26 @@ def report(rows: list[dict]) -> dict:
         recall = true_kept / correct_total
         f1 = 2 * precision * recall / (precision + recall) if kept and precision + recall else 0.0
         wrong_dropped = sum(not r["correct"] for r in rows if r["gain"] < threshold) / (len(rows) - correct_total)
-        table.append({"threshold": threshold, "kept": len(kept), "precision": precision, "recall": recall, "f1": f1,
-                      "wrong_dropped": wrong_dropped, "balanced_accuracy": (recall + wrong_dropped) / 2})
+        table.append(
+            {
+                "threshold": threshold,
+                "kept": len(kept),
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+                "wrong_dropped": wrong_dropped,
+                "balanced_accuracy": (recall + wrong_dropped) / 2,
+            }
+        )
     pairs: dict[str, dict[bool, float]] = {}
     for r in rows:
         pairs.setdefault(r["id"].rsplit("/", 1)[0], {})[r["correct"]] = r["loss_plus"]
     ranked = sum(p[True] < p[False] for p in pairs.values() if len(p) == 2)
     return {
-        "candidates": len(rows), "annotations": len(pairs), "correct_ranked_first": ranked / len(pairs), "table": table,
+        "candidates": len(rows),
+        "annotations": len(pairs),
+        "correct_ranked_first": ranked / len(pairs),
+        "table": table,
         "best_threshold_by_f1": max(table, key=lambda t: t["f1"])["threshold"],
         "best_threshold_by_balanced_accuracy": max(table, key=lambda t: t["balanced_accuracy"])["threshold"],
     }
@@ -115,10 +136,16 @@ def main() -> None:
     started = time.perf_counter()
     rows = asyncio.run(score(args.documents, args.threads, args.seed))
     result = report(rows) | {"documents": args.documents, "seconds": time.perf_counter() - started}
-    print(f"{result['annotations']} annotations from {args.documents} GSM8K documents; correct L⁺ below corrupted L⁺ in {result['correct_ranked_first']:.1%}")
+    print(
+        f"{result['annotations']} annotations from {args.documents} GSM8K documents; "
+        f"correct L⁺ below corrupted L⁺ in {result['correct_ranked_first']:.1%}"
+    )
     print(f"{'τf':>6}  {'kept':>5}  {'precision':>9}  {'recall':>6}  {'F1':>5}  {'wrong dropped':>13}  {'balanced acc.':>13}")
     for t in result["table"]:
-        print(f"{t['threshold']:>6g}  {t['kept']:>5}  {t['precision']:>9.3f}  {t['recall']:>6.3f}  {t['f1']:>5.3f}  {t['wrong_dropped']:>13.3f}  {t['balanced_accuracy']:>13.3f}")
+        print(
+            f"{t['threshold']:>6g}  {t['kept']:>5}  {t['precision']:>9.3f}  {t['recall']:>6.3f}  {t['f1']:>5.3f}  "
+            f"{t['wrong_dropped']:>13.3f}  {t['balanced_accuracy']:>13.3f}"
+        )
     print(f"best τf by F1: {result['best_threshold_by_f1']:g}; by balanced accuracy: {result['best_threshold_by_balanced_accuracy']:g}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

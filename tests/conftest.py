@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import socket
-from pathlib import Path
-
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest

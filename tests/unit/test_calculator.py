@@ -96,5 +96,7 @@ def test_no_code_evaluation_anywhere_in_the_services() -> None:
                 offenders.append(f"{path.name}:{node.lineno} {node.func.id}()")
             if isinstance(node, ast.Import | ast.ImportFrom):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-                offenders += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in ("numexpr", "sympy", "simpleeval")]
+                offenders += [
+                    f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in ("numexpr", "sympy", "simpleeval")
+                ]
     assert offenders == []

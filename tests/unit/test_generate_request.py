@@ -87,13 +87,13 @@ def chat(*messages: tuple[str, str]) -> generator_pb2.GenerateRequest:
         (sampling(grammar="root ::= " + '"x" ' * 5000), "sampling.grammar", "at most 16,384 characters"),
         (sampling(grammar='root := "x"'), "sampling.grammar", "line 1, column 6: expected ::="),
         (sampling(grammar='root ::= "x'), "sampling.grammar", "unexpected end of input"),
-        (sampling(grammar='root ::= [a-z'), "sampling.grammar", "unexpected end of input"),
+        (sampling(grammar="root ::= [a-z"), "sampling.grammar", "unexpected end of input"),
         (sampling(grammar='root ::= ("x" | "y"'), "sampling.grammar", "expected )"),
         (sampling(grammar='root ::= * "x"'), "sampling.grammar", "* needs an item before it"),
         (sampling(grammar='root ::= "\\q"'), "sampling.grammar", "unknown escape \\q"),
         (sampling(grammar='root ::= "x"{2'), "sampling.grammar", "expected } to close the repetition"),
         (sampling(grammar='expr ::= "x"'), "sampling.grammar", "defines no `root` rule"),
-        (sampling(grammar='root ::= expr\n'), "sampling.grammar", "line 1, column 10: rule `expr` is used but never defined"),
+        (sampling(grammar="root ::= expr\n"), "sampling.grammar", "line 1, column 10: rule `expr` is used but never defined"),
         # A rule name at the very end of the input (this once looped forever).
         (sampling(grammar="root ::= digit"), "sampling.grammar", "line 1, column 10: rule `digit` is used but never defined"),
         (sampling(grammar="root"), "sampling.grammar", "line 1, column 5: expected ::="),
@@ -119,8 +119,9 @@ def test_server_limit_on_n_is_applied():
 GRAMMARS = [
     # llama.cpp's own grammars/arithmetic.gbnf and the shapes its parser accepts.
     'root  ::= (expr "=" ws term "\\n")+\nexpr  ::= term ([-+*/] term)*\nterm  ::= ident | num | "(" ws expr ")" ws\n'
-    'ident ::= [a-z] [a-z0-9_]* ws\nnum   ::= [0-9]+ ws\nws    ::= [ \\t\\n]*\n',
-    '# a comment\nroot ::= "a" (\n  "b" |   # alternatives may span lines in parentheses\n  "c"\n)? [^\\]\\x41-\\u00FF]{1,3} . x{2,}\nx ::= "\\"" | "\\\\"',
+    "ident ::= [a-z] [a-z0-9_]* ws\nnum   ::= [0-9]+ ws\nws    ::= [ \\t\\n]*\n",
+    '# a comment\nroot ::= "a" (\n  "b" |   # alternatives may span lines in parentheses\n  "c"\n)? '
+    '[^\\]\\x41-\\u00FF]{1,3} . x{2,}\nx ::= "\\"" | "\\\\"',
     'root ::= "Calculator(" [^)]* ")"',
 ]
 
@@ -149,7 +150,7 @@ def test_the_grammar_check_ends_on_any_input():
     from autodidact.generator.grammar import check_grammar
 
     rng = random.Random(10)
-    alphabet = ['root', ' ::= ', 'x', '"', '[', ']', '(', ')', '|', '*', '+', '?', '{', '}', ',', '1', '\\', '^', '-', '.', '#', '\n', ' ']
+    alphabet = ["root", " ::= ", "x", '"', "[", "]", "(", ")", "|", "*", "+", "?", "{", "}", ",", "1", "\\", "^", "-", ".", "#", "\n", " "]
     for _ in range(3000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 24)))
         try:

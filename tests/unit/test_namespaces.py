@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import numpy as np
 import pytest
 
@@ -85,7 +87,7 @@ def test_commit_is_all_or_nothing(tmp_path):
     ns = Namespace(tmp_path / "ns", DIM, NamespaceSettings())
     vectors = unit(e(0), e(1))
     ns.commit("b1", ns.judge(["a", "b"], vectors, threshold=0.8), vectors)
-    with pytest.raises(Exception):
+    with pytest.raises(sqlite3.IntegrityError):
         ns.commit("b1", ns.judge(["c", "d"], unit(e(2), e(3)), threshold=0.8), unit(e(2), e(3)))  # batch id taken
     assert ns.size == 2
     ns.close()

@@ -83,7 +83,11 @@ def test_normalising_any_text_is_quick_and_idempotent(text):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.decimals(allow_nan=False, allow_infinity=False, places=None).filter(lambda d: abs(d.adjusted()) <= 50 and len(d.as_tuple().digits) <= 40))
+@given(
+    st.decimals(allow_nan=False, allow_infinity=False, places=None).filter(
+        lambda d: abs(d.adjusted()) <= 50 and len(d.as_tuple().digits) <= 40
+    )
+)
 def test_one_number_written_two_ways_is_one_answer(number):
     assert normalise_answer(str(number)) == normalise_answer(format(number, "f")) == normalise_answer(format(number, ",f"))
 
@@ -148,10 +152,19 @@ def _write(tmp_path, **changes):
     ("changes", "message"),
     [
         ({"principles": []}, "principles: must have at least 1 item"),
-        ({"principles": [{"name": "harm", "critique_request": "Say what is harmful."}]}, "principles[0].revision_request: must not be empty"),
+        (
+            {"principles": [{"name": "harm", "critique_request": "Say what is harmful."}]},
+            "principles[0].revision_request: must not be empty",
+        ),
         ({"principles": [{"name": "Bad Name", "critique_request": "a", "revision_request": "b"}]}, "principles[0].name"),
-        ({"principles": [{"name": "x", "critique_request": "a", "revision_request": "b"}] * 2, "examples": []}, "principles[1].name: 'x' appears twice"),
-        ({"principles": [{"name": "x", "critique_request": "a", "revision_request": "b"}]}, "examples[0].principle: 'harm' is not a principle"),
+        (
+            {"principles": [{"name": "x", "critique_request": "a", "revision_request": "b"}] * 2, "examples": []},
+            "principles[1].name: 'x' appears twice",
+        ),
+        (
+            {"principles": [{"name": "x", "critique_request": "a", "revision_request": "b"}]},
+            "examples[0].principle: 'harm' is not a principle",
+        ),
         ({"version": ""}, "version: must not be empty"),
         ({"shouting": True}, "shouting"),
     ],

@@ -93,10 +93,7 @@ class Constitutions:
 
     def resolve(self, name: str, version: str, field: str = "constitution") -> critic_pb2.Constitution:
         name = name or DEFAULT_NAME
-        if version:
-            found = self.by_ref.get((name, version))
-        else:
-            found = next((self.by_ref[k] for k in self.refs() if k[0] == name), None)
+        found = self.by_ref.get((name, version)) if version else next((self.by_ref[k] for k in self.refs() if k[0] == name), None)
         if found is None:
             known = ", ".join(f"{n}@{v}" for n, v in self.refs())
             raise NotFound(f"{field}: no constitution {name}{'@' + version if version else ''}; known: {known}")

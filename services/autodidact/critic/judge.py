@@ -51,16 +51,17 @@ def _example_turns(constitution: critic_pb2.Constitution) -> list[tuple[str, str
     for example in constitution.examples:
         principle = by_name[example.principle]
         turns += [
-            ("user", example.prompt), ("assistant", example.response),
-            ("user", principle.critique_request), ("assistant", example.critique),
-            ("user", principle.revision_request), ("assistant", example.revision),
+            ("user", example.prompt),
+            ("assistant", example.response),
+            ("user", principle.critique_request),
+            ("assistant", example.critique),
+            ("user", principle.revision_request),
+            ("assistant", example.revision),
         ]
     return turns
 
 
-async def revise(
-    chat: Chat, constitution: critic_pb2.Constitution, prompt: str, initial: str, rounds: int, seed: int
-) -> list[Round]:
+async def revise(chat: Chat, constitution: critic_pb2.Constitution, prompt: str, initial: str, rounds: int, seed: int) -> list[Round]:
     draw = random.Random(seed)
     examples = _example_turns(constitution)
     answer = initial
@@ -68,7 +69,7 @@ async def revise(
     for number in range(rounds):
         principle = draw.choice(list(constitution.principles))
         round_seed = (seed + 2 * (number + 1)) % 2**32
-        conversation = examples + [("user", prompt), ("assistant", answer), ("user", principle.critique_request)]
+        conversation = [*examples, ("user", prompt), ("assistant", answer), ("user", principle.critique_request)]
         critique = (await chat(conversation, round_seed)).strip()
         conversation += [("assistant", critique), ("user", principle.revision_request)]
         revision = (await chat(conversation, (round_seed + 1) % 2**32)).strip()
@@ -100,8 +101,13 @@ class OrderedJudgement:
 
 
 async def judge(
-    compare: CompareOptions, cont: Continue | None, constitution: critic_pb2.Constitution,
-    prompt: str, response_a: str, response_b: str, seed: int,
+    compare: CompareOptions,
+    cont: Continue | None,
+    constitution: critic_pb2.Constitution,
+    prompt: str,
+    response_a: str,
+    response_b: str,
+    seed: int,
 ) -> tuple[float, list[OrderedJudgement], str]:
     """(probability that response_a is better, both orders' judgements, the principle's name)."""
     principle = pick_principle(constitution, seed)

@@ -11,7 +11,6 @@ from autodidact.errors import FailedPrecondition, InvalidArgument, NotFound
 from autodidact.runtime.metrics import DEDUP_ITEMS
 
 
-
 @dataclass(frozen=True)
 class BatchResult:
     verdicts: list[Verdict]

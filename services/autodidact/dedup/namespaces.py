@@ -32,6 +32,7 @@ import numpy as np
 
 from autodidact.dedup.defaults import NamespaceSettings
 
+
 @dataclass(frozen=True)
 class Verdict:
     id: str

@@ -86,9 +86,7 @@ def parse_sampling(params: common_pb2.SamplingParams, context_length: int, field
     )
 
 
-def parse_generate_request(
-    request: generator_pb2.GenerateRequest, model: ModelDescription, limits: GeneratorLimits
-) -> GenerationRequest:
+def parse_generate_request(request: generator_pb2.GenerateRequest, model: ModelDescription, limits: GeneratorLimits) -> GenerationRequest:
     n = request.n or 1
     check_range("n", n, 1, limits.max_samples)
     base_seed = request.seed if request.HasField("seed") else random.randrange(UINT32)
@@ -106,9 +104,7 @@ def model_info(model: ModelDescription) -> common_pb2.ModelInfo:
 FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 
 
-def generate_response(
-    request: GenerationRequest, generation: Generation, model: ModelDescription
-) -> generator_pb2.GenerateResponse:
+def generate_response(request: GenerationRequest, generation: Generation, model: ModelDescription) -> generator_pb2.GenerateResponse:
     return generator_pb2.GenerateResponse(
         samples=[
             common_pb2.Sample(

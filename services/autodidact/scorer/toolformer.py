@@ -86,9 +86,7 @@ class _Plan:
             sequence_of: dict[tuple[int, ...], int] = {}
             for call, positions in by_call.items():
                 sequence_of[call] = len(self.sequences)
-                self.sequences.append(
-                    ScoringSequence(call + self.document[: self.end(max(positions))], len(call) + min(positions))
-                )
+                self.sequences.append(ScoringSequence(call + self.document[: self.end(max(positions))], len(call) + min(positions)))
             for position, call in items:
                 handles.append(self._read(sequence_of[call], len(call) + position))
         else:
@@ -142,7 +140,7 @@ async def filter_calls(
         handles = second.add([(candidates[k].position, candidates[k].without_result) for k in needed])
         second_scores = await score(second.sequences)
         evaluated += second_scores.tokens_evaluated
-        loss_without_result = dict(zip(needed, second.losses(second_scores, handles, w)))
+        loss_without_result = dict(zip(needed, second.losses(second_scores, handles, w), strict=True))
 
     decisions = []
     for k, candidate in enumerate(candidates):
@@ -168,9 +166,7 @@ class MarkerPosition:
     probability: float
 
 
-def best_positions(
-    marker_logprobs: np.ndarray, offsets: list[int], *, threshold: float, top_k: int
-) -> list[MarkerPosition]:
+def best_positions(marker_logprobs: np.ndarray, offsets: list[int], *, threshold: float, top_k: int) -> list[MarkerPosition]:
     """Positions whose summed marker probability exceeds τs, the k most probable first.
 
     marker_logprobs has one row per document token from index 1 on (the

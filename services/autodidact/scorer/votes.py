@@ -76,7 +76,7 @@ def compile_pattern(pattern: str, field: str = "answer_pattern") -> regex.Patter
 
 
 def normalise_answer(text: str) -> str:
-    """"1,000.50" -> "1000.5", "-0" -> "0"; text that is not a number (or
+    """ "1,000.50" -> "1000.5", "-0" -> "0"; text that is not a number (or
     is too long or too large to read as one) is stripped and kept."""
     stripped = text.strip()
     cleaned = stripped.replace(",", "").rstrip(".")
@@ -117,7 +117,9 @@ def extract_answers(paths: list[str], pattern: regex.Pattern[str], field: str = 
         except TimeoutError:
             if left > MATCH_SECONDS:
                 raise InvalidArgument(field, f"took longer than {MATCH_SECONDS * 1000:g} ms on a path; simplify the pattern") from None
-            raise InvalidArgument(field, f"took longer than {VOTE_MATCH_SECONDS:g} s over {len(paths):,} paths; simplify the pattern") from None
+            raise InvalidArgument(
+                field, f"took longer than {VOTE_MATCH_SECONDS:g} s over {len(paths):,} paths; simplify the pattern"
+            ) from None
     return answers
 
 
@@ -135,7 +137,7 @@ def vote(answers: list[str], weights: list[float]) -> VoteResult:
     two are equally heavy nobody does, so the winner never depends on order."""
     tallies: dict[str, list[float]] = {}
     first_seen: dict[str, int] = {}
-    for index, (answer, weight) in enumerate(zip(answers, weights)):
+    for index, (answer, weight) in enumerate(zip(answers, weights, strict=True)):
         if not answer:
             continue
         entry = tallies.setdefault(answer, [0, 0.0])

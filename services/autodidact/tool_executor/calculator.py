@@ -114,6 +114,7 @@ def _bits(value: float) -> float:
 def _evaluate(node: ast.expr, limits: Limits) -> float:
     if isinstance(node, ast.Constant):
         value = node.value
+        assert isinstance(value, int | float)  # _check_allowed admitted no other constant
         if _bits(value) > limits.max_bits:
             raise CalculatorError(TOO_LARGE, f"a number is larger than 2**{limits.max_bits}")
         return value
@@ -136,7 +137,7 @@ def _evaluate(node: ast.expr, limits: Limits) -> float:
         raise CalculatorError(TOO_LARGE, f"the result is larger than 2**{limits.max_bits}") from None
     if isinstance(result, complex) or (isinstance(result, float) and math.isnan(result)):
         raise CalculatorError(UNDEFINED, "the result is not a real number")
-    if isinstance(result, float) and math.isinf(result) or _bits(result) > limits.max_bits:
+    if (isinstance(result, float) and math.isinf(result)) or _bits(result) > limits.max_bits:
         raise CalculatorError(TOO_LARGE, f"the result is larger than 2**{limits.max_bits}")
     return result
 

@@ -14,7 +14,7 @@ import asyncio
 import multiprocessing
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -29,7 +29,7 @@ class SandboxSettings:
     timeout_seconds: float = 1.0
     memory_bytes: int = 256 * 2**20
     cpu_seconds_per_task: int = 2
-    calculator: Limits = Limits()
+    calculator: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)

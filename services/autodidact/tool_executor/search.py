@@ -31,9 +31,7 @@ class SearchCollections:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS documents (collection TEXT, id TEXT, text TEXT, PRIMARY KEY (collection, id))"
-        )
+        self._db.execute("CREATE TABLE IF NOT EXISTS documents (collection TEXT, id TEXT, text TEXT, PRIMARY KEY (collection, id))")
         self._lock = threading.Lock()
         self._indexes: dict[str, tuple[object, list[tuple[str, str]]]] = {}
 
@@ -41,9 +39,7 @@ class SearchCollections:
         """Adds (id, text) pairs, replacing same ids; returns the collection's size."""
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT OR REPLACE INTO documents VALUES (?, ?, ?)", [(collection, i, t) for i, t in documents]
-            )
+            self._db.executemany("INSERT OR REPLACE INTO documents VALUES (?, ?, ?)", [(collection, i, t) for i, t in documents])
             self._db.execute("COMMIT")
             self._indexes.pop(collection, None)
             return self._size(collection)
@@ -66,9 +62,7 @@ class SearchCollections:
                 return []
             ids, scores = index.retrieve(words, k=min(k, len(documents)), show_progress=False, n_threads=1)  # type: ignore[attr-defined]
         return [
-            Hit(document_id=documents[i][0], text=documents[i][1], score=float(s))
-            for i, s in zip(ids[0], scores[0])
-            if s > 0
+            Hit(document_id=documents[i][0], text=documents[i][1], score=float(s)) for i, s in zip(ids[0], scores[0], strict=True) if s > 0
         ]
 
     def _index(self, collection: str) -> tuple[object, list[tuple[str, str]]]:

@@ -30,7 +30,13 @@ Complete = Callable[[str], Awaitable[str]]
 
 # Error kinds, named as the ToolErrorCode values they map to.
 UNKNOWN_TOOL, PARSE, NOT_ALLOWED, TOO_LARGE, TIMEOUT_ERROR, UNDEFINED, BACKEND = (
-    "unknown_tool", "parse", "not_allowed", "too_large", "timeout", "undefined", "backend"
+    "unknown_tool",
+    "parse",
+    "not_allowed",
+    "too_large",
+    "timeout",
+    "undefined",
+    "backend",
 )
 
 
@@ -52,7 +58,7 @@ def _prompt(instruction: str, examples: list[tuple[str, str]]) -> str:
     blocks = [instruction, ""]
     for plain, annotated in examples:
         blocks += ["Input:", plain, "Output:", annotated, ""]
-    return "\n".join(blocks + ["Input:", "{text}", "Output:", ""])
+    return "\n".join([*blocks, "Input:", "{text}", "Output:", ""])
 
 
 TOOLS = {
@@ -66,12 +72,18 @@ TOOLS = {
                 "Write a call as [Calculator(expression) -> result] just before the number it gives. "
                 "Keep the rest of the text exactly as it is.",
                 [
-                    ("A box of 12 pencils costs $3, so one pencil costs $0.25.",
-                     "A box of 12 pencils costs $3, so one pencil costs [Calculator(3 / 12) -> 0.25] $0.25."),
-                    ("The bus left with 325 riders and picked up 48 more, carrying 373 in all.",
-                     "The bus left with 325 riders and picked up 48 more, carrying [Calculator(325 + 48) -> 373] 373 in all."),
-                    ("Of the 40 pupils, 15 walk home, which leaves 25 who take the bus.",
-                     "Of the 40 pupils, 15 walk home, which leaves [Calculator(40 - 15) -> 25] 25 who take the bus."),
+                    (
+                        "A box of 12 pencils costs $3, so one pencil costs $0.25.",
+                        "A box of 12 pencils costs $3, so one pencil costs [Calculator(3 / 12) -> 0.25] $0.25.",
+                    ),
+                    (
+                        "The bus left with 325 riders and picked up 48 more, carrying 373 in all.",
+                        "The bus left with 325 riders and picked up 48 more, carrying [Calculator(325 + 48) -> 373] 373 in all.",
+                    ),
+                    (
+                        "Of the 40 pupils, 15 walk home, which leaves 25 who take the bus.",
+                        "Of the 40 pupils, 15 walk home, which leaves [Calculator(40 - 15) -> 25] 25 who take the bus.",
+                    ),
                 ],
             ),
             prompt_version="calculator/v1",
@@ -85,12 +97,18 @@ TOOLS = {
                 "Write a call as [Calendar() -> date] just before the words that need it. "
                 "Keep the rest of the text exactly as it is.",
                 [
-                    ("The report is due next Monday, which is three days away.",
-                     "The report is due next Monday, which is [Calendar() -> Friday, March 3, 2023] three days away."),
-                    ("This year's festival is the city's 40th.",
-                     "This year's festival is the city's [Calendar() -> Saturday, June 1, 2024] 40th."),
-                    ("We are halfway through the month of August.",
-                     "We are halfway through the month of [Calendar() -> Tuesday, August 15, 2023] August."),
+                    (
+                        "The report is due next Monday, which is three days away.",
+                        "The report is due next Monday, which is [Calendar() -> Friday, March 3, 2023] three days away.",
+                    ),
+                    (
+                        "This year's festival is the city's 40th.",
+                        "This year's festival is the city's [Calendar() -> Saturday, June 1, 2024] 40th.",
+                    ),
+                    (
+                        "We are halfway through the month of August.",
+                        "We are halfway through the month of [Calendar() -> Tuesday, August 15, 2023] August.",
+                    ),
                 ],
             ),
             prompt_version="calendar/v1",
@@ -104,12 +122,20 @@ TOOLS = {
                 "Write a call as [Search(query) -> passage] just before the fact. "
                 "Keep the rest of the text exactly as it is.",
                 [
-                    ("The Eiffel Tower was finished in 1889.",
-                     "The Eiffel Tower was finished in [Search(Eiffel Tower completed) -> The tower was completed in 1889.] 1889."),
-                    ("Canberra is the capital of Australia.",
-                     "[Search(capital of Australia) -> Canberra is the capital city of Australia.] Canberra is the capital of Australia."),
-                    ("Water boils at 100 degrees Celsius at sea level.",
-                     "Water boils at [Search(boiling point of water) -> At sea level water boils at 100 °C.] 100 degrees Celsius at sea level."),
+                    (
+                        "The Eiffel Tower was finished in 1889.",
+                        "The Eiffel Tower was finished in [Search(Eiffel Tower completed) -> The tower was completed in 1889.] 1889.",
+                    ),
+                    (
+                        "Canberra is the capital of Australia.",
+                        "[Search(capital of Australia) -> Canberra is the capital city of Australia.] "
+                        "Canberra is the capital of Australia.",
+                    ),
+                    (
+                        "Water boils at 100 degrees Celsius at sea level.",
+                        "Water boils at [Search(boiling point of water) -> At sea level water boils at 100 °C.] "
+                        "100 degrees Celsius at sea level.",
+                    ),
                 ],
             ),
             prompt_version="search/v1",
@@ -122,12 +148,16 @@ TOOLS = {
                 "Write a call as [QA(question) -> answer] just before the answer. "
                 "Keep the rest of the text exactly as it is.",
                 [
-                    ("Mount Everest lies on the border of Nepal and China.",
-                     "Mount Everest lies on the border of [QA(Which countries border Mount Everest?) -> Nepal and China] Nepal and China."),
-                    ("The Danube flows into the Black Sea.",
-                     "The Danube flows into the [QA(Where does the Danube end?) -> the Black Sea] Black Sea."),
-                    ("Marie Curie was born in Warsaw.",
-                     "Marie Curie was born in [QA(Where was Marie Curie born?) -> Warsaw] Warsaw."),
+                    (
+                        "Mount Everest lies on the border of Nepal and China.",
+                        "Mount Everest lies on the border of "
+                        "[QA(Which countries border Mount Everest?) -> Nepal and China] Nepal and China.",
+                    ),
+                    (
+                        "The Danube flows into the Black Sea.",
+                        "The Danube flows into the [QA(Where does the Danube end?) -> the Black Sea] Black Sea.",
+                    ),
+                    ("Marie Curie was born in Warsaw.", "Marie Curie was born in [QA(Where was Marie Curie born?) -> Warsaw] Warsaw."),
                 ],
             ),
             prompt_version="qa/v1",
@@ -140,12 +170,12 @@ TOOLS = {
                 "Write a call as [MT(phrase) -> English] just before the phrase. "
                 "Keep the rest of the text exactly as it is.",
                 [
-                    ("Her motto was carpe diem, seize the day.",
-                     "Her motto was [MT(carpe diem) -> seize the day] carpe diem, seize the day."),
-                    ("The sign said sortie, meaning exit.",
-                     "The sign said [MT(sortie) -> exit] sortie, meaning exit."),
-                    ("He ordered a café con leche.",
-                     "He ordered a [MT(café con leche) -> coffee with milk] café con leche."),
+                    (
+                        "Her motto was carpe diem, seize the day.",
+                        "Her motto was [MT(carpe diem) -> seize the day] carpe diem, seize the day.",
+                    ),
+                    ("The sign said sortie, meaning exit.", "The sign said [MT(sortie) -> exit] sortie, meaning exit."),
+                    ("He ordered a café con leche.", "He ordered a [MT(café con leche) -> coffee with milk] café con leche."),
                 ],
             ),
             prompt_version="mt/v1",

@@ -70,7 +70,8 @@ class LocalEmbedder:
         # One thread: torch already uses every core for one batch.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
         self._description = EmbedderDescription(
-            backend="local", model=model_dir.name if model_dir.name != "model" else "all-MiniLM-L6-v2",
+            backend="local",
+            model=model_dir.name if model_dir.name != "model" else "all-MiniLM-L6-v2",
             dimension=int(model.get_embedding_dimension()),
         )
 
@@ -104,9 +105,7 @@ class LocalEmbedder:
 
         precision = torch.autocast("cpu", dtype=torch.bfloat16) if self._bf16 else contextlib.nullcontext()
         with torch.inference_mode(), precision:
-            vectors = self._model.encode(
-                texts, batch_size=self._settings.batch_size, convert_to_tensor=True, show_progress_bar=False
-            )
+            vectors = self._model.encode(texts, batch_size=self._settings.batch_size, convert_to_tensor=True, show_progress_bar=False)
         vectors = vectors.float().numpy()
         # Normalised after the cast to fp32, so every row has norm 1 to float32 precision.
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)

