@@ -22,7 +22,7 @@ from autodidact.client import wait_until_serving
 from autodidact.runtime.channels import create_channel
 from autodidact.v1 import coordinator_pb2, coordinator_pb2_grpc
 from tests.conftest import free_port
-from tests.integration.test_coordinator import small_spec
+from tests.coordinator.test_service import small_spec
 
 pytestmark = pytest.mark.slow
 

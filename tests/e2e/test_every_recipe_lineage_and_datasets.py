@@ -22,7 +22,7 @@ from autodidact.coordinator.recipes.formats import gsm8k_document
 from autodidact.runtime.channels import create_channel
 from autodidact.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from tests.conftest import GSM8K, SEED_TASKS, SVAMP
-from tests.integration.stack import start_stack
+from tests.stack import start_stack
 from tests.lineage import assert_lineage_agrees, read_jsonl
 
 # Four jobs share one stack; the first test waits for all of them.

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from autodidact.coordinator.recipes.constitutional import Constitutional, ConstitutionalParams
 from autodidact.v1 import common_pb2, critic_pb2
-from tests.unit.recipe_harness import assert_lineage_agrees, job_context, run_recipe
+from tests.coordinator.recipes.harness import assert_lineage_agrees, job_context, run_recipe
 
 # The double's judge: P(revision better) per prompt.
 LABELS = {"Prefers the initial answer?": 0.2, "Cannot tell?": 0.55, "Prefers the revision?": 0.9, "Left unchanged?": 0.9}

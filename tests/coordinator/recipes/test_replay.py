@@ -13,7 +13,7 @@ import pytest
 from autodidact.coordinator.recipes.base import ERROR_FILTER, Decision, ItemFailed, ServiceRefused, StageResult
 from autodidact.coordinator.recipes.replay import replay_batched
 from autodidact.coordinator.store import SqliteJobStore
-from tests.unit.recipe_harness import JOB, job_context
+from tests.coordinator.recipes.harness import JOB, job_context
 
 ITEMS = [f"i{n:02d}" for n in range(10)]
 

@@ -13,7 +13,7 @@ import grpc
 from autodidact.coordinator.recipes.base import derive_seed
 from autodidact.coordinator.recipes.self_instruct import SeedTask, SelfInstruct, SelfInstructParams
 from autodidact.v1 import common_pb2, dedup_pb2, generator_pb2
-from tests.unit.recipe_harness import assert_lineage_agrees, job_context, run_recipe
+from tests.coordinator.recipes.harness import assert_lineage_agrees, job_context, run_recipe
 
 WINDOW = 3
 ROUND_OF_SEED = {derive_seed(7, "instructions", r): r for r in range(20)}

@@ -14,7 +14,7 @@ import pytest
 from autodidact.coordinator.recipes import toolformer
 from autodidact.coordinator.recipes.base import TooManyErrors
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2, scorer_pb2, tool_executor_pb2
-from tests.unit.recipe_harness import assert_lineage_agrees, job_context, run_recipe
+from tests.coordinator.recipes.harness import assert_lineage_agrees, job_context, run_recipe
 
 DOCUMENTS = ["Tom had 3 apples and bought 4 more, so he had 7 apples.", "Ann paid 5 dollars for 2 pens and 3 dollars more, 8 dollars."]
 

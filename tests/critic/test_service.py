@@ -13,7 +13,7 @@ import pytest_asyncio
 from autodidact.critic.constitution import Constitutions
 from autodidact.runtime.channels import create_channel
 from autodidact.v1 import common_pb2, critic_pb2, critic_pb2_grpc, scorer_pb2, scorer_pb2_grpc
-from tests.integration.stack import start_stack
+from tests.stack import start_stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 PROMPT = common_pb2.Prompt(text="How do I get my neighbour's dog to stop barking at night?")

@@ -12,7 +12,7 @@ import pytest_asyncio
 from autodidact.runtime.channels import create_channel
 from autodidact.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from tests.conftest import SEED_TASKS
-from tests.integration.stack import start_stack
+from tests.stack import start_stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -35,7 +35,7 @@ from autodidact.v1 import (
     scorer_pb2,
     tool_executor_pb2,
 )
-from tests.integration.stack import Stack, start_stack
+from tests.stack import Stack, start_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 

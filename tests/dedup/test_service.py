@@ -8,7 +8,7 @@ import pytest_asyncio
 
 from autodidact.runtime.channels import create_channel
 from autodidact.v1 import dedup_pb2, dedup_pb2_grpc
-from tests.integration.stack import start_stack
+from tests.stack import start_stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -18,7 +18,7 @@ from autodidact.scorer import votes
 from autodidact.v1 import scorer_pb2, scorer_pb2_grpc
 from autodidact.coordinator.recipes.formats import gsm8k_document
 from tests.conftest import GSM8K
-from tests.integration.stack import start_stack
+from tests.stack import start_stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 WEIGHTS = np.array([1.0, 0.8, 0.6, 0.4, 0.2]) / 3.0

@@ -14,8 +14,8 @@ from autodidact.tool_executor.calculator import Limits
 from autodidact.tool_executor.sandbox import Sandbox, SandboxSettings
 from autodidact.v1 import tool_executor_pb2 as te
 from autodidact.v1 import tool_executor_pb2_grpc
-from tests.integration.stack import start_stack
-from tests.unit.test_calculator import ESCAPES, EXHAUSTIONS
+from tests.stack import start_stack
+from tests.tool_executor.test_calculator import ESCAPES, EXHAUSTIONS
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 E = te.ToolErrorCode
