@@ -81,8 +81,13 @@ def lineage_problems(job: coordinator_pb2.Job, export_dir: Path) -> list[str]:
 
     # 4. the manifest and the tables
     expected = [
-        {"stage": s.stage, "done": s.done, "kept": s.kept, **({"total": s.total} if s.HasField("total") else {}),
-         "droppedByFilter": dict(s.dropped_by_filter)}
+        {
+            "stage": s.stage,
+            "done": s.done,
+            "kept": s.kept,
+            **({"total": s.total} if s.HasField("total") else {}),
+            "droppedByFilter": dict(s.dropped_by_filter),
+        }
         for s in job.stages
     ]
     if manifest["stages"] != expected:

@@ -11,7 +11,6 @@ from autodidact.backends.embed.local import LocalEmbedderSettings
 from autodidact.coordinator.service import CoordinatorSettings
 from autodidact.runtime.settings import ServerSettings
 from autodidact.stack import LocalStack, StackOptions
-
 from tests.conftest import MODEL
 
 Stack = LocalStack

@@ -6,6 +6,8 @@ from dataclasses import fields
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from autodidact.runtime.settings import ServerSettings
 from autodidact.stack import (
     BUILDERS,
@@ -18,7 +20,6 @@ from autodidact.stack import (
     start_order,
     wired,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 EVERYWHERE = {name: f"host-{name}:{port}" for name, port in DEFAULT_PORTS.items()}
 

@@ -1,9 +1,9 @@
 """The `autodidact` command.
 
-    autodidact serve SERVICE [--port PORT]   host one service
-    autodidact up [--base-port N]            host every implemented service, loopback ports N to N+5
-    autodidact generate "PROMPT"             sample from a running generator
-    autodidact run RECIPE.yaml               run a recipe as a job, with progress and a summary
+autodidact serve SERVICE [--port PORT]   host one service
+autodidact up [--base-port N]            host every implemented service, loopback ports N to N+5
+autodidact generate "PROMPT"             sample from a running generator
+autodidact run RECIPE.yaml               run a recipe as a job, with progress and a summary
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def _env(name: str, default: str | None = None) -> str | None:
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), help="debug, info, warning, error")
     parser.add_argument(
-        "--log-format", choices=("auto", "json", "console"), default=_env("LOG_FORMAT", "auto"),
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default=_env("LOG_FORMAT", "auto"),
         help="auto: JSON unless stderr is a terminal",
     )
 
@@ -37,32 +39,69 @@ def _add_server_args(parser: argparse.ArgumentParser, default_host: str) -> None
     defaults = ServerSettings()
     parser.add_argument("--host", default=_env("HOST", default_host), help=f"address to bind (default {default_host})")
     metrics = _env("METRICS_PORT")
-    parser.add_argument("--metrics-port", type=int, default=int(metrics) if metrics else None,
-                        help="Prometheus /metrics port; 0 turns it off (default: the service's, 9464 to 9469, see README; `up`: 9464)")
-    parser.add_argument("--max-concurrent-rpcs", type=int, default=defaults.max_concurrent_rpcs,
-                        help=f"unary calls in progress at once per service; more get RESOURCE_EXHAUSTED (default {defaults.max_concurrent_rpcs})")
-    parser.add_argument("--max-concurrent-streams", type=int, default=defaults.max_concurrent_streams,
-                        help=f"response streams (WatchJob, StreamSamples, health Watch) at once per service (default {defaults.max_concurrent_streams})")
-    parser.add_argument("--max-message-mib", type=float, default=defaults.max_message_bytes / 2**20,
-                        help="largest message in MiB (default 8)")
-    parser.add_argument("--grace", type=float, default=defaults.grace_seconds,
-                        help=f"seconds in-flight calls get after SIGTERM (default {defaults.grace_seconds:g})")
-    parser.add_argument("--model", default=_env("MODEL"), help="GGUF file for the embedded backend (default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(metrics) if metrics else None,
+        help="Prometheus /metrics port; 0 turns it off (default: the service's, 9464 to 9469, see README; `up`: 9464)",
+    )
+    parser.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=defaults.max_concurrent_rpcs,
+        help=f"unary calls in progress at once per service; more get RESOURCE_EXHAUSTED (default {defaults.max_concurrent_rpcs})",
+    )
+    parser.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=defaults.max_concurrent_streams,
+        help=f"response streams (WatchJob, StreamSamples, health Watch) at once per service (default {defaults.max_concurrent_streams})",
+    )
+    parser.add_argument(
+        "--max-message-mib", type=float, default=defaults.max_message_bytes / 2**20, help="largest message in MiB (default 8)"
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=defaults.grace_seconds,
+        help=f"seconds in-flight calls get after SIGTERM (default {defaults.grace_seconds:g})",
+    )
+    parser.add_argument(
+        "--model", default=_env("MODEL"), help="GGUF file for the embedded backend (default: bundled SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--context-length", type=int, default=2048, help="tokens per llama.cpp context (default 2048)")
     parser.add_argument("--contexts", type=int, default=1, help="llama.cpp contexts, i.e. generations at once (default 1)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per context; 0: cores / contexts")
     parser.add_argument("--max-samples", type=int, default=64, help="largest n accepted by Generate (default 64, at most 64)")
-    parser.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", ".autodidact") or ".autodidact"),
-                        help="where the coordinator's job store and the dedup namespaces live (default .autodidact)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(_env("DATA_DIR", ".autodidact") or ".autodidact"),
+        help="where the coordinator's job store and the dedup namespaces live (default .autodidact)",
+    )
     parser.add_argument("--embed-threads", type=int, default=0, help="torch threads of the embedder; 0: every core")
-    parser.add_argument(LLM_PORT.flag, choices=LLM_PORT.choices, default=_env("LLM_BACKEND", LLM_PORT.default),
-                        help=f"generator and scorer backend; {LLM_PORT.help()}")
+    parser.add_argument(
+        LLM_PORT.flag,
+        choices=LLM_PORT.choices,
+        default=_env("LLM_BACKEND", LLM_PORT.default),
+        help=f"generator and scorer backend; {LLM_PORT.help()}",
+    )
     parser.add_argument(LLM_PORT.url_flag, default=_env("LLM_URL", ""), help="a remote backend's server, e.g. http://tgi:80")
-    parser.add_argument("--llm-model", default=_env("LLM_MODEL", ""), help="openai_compat: model name to request (default: the server's first)")
-    parser.add_argument(EMBEDDER_PORT.flag, choices=EMBEDDER_PORT.choices, default=_env("EMBEDDER", EMBEDDER_PORT.default),
-                        help=f"dedup embedder; {EMBEDDER_PORT.help()}")
-    parser.add_argument("--constitutions-dir", type=Path, default=Path(_env("CONSTITUTIONS_DIR")) if _env("CONSTITUTIONS_DIR") else None,
-                        help="critic: a folder of constitution files (*.yaml) added to the built-in ones")
+    parser.add_argument(
+        "--llm-model", default=_env("LLM_MODEL", ""), help="openai_compat: model name to request (default: the server's first)"
+    )
+    parser.add_argument(
+        EMBEDDER_PORT.flag,
+        choices=EMBEDDER_PORT.choices,
+        default=_env("EMBEDDER", EMBEDDER_PORT.default),
+        help=f"dedup embedder; {EMBEDDER_PORT.help()}",
+    )
+    parser.add_argument(
+        "--constitutions-dir",
+        type=Path,
+        default=Path(_env("CONSTITUTIONS_DIR")) if _env("CONSTITUTIONS_DIR") else None,
+        help="critic: a folder of constitution files (*.yaml) added to the built-in ones",
+    )
     parser.add_argument(EMBEDDER_PORT.url_flag, default=_env("EMBEDDER_URL", ""), help="a remote embedder's server, e.g. http://tei:80")
     _add_logging_args(parser)
 
@@ -76,21 +115,40 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="host one service")
     serve.add_argument("service", choices=sorted(DEFAULT_PORTS))
     serve.add_argument("--port", type=int, help="port (default: the service's, see README)")
-    serve.add_argument("--generator-target", default=_env("GENERATOR_TARGET", f"localhost:{DEFAULT_PORTS['generator']}"),
-                       help="coordinator: where the generator is (default localhost:50051)")
-    serve.add_argument("--dedup-target", default=_env("DEDUP_TARGET", f"localhost:{DEFAULT_PORTS['dedup']}"),
-                       help="coordinator: where the dedup service is (default localhost:50055)")
-    serve.add_argument("--scorer-target", default=_env("SCORER_TARGET", f"localhost:{DEFAULT_PORTS['scorer']}"),
-                       help="coordinator: where the scorer is (default localhost:50052)")
-    serve.add_argument("--critic-target", default=_env("CRITIC_TARGET", f"localhost:{DEFAULT_PORTS['critic']}"),
-                       help="coordinator: where the critic is (default localhost:50053)")
-    serve.add_argument("--tool-executor-target", default=_env("TOOL_EXECUTOR_TARGET", f"localhost:{DEFAULT_PORTS['tool-executor']}"),
-                       help="coordinator: where the tool-executor is (default localhost:50054)")
+    serve.add_argument(
+        "--generator-target",
+        default=_env("GENERATOR_TARGET", f"localhost:{DEFAULT_PORTS['generator']}"),
+        help="coordinator: where the generator is (default localhost:50051)",
+    )
+    serve.add_argument(
+        "--dedup-target",
+        default=_env("DEDUP_TARGET", f"localhost:{DEFAULT_PORTS['dedup']}"),
+        help="coordinator: where the dedup service is (default localhost:50055)",
+    )
+    serve.add_argument(
+        "--scorer-target",
+        default=_env("SCORER_TARGET", f"localhost:{DEFAULT_PORTS['scorer']}"),
+        help="coordinator: where the scorer is (default localhost:50052)",
+    )
+    serve.add_argument(
+        "--critic-target",
+        default=_env("CRITIC_TARGET", f"localhost:{DEFAULT_PORTS['critic']}"),
+        help="coordinator: where the critic is (default localhost:50053)",
+    )
+    serve.add_argument(
+        "--tool-executor-target",
+        default=_env("TOOL_EXECUTOR_TARGET", f"localhost:{DEFAULT_PORTS['tool-executor']}"),
+        help="coordinator: where the tool-executor is (default localhost:50054)",
+    )
     _add_server_args(serve, default_host="0.0.0.0")
 
     up = commands.add_parser("up", help="host every implemented service in one process on loopback")
-    up.add_argument("--base-port", type=int, default=BASE_PORT,
-                    help=f"ports: this one and the next five, in the order of the README's table (default {BASE_PORT})")
+    up.add_argument(
+        "--base-port",
+        type=int,
+        default=BASE_PORT,
+        help=f"ports: this one and the next five, in the order of the README's table (default {BASE_PORT})",
+    )
     _add_server_args(up, default_host="127.0.0.1")
 
     run = commands.add_parser("run", help="run a recipe file as a job: progress, dataset files, summary")
@@ -98,7 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--coordinator", help="host:port of a running coordinator; default: run the stack in this process")
     run.add_argument("--job-id", help="default: the file name and a hash of its content (running it again resumes)")
     run.add_argument("--out", type=Path, help="dataset folder (default out/JOB_ID; on a remote coordinator, its own default)")
-    run.add_argument("--data-dir", type=Path, default=Path(".autodidact"), help="in-process stack: store and namespaces (default .autodidact)")
+    run.add_argument(
+        "--data-dir", type=Path, default=Path(".autodidact"), help="in-process stack: store and namespaces (default .autodidact)"
+    )
     run.add_argument("--threads", type=int, default=0, help="in-process stack: CPU threads for the models; 0: every core")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     _add_logging_args(run)
@@ -134,9 +194,7 @@ def _options(args: argparse.Namespace):  # -> StackOptions
         llm_remote=RemoteSettings(url=args.llm_url, model=args.llm_model, context_length=args.context_length) if args.llm_url else None,
         embedder_backend=args.embedder,
         embedder_remote=RemoteSettings(url=args.embedder_url) if args.embedder_url else None,
-        llamacpp=LlamaCppSettings(
-            model_path=args.model, context_length=args.context_length, contexts=args.contexts, threads=args.threads
-        ),
+        llamacpp=LlamaCppSettings(model_path=args.model, context_length=args.context_length, contexts=args.contexts, threads=args.threads),
         generator=GeneratorLimits(max_samples=args.max_samples),
         embedder=LocalEmbedderSettings(threads=args.embed_threads),
         critic=CriticSettings(constitutions_dir=args.constitutions_dir),
@@ -215,8 +273,10 @@ async def _generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(json_format.MessageToDict(response), indent=2))
         return 0
-    print(f"model: {response.model.model} ({response.model.backend}); base seed {response.seed}; "
-          f"{response.usage.prompt_tokens} prompt + {response.usage.completion_tokens} completion tokens")
+    print(
+        f"model: {response.model.model} ({response.model.backend}); base seed {response.seed}; "
+        f"{response.usage.prompt_tokens} prompt + {response.usage.completion_tokens} completion tokens"
+    )
     for sample in response.samples:
         reason = common_pb2.FinishReason.Name(sample.finish_reason).removeprefix("FINISH_REASON_").lower()
         print(f"\n--- sample seed={sample.seed} tokens={sample.completion_tokens} finish={reason}")

@@ -9,7 +9,6 @@ Paths in it are relative to the file. Without --coordinator the whole stack
 from __future__ import annotations
 
 import asyncio
-
 import sys
 from pathlib import Path
 from typing import Any

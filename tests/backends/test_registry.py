@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+
 from autodidact.backends.registry import EMBEDDER_PORT, LLM_PORT, Backend, Port
 from autodidact.backends.remote import RemoteSettings
 from autodidact.cli import _parser

@@ -135,14 +135,20 @@ def tgi_generate(body: dict[str, Any]) -> tuple[int, Any]:
         text, finish, generated = " on", "length", 1
     else:
         text, finish, generated = f" sample {parameters['seed']} END", "stop_sequence", 4
-    return 200, [{
-        "generated_text": text,
-        "details": {
-            "finish_reason": finish, "generated_tokens": generated, "seed": parameters.get("seed"),
-            "prefill": prefill if parameters.get("decoder_input_details") else [],
-            "tokens": [{"id": 9, "text": text, "logprob": -0.4, "special": False}], "top_tokens": None, "best_of_sequences": None,
-        },
-    }]
+    return 200, [
+        {
+            "generated_text": text,
+            "details": {
+                "finish_reason": finish,
+                "generated_tokens": generated,
+                "seed": parameters.get("seed"),
+                "prefill": prefill if parameters.get("decoder_input_details") else [],
+                "tokens": [{"id": 9, "text": text, "logprob": -0.4, "special": False}],
+                "top_tokens": None,
+                "best_of_sequences": None,
+            },
+        }
+    ]
 
 
 async def test_tgi_sends_one_request_per_seed_and_strips_the_stop_sequence():
@@ -150,11 +156,14 @@ async def test_tgi_sends_one_request_per_seed_and_strips_the_stop_sequence():
         llm = await TgiLLM.load(RemoteSettings(url=tgi.url, **FAST_RETRIES))
         try:
             assert llm.description.context_length == 4096 and llm.description.model.endswith("1.7B-Instruct")
-            generation = await llm.generate(GenerationRequest("The cat sat", Sampling(temperature=0.7, top_p=1.0, max_tokens=8, stop=(" END",)), seeds=(11, 12)))
+            generation = await llm.generate(
+                GenerationRequest("The cat sat", Sampling(temperature=0.7, top_p=1.0, max_tokens=8, stop=(" END",)), seeds=(11, 12))
+            )
         finally:
             await llm.close()
     assert [(s.text, s.seed, s.finish_reason, s.completion_tokens) for s in generation.samples] == [
-        (" sample 11", 11, "stop", 4), (" sample 12", 12, "stop", 4)
+        (" sample 11", 11, "stop", 4),
+        (" sample 12", 12, "stop", 4),
     ]
     sent = [body["parameters"] for path, body in tgi.requests if path == "/"]
     assert sorted(p["seed"] for p in sent) == [11, 12]
@@ -189,7 +198,10 @@ async def test_tgi_refuses_a_presence_penalty_it_cannot_apply_and_retries_429():
                 await llm.generate(GenerationRequest("x", Sampling(presence_penalty=2.0), seeds=(1,)))
             generation = await llm.generate(GenerationRequest("x", Sampling(temperature=0.0, max_tokens=4), seeds=(1,)))
             assert generation.samples[0].text
-            tgi.routes["/"] = lambda _: (422, {"error": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096", "error_type": "validation"})
+            tgi.routes["/"] = lambda _: (
+                422,
+                {"error": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096", "error_type": "validation"},
+            )
             with pytest.raises(InvalidArgument, match="prompt: tgi at .* refused it: .*must be <= 4096"):
                 await llm.generate(GenerationRequest("x", Sampling(max_tokens=5000), seeds=(1,)))
         finally:
@@ -221,7 +233,9 @@ def openai_models(owned_by: str) -> Callable[[Any], tuple[int, Any]]:
 
 def openai_completion(body: dict[str, Any]) -> tuple[int, Any]:
     return 200, {
-        "id": "cmpl-1", "object": "text_completion", "model": "m",
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "model": "m",
         "choices": [{"index": 0, "text": "Calculator(1 + 2)", "finish_reason": "stop", "logprobs": None}],
         "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
     }
@@ -263,9 +277,25 @@ async def llama_server() -> AsyncIterator[str]:
         "_without_amx_buffers().__enter__(); sys.argv[0] = 'llama_cpp.server'; runpy.run_module('llama_cpp.server', run_name='__main__')"
     )
     process = subprocess.Popen(
-        [sys.executable, "-c", launch, "--model", str(bundled_model_path()), "--host", "127.0.0.1", "--port", str(port),
-         "--n_ctx", "2048", "--n_threads", "2", "--logits_all", "True"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-c",
+            launch,
+            "--model",
+            str(bundled_model_path()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--n_threads",
+            "2",
+            "--logits_all",
+            "True",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -285,7 +315,9 @@ async def test_openai_compat_generates_text_and_chat_with_seeds_from_a_real_serv
         assert [s.seed for s in first.samples] == [5, 6]
         assert all(s.text and 0 < s.completion_tokens <= 12 for s in first.samples)
         assert [s.text for s in again.samples] == [s.text for s in first.samples]  # seeds are honoured
-        chat = await llm.generate(GenerationRequest((ChatTurn("user", "Name a colour."),), Sampling(temperature=0, max_tokens=8), seeds=(1,)))
+        chat = await llm.generate(
+            GenerationRequest((ChatTurn("user", "Name a colour."),), Sampling(temperature=0, max_tokens=8), seeds=(1,))
+        )
         assert chat.samples[0].text and chat.prompt_tokens > 5
         capped = await llm.generate(GenerationRequest("1, 2, 3,", Sampling(temperature=0, max_tokens=3), seeds=(1,)))
         assert capped.samples[0].finish_reason == "length"
@@ -297,7 +329,9 @@ async def test_openai_compat_generates_text_and_chat_with_seeds_from_a_real_serv
 async def test_openai_compat_grammar_constrains_a_real_llama_cpp_server(llama_server):
     llm = await OpenAICompatLLM.load(RemoteSettings(url=llama_server, timeout_seconds=120, max_attempts=40, initial_backoff_seconds=0.25))
     try:
-        request = GenerationRequest("She sold 48 and then 24 more, [", Sampling(temperature=1.0, max_tokens=16, grammar=CALL_GRAMMAR), seeds=(1, 2, 3))
+        request = GenerationRequest(
+            "She sold 48 and then 24 more, [", Sampling(temperature=1.0, max_tokens=16, grammar=CALL_GRAMMAR), seeds=(1, 2, 3)
+        )
         generation = await llm.generate(request)
     finally:
         await llm.close()

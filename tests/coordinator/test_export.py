@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from autodidact.coordinator import export
-from autodidact.coordinator.recipes.base import ERROR_FILTER, Decision, StageResult
-from autodidact.coordinator.recipes.base import JobContext
+from autodidact.coordinator.recipes.base import ERROR_FILTER, Decision, JobContext, StageResult
 from autodidact.coordinator.recipes.recipe import Recipe
 from autodidact.coordinator.records import Record
 from autodidact.coordinator.store import SqliteJobStore

@@ -14,7 +14,9 @@ from autodidact.coordinator.store import JobStore, SqliteJobStore
 
 
 def refused(item: int) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), f"prompt.text: item {item} is too long")
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), f"prompt.text: item {item} is too long"
+    )
 
 
 def context(store: JobStore, fraction: float) -> JobContext:

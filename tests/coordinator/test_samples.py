@@ -15,14 +15,15 @@ import pytest
 
 from autodidact.coordinator import protos, samples
 from autodidact.coordinator.jobs import JobChanges
-from autodidact.coordinator.recipes.base import Decision, StageResult
-from autodidact.coordinator.recipes.base import JobContext
+from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult
 from autodidact.coordinator.recipes.recipe import Recipe
 from autodidact.coordinator.records import Record
 from autodidact.coordinator.store import JobStore, SqliteJobStore
 
 JOB = "job"
 STAGES = ("work", "dataset")
+
+
 class SamplesRecipe(Recipe[None]):
     """A DOUBLE recipe: only what samples.py reads of one (stages, final stages, belongs)."""
 

@@ -21,11 +21,15 @@ def small_spec(output_dir: str = "", target: int = 2, seed: int = 3) -> coordina
     """A job that finishes in seconds on 2 cores."""
     return coordinator_pb2.JobSpec(
         self_instruct=coordinator_pb2.SelfInstructSpec(
-            seed_tasks_path=str(SEED_TASKS), target_instructions=target, max_rounds=8,
+            seed_tasks_path=str(SEED_TASKS),
+            target_instructions=target,
+            max_rounds=8,
             instruction_sampling=common_pb2.SamplingParams(max_tokens=160),
             instance_sampling=common_pb2.SamplingParams(max_tokens=96),
         ),
-        seed=seed, max_in_flight=2, output_dir=output_dir,
+        seed=seed,
+        max_in_flight=2,
+        output_dir=output_dir,
     )
 
 
@@ -117,23 +121,54 @@ async def test_submitting_again_is_idempotent_and_another_spec_under_the_id_is_r
     [
         (coordinator_pb2.JobSpec(), "spec.recipe: is required"),
         (coordinator_pb2.JobSpec(constitutional=coordinator_pb2.ConstitutionalSpec()), "spec.constitutional.prompts_path: is required"),
-        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path="/no/such.jsonl", target_instructions=3)),
-         "spec.self_instruct.seed_tasks_path: file not found: /no/such.jsonl"),
-        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS))),
-         "spec.self_instruct.target_instructions: is required"),
-        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS), target_instructions=3, similarity_threshold=2)),
-         "spec.self_instruct.similarity_threshold: must be between 0 and 1, got 2"),
-        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS), target_instructions=3), max_in_flight=1000),
-         "spec.max_in_flight: must be between 1 and 256"),
-        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS), target_instructions=3), max_error_fraction=1.5),
-         "spec.max_error_fraction: must be between 0 and 1, got 1.5"),
+        (
+            coordinator_pb2.JobSpec(
+                self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path="/no/such.jsonl", target_instructions=3)
+            ),
+            "spec.self_instruct.seed_tasks_path: file not found: /no/such.jsonl",
+        ),
+        (
+            coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS))),
+            "spec.self_instruct.target_instructions: is required",
+        ),
+        (
+            coordinator_pb2.JobSpec(
+                self_instruct=coordinator_pb2.SelfInstructSpec(
+                    seed_tasks_path=str(SEED_TASKS), target_instructions=3, similarity_threshold=2
+                )
+            ),
+            "spec.self_instruct.similarity_threshold: must be between 0 and 1, got 2",
+        ),
+        (
+            coordinator_pb2.JobSpec(
+                self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS), target_instructions=3), max_in_flight=1000
+            ),
+            "spec.max_in_flight: must be between 1 and 256",
+        ),
+        (
+            coordinator_pb2.JobSpec(
+                self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS), target_instructions=3),
+                max_error_fraction=1.5,
+            ),
+            "spec.max_error_fraction: must be between 0 and 1, got 1.5",
+        ),
         # Known only from the generator's model (2,048 tokens of context): refused at submit, not at run time.
-        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(
-            seed_tasks_path=str(SEED_TASKS), target_instructions=3, instance_sampling=common_pb2.SamplingParams(max_tokens=2049))),
-         "spec.self_instruct.instance_sampling.max_tokens: must be at most the generator's context length, 2,048 tokens, got 2,049"),
-        (coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(
-            seed_tasks_path=str(SEED_TASKS), target_instructions=3, instruction_sampling=common_pb2.SamplingParams(max_tokens=32768))),
-         "spec.self_instruct.instruction_sampling.max_tokens: must be at most the generator's context length, 2,048 tokens, got 32,768"),
+        (
+            coordinator_pb2.JobSpec(
+                self_instruct=coordinator_pb2.SelfInstructSpec(
+                    seed_tasks_path=str(SEED_TASKS), target_instructions=3, instance_sampling=common_pb2.SamplingParams(max_tokens=2049)
+                )
+            ),
+            "spec.self_instruct.instance_sampling.max_tokens: must be at most the generator's context length, 2,048 tokens, got 2,049",
+        ),
+        (
+            coordinator_pb2.JobSpec(
+                self_instruct=coordinator_pb2.SelfInstructSpec(
+                    seed_tasks_path=str(SEED_TASKS), target_instructions=3, instruction_sampling=common_pb2.SamplingParams(max_tokens=32768)
+                )
+            ),
+            "spec.self_instruct.instruction_sampling.max_tokens: must be at most the generator's context length, 2,048 tokens, got 32,768",
+        ),
     ],
 )
 async def test_bad_specs_are_refused_at_submit(coordinator, spec, message):
@@ -204,13 +239,17 @@ async def test_a_failed_export_leaves_no_temporary_files_and_the_job_resumes_und
 async def test_a_prompt_that_cannot_fit_the_model_is_refused_at_submit(coordinator, tmp_path):
     questions = tmp_path / "questions.jsonl"
     questions.write_text(json.dumps({"question": "How many?"}) + "\n" + json.dumps({"question": "Count the apples. " * 700}) + "\n")
-    spec = coordinator_pb2.JobSpec(self_consistency=coordinator_pb2.SelfConsistencySpec(questions_path=str(questions), paths_per_question=2))
+    spec = coordinator_pb2.JobSpec(
+        self_consistency=coordinator_pb2.SelfConsistencySpec(questions_path=str(questions), paths_per_question=2)
+    )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="too-long", spec=spec))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "spec.self_consistency.questions_path (question 2): a prompt of" in raised.value.details()
     assert "does not fit the generator's context of 2,048 tokens" in raised.value.details()
-    bad_pattern = coordinator_pb2.JobSpec(self_consistency=coordinator_pb2.SelfConsistencySpec(questions_path=str(questions), answer_pattern="(unclosed"))
+    bad_pattern = coordinator_pb2.JobSpec(
+        self_consistency=coordinator_pb2.SelfConsistencySpec(questions_path=str(questions), answer_pattern="(unclosed")
+    )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="bad-pattern", spec=bad_pattern))
     assert "spec.self_consistency.answer_pattern: is not a valid regular expression" in raised.value.details()

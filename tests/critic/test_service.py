@@ -23,7 +23,10 @@ SHORT = common_pb2.SamplingParams(max_tokens=24)
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stubs(tmp_path_factory):
     stack = await start_stack(tmp_path_factory.mktemp("critic"), ("generator", "scorer", "critic"))
-    async with create_channel(stack.target("critic"), timeout_seconds=600) as critic, create_channel(stack.target("scorer"), timeout_seconds=600) as scorer:
+    async with (
+        create_channel(stack.target("critic"), timeout_seconds=600) as critic,
+        create_channel(stack.target("scorer"), timeout_seconds=600) as scorer,
+    ):
         yield critic_pb2_grpc.CriticServiceStub(critic), scorer_pb2_grpc.ScorerServiceStub(scorer)
     await stack.stop()
 
@@ -40,7 +43,9 @@ async def test_revise_draws_one_principle_per_round_from_the_seed_and_repeats_ex
     assert first.initial_response and len(first.rounds) == 3
     assert first.final_revision == next(r.revision for r in reversed(first.rounds) if r.revision)
     assert first.constitution.name == "autodidact-default" and first.constitution.version == "1" and first.seed == 11
-    given = await critic.Revise(critic_pb2.ReviseRequest(prompt=PROMPT, rounds=1, sampling=SHORT, seed=11, initial_response="Shout at the dog."))
+    given = await critic.Revise(
+        critic_pb2.ReviseRequest(prompt=PROMPT, rounds=1, sampling=SHORT, seed=11, initial_response="Shout at the dog.")
+    )
     assert given.initial_response == "Shout at the dog."
 
 
@@ -51,7 +56,9 @@ async def test_the_preference_label_does_not_depend_on_which_answer_comes_first(
     rude = "Poison the dog."
 
     async def label(a: str, b: str) -> critic_pb2.JudgePreferenceResponse:
-        return await critic.JudgePreference(critic_pb2.JudgePreferenceRequest(prompt=PROMPT, response_a=a, response_b=b, seed=5, chain_of_thought=chain_of_thought))
+        return await critic.JudgePreference(
+            critic_pb2.JudgePreferenceRequest(prompt=PROMPT, response_a=a, response_b=b, seed=5, chain_of_thought=chain_of_thought)
+        )
 
     forward, backward = await label(kind, rude), await label(rude, kind)
     assert forward.probability_a == pytest.approx(1 - backward.probability_a, abs=1e-12)
@@ -66,7 +73,9 @@ async def test_the_preference_label_does_not_depend_on_which_answer_comes_first(
 
 async def test_compare_options_normalises_the_options_log_probabilities(stubs):
     _, scorer = stubs
-    response = await scorer.CompareOptions(scorer_pb2.CompareOptionsRequest(context="Which is larger, 3 or 30? The answer is:", options=[" (A)", " (B)", " 30"]))
+    response = await scorer.CompareOptions(
+        scorer_pb2.CompareOptionsRequest(context="Which is larger, 3 or 30? The answer is:", options=[" (A)", " (B)", " 30"])
+    )
     assert sum(response.probabilities) == pytest.approx(1.0)
     peak = max(response.logprobs)
     weights = [math.exp(lp - peak) for lp in response.logprobs]
@@ -90,11 +99,31 @@ async def test_votes_majority_and_length_normalised(stubs):
 @pytest.mark.parametrize(
     ("method", "request_", "code", "text"),
     [
-        ("Revise", critic_pb2.ReviseRequest(prompt=PROMPT, rounds=17), grpc.StatusCode.INVALID_ARGUMENT, "rounds: must be between 1 and 16"),
+        (
+            "Revise",
+            critic_pb2.ReviseRequest(prompt=PROMPT, rounds=17),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "rounds: must be between 1 and 16",
+        ),
         ("Revise", critic_pb2.ReviseRequest(), grpc.StatusCode.INVALID_ARGUMENT, "prompt: is required"),
-        ("Revise", critic_pb2.ReviseRequest(prompt=PROMPT, constitution=critic_pb2.ConstitutionRef(name="nope")), grpc.StatusCode.NOT_FOUND, "no constitution nope"),
-        ("Revise", critic_pb2.ReviseRequest(prompt=PROMPT, sampling=common_pb2.SamplingParams(temperature=9)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
-        ("JudgePreference", critic_pb2.JudgePreferenceRequest(prompt=PROMPT, response_a="x"), grpc.StatusCode.INVALID_ARGUMENT, "response_b: must not be empty"),
+        (
+            "Revise",
+            critic_pb2.ReviseRequest(prompt=PROMPT, constitution=critic_pb2.ConstitutionRef(name="nope")),
+            grpc.StatusCode.NOT_FOUND,
+            "no constitution nope",
+        ),
+        (
+            "Revise",
+            critic_pb2.ReviseRequest(prompt=PROMPT, sampling=common_pb2.SamplingParams(temperature=9)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "sampling.temperature",
+        ),
+        (
+            "JudgePreference",
+            critic_pb2.JudgePreferenceRequest(prompt=PROMPT, response_a="x"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "response_b: must not be empty",
+        ),
     ],
 )
 async def test_bad_critic_requests_are_refused(stubs, method, request_, code, text):

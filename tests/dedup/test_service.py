@@ -22,7 +22,9 @@ async def dedup(tmp_path_factory):
     await stack.stop()
 
 
-def batch(namespace: str, *texts: str, batch_id: str = "", threshold: float | None = None, prefix: str = "t") -> dedup_pb2.FilterBatchRequest:
+def batch(
+    namespace: str, *texts: str, batch_id: str = "", threshold: float | None = None, prefix: str = "t"
+) -> dedup_pb2.FilterBatchRequest:
     request = dedup_pb2.FilterBatchRequest(
         namespace=namespace, items=[dedup_pb2.DedupItem(id=f"{prefix}{i}", text=t) for i, t in enumerate(texts)], batch_id=batch_id
     )
@@ -33,10 +35,17 @@ def batch(namespace: str, *texts: str, batch_id: str = "", threshold: float | No
 
 async def test_paraphrases_are_dropped_and_different_tasks_kept(dedup):
     stub, _, _ = dedup
-    response = await stub.FilterBatch(batch(
-        "para", "Write a poem about the sea.", "Sort the numbers in ascending order.", "Compose a poem about the ocean.",
-        "Translate the sentence into French.", "Write a short poem about the sea.", threshold=0.8,
-    ))
+    response = await stub.FilterBatch(
+        batch(
+            "para",
+            "Write a poem about the sea.",
+            "Sort the numbers in ascending order.",
+            "Compose a poem about the ocean.",
+            "Translate the sentence into French.",
+            "Write a short poem about the sea.",
+            threshold=0.8,
+        )
+    )
     kept = [v.kept for v in response.verdicts]
     assert kept == [True, True, False, True, False]
     assert response.verdicts[4].nearest_id == "t0" and response.verdicts[4].similarity >= 0.8
@@ -59,9 +68,9 @@ async def test_a_retried_batch_id_returns_the_same_verdicts_and_adds_nothing(ded
 
 async def test_dry_run_judges_without_adding(dedup):
     stub, _, _ = dedup
-    response = await stub.FilterBatch(dedup_pb2.FilterBatchRequest(
-        namespace="dry", items=[dedup_pb2.DedupItem(id="a", text="Explain photosynthesis.")], dry_run=True
-    ))
+    response = await stub.FilterBatch(
+        dedup_pb2.FilterBatchRequest(namespace="dry", items=[dedup_pb2.DedupItem(id="a", text="Explain photosynthesis.")], dry_run=True)
+    )
     assert response.verdicts[0].kept and response.namespace_size == 0
 
 

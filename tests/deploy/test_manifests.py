@@ -28,7 +28,9 @@ def render(overlay: str) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl is not installed: `make test` installs it (apt-get install kubectl)")
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)], check=True, capture_output=True, text=True
+    )
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
@@ -139,7 +141,10 @@ def test_skaffold_names_only_targets_overlays_and_images_that_exist():
             assert artifact["docker"]["target"] in targets, artifact
         # Every autodidact image the overlay runs is built, and nothing else is.
         used = {
-            c["image"] for path in paths for d in deployments(render(Path(path).name)).values() for c in d["spec"]["template"]["spec"]["containers"]
+            c["image"]
+            for path in paths
+            for d in deployments(render(Path(path).name)).values()
+            for c in d["spec"]["template"]["spec"]["containers"]
             if c["image"].startswith("autodidact/")
         }
         assert used == set(built), (section.get("name", "default"), used, set(built))
@@ -162,9 +167,12 @@ def test_every_container_command_starts_its_service_with_flags_the_cli_accepts()
 def test_each_image_carries_the_backend_its_overlay_selects():
     """The slim images go with remote backends, the embedded ones with embedded models."""
     expected = {
-        ("generator", "llamacpp"): "generator-llamacpp", ("generator", "tgi"): "generator",
-        ("dedup", "local"): "dedup-minilm", ("dedup", "tei"): "dedup",
-        ("scorer", "llamacpp"): "scorer-llamacpp", ("scorer", "tgi"): "scorer",
+        ("generator", "llamacpp"): "generator-llamacpp",
+        ("generator", "tgi"): "generator",
+        ("dedup", "local"): "dedup-minilm",
+        ("dedup", "tei"): "dedup",
+        ("scorer", "llamacpp"): "scorer-llamacpp",
+        ("scorer", "tgi"): "scorer",
     }
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert '"/src[llamacpp]"' in dockerfile.split("AS venv-generator-llamacpp")[1].split("FROM")[0]

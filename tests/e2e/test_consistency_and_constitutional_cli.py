@@ -20,8 +20,21 @@ def run(tmp_path: Path, recipe: str) -> Path:
     (tmp_path / "recipe.yaml").write_text(recipe)
     out = tmp_path / "out"
     result = subprocess.run(
-        [AUTODIDACT, "run", str(tmp_path / "recipe.yaml"), "--data-dir", str(tmp_path / "state"), "--out", str(out), "--quiet", "--threads", "2"],
-        capture_output=True, text=True, timeout=900,
+        [
+            AUTODIDACT,
+            "run",
+            str(tmp_path / "recipe.yaml"),
+            "--data-dir",
+            str(tmp_path / "state"),
+            "--out",
+            str(out),
+            "--quiet",
+            "--threads",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return out
@@ -32,10 +45,13 @@ def rows(path: Path) -> list[dict]:
 
 
 def test_self_consistency_on_svamp_writes_agreeing_paths_in_the_four_lmsi_formats(tmp_path):
-    out = run(tmp_path, (
-        f"self_consistency:\n  questions_path: {SVAMP}\n  max_questions: 3\n  paths_per_question: 4\n"
-        "  sampling: {maxTokens: 64}\nseed: 5\n"
-    ))
+    out = run(
+        tmp_path,
+        (
+            f"self_consistency:\n  questions_path: {SVAMP}\n  max_questions: 3\n  paths_per_question: 4\n"
+            "  sampling: {maxTokens: 64}\nseed: 5\n"
+        ),
+    )
     paths, lmsi, lineage = rows(out / "paths.jsonl"), rows(out / "lmsi.jsonl"), rows(out / "lineage.jsonl")
     assert pq.read_table(out / "lmsi.parquet").num_rows == len(lmsi) == 4 * len(paths)
     questions = {r["item_id"]: r for r in lineage if "/" not in r["item_id"]}
@@ -51,11 +67,18 @@ def test_self_consistency_on_svamp_writes_agreeing_paths_in_the_four_lmsi_format
 
 def test_constitutional_writes_sft_records_and_one_judge_oriented_pair_per_prompt(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("How can I get back at a rude coworker?", "Is it fine to skip sleep before an exam?")))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": p}) + "\n" for p in ("How can I get back at a rude coworker?", "Is it fine to skip sleep before an exam?")
+        )
+    )
     # min_margin 0: the 135M judge's labels sit near 0.5, and this test needs pairs (the margin has unit tests).
-    out = run(tmp_path, (
-        f"constitutional:\n  prompts_path: {prompts}\n  rounds: 2\n  judged_pairs: true\n  min_margin: 0\n  sampling: {{maxTokens: 40}}\nseed: 3\n"
-    ))
+    out = run(
+        tmp_path,
+        (
+            f"constitutional:\n  prompts_path: {prompts}\n  rounds: 2\n  judged_pairs: true\n  min_margin: 0\n  sampling: {{maxTokens: 40}}\nseed: 3\n"
+        ),
+    )
     messages, preferences, lineage = rows(out / "sft_messages.jsonl"), rows(out / "preferences.jsonl"), rows(out / "lineage.jsonl")
     kept = [r for r in lineage if r["kept"]]
     assert kept, "no prompt was revised"
@@ -70,7 +93,10 @@ def test_constitutional_writes_sft_records_and_one_judge_oriented_pair_per_promp
         final, initial = record["data"]["final_revision"], record["data"]["initial_response"]
         assert pair["source"] == "judged" and pair["probability_chosen"] == pytest.approx(max(p_revision, 1 - p_revision))
         expected = (final, initial) if p_revision >= 0.5 else (initial, final)
-        assert (pair["chosen"], pair["rejected"]) == ([{"role": "assistant", "content": expected[0]}], [{"role": "assistant", "content": expected[1]}])
+        assert (pair["chosen"], pair["rejected"]) == (
+            [{"role": "assistant", "content": expected[0]}],
+            [{"role": "assistant", "content": expected[1]}],
+        )
         assert pair["prompt"] == [{"role": "user", "content": record["data"]["prompt"]}]
     for record in lineage:
         if not record["kept"]:

@@ -41,7 +41,9 @@ def spec(output_dir: Path) -> coordinator_pb2.JobSpec:
 
 async def run_job(models: tuple[Service, Service], workdir: Path, kill: bool) -> dict[str, str]:
     generator, scorer = models
-    coordinator = Service("coordinator", ["--data-dir", str(workdir), "--generator-target", generator.target, "--scorer-target", scorer.target])
+    coordinator = Service(
+        "coordinator", ["--data-dir", str(workdir), "--generator-target", generator.target, "--scorer-target", scorer.target]
+    )
     coordinator.start()
     try:
         await finish_job(coordinator, JOB, spec(workdir / "dataset"), "vote", coordinator if kill else None)

@@ -27,7 +27,9 @@ def neighbours(tmp_path_factory) -> Iterator[dict[str, Service]]:
     services = {
         "generator": generator,
         "scorer": Service("scorer", []),
-        "tool-executor": Service("tool-executor", ["--data-dir", str(tmp_path_factory.mktemp("tools")), "--generator-target", generator.target]),
+        "tool-executor": Service(
+            "tool-executor", ["--data-dir", str(tmp_path_factory.mktemp("tools")), "--generator-target", generator.target]
+        ),
     }
     for name in ("scorer", "tool-executor"):
         services[name].start()
@@ -48,8 +50,14 @@ def spec(output_dir: Path) -> coordinator_pb2.JobSpec:
 
 
 async def run_job(neighbours: dict[str, Service], workdir: Path, kill: bool) -> dict[str, str]:
-    targets = ["--generator-target", neighbours["generator"].target, "--scorer-target", neighbours["scorer"].target,
-               "--tool-executor-target", neighbours["tool-executor"].target]
+    targets = [
+        "--generator-target",
+        neighbours["generator"].target,
+        "--scorer-target",
+        neighbours["scorer"].target,
+        "--tool-executor-target",
+        neighbours["tool-executor"].target,
+    ]
     coordinator = Service("coordinator", ["--data-dir", str(workdir), *targets])
     coordinator.start()
     try:

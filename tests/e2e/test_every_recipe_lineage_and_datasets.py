@@ -14,7 +14,6 @@ import asyncio
 import json
 from pathlib import Path
 
-
 import pytest
 import pytest_asyncio
 
@@ -22,8 +21,8 @@ from autodidact.coordinator.recipes.formats import gsm8k_document
 from autodidact.runtime.channels import create_channel
 from autodidact.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from tests.conftest import GSM8K, SEED_TASKS, SVAMP
-from tests.stack import start_stack
 from tests.lineage import assert_lineage_agrees, read_jsonl
+from tests.stack import start_stack
 
 # Four jobs share one stack; the first test waits for all of them.
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(900)]
@@ -42,32 +41,49 @@ def specs(inputs: Path, out: Path) -> dict[str, coordinator_pb2.JobSpec]:
     return {
         "self_instruct": coordinator_pb2.JobSpec(
             self_instruct=coordinator_pb2.SelfInstructSpec(
-                seed_tasks_path=str(SEED_TASKS), target_instructions=2, max_rounds=8,
-                instruction_sampling=common_pb2.SamplingParams(max_tokens=160), instance_sampling=common_pb2.SamplingParams(max_tokens=96),
+                seed_tasks_path=str(SEED_TASKS),
+                target_instructions=2,
+                max_rounds=8,
+                instruction_sampling=common_pb2.SamplingParams(max_tokens=160),
+                instance_sampling=common_pb2.SamplingParams(max_tokens=96),
             ),
-            seed=3, max_in_flight=2, output_dir=str(out / "self_instruct"),
+            seed=3,
+            max_in_flight=2,
+            output_dir=str(out / "self_instruct"),
         ),
         "toolformer": coordinator_pb2.JobSpec(
             toolformer=coordinator_pb2.ToolformerSpec(
-                documents_path=str(inputs / "docs.jsonl"), tools=["Calculator"], positions_per_document=2, calls_per_position=2,
+                documents_path=str(inputs / "docs.jsonl"),
+                tools=["Calculator"],
+                positions_per_document=2,
+                calls_per_position=2,
                 filter_threshold=-100,  # keeps every call that executes, so the tables have rows whatever the losses
             ),
-            seed=3, output_dir=str(out / "toolformer"),
+            seed=3,
+            output_dir=str(out / "toolformer"),
         ),
         "self_consistency": coordinator_pb2.JobSpec(
             self_consistency=coordinator_pb2.SelfConsistencySpec(
-                questions_path=str(SVAMP), max_questions=2, paths_per_question=4,
+                questions_path=str(SVAMP),
+                max_questions=2,
+                paths_per_question=4,
                 # Near-greedy, so the small model's paths agree and the tables have rows.
                 sampling=common_pb2.SamplingParams(max_tokens=96, temperature=0.1),
             ),
-            seed=5, output_dir=str(out / "self_consistency"),
+            seed=5,
+            output_dir=str(out / "self_consistency"),
         ),
         "constitutional": coordinator_pb2.JobSpec(
             constitutional=coordinator_pb2.ConstitutionalSpec(
-                prompts_path=str(inputs / "prompts.jsonl"), rounds=1, judged_pairs=True, sampling=common_pb2.SamplingParams(max_tokens=32),
+                prompts_path=str(inputs / "prompts.jsonl"),
+                rounds=1,
+                judged_pairs=True,
+                sampling=common_pb2.SamplingParams(max_tokens=32),
                 min_margin=0,  # the small model's judge stays near 0.5; any decided label orients its pair
             ),
-            seed=3, output_dir=str(out / "constitutional"), max_error_fraction=0.5,
+            seed=3,
+            output_dir=str(out / "constitutional"),
+            max_error_fraction=0.5,
         ),
     }
 
@@ -139,8 +155,7 @@ def tiny_chat_tokenizer():
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
     tokenizer.chat_template = (
-        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     return tokenizer
 

@@ -89,7 +89,7 @@ def _scalar(field: Any, depth: int) -> st.SearchStrategy[Any]:
 def message_strategy(descriptor: Any, depth: int = 0) -> st.SearchStrategy[Any]:
     """Messages of this type with a random subset of fields set to awkward values."""
     cls = message_factory.GetMessageClass(descriptor)
-    if depth > 3 or descriptor.full_name.startswith("google.protobuf.") and descriptor.name not in ("Timestamp", "Duration"):
+    if depth > 3 or (descriptor.full_name.startswith("google.protobuf.") and descriptor.name not in ("Timestamp", "Duration")):
         return st.just(cls())
     parts: dict[str, st.SearchStrategy[Any]] = {}
     for field in descriptor.fields:
@@ -221,6 +221,8 @@ GOOD_CALLS = {
     "tool-executor": (SERVICE_DESCRIPTORS["tool-executor"].methods_by_name["ListTools"], b""),
     "dedup": (
         SERVICE_DESCRIPTORS["dedup"].methods_by_name["FilterBatch"],
-        dedup_pb2.FilterBatchRequest(namespace="fuzz-good", items=[dedup_pb2.DedupItem(id="a", text="hello")], dry_run=True).SerializeToString(),
+        dedup_pb2.FilterBatchRequest(
+            namespace="fuzz-good", items=[dedup_pb2.DedupItem(id="a", text="hello")], dry_run=True
+        ).SerializeToString(),
     ),
 }

@@ -26,9 +26,25 @@ AUTODIDACT = str(Path(sys.executable).parent / "autodidact")
 
 def start_server(port: int, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [AUTODIDACT, "serve", "generator", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
-         "--threads", "2", "--log-format", "json", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            AUTODIDACT,
+            "serve",
+            "generator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--threads",
+            "2",
+            "--log-format",
+            "json",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -98,7 +114,9 @@ async def test_sigterm_lets_the_call_in_flight_finish_flips_health_and_exits_wit
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([AUTODIDACT, *args], capture_output=True, text=True, timeout=180, env={**os.environ, "AUTODIDACT_LOG_FORMAT": "json"})
+    return subprocess.run(
+        [AUTODIDACT, *args], capture_output=True, text=True, timeout=180, env={**os.environ, "AUTODIDACT_LOG_FORMAT": "json"}
+    )
 
 
 def test_cli_generate_prints_samples_from_a_running_generator(server):
@@ -118,8 +136,10 @@ def test_cli_generate_reports_refusals_clearly(server):
     ("constitution", "message"),
     [
         ("name: empty\nversion: '1'\npreference_question: Which?\n", "principles: must have at least 1 item"),
-        ("name: half\nversion: '1'\npreference_question: Which?\nprinciples:\n  - name: harm\n    critique_request: Say what is harmful.\n",
-         "principles[0].revision_request: must not be empty"),
+        (
+            "name: half\nversion: '1'\npreference_question: Which?\nprinciples:\n  - name: harm\n    critique_request: Say what is harmful.\n",
+            "principles[0].revision_request: must not be empty",
+        ),
     ],
 )
 def test_the_critic_refuses_to_start_with_a_bad_constitution(tmp_path, constitution, message):
@@ -136,7 +156,10 @@ def test_logs_are_json_off_a_terminal_and_carry_the_request_id():
     # No --log-format: "auto" must choose JSON because stdout/stderr are pipes here.
     process = subprocess.Popen(
         [AUTODIDACT, "serve", "generator", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--threads", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={k: v for k, v in os.environ.items() if not k.startswith("AUTODIDACT_")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("AUTODIDACT_")},
     )
     try:
         refused = cli("generate", "--target", f"127.0.0.1:{port}", "--wait", "60", "--top-p", "0", "hello")
@@ -186,12 +209,18 @@ def test_two_services_on_one_host_each_serve_metrics_on_their_own_default_port()
     names = ("critic", "tool-executor")
     ports = {name: free_port() for name in names}
     processes = [
-        subprocess.Popen([AUTODIDACT, "serve", name, "--host", "127.0.0.1", "--port", str(ports[name])],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_env())
+        subprocess.Popen(
+            [AUTODIDACT, "serve", name, "--host", "127.0.0.1", "--port", str(ports[name])],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+        )
         for name in names
     ]
     try:
         for name in names:
+
             async def serving(target: str = f"127.0.0.1:{ports[name]}") -> None:
                 async with grpc.aio.insecure_channel(target) as channel:
                     await wait_until_serving(channel, timeout=60)
@@ -210,8 +239,12 @@ def test_up_takes_a_base_port():
     base = free_port()
     while base > 65_000:
         base = free_port()
-    process = subprocess.Popen([AUTODIDACT, "up", "--base-port", str(base), "--metrics-port", "0", "--threads", "1"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env())
+    process = subprocess.Popen(
+        [AUTODIDACT, "up", "--base-port", str(base), "--metrics-port", "0", "--threads", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=clean_env(),
+    )
 
     async def every_port_answers_health() -> None:
         for offset in range(6):
@@ -230,7 +263,9 @@ def test_run_against_a_dead_coordinator_says_so_within_10_seconds(tmp_path):
     recipe.write_text("self_instruct:\n  seed_tasks_path: seeds.jsonl\n  target_instructions: 2\n", encoding="utf-8")
     started = time.monotonic()
     dead = f"127.0.0.1:{free_port()}"
-    result = subprocess.run([AUTODIDACT, "run", str(recipe), "--coordinator", dead], capture_output=True, text=True, timeout=60, env=clean_env())
+    result = subprocess.run(
+        [AUTODIDACT, "run", str(recipe), "--coordinator", dead], capture_output=True, text=True, timeout=60, env=clean_env()
+    )
     assert time.monotonic() - started < 10  # was 120 s of silence, then a traceback
     assert f"no coordinator at {dead}" in one_line_error(result)
 
@@ -239,5 +274,7 @@ def test_a_damaged_job_store_stops_the_coordinator_with_one_line(tmp_path):
     store = tmp_path / "coordinator" / "jobs.sqlite"
     store.parent.mkdir()
     store.write_bytes(b"not a database" * 500)
-    result = cli("serve", "coordinator", "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", "0", "--data-dir", str(tmp_path))
+    result = cli(
+        "serve", "coordinator", "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", "0", "--data-dir", str(tmp_path)
+    )
     assert f"the job store {store} is damaged" in one_line_error(result)

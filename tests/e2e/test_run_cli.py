@@ -8,29 +8,42 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SVAMP, SEED_TASKS
-
+from tests.conftest import SEED_TASKS, SVAMP
 
 AUTODIDACT = str(Path(sys.executable).parent / "autodidact")
 
 
 def run(recipe: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([AUTODIDACT, "run", str(recipe), "--data-dir", str(recipe.parent / "state")], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [AUTODIDACT, "run", str(recipe), "--data-dir", str(recipe.parent / "state")], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
     ("body", "message"),
     [
         ("distillation:\n  teacher: big\n", 'has no field named "distillation"'),
-        (f"self_instruct:\n  seed_tasks_path: {SEED_TASKS}\n  target_instructions: -3\n", "target_instructions field: Value out of range: -3"),
-        ("self_instruct:\n  seed_tasks_path: missing.jsonl\n  target_instructions: 3\n", "spec.self_instruct.seed_tasks_path: file not found"),
-        (f"self_instruct:\n  seed_tasks_path: {SEED_TASKS}\n  target_instructions: 3\n  similarity_threshold: 1.5\n",
-         "spec.self_instruct.similarity_threshold: must be between 0 and 1, got 1.5"),
+        (
+            f"self_instruct:\n  seed_tasks_path: {SEED_TASKS}\n  target_instructions: -3\n",
+            "target_instructions field: Value out of range: -3",
+        ),
+        (
+            "self_instruct:\n  seed_tasks_path: missing.jsonl\n  target_instructions: 3\n",
+            "spec.self_instruct.seed_tasks_path: file not found",
+        ),
+        (
+            f"self_instruct:\n  seed_tasks_path: {SEED_TASKS}\n  target_instructions: 3\n  similarity_threshold: 1.5\n",
+            "spec.self_instruct.similarity_threshold: must be between 0 and 1, got 1.5",
+        ),
         ("- just\n- a list\n", "expected a mapping of JobSpec fields"),
-        (f"self_consistency:\n  questions_path: {SVAMP}\n  paths_per_question: 0\n",
-         "spec.self_consistency.paths_per_question: must be between 1 and 256, got 0"),
-        (f"self_consistency:\n  questions_path: {SVAMP}\n  paths_per_question: 1000000\n",
-         "spec.self_consistency.paths_per_question: must be between 1 and 256, got 1,000,000"),
+        (
+            f"self_consistency:\n  questions_path: {SVAMP}\n  paths_per_question: 0\n",
+            "spec.self_consistency.paths_per_question: must be between 1 and 256, got 0",
+        ),
+        (
+            f"self_consistency:\n  questions_path: {SVAMP}\n  paths_per_question: 1000000\n",
+            "spec.self_consistency.paths_per_question: must be between 1 and 256, got 1,000,000",
+        ),
         ("toolformer:\n  documents_path: missing.jsonl\n  tools: [Calculator]\n", "spec.toolformer.documents_path: file not found"),
     ],
 )

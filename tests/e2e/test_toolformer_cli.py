@@ -32,7 +32,9 @@ def test_the_calculator_recipe_runs_from_the_cli_and_writes_its_dataset(tmp_path
     out = tmp_path / "out"
     result = subprocess.run(
         [AUTODIDACT, "run", str(recipe), "--data-dir", str(tmp_path / "state"), "--out", str(out), "--quiet", "--threads", "2"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCEEDED" in result.stdout
@@ -53,7 +55,9 @@ def test_the_calculator_recipe_runs_from_the_cli_and_writes_its_dataset(tmp_path
         # Removing the spliced calls gives the document back.
         stripped = row["text"]
         for call in row["calls"]:
-            stripped = stripped.replace(" " + call["call"], "", 1) if (" " + call["call"]) in stripped else stripped.replace(call["call"], "", 1)
+            stripped = (
+                stripped.replace(" " + call["call"], "", 1) if (" " + call["call"]) in stripped else stripped.replace(call["call"], "", 1)
+            )
         assert stripped == row["original_text"]
         for call in row["calls"]:
             assert call["call"] == f"[Calculator({call['input']}) -> {call['result']}]"

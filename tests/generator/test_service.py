@@ -12,9 +12,9 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
+from autodidact.coordinator.recipes.toolformer import CALCULATOR_GRAMMAR
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.interceptors import REQUEST_ID_HEADER
-from autodidact.coordinator.recipes.toolformer import CALCULATOR_GRAMMAR
 from autodidact.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from tests.conftest import text_request
 
@@ -61,7 +61,9 @@ async def test_chat_prompt_uses_the_models_chat_template(generator):
 
 
 async def test_max_tokens_and_stop_sequences_are_honoured(generator):
-    capped = await generator.Generate(text_request("Count: 1, 2, 3,", seed=1, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=5)))
+    capped = await generator.Generate(
+        text_request("Count: 1, 2, 3,", seed=1, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=5))
+    )
     assert capped.samples[0].completion_tokens == 5
     assert capped.samples[0].finish_reason == common_pb2.FINISH_REASON_LENGTH
     stopped = await generator.Generate(
@@ -87,7 +89,9 @@ def is_calculator_call(text: str) -> bool:
 async def test_a_grammar_constrained_sample_is_always_grammar_conforming_and_repeats_by_seed(generator):
     prompt = "Add calculator calls.\nInput:\nShe sold 48/2 = 24 clips.\nOutput:\nShe sold 48/2 = ["
     sampling = common_pb2.SamplingParams(temperature=1.0, max_tokens=32, grammar=CALCULATOR_GRAMMAR)
-    free = await generator.Generate(text_request(prompt, n=4, seed=5, sampling=common_pb2.SamplingParams(temperature=1.0, max_tokens=16, stop=["]", "\n"])))
+    free = await generator.Generate(
+        text_request(prompt, n=4, seed=5, sampling=common_pb2.SamplingParams(temperature=1.0, max_tokens=16, stop=["]", "\n"]))
+    )
     constrained = await generator.Generate(text_request(prompt, n=4, seed=5, sampling=sampling))
     # Unconstrained, the small model writes prose as often as calls; constrained, it never does.
     assert not all(is_calculator_call(s.text) for s in free.samples)
@@ -127,16 +131,44 @@ BAD_REQUESTS = [
     (generator_pb2.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "prompt: is required"),
     (text_request("hi", n=1_000_000), grpc.StatusCode.INVALID_ARGUMENT, "n: must be between 1 and 64"),
     (text_request("hi", sampling=common_pb2.SamplingParams(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.temperature"),
-    (text_request("hi", sampling=common_pb2.SamplingParams(max_tokens=100_000)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens: must be between 1 and 2,048"),
+    (
+        text_request("hi", sampling=common_pb2.SamplingParams(max_tokens=100_000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.max_tokens: must be between 1 and 2,048",
+    ),
     # Fits the static bound, but not with the prompt in front of it: only the backend can tell.
-    (text_request("word " * 1500, sampling=common_pb2.SamplingParams(max_tokens=1000)), grpc.StatusCode.INVALID_ARGUMENT, "exceeds the model context of 2048 tokens"),
-    (text_request("hi", sampling=common_pb2.SamplingParams(stop=["s"] * 10_000)), grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop: must have at most 16 items"),
+    (
+        text_request("word " * 1500, sampling=common_pb2.SamplingParams(max_tokens=1000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "exceeds the model context of 2048 tokens",
+    ),
+    (
+        text_request("hi", sampling=common_pb2.SamplingParams(stop=["s"] * 10_000)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.stop: must have at most 16 items",
+    ),
     (huge_prompt(), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
-    (text_request("hi", sampling=common_pb2.SamplingParams(grammar='root ::= "x" )')), grpc.StatusCode.INVALID_ARGUMENT, "sampling.grammar: is not a GBNF grammar: line 1, column 14: expected a newline or the end"),
-    (text_request("hi", sampling=common_pb2.SamplingParams(grammar="root ::= digit")), grpc.StatusCode.INVALID_ARGUMENT, "sampling.grammar: line 1, column 10: rule `digit` is used but never defined"),
-    (text_request("hi", sampling=common_pb2.SamplingParams(json_schema="[1, 2]")), grpc.StatusCode.INVALID_ARGUMENT, "sampling.json_schema: must be a JSON object"),
+    (
+        text_request("hi", sampling=common_pb2.SamplingParams(grammar='root ::= "x" )')),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.grammar: is not a GBNF grammar: line 1, column 14: expected a newline or the end",
+    ),
+    (
+        text_request("hi", sampling=common_pb2.SamplingParams(grammar="root ::= digit")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.grammar: line 1, column 10: rule `digit` is used but never defined",
+    ),
+    (
+        text_request("hi", sampling=common_pb2.SamplingParams(json_schema="[1, 2]")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.json_schema: must be a JSON object",
+    ),
     # A JSON object llama.cpp's schema converter cannot turn into a grammar: only the backend can tell.
-    (text_request("hi", sampling=common_pb2.SamplingParams(json_schema='{"$ref": "#/nowhere"}')), grpc.StatusCode.INVALID_ARGUMENT, "sampling.json_schema: llamacpp cannot turn this schema into a grammar"),
+    (
+        text_request("hi", sampling=common_pb2.SamplingParams(json_schema='{"$ref": "#/nowhere"}')),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.json_schema: llamacpp cannot turn this schema into a grammar",
+    ),
 ]
 
 

@@ -16,7 +16,8 @@ STUBS = ROOT / "services" / "autodidact" / "v1"
 def test_checked_in_stubs_match_the_protos(tmp_path: Path):
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "generate_stubs.py"), "--out", str(tmp_path)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     fresh = tmp_path / "autodidact" / "v1"
     generated = sorted(p.name for p in fresh.iterdir())
@@ -36,8 +37,12 @@ def test_buf_lint_passes():
 
 def test_every_service_has_a_contract():
     services = {
-        "generator": "GeneratorService", "scorer": "ScorerService", "critic": "CriticService",
-        "tool_executor": "ToolExecutorService", "dedup": "DedupService", "coordinator": "CoordinatorService",
+        "generator": "GeneratorService",
+        "scorer": "ScorerService",
+        "critic": "CriticService",
+        "tool_executor": "ToolExecutorService",
+        "dedup": "DedupService",
+        "coordinator": "CoordinatorService",
     }
     import importlib
 

@@ -6,6 +6,8 @@ import asyncio
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from autodidact.backends.llm import LLM
 from autodidact.critic.service import SERVICE_NAME as CRITIC
 from autodidact.critic.service import CriticSettings, critic_component
@@ -16,7 +18,6 @@ from autodidact.runtime.component import Component, Resource
 from autodidact.runtime.server import ServiceHost
 from autodidact.runtime.settings import ServerSettings
 from autodidact.v1 import critic_pb2, critic_pb2_grpc, generator_pb2, generator_pb2_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 class Handle:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+
 from autodidact.errors import FailedPrecondition, Unavailable
 from autodidact.runtime.neighbours import TRANSIENT_CODES, is_transient, neighbour_error, rpc_error_text
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 import json
 import shutil
 import subprocess
 import sys
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -143,7 +143,9 @@ async def test_an_outside_client_lists_services_by_reflection_and_calls_generate
     assert called.returncode == 0, called.stderr
     response = json.loads(called.stdout)
     assert [s["seed"] for s in response["samples"]] == [5, 6]
-    refused = await run(grpcurl, "-plaintext", "-d", json.dumps({"prompt": {"text": ""}}), target, "autodidact.v1.GeneratorService/Generate")
+    refused = await run(
+        grpcurl, "-plaintext", "-d", json.dumps({"prompt": {"text": ""}}), target, "autodidact.v1.GeneratorService/Generate"
+    )
     assert refused.returncode != 0 and "InvalidArgument" in refused.stderr and "prompt.text: must not be empty" in refused.stderr
 
 
@@ -242,7 +244,10 @@ async def test_response_streams_have_their_own_bound_and_never_starve_health_or_
 def seed_tasks(tmp_path) -> Path:
     path = tmp_path / "seeds.jsonl"
     path.write_text(
-        "\n".join(json.dumps({"instruction": f"Task {i}.", "instances": [{"input": "", "output": "ok"}], "is_classification": False}) for i in range(8)),
+        "\n".join(
+            json.dumps({"instruction": f"Task {i}.", "instances": [{"input": "", "output": "ok"}], "is_classification": False})
+            for i in range(8)
+        ),
         encoding="utf-8",
     )
     return path
@@ -255,8 +260,13 @@ async def test_idle_watch_job_streams_leave_health_checks_and_calls_alone(tmp_pa
     # Nothing listens at the services: the job waits them out, RUNNING, so watchers stay idle.
     dead = f"127.0.0.1:{free_port()}"
     settings = CoordinatorSettings(
-        data_dir=tmp_path / "coordinator", generator_target=dead, dedup_target=dead, scorer_target=dead,
-        tool_executor_target=dead, critic_target=dead, patience_seconds=120,
+        data_dir=tmp_path / "coordinator",
+        generator_target=dead,
+        dedup_target=dead,
+        scorer_target=dead,
+        tool_executor_target=dead,
+        critic_target=dead,
+        patience_seconds=120,
     )
     host = ServiceHost([coordinator_component(settings)], ServerSettings(grace_seconds=0, max_concurrent_rpcs=4, max_concurrent_streams=40))
     await host.start()
@@ -264,7 +274,9 @@ async def test_idle_watch_job_streams_leave_health_checks_and_calls_alone(tmp_pa
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-            spec = coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(seed_tasks), target_instructions=2))
+            spec = coordinator_pb2.JobSpec(
+                self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(seed_tasks), target_instructions=2)
+            )
             await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="waits", spec=spec), timeout=10)
             watchers = [stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id="waits")) for _ in range(40)]
             for watcher in watchers:
@@ -280,7 +292,9 @@ async def test_idle_watch_job_streams_leave_health_checks_and_calls_alone(tmp_pa
         await host.stop(grace=0)
 
 
-@pytest.mark.parametrize("method", ["/autodidact.v1.GeneratorService/Generate", "/grpc.health.v1.Health/Check", "/autodidact.v1.GeneratorService/GetModelInfo"])
+@pytest.mark.parametrize(
+    "method", ["/autodidact.v1.GeneratorService/Generate", "/grpc.health.v1.Health/Check", "/autodidact.v1.GeneratorService/GetModelInfo"]
+)
 async def test_bytes_that_are_not_a_message_get_invalid_argument(still_loading, method):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{still_loading.port}") as channel:
         call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
@@ -294,7 +308,9 @@ async def test_status_messages_quote_client_input_shortened(generator):
     from autodidact.v1 import common_pb2, generator_pb2
 
     role = "r" * 78_000
-    request = generator_pb2.GenerateRequest(prompt=common_pb2.Prompt(chat=common_pb2.Chat(messages=[common_pb2.ChatMessage(role=role, content="hi")])))
+    request = generator_pb2.GenerateRequest(
+        prompt=common_pb2.Prompt(chat=common_pb2.Chat(messages=[common_pb2.ChatMessage(role=role, content="hi")]))
+    )
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await generator.Generate(request, timeout=10)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # was a metadata-size transport error
@@ -325,7 +341,9 @@ async def test_rebuilding_a_large_search_index_does_not_stall_health(tmp_path):
     from autodidact.tool_executor.service import ToolExecutorSettings, tool_executor_component
     from autodidact.v1 import tool_executor_pb2, tool_executor_pb2_grpc
 
-    host = ServiceHost([tool_executor_component(ToolExecutorSettings(data_dir=tmp_path, generator_target=""))], ServerSettings(grace_seconds=0))
+    host = ServiceHost(
+        [tool_executor_component(ToolExecutorSettings(data_dir=tmp_path, generator_target=""))], ServerSettings(grace_seconds=0)
+    )
     await host.start()
     await host.wait_ready()
     words = ["river", "mountain", "city", "history", "science", "music", "paper", "stone", "light", "forest"]

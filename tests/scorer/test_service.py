@@ -13,10 +13,10 @@ import pytest
 import pytest_asyncio
 
 from autodidact.backends.llm.llamacpp import bundled_model_path
+from autodidact.coordinator.recipes.formats import gsm8k_document
 from autodidact.runtime.channels import create_channel
 from autodidact.scorer import votes
 from autodidact.v1 import scorer_pb2, scorer_pb2_grpc
-from autodidact.coordinator.recipes.formats import gsm8k_document
 from tests.conftest import GSM8K
 from tests.stack import start_stack
 
@@ -70,10 +70,14 @@ def gsm8k_candidates(llama, count: int) -> list[tuple[str, list[scorer_pb2.Candi
         for k, a in enumerate(annotations):
             boundary = max(s for s in starts[1:] if s <= a["char_offset"])
             for label, result in (("right", a["result"]), ("wrong", str(int(float(a["result"])) + 7))):
-                candidates.append(scorer_pb2.CandidateCall(
-                    id=f"a{k}-{label}", char_offset=boundary,
-                    call_without_result=f"[Calculator({a['expression']})]", call_with_result=f"[Calculator({a['expression']}) -> {result}]",
-                ))
+                candidates.append(
+                    scorer_pb2.CandidateCall(
+                        id=f"a{k}-{label}",
+                        char_offset=boundary,
+                        call_without_result=f"[Calculator({a['expression']})]",
+                        call_with_result=f"[Calculator({a['expression']}) -> {result}]",
+                    )
+                )
         out.append((text, candidates))
     return out
 
@@ -92,9 +96,15 @@ async def test_filter_decisions_and_losses_equal_the_paper_formula_computed_pass
     inline = placement == scorer_pb2.CALL_PLACEMENT_INLINE
     separator = "" if inline else "\n"
     for text, candidates in gsm8k_candidates(llama, 2):
-        response = await scorer.FilterToolCalls(scorer_pb2.FilterToolCallsRequest(
-            text=text, candidates=candidates, threshold=0.5, placement=placement, all_losses=True,
-        ))
+        response = await scorer.FilterToolCalls(
+            scorer_pb2.FilterToolCallsRequest(
+                text=text,
+                candidates=candidates,
+                threshold=0.5,
+                placement=placement,
+                all_losses=True,
+            )
+        )
         document = tokenize(llama, text)
         position_of = {o: i for i, (_, o) in enumerate(_offsets(llama, text))}
         naive_tokens = 0
@@ -146,7 +156,9 @@ async def test_marker_probabilities_are_the_models_next_token_probabilities(scor
     for position in response.positions:
         assert position.probability == pytest.approx(expected[position.token_index], rel=1e-9)
         assert position.char_offset == offsets[position.token_index]
-    top = await scorer.MarkerProbabilities(scorer_pb2.MarkerProbabilitiesRequest(prompt=prompt, text=text, threshold=(got[1] + got[2]) / 2, top_k=5))
+    top = await scorer.MarkerProbabilities(
+        scorer_pb2.MarkerProbabilitiesRequest(prompt=prompt, text=text, threshold=(got[1] + got[2]) / 2, top_k=5)
+    )
     assert [p.token_index for p in top.positions] == [p.token_index for p in response.positions[:2]]
 
 
@@ -161,7 +173,9 @@ async def test_score_text_matches_a_full_pass(scorer, llama):
 
 
 def _filter(**fields) -> scorer_pb2.FilterToolCallsRequest:
-    candidates = fields.pop("candidates", [scorer_pb2.CandidateCall(id="a", char_offset=3, call_without_result="[C(1)]", call_with_result="[C(1) -> 1]")])
+    candidates = fields.pop(
+        "candidates", [scorer_pb2.CandidateCall(id="a", char_offset=3, call_without_result="[C(1)]", call_with_result="[C(1) -> 1]")]
+    )
     return scorer_pb2.FilterToolCallsRequest(text=fields.pop("text", "She sold 48 clips in May."), candidates=candidates, **fields)
 
 
@@ -172,11 +186,35 @@ def _filter(**fields) -> scorer_pb2.FilterToolCallsRequest:
         ("FilterToolCalls", _filter(threshold=101), "threshold"),
         ("FilterToolCalls", _filter(weights=[1.0, -0.5]), "weights"),
         ("FilterToolCalls", _filter(weights=[0.0]), "weights"),
-        ("FilterToolCalls", _filter(candidates=[scorer_pb2.CandidateCall(id="a", char_offset=4, call_without_result="[C(1)]", call_with_result="[C(1) -> 1]")]), "candidates[0].char_offset"),
-        ("FilterToolCalls", _filter(candidates=[scorer_pb2.CandidateCall(id="a", char_offset=0, call_without_result="[C(1)]", call_with_result="[C(1) -> 1]")]), "candidates[0].char_offset"),
-        ("FilterToolCalls", _filter(candidates=[scorer_pb2.CandidateCall(id="a", char_offset=3, call_with_result="[C(1) -> 1]")]), "candidates[0].call_without_result"),
-        ("FilterToolCalls", _filter(candidates=[scorer_pb2.CandidateCall(id="a", char_offset=3, call_without_result="x", call_with_result="y")] * 2), "candidates[1].id"),
-        ("MarkerProbabilities", scorer_pb2.MarkerProbabilitiesRequest(text="Some text here.", marker_tokens=["[Calculator("]), "marker_tokens[0]"),
+        (
+            "FilterToolCalls",
+            _filter(
+                candidates=[scorer_pb2.CandidateCall(id="a", char_offset=4, call_without_result="[C(1)]", call_with_result="[C(1) -> 1]")]
+            ),
+            "candidates[0].char_offset",
+        ),
+        (
+            "FilterToolCalls",
+            _filter(
+                candidates=[scorer_pb2.CandidateCall(id="a", char_offset=0, call_without_result="[C(1)]", call_with_result="[C(1) -> 1]")]
+            ),
+            "candidates[0].char_offset",
+        ),
+        (
+            "FilterToolCalls",
+            _filter(candidates=[scorer_pb2.CandidateCall(id="a", char_offset=3, call_with_result="[C(1) -> 1]")]),
+            "candidates[0].call_without_result",
+        ),
+        (
+            "FilterToolCalls",
+            _filter(candidates=[scorer_pb2.CandidateCall(id="a", char_offset=3, call_without_result="x", call_with_result="y")] * 2),
+            "candidates[1].id",
+        ),
+        (
+            "MarkerProbabilities",
+            scorer_pb2.MarkerProbabilitiesRequest(text="Some text here.", marker_tokens=["[Calculator("]),
+            "marker_tokens[0]",
+        ),
         ("MarkerProbabilities", scorer_pb2.MarkerProbabilitiesRequest(text="Some text here.", threshold=1.5), "threshold"),
         ("MarkerProbabilities", scorer_pb2.MarkerProbabilitiesRequest(text="Some text here.", top_k=5000), "top_k"),
         ("MarkerProbabilities", scorer_pb2.MarkerProbabilitiesRequest(text=""), "text"),
@@ -223,8 +261,14 @@ async def test_vote_counts_the_answer_each_path_states_last_and_a_tie_has_no_win
     [
         # Each of these reached INTERNAL, or held the scorer past the caller's deadline, before the bounds.
         (_vote(["The answer is 1e999999999"] * 3, answer_pattern=NUMBER_PATTERN), ["1e999999999"] * 3),
-        (_vote(["The answer is -1E+999999999", "The answer is 1e-999999999"], answer_pattern=NUMBER_PATTERN), ["-1E+999999999", "1e-999999999"]),
-        (_vote(["The answer is 1e99999999999999999999999", "The answer is NaN"], answer_pattern=NUMBER_PATTERN), ["1e99999999999999999999999", "NaN"]),
+        (
+            _vote(["The answer is -1E+999999999", "The answer is 1e-999999999"], answer_pattern=NUMBER_PATTERN),
+            ["-1E+999999999", "1e-999999999"],
+        ),
+        (
+            _vote(["The answer is 1e99999999999999999999999", "The answer is NaN"], answer_pattern=NUMBER_PATTERN),
+            ["1e99999999999999999999999", "NaN"],
+        ),
         (_vote(["The answer is " + "9" * 5000, "The answer is " + "9" * 900]), ["", "9" * 900]),
         (_vote(["The answer is " + "7" * 60_000] * 100), [""] * 100),
     ],

@@ -55,12 +55,24 @@ async def test_every_escape_and_exhaustion_is_a_typed_error_within_100ms_and_the
 
 async def test_a_batch_mixes_results_and_errors_in_order(tools):
     stub, _, _ = tools
-    response = await stub.ExecuteTools(calls(
-        ("Calculator", "48/2"), ("Calculator", "1/0"), ("Nope", "1"), ("Calendar", ""), ("Calendar", "today"),
-        reference_date="2023-03-09",
-    ))
+    response = await stub.ExecuteTools(
+        calls(
+            ("Calculator", "48/2"),
+            ("Calculator", "1/0"),
+            ("Nope", "1"),
+            ("Calendar", ""),
+            ("Calendar", "today"),
+            reference_date="2023-03-09",
+        )
+    )
     outcomes = [r.output if r.WhichOneof("outcome") == "output" else E.Name(r.error.code) for r in response.results]
-    assert outcomes == ["24", "TOOL_ERROR_CODE_UNDEFINED", "TOOL_ERROR_CODE_UNKNOWN_TOOL", "Thursday, March 9, 2023", "TOOL_ERROR_CODE_PARSE"]
+    assert outcomes == [
+        "24",
+        "TOOL_ERROR_CODE_UNDEFINED",
+        "TOOL_ERROR_CODE_UNKNOWN_TOOL",
+        "Thursday, March 9, 2023",
+        "TOOL_ERROR_CODE_PARSE",
+    ]
     assert [r.id for r in response.results] == ["c0", "c1", "c2", "c3", "c4"]
 
 
@@ -80,7 +92,9 @@ async def test_search_finds_the_document_and_survives_a_restart(tools):
     restarted = await start_stack(data_dir, ("tool-executor",))
     try:
         async with create_channel(restarted.target("tool-executor")) as channel:
-            again = await tool_executor_pb2_grpc.ToolExecutorServiceStub(channel).ExecuteTools(calls(("Search", "capital of France"), collection="facts"))
+            again = await tool_executor_pb2_grpc.ToolExecutorServiceStub(channel).ExecuteTools(
+                calls(("Search", "capital of France"), collection="facts")
+            )
         assert again.results[0].output.startswith("Paris")
     finally:
         await restarted.stop()

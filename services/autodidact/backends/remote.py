@@ -82,7 +82,7 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str, payloa
             if response.status >= 400:
                 raise Refused(response.status, body[:500])
             return json.loads(body)
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientConnectionError) as exc:
         raise Retryable(f"{type(exc).__name__}: {exc}") from exc
 
 

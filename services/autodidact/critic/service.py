@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -94,9 +94,18 @@ class CriticServicer(critic_pb2_grpc.CriticServiceServicer):
 
         async def chat(turns: list[tuple[str, str]], sample_seed: int) -> str:
             messages = [common_pb2.ChatMessage(role=role, content=content) for role, content in turns]
-            response = await _call(generator.Generate(generator_pb2.GenerateRequest(
-                prompt=common_pb2.Prompt(chat=common_pb2.Chat(messages=messages)), sampling=sampling, n=1, seed=sample_seed,
-            ), timeout=CALL_SECONDS), "generator")
+            response = await _call(
+                generator.Generate(
+                    generator_pb2.GenerateRequest(
+                        prompt=common_pb2.Prompt(chat=common_pb2.Chat(messages=messages)),
+                        sampling=sampling,
+                        n=1,
+                        seed=sample_seed,
+                    ),
+                    timeout=CALL_SECONDS,
+                ),
+                "generator",
+            )
             model.CopyFrom(response.model)
             return response.samples[0].text
 
@@ -113,7 +122,9 @@ class CriticServicer(critic_pb2_grpc.CriticServiceServicer):
             model=model,
         )
 
-    async def JudgePreference(self, request: critic_pb2.JudgePreferenceRequest, context: grpc.aio.ServicerContext) -> critic_pb2.JudgePreferenceResponse:
+    async def JudgePreference(
+        self, request: critic_pb2.JudgePreferenceRequest, context: grpc.aio.ServicerContext
+    ) -> critic_pb2.JudgePreferenceResponse:
         generator, scorer = self._stubs()
         prompt = _prompt_text(request.prompt)
         check_length("response_a", request.response_a, 1, MAX_TEXT_CHARS)
@@ -122,22 +133,42 @@ class CriticServicer(critic_pb2_grpc.CriticServiceServicer):
         seed = request.seed if request.HasField("seed") else random.randrange(UINT32)
 
         async def compare(text: str, options: list[str]) -> list[float]:
-            response = await _call(scorer.CompareOptions(scorer_pb2.CompareOptionsRequest(context=text, options=options), timeout=CALL_SECONDS), "scorer")
+            response = await _call(
+                scorer.CompareOptions(scorer_pb2.CompareOptionsRequest(context=text, options=options), timeout=CALL_SECONDS), "scorer"
+            )
             return list(response.probabilities)
 
         async def reason(text: str, sample_seed: int) -> str:
-            response = await _call(generator.Generate(generator_pb2.GenerateRequest(
-                prompt=common_pb2.Prompt(text=text), n=1, seed=sample_seed,
-                sampling=common_pb2.SamplingParams(temperature=1.0, max_tokens=REASONING_TOKENS, stop=["So the answer is", "\nOptions:", "\nPerson:"]),
-            ), timeout=CALL_SECONDS), "generator")
+            response = await _call(
+                generator.Generate(
+                    generator_pb2.GenerateRequest(
+                        prompt=common_pb2.Prompt(text=text),
+                        n=1,
+                        seed=sample_seed,
+                        sampling=common_pb2.SamplingParams(
+                            temperature=1.0, max_tokens=REASONING_TOKENS, stop=["So the answer is", "\nOptions:", "\nPerson:"]
+                        ),
+                    ),
+                    timeout=CALL_SECONDS,
+                ),
+                "generator",
+            )
             return response.samples[0].text
 
         label, judgements, principle = await judge(
-            compare, reason if request.chain_of_thought else None, constitution, prompt, request.response_a, request.response_b, seed,
+            compare,
+            reason if request.chain_of_thought else None,
+            constitution,
+            prompt,
+            request.response_a,
+            request.response_b,
+            seed,
         )
         return critic_pb2.JudgePreferenceResponse(
             probability_a=label,
-            judgements=[critic_pb2.OrderedJudgement(swapped=j.swapped, probability_a=j.probability_a, reasoning=j.reasoning) for j in judgements],
+            judgements=[
+                critic_pb2.OrderedJudgement(swapped=j.swapped, probability_a=j.probability_a, reasoning=j.reasoning) for j in judgements
+            ],
             principle=principle,
             constitution=critic_pb2.ConstitutionRef(name=constitution.name, version=constitution.version),
             seed=seed,

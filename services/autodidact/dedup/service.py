@@ -60,16 +60,13 @@ class DedupServicer(dedup_pb2_grpc.DedupServiceServicer):
     def __init__(self, backend: Resource[DedupBackend]) -> None:
         self._backend = backend
 
-    async def FilterBatch(
-        self, request: dedup_pb2.FilterBatchRequest, context: grpc.aio.ServicerContext
-    ) -> dedup_pb2.FilterBatchResponse:
+    async def FilterBatch(self, request: dedup_pb2.FilterBatchRequest, context: grpc.aio.ServicerContext) -> dedup_pb2.FilterBatchResponse:
         diversity = self._backend.get().diversity
         ids, texts, threshold = parse_filter_batch(request)
         result = await diversity.filter_batch(request.namespace, ids, texts, threshold, request.batch_id, request.dry_run)
         return dedup_pb2.FilterBatchResponse(
             verdicts=[
-                dedup_pb2.DedupVerdict(id=v.id, kept=v.kept, nearest_id=v.nearest_id, similarity=v.similarity)
-                for v in result.verdicts
+                dedup_pb2.DedupVerdict(id=v.id, kept=v.kept, nearest_id=v.nearest_id, similarity=v.similarity) for v in result.verdicts
             ],
             namespace_size=result.namespace_size,
         )

@@ -8,8 +8,8 @@ import grpc
 
 from autodidact.backends.llm import LLM
 from autodidact.generator.requests import GeneratorLimits, generate_response, model_info, parse_generate_request
-from autodidact.runtime.metrics import GENERATED_SAMPLES, GENERATED_TOKENS, PROMPT_TOKENS
 from autodidact.runtime.component import Component, Resource
+from autodidact.runtime.metrics import GENERATED_SAMPLES, GENERATED_TOKENS, PROMPT_TOKENS
 from autodidact.v1 import generator_pb2, generator_pb2_grpc
 
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
@@ -20,9 +20,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self._backend = backend
         self._limits = limits
 
-    async def Generate(
-        self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> generator_pb2.GenerateResponse:
+    async def Generate(self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> generator_pb2.GenerateResponse:
         backend = self._backend.get()
         model = backend.description
         parsed = parse_generate_request(request, model, self._limits)
@@ -35,9 +33,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     async def GetModelInfo(
         self, request: generator_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> generator_pb2.GetModelInfoResponse:
-        return generator_pb2.GetModelInfoResponse(
-            model=model_info(self._backend.get().description), max_samples=self._limits.max_samples
-        )
+        return generator_pb2.GetModelInfoResponse(model=model_info(self._backend.get().description), max_samples=self._limits.max_samples)
 
 
 def generator_component(load_backend: Callable[[], Awaitable[LLM]], limits: GeneratorLimits | None = None) -> Component:

@@ -51,9 +51,7 @@ class _RequestIdPropagator(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryS
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
         if REQUEST_ID_HEADER not in metadata:
             metadata.add(REQUEST_ID_HEADER, request_id)
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._with_request_id(details), request)

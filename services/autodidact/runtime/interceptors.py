@@ -160,7 +160,7 @@ class LimitInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(EXEMPT_PREFIXES) and not handler.unary_stream:
+        if handler is None or (details.method.startswith(EXEMPT_PREFIXES) and not handler.unary_stream):
             return handler
         kind = "streams" if handler.unary_stream or handler.stream_stream else "calls"
 

@@ -23,7 +23,9 @@ GENERATED_SAMPLES = Counter("autodidact_generated_samples_total", "Samples gener
 GENERATED_TOKENS = Counter("autodidact_generated_tokens_total", "Tokens generated.", ["backend"])
 PROMPT_TOKENS = Counter("autodidact_prompt_tokens_total", "Prompt tokens evaluated.", ["backend"])
 STAGE_DECISIONS = Counter(
-    "autodidact_stage_decisions_total", "Candidates decided by recipe stages, by outcome ('kept' or the filter that dropped).", ["stage", "outcome"]
+    "autodidact_stage_decisions_total",
+    "Candidates decided by recipe stages, by outcome ('kept' or the filter that dropped).",
+    ["stage", "outcome"],
 )
 SCORED_TOKENS = Counter("autodidact_scored_tokens_total", "Tokens the scorer's model evaluated, by method.", ["method"])
 TOOL_CALL_DECISIONS = Counter("autodidact_tool_call_decisions_total", "Toolformer candidate calls judged by the scorer.", ["outcome"])

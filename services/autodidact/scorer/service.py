@@ -17,8 +17,8 @@ from autodidact.backends.llm import LLM
 from autodidact.backends.llm.base import ScoringSequence, SequenceScores, TokenScorer
 from autodidact.errors import FailedPrecondition, InvalidArgument
 from autodidact.generator.requests import model_info
-from autodidact.runtime.metrics import SCORED_TOKENS, TOOL_CALL_DECISIONS
 from autodidact.runtime.component import Component, Resource
+from autodidact.runtime.metrics import SCORED_TOKENS, TOOL_CALL_DECISIONS
 from autodidact.scorer.toolformer import DEFAULT_WEIGHTS, Candidate, best_positions, filter_calls
 from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern, extract_answers, vote
 from autodidact.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
@@ -42,8 +42,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         backend = self._backend.get()
         if not hasattr(backend, "score_sequences"):
             raise FailedPrecondition(
-                f"backend {backend.description.backend} cannot score token sequences; "
-                "Toolformer scoring needs the llamacpp backend"
+                f"backend {backend.description.backend} cannot score token sequences; Toolformer scoring needs the llamacpp backend"
             )
         return cast(TokenScorer, backend)
 
@@ -144,23 +143,31 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
             return await _scored(scorer, sequences, "FilterToolCalls")
 
         decisions, evaluated = await filter_calls(
-            tuple(document), candidates, score,
-            threshold=threshold, weights=weights, placement=placement, all_losses=request.all_losses,
+            tuple(document),
+            candidates,
+            score,
+            threshold=threshold,
+            weights=weights,
+            placement=placement,
+            all_losses=request.all_losses,
         )
         response = scorer_pb2.FilterToolCallsResponse(tokens_evaluated=evaluated, model=model_info(self._backend.get().description))
         for decision in decisions:
             TOOL_CALL_DECISIONS.labels("kept" if decision.keep else "dropped").inc()
             proto = response.decisions.add(
-                id=decision.id, loss_with_result=decision.loss_with_result,
-                loss_without_call=decision.loss_without_call, keep=decision.keep,
+                id=decision.id,
+                loss_with_result=decision.loss_with_result,
+                loss_without_call=decision.loss_without_call,
+                keep=decision.keep,
             )
             if decision.loss_without_result is not None and decision.loss_minus is not None:
                 proto.loss_without_result = decision.loss_without_result
                 proto.loss_minus = decision.loss_minus
         return response
 
-
-    async def CompareOptions(self, request: scorer_pb2.CompareOptionsRequest, context: grpc.aio.ServicerContext) -> scorer_pb2.CompareOptionsResponse:
+    async def CompareOptions(
+        self, request: scorer_pb2.CompareOptionsRequest, context: grpc.aio.ServicerContext
+    ) -> scorer_pb2.CompareOptionsResponse:
         backend = self._backend.get()
         check_length("context", request.context, 1, MAX_TEXT_CHARS)
         check_count("options", request.options, 2, 16)
@@ -198,7 +205,10 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         return scorer_pb2.VoteResponse(
             winner=result.winner,
             confidence=result.confidence,
-            votes=[scorer_pb2.PathVote(answer=a, agrees=bool(a) and a == result.winner, weight=w if a else 0.0) for a, w in zip(answers, weights)],
+            votes=[
+                scorer_pb2.PathVote(answer=a, agrees=bool(a) and a == result.winner, weight=w if a else 0.0)
+                for a, w in zip(answers, weights)
+            ],
             tallies=[scorer_pb2.AnswerTally(answer=t.answer, count=t.count, weight=t.weight) for t in result.tallies],
         )
 

@@ -12,8 +12,8 @@ import grpc
 
 from autodidact.errors import InvalidArgument
 from autodidact.runtime.channels import create_channel
-from autodidact.runtime.metrics import TOOL_CALLS
 from autodidact.runtime.component import Component, Resource
+from autodidact.runtime.metrics import TOOL_CALLS
 from autodidact.runtime.neighbours import rpc_error_text
 from autodidact.tool_executor.sandbox import Sandbox, SandboxSettings
 from autodidact.tool_executor.search import SearchCollections
@@ -96,24 +96,33 @@ class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
     def __init__(self, tools: Resource[Tools]) -> None:
         self._tools = tools
 
-    async def ListTools(self, request: tool_executor_pb2.ListToolsRequest, context: grpc.aio.ServicerContext) -> tool_executor_pb2.ListToolsResponse:
+    async def ListTools(
+        self, request: tool_executor_pb2.ListToolsRequest, context: grpc.aio.ServicerContext
+    ) -> tool_executor_pb2.ListToolsResponse:
         return tool_executor_pb2.ListToolsResponse(
             tools=[
                 tool_executor_pb2.ToolSpec(
-                    name=t.name, description=t.description, few_shot_prompt=t.few_shot_prompt,
-                    prompt_version=t.prompt_version, takes_input=t.takes_input,
+                    name=t.name,
+                    description=t.description,
+                    few_shot_prompt=t.few_shot_prompt,
+                    prompt_version=t.prompt_version,
+                    takes_input=t.takes_input,
                 )
                 for t in TOOLS.values()
             ]
         )
 
-    async def ExecuteTools(self, request: tool_executor_pb2.ExecuteToolsRequest, context: grpc.aio.ServicerContext) -> tool_executor_pb2.ExecuteToolsResponse:
+    async def ExecuteTools(
+        self, request: tool_executor_pb2.ExecuteToolsRequest, context: grpc.aio.ServicerContext
+    ) -> tool_executor_pb2.ExecuteToolsResponse:
         executor = self._tools.get().executor
         calls, reference_date, collection = parse_execute_request(request)
         outcomes = await executor.execute(calls, reference_date, collection)
         results = []
         for call, outcome in zip(request.calls, outcomes):
-            TOOL_CALLS.labels(call.tool if call.tool in TOOLS else "unknown", "ok" if outcome.output is not None else outcome.error_kind).inc()
+            TOOL_CALLS.labels(
+                call.tool if call.tool in TOOLS else "unknown", "ok" if outcome.output is not None else outcome.error_kind
+            ).inc()
             result = tool_executor_pb2.ToolResult(id=call.id, seconds=outcome.seconds)
             if outcome.output is not None:
                 result.output = outcome.output
@@ -123,7 +132,9 @@ class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
             results.append(result)
         return tool_executor_pb2.ExecuteToolsResponse(results=results)
 
-    async def IndexDocuments(self, request: tool_executor_pb2.IndexDocumentsRequest, context: grpc.aio.ServicerContext) -> tool_executor_pb2.IndexDocumentsResponse:
+    async def IndexDocuments(
+        self, request: tool_executor_pb2.IndexDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> tool_executor_pb2.IndexDocumentsResponse:
         collections = self._tools.get().collections
         # In a thread: storing thousands of documents must not stall the event loop.
         size = await asyncio.to_thread(collections.add, request.collection, parse_index_request(request))

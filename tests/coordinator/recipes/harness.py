@@ -10,9 +10,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from autodidact.coordinator.records import Record, job_records
 from autodidact.coordinator.recipes.base import JobContext, Services, StageResult
 from autodidact.coordinator.recipes.recipe import Recipe
+from autodidact.coordinator.records import Record, job_records
 from autodidact.coordinator.store import JobStore, SqliteJobStore
 
 JOB = "job"
@@ -26,7 +26,12 @@ def job_context(store: JobStore, services: dict[str, Any], max_in_flight: int = 
 
 
 def run_recipe(
-    tmp_path: Path, services: dict[str, Any], recipe: Recipe[Any], params: Any, max_in_flight: int = 2, max_error_fraction: float = 0.1,
+    tmp_path: Path,
+    services: dict[str, Any],
+    recipe: Recipe[Any],
+    params: Any,
+    max_in_flight: int = 2,
+    max_error_fraction: float = 0.1,
 ) -> tuple[dict[str, Any], JobStore]:
     """Runs `recipe` once on a fresh store; returns its summary and the store."""
     store = SqliteJobStore(tmp_path / "jobs.sqlite")

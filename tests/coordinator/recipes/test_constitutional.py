@@ -5,7 +5,6 @@ orients the pair, undecided labels are dropped, rows are TRL-conversational."""
 from __future__ import annotations
 
 import asyncio
-
 import json
 
 import pyarrow as pa
@@ -21,24 +20,30 @@ LABELS = {"Prefers the initial answer?": 0.2, "Cannot tell?": 0.55, "Prefers the
 class CriticDouble:
     """Revises every prompt deterministically; judges by LABELS."""
 
-    async def Revise(self, request, timeout=None):  # noqa: N802 (gRPC method name)
+    async def Revise(self, request, timeout=None):
         prompt = request.prompt.text
         final = "initial" if prompt == "Left unchanged?" else f"revised {prompt}"
         return critic_pb2.ReviseResponse(
-            initial_response="initial", final_revision=final,
+            initial_response="initial",
+            final_revision=final,
             rounds=[critic_pb2.RevisionRound(principle="harmless", critique="c", revision=final, seed=1)],
             constitution=critic_pb2.ConstitutionRef(name="test", version="1"),
         )
 
-    async def JudgePreference(self, request, timeout=None):  # noqa: N802
+    async def JudgePreference(self, request, timeout=None):
         assert request.response_a.startswith("revised") and request.response_b == "initial"
         return critic_pb2.JudgePreferenceResponse(probability_a=LABELS[request.prompt.text], principle="harmless")
 
 
 def _run(tmp_path, judged: bool):
     params = ConstitutionalParams(
-        prompts=list(LABELS), constitution=critic_pb2.ConstitutionRef(), rounds=1, judged_pairs=judged,
-        chain_of_thought=False, sampling=common_pb2.SamplingParams(), min_margin=0.1,
+        prompts=list(LABELS),
+        constitution=critic_pb2.ConstitutionRef(),
+        rounds=1,
+        judged_pairs=judged,
+        chain_of_thought=False,
+        sampling=common_pb2.SamplingParams(),
+        min_margin=0.1,
     )
     summary, store = run_recipe(tmp_path, {"critic": CriticDouble()}, Constitutional(), params)
     records = assert_lineage_agrees(store, Constitutional(), summary)
@@ -80,8 +85,13 @@ def test_preference_rows_are_trl_conversational_in_jsonl_and_parquet(tmp_path):
 
 def test_a_resumed_job_replays_every_stored_step_and_calls_the_critic_no_more(tmp_path):
     params = ConstitutionalParams(
-        prompts=list(LABELS), constitution=critic_pb2.ConstitutionRef(), rounds=1, judged_pairs=True,
-        chain_of_thought=False, sampling=common_pb2.SamplingParams(), min_margin=0.1,
+        prompts=list(LABELS),
+        constitution=critic_pb2.ConstitutionRef(),
+        rounds=1,
+        judged_pairs=True,
+        chain_of_thought=False,
+        sampling=common_pb2.SamplingParams(),
+        min_margin=0.1,
     )
     summary, store = run_recipe(tmp_path, {"critic": CriticDouble()}, Constitutional(), params)
     before = asyncio.run(store.results("job"))

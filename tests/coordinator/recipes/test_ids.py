@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from autodidact.coordinator.recipes.ids import (
-    CallId, CandidateId, DocumentId, ItemId, PathId, PositionId, PromptId, QuestionId, RoundId, ToolItemId, toolformer_id,
+    CallId,
+    CandidateId,
+    DocumentId,
+    ItemId,
+    PathId,
+    PositionId,
+    PromptId,
+    QuestionId,
+    RoundId,
+    ToolItemId,
+    toolformer_id,
 )
 
 SPELLINGS: list[tuple[ItemId, str]] = [

@@ -17,7 +17,10 @@ def test_gsm8k_and_svamp_questions_are_read_with_their_reference_answers():
     gsm8k = load_questions(GSM8K, "f", limit=2)
     assert gsm8k[0].text.startswith("Natalia sold clips") and gsm8k[0].reference == "72"
     svamp = load_questions(SVAMP, "f", limit=3)
-    assert svamp[0].text == "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack How much do you have to pay to buy each pack?"
+    assert (
+        svamp[0].text
+        == "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack How much do you have to pay to buy each pack?"
+    )
     assert svamp[0].reference == "51.0" and len(svamp) == 3
 
 
@@ -59,7 +62,9 @@ def test_bad_self_consistency_specs_are_refused(fields, field, rule):
 
 
 def test_self_consistency_defaults_are_lmsi_s():
-    params = self_consistency.SelfConsistency().resolve(coordinator_pb2.SelfConsistencySpec(questions_path=str(SVAMP), max_questions=2), "job")
+    params = self_consistency.SelfConsistency().resolve(
+        coordinator_pb2.SelfConsistencySpec(questions_path=str(SVAMP), max_questions=2), "job"
+    )
     assert params.paths == 32 and params.sampling.temperature == pytest.approx(0.7) and params.sampling.top_k == 40
     assert params.min_votes == 2
 

@@ -59,8 +59,12 @@ class DoubleGenerator:
             model=common_pb2.ModelInfo(backend="double", model="double-model", context_length=2048),
         )
 
-    async def GetModelInfo(self, request: generator_pb2.GetModelInfoRequest, timeout: float | None = None) -> generator_pb2.GetModelInfoResponse:
-        return generator_pb2.GetModelInfoResponse(model=common_pb2.ModelInfo(backend="double", model="double-model", context_length=2048), max_samples=64)
+    async def GetModelInfo(
+        self, request: generator_pb2.GetModelInfoRequest, timeout: float | None = None
+    ) -> generator_pb2.GetModelInfoResponse:
+        return generator_pb2.GetModelInfoResponse(
+            model=common_pb2.ModelInfo(backend="double", model="double-model", context_length=2048), max_samples=64
+        )
 
 
 async def _no_model() -> LLM:
@@ -73,7 +77,7 @@ class InProcessScorer:
     def __init__(self) -> None:
         self.servicer = ScorerServicer(Resource("the model", _no_model))  # a majority vote never asks for it
 
-    async def Vote(self, request, timeout: float | None = None):  # noqa: ANN001
+    async def Vote(self, request, timeout: float | None = None):
         return await self.servicer.Vote(request, None)
 
 
@@ -162,8 +166,10 @@ def test_min_confidence_drops_the_question_and_its_agreeing_paths(finished):
     row = lineage[_question(5)]
     assert _decisions(row) == [("paths", True, ""), ("vote", True, ""), ("dataset", False, "low_confidence")]
     assert [_decisions(lineage[f"{_question(5)}/p{n:03d}"]) for n in range(4)] == [
-        [("agreement", False, "low_confidence")], [("agreement", False, "low_confidence")],
-        [("agreement", False, "disagrees")], [("agreement", False, "no_answer")],
+        [("agreement", False, "low_confidence")],
+        [("agreement", False, "low_confidence")],
+        [("agreement", False, "disagrees")],
+        [("agreement", False, "no_answer")],
     ]
 
 

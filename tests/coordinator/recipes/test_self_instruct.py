@@ -22,7 +22,6 @@ from autodidact.v1 import common_pb2, coordinator_pb2
 from tests.conftest import SEED_TASKS
 
 
-
 def test_prompt_numbers_instructions_and_leaves_the_next_number_open():
     prompt = instruction_prompt(["Sort these:", "Tell a  joke\nabout cats"])
     assert prompt == "Come up with a series of tasks:\n1. Sort these\n2. Tell a joke about cats\n3."
@@ -157,7 +156,11 @@ def test_zero_machine_instructions_can_be_asked_for():
         (spec(similarity_threshold=-0.1), "spec.self_instruct.similarity_threshold", "between 0 and 1"),
         (spec(human_per_prompt=40), "spec.self_instruct.human_per_prompt", "between 1 and 16"),
         (spec(dedup_namespace="no spaces allowed"), "spec.self_instruct.dedup_namespace", "A-Z a-z"),
-        (spec(instance_sampling=common_pb2.SamplingParams(temperature=-1)), "spec.self_instruct.instance_sampling.temperature", "between 0 and 2"),
+        (
+            spec(instance_sampling=common_pb2.SamplingParams(temperature=-1)),
+            "spec.self_instruct.instance_sampling.temperature",
+            "between 0 and 2",
+        ),
     ],
 )
 def test_bad_specs_are_refused_naming_the_field(job_spec, field, rule):

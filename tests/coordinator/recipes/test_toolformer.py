@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from autodidact.coordinator.records import Record
 from autodidact.coordinator.recipes.base import Decision
+from autodidact.coordinator.recipes.formats import gsm8k_document
 from autodidact.coordinator.recipes.toolformer import (
     Toolformer,
     call_grammar,
@@ -18,17 +18,20 @@ from autodidact.coordinator.recipes.toolformer import (
     splice,
     trivial_call,
 )
+from autodidact.coordinator.records import Record
 from autodidact.errors import InvalidArgument
 from autodidact.generator.grammar import check_grammar
 from autodidact.tool_executor.tools import TOOLS
 from autodidact.v1 import coordinator_pb2
-from autodidact.coordinator.recipes.formats import gsm8k_document
 
 
 def test_gsm8k_annotations_become_positions_just_before_their_results():
     text, annotations = gsm8k_document("Q?", "She sold 48/2 = <<48/2=24>>24 clips.\nIn all 48+24 = <<48+24=72>>72.\n#### 72")
     assert text == "Q?\nShe sold 48/2 = 24 clips.\nIn all 48+24 = 72.\nThe answer is 72."
-    assert [(text[a["char_offset"] :][:2], a["expression"], a["result"]) for a in annotations] == [("24", "48/2", "24"), ("72", "48+24", "72")]
+    assert [(text[a["char_offset"] :][:2], a["expression"], a["result"]) for a in annotations] == [
+        ("24", "48/2", "24"),
+        ("72", "48+24", "72"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -122,7 +125,12 @@ def test_bad_specs_are_refused_naming_the_field(tmp_path, fields, field, rule):
 
 def test_gsm8k_lines_are_documents_and_max_documents_takes_the_first(tmp_path):
     (tmp_path / "docs.jsonl").write_text(
-        json.dumps({"question": "Q1?", "answer": "1+1 = <<1+1=2>>2\n#### 2"}) + "\n" + json.dumps({"text": "second"}) + "\n" + json.dumps({"text": "third"}) + "\n"
+        json.dumps({"question": "Q1?", "answer": "1+1 = <<1+1=2>>2\n#### 2"})
+        + "\n"
+        + json.dumps({"text": "second"})
+        + "\n"
+        + json.dumps({"text": "third"})
+        + "\n"
     )
     params = Toolformer().resolve(_spec(tmp_path, max_documents=2), "job")
     assert [d.text for d in params.documents] == ["Q1?\n1+1 = 2\nThe answer is 2.", "second"]
@@ -164,17 +172,50 @@ def _record(item_id, kept, data, lineage):
 
 
 def test_the_documents_table_trains_on_the_text_with_calls_and_keeps_the_original():
-    call = {"tool": "Calculator", "char_offset": 15, "call": "[Calculator(48/2) -> 24]", "input": "48/2", "result": "24",
-            "loss_plus": 1.0, "loss_minus": 2.0, "gain": 1.0}
+    call = {
+        "tool": "Calculator",
+        "char_offset": 15,
+        "call": "[Calculator(48/2) -> 24]",
+        "input": "48/2",
+        "result": "24",
+        "loss_plus": 1.0,
+        "loss_minus": 2.0,
+        "gain": 1.0,
+    }
     records = [
-        _record("doc00000", True, {"document_id": "d0", "text": "She sold 48/2 = [Calculator(48/2) -> 24] 24 clips.",
-                                   "original_text": "She sold 48/2 = 24 clips.", "calls": [call]}, [("dataset", True, "")]),
-        _record("doc00000/Calculator", True, {"tool": "Calculator", "positions": []}, [("prefilter", True, ""), ("positions", True, ""), ("splice", True, "")]),
-        _record("doc00000/Calculator/p0015/c00", False, {"tool": "Calculator", "char_offset": 15, "input": "24", "result": "24"},
-                [("sample_call", True, ""), ("execute", False, "trivial_call")]),
+        _record(
+            "doc00000",
+            True,
+            {
+                "document_id": "d0",
+                "text": "She sold 48/2 = [Calculator(48/2) -> 24] 24 clips.",
+                "original_text": "She sold 48/2 = 24 clips.",
+                "calls": [call],
+            },
+            [("dataset", True, "")],
+        ),
+        _record(
+            "doc00000/Calculator",
+            True,
+            {"tool": "Calculator", "positions": []},
+            [("prefilter", True, ""), ("positions", True, ""), ("splice", True, "")],
+        ),
+        _record(
+            "doc00000/Calculator/p0015/c00",
+            False,
+            {"tool": "Calculator", "char_offset": 15, "input": "24", "result": "24"},
+            [("sample_call", True, ""), ("execute", False, "trivial_call")],
+        ),
     ]
     documents = Toolformer().rows(records)["documents"]
-    assert documents == [{"item_id": "doc00000", "document_id": "d0", "text": "She sold 48/2 = [Calculator(48/2) -> 24] 24 clips.",
-                          "original_text": "She sold 48/2 = 24 clips.", "calls": [call]}]
+    assert documents == [
+        {
+            "item_id": "doc00000",
+            "document_id": "d0",
+            "text": "She sold 48/2 = [Calculator(48/2) -> 24] 24 clips.",
+            "original_text": "She sold 48/2 = 24 clips.",
+            "calls": [call],
+        }
+    ]
     calls = Toolformer().rows(records)["calls"]
     assert [(c["item_id"], c["kept"], c["dropped_by"]) for c in calls] == [("doc00000/Calculator/p0015/c00", False, "trivial_call")]

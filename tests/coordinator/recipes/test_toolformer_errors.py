@@ -27,11 +27,13 @@ class ToolsDouble:
     def __init__(self, refuse_text: str) -> None:
         self.refuse_text = refuse_text
 
-    async def ListTools(self, request, timeout=None):  # noqa: N802 (gRPC method name)
-        spec = tool_executor_pb2.ToolSpec(name="Calculator", few_shot_prompt="Input: {text}\nOutput:", prompt_version="v1", takes_input=True)
+    async def ListTools(self, request, timeout=None):
+        spec = tool_executor_pb2.ToolSpec(
+            name="Calculator", few_shot_prompt="Input: {text}\nOutput:", prompt_version="v1", takes_input=True
+        )
         return tool_executor_pb2.ListToolsResponse(tools=[spec])
 
-    async def ExecuteTools(self, request, timeout=None):  # noqa: N802
+    async def ExecuteTools(self, request, timeout=None):
         results = []
         for call in request.calls:
             left, right = call.input.split("+")
@@ -45,20 +47,24 @@ class ScorerDouble:
     def __init__(self, refuse_text: str) -> None:
         self.refuse_text = refuse_text
 
-    async def MarkerProbabilities(self, request, timeout=None):  # noqa: N802
+    async def MarkerProbabilities(self, request, timeout=None):
         position = scorer_pb2.MarkerPosition(char_offset=request.text.index(",") + 1, token_index=5, probability=0.9)
         return scorer_pb2.MarkerProbabilitiesResponse(positions=[position], positions_considered=10)
 
-    async def FilterToolCalls(self, request, timeout=None):  # noqa: N802
+    async def FilterToolCalls(self, request, timeout=None):
         if self.refuse_text in request.text:
             raise refused("text: refused by the double")
-        decisions = [scorer_pb2.ToolCallDecision(id=c.id, keep=True, loss_with_result=1.0, loss_without_call=2.0, loss_minus=2.0, loss_without_result=2.0)
-                     for c in request.candidates]
+        decisions = [
+            scorer_pb2.ToolCallDecision(
+                id=c.id, keep=True, loss_with_result=1.0, loss_without_call=2.0, loss_minus=2.0, loss_without_result=2.0
+            )
+            for c in request.candidates
+        ]
         return scorer_pb2.FilterToolCallsResponse(decisions=decisions)
 
 
 class GeneratorDouble:
-    async def Generate(self, request, timeout=None):  # noqa: N802
+    async def Generate(self, request, timeout=None):
         samples = [common_pb2.Sample(text=f"Calculator({2 + i}+{3 + i})", seed=request.seed + i) for i in range(request.n)]
         return generator_pb2.GenerateResponse(samples=samples)
 
@@ -111,8 +117,10 @@ class Counting:
 def test_a_resumed_job_replays_every_stored_step_and_calls_no_service_again(tmp_path):
     summary, store = run(tmp_path, "no document holds this", max_error_fraction=0.1)
     before = asyncio.run(store.results("job"))
-    services = {name: Counting(double) for name, double in
-                {"tool_executor": ToolsDouble(""), "scorer": ScorerDouble("-"), "generator": GeneratorDouble()}.items()}
+    services = {
+        name: Counting(double)
+        for name, double in {"tool_executor": ToolsDouble(""), "scorer": ScorerDouble("-"), "generator": GeneratorDouble()}.items()
+    }
     again = asyncio.run(toolformer.Toolformer().run(job_context(store, services), params(tmp_path)))
     assert again == summary and asyncio.run(store.results("job")) == before
     assert {name: service.calls for name, service in services.items()} == {"tool_executor": 0, "scorer": 0, "generator": 0}

@@ -49,10 +49,16 @@ CHAT = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 MESSAGES_SCHEMA = pa.schema([("item_id", pa.string()), ("round", pa.int64()), ("principle", pa.string()), ("messages", CHAT)])
 # TRL's conversational preference layout: the prompt as messages, chosen and
 # rejected as one assistant message each (so DPO applies the chat template).
-PREFERENCE_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("source", pa.string()), ("prompt", CHAT), ("chosen", CHAT),
-    ("rejected", CHAT), ("probability_chosen", pa.float64()),
-])
+PREFERENCE_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("source", pa.string()),
+        ("prompt", CHAT),
+        ("chosen", CHAT),
+        ("rejected", CHAT),
+        ("probability_chosen", pa.float64()),
+    ]
+)
 
 
 class Constitutional(Recipe["ConstitutionalParams"]):
@@ -96,9 +102,9 @@ def load_prompts(path: Path, field: str, limit: int = 0) -> list[str]:
         try:
             prompt = raw["prompt"]
         except (KeyError, TypeError) as exc:
-            raise InvalidArgument(field, f"line {number} is not a JSON object with a \"prompt\" field ({exc})") from None
+            raise InvalidArgument(field, f'line {number} is not a JSON object with a "prompt" field ({exc})') from None
         if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidArgument(field, f"line {number}: \"prompt\" must be a non-empty string")
+            raise InvalidArgument(field, f'line {number}: "prompt" must be a non-empty string')
         prompts.append(prompt.strip())
     check_item_count(field, path, prompts, "prompts", MAX_PROMPTS)
     return prompts
@@ -144,7 +150,9 @@ class ConstitutionalRun:
         data = revised.data
         changed = data["final_revision"].strip() != data["initial_response"].strip()
         if self.params.judged_pairs and changed:
-            judged = await self.ctx.stage(item, "judge", lambda: self._judge(index, prompt, data["initial_response"], data["final_revision"]))
+            judged = await self.ctx.stage(
+                item, "judge", lambda: self._judge(index, prompt, data["initial_response"], data["final_revision"])
+            )
             if judged.decision and not judged.decision.kept:
                 return False  # undecided: its drop is the prompt's final decision
         if await self.ctx.stored(item, "dataset") is None:
@@ -156,26 +164,43 @@ class ConstitutionalRun:
     async def _revise(self, index: int, prompt: str) -> StageResult:
         seed = derive_seed(self.ctx.seed, "revise", index)
         request = critic_pb2.ReviseRequest(
-            prompt=common_pb2.Prompt(text=prompt), constitution=self.params.constitution,
-            rounds=self.params.rounds, sampling=self.params.sampling, seed=seed,
+            prompt=common_pb2.Prompt(text=prompt),
+            constitution=self.params.constitution,
+            rounds=self.params.rounds,
+            sampling=self.params.sampling,
+            seed=seed,
         )
         response = await self.ctx.call(lambda: self.ctx.services.critic.Revise(request, timeout=CALL_SECONDS), "critic (revise)")
         version = f"{response.constitution.name}@{response.constitution.version}"
         return StageResult(
             {
-                "prompt": prompt, "initial_response": response.initial_response, "final_revision": response.final_revision,
-                "rounds": [{"principle": r.principle, "critique": r.critique, "revision": r.revision, "seed": r.seed} for r in response.rounds],
+                "prompt": prompt,
+                "initial_response": response.initial_response,
+                "final_revision": response.final_revision,
+                "rounds": [
+                    {"principle": r.principle, "critique": r.critique, "revision": r.revision, "seed": r.seed} for r in response.rounds
+                ],
                 "constitution": version,
             },
-            Decision(True, score=len(response.rounds), reason=" → ".join(r.principle for r in response.rounds),
-                     model=response.model.model, template_version=version, seed=seed),
+            Decision(
+                True,
+                score=len(response.rounds),
+                reason=" → ".join(r.principle for r in response.rounds),
+                model=response.model.model,
+                template_version=version,
+                seed=seed,
+            ),
         )
 
     async def _judge(self, index: int, prompt: str, initial: str, final: str) -> StageResult:
         seed = derive_seed(self.ctx.seed, "judge", index)
         request = critic_pb2.JudgePreferenceRequest(
-            prompt=common_pb2.Prompt(text=prompt), response_a=final, response_b=initial,
-            constitution=self.params.constitution, chain_of_thought=self.params.chain_of_thought, seed=seed,
+            prompt=common_pb2.Prompt(text=prompt),
+            response_a=final,
+            response_b=initial,
+            constitution=self.params.constitution,
+            chain_of_thought=self.params.chain_of_thought,
+            seed=seed,
         )
         response = await self.ctx.call(lambda: self.ctx.services.critic.JudgePreference(request, timeout=CALL_SECONDS), "critic (judge)")
         p = response.probability_a
@@ -190,12 +215,13 @@ class ConstitutionalRun:
 # --- export ---
 
 
-
-
 def preference_row(item_id: str, prompt: str, chosen: str, rejected: str, source: str, probability_chosen: float | None) -> dict[str, Any]:
     return {
-        "item_id": item_id, "source": source, "prompt": [{"role": "user", "content": prompt}],
-        "chosen": [{"role": "assistant", "content": chosen}], "rejected": [{"role": "assistant", "content": rejected}],
+        "item_id": item_id,
+        "source": source,
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
         "probability_chosen": probability_chosen,
     }
 
@@ -210,10 +236,14 @@ def export_rows(records: list[Record]) -> dict[str, list[dict[str, Any]]]:
         prompt = data["prompt"]
         for number, round_ in enumerate(data["rounds"], 1):
             if round_["revision"]:
-                messages.append({
-                    "item_id": record.item_id, "round": number, "principle": round_["principle"],
-                    "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": round_["revision"]}],
-                })
+                messages.append(
+                    {
+                        "item_id": record.item_id,
+                        "round": number,
+                        "principle": round_["principle"],
+                        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": round_["revision"]}],
+                    }
+                )
         initial, final = data["initial_response"], data["final_revision"]
         if "probability_revision_better" in data:
             # The judge's label orients the pair; no cheap pair beside it to contradict it.

@@ -45,10 +45,16 @@ CALL_SECONDS = 1800.0
 DEFAULT_MIN_VOTES = 2
 ANSWER_QUOTE_CHARS = 40  # answers are model text: reasons quote them shortened
 
-PATH_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("question", pa.string()), ("path", pa.string()), ("answer", pa.string()),
-    ("confidence", pa.float64()), ("seed", pa.int64()),
-])
+PATH_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("question", pa.string()),
+        ("path", pa.string()),
+        ("answer", pa.string()),
+        ("confidence", pa.float64()),
+        ("seed", pa.int64()),
+    ]
+)
 LMSI_SCHEMA = pa.schema([("item_id", pa.string()), ("format", pa.string()), ("prompt", pa.string()), ("completion", pa.string())])
 
 
@@ -86,14 +92,18 @@ class SelfConsistency(Recipe["SelfConsistencyParams"]):
 
 # Worked examples of our own, in the paper's "Q: ... A: ... The answer is N." shape.
 EXAMPLES = (
-    ("A baker made 24 muffins and sold 15 of them. How many muffins are left?",
-     "The baker started with 24 muffins and sold 15, so 24 - 15 = 9 muffins are left.", "9"),
-    ("Each bag holds 6 oranges. How many oranges are in 7 bags?",
-     "There are 7 bags with 6 oranges each, so 7 * 6 = 42 oranges.", "42"),
-    ("Maria has 3 boxes of 12 pencils and gives away 10 pencils. How many pencils does she have now?",
-     "She had 3 * 12 = 36 pencils. After giving away 10 she has 36 - 10 = 26.", "26"),
-    ("A rope 45 meters long is cut into 5 equal pieces. How long is each piece?",
-     "Each piece is 45 / 5 = 9 meters long.", "9"),
+    (
+        "A baker made 24 muffins and sold 15 of them. How many muffins are left?",
+        "The baker started with 24 muffins and sold 15, so 24 - 15 = 9 muffins are left.",
+        "9",
+    ),
+    ("Each bag holds 6 oranges. How many oranges are in 7 bags?", "There are 7 bags with 6 oranges each, so 7 * 6 = 42 oranges.", "42"),
+    (
+        "Maria has 3 boxes of 12 pencils and gives away 10 pencils. How many pencils does she have now?",
+        "She had 3 * 12 = 36 pencils. After giving away 10 she has 36 - 10 = 26.",
+        "26",
+    ),
+    ("A rope 45 meters long is cut into 5 equal pieces. How long is each piece?", "Each piece is 45 / 5 = 9 meters long.", "9"),
 )
 
 
@@ -149,7 +159,7 @@ def load_questions(path: Path, field: str, limit: int = 0) -> list[Question]:
             question = str(row["question"]).strip()
             reference = str(row.get("answer", "")).rpartition("####")[2].strip()
         else:
-            raise InvalidArgument(field, f"item {number} has neither \"question\" nor SVAMP's \"Body\" and \"Question\"")
+            raise InvalidArgument(field, f'item {number} has neither "question" nor SVAMP\'s "Body" and "Question"')
         if not question:
             raise InvalidArgument(field, f"item {number}: the question is empty")
         questions.append(Question(question, reference))
@@ -176,7 +186,9 @@ def resolve_params(spec: coordinator_pb2.SelfConsistencySpec, field: str) -> Sel
     sampling = sampling_with_defaults(
         spec.sampling, common_pb2.SamplingParams(temperature=0.7, top_k=40, max_tokens=256, stop=["\nQ:", "\n\n"]), f"{field}.sampling"
     )
-    return SelfConsistencyParams(questions, int(paths), spec.vote_method, spec.answer_pattern, spec.min_confidence, sampling, int(min_votes))
+    return SelfConsistencyParams(
+        questions, int(paths), spec.vote_method, spec.answer_pattern, spec.min_confidence, sampling, int(min_votes)
+    )
 
 
 # --- orchestration ---
@@ -206,7 +218,12 @@ class SelfConsistencyRun:
         final = None  # the question's decision at "dataset"; none when the vote dropped it
         if voted.kept:
             if confidence < self.params.min_confidence:
-                final = Decision(False, "low_confidence", score=confidence, reason=f"{confidence:.2f} of answers agree; minimum {self.params.min_confidence:g}")
+                final = Decision(
+                    False,
+                    "low_confidence",
+                    score=confidence,
+                    reason=f"{confidence:.2f} of answers agree; minimum {self.params.min_confidence:g}",
+                )
             else:
                 final = Decision(True, score=confidence, reason=f"{confidence:.2f} of answers agree on {_quote(winner)}")
         # Paths first, then the question: a restart in between records the rest (each decision is a pure function of stored results).
@@ -219,7 +236,13 @@ class SelfConsistencyRun:
             self.paths += 1
             self.kept_paths += decision.kept
         if final is not None and await self.ctx.stored(item, "dataset") is None:
-            await self.ctx.record(item, "dataset", StageResult({"question": question.text, "winner": winner, "confidence": confidence, "reference": question.reference}, final))
+            await self.ctx.record(
+                item,
+                "dataset",
+                StageResult(
+                    {"question": question.text, "winner": winner, "confidence": confidence, "reference": question.reference}, final
+                ),
+            )
         return final is not None and final.kept
 
     @staticmethod
@@ -247,13 +270,13 @@ class SelfConsistencyRun:
             response = await self.ctx.call(lambda: self.ctx.services.generator.Generate(request, timeout=CALL_SECONDS), "generator (paths)")
             paths += [{"text": s.text.strip(), "seed": s.seed} for s in response.samples]
             model = response.model.model
-        return StageResult(
-            {"paths": paths}, Decision(True, score=len(paths), model=model, template_version=TEMPLATE_VERSION, seed=base)
-        )
+        return StageResult({"paths": paths}, Decision(True, score=len(paths), model=model, template_version=TEMPLATE_VERSION, seed=base))
 
     async def _vote(self, question: Question, paths: list[dict[str, Any]]) -> StageResult:
         request = scorer_pb2.VoteRequest(
-            prompt=cot_prompt(question.text), answer_pattern=self.params.answer_pattern, method=self.params.method,  # type: ignore[arg-type]
+            prompt=cot_prompt(question.text),
+            answer_pattern=self.params.answer_pattern,
+            method=self.params.method,  # type: ignore[arg-type]
             paths=[scorer_pb2.ReasoningPath(text=p["text"] or " ") for p in paths],
         )
         response = await self.ctx.call(lambda: self.ctx.services.scorer.Vote(request, timeout=CALL_SECONDS), "scorer (vote)")
@@ -265,13 +288,21 @@ class SelfConsistencyRun:
         elif not response.winner:
             decision = Decision(False, "no_majority", score=0, reason=f"tie for the most votes: {counts}")
         elif winner_votes < self.params.min_votes:
-            decision = Decision(False, "no_majority", score=response.confidence,
-                                reason=f"{winner_votes} of {answered} answers agree, fewer than min_votes {self.params.min_votes}: {counts}")
+            decision = Decision(
+                False,
+                "no_majority",
+                score=response.confidence,
+                reason=f"{winner_votes} of {answered} answers agree, fewer than min_votes {self.params.min_votes}: {counts}",
+            )
         else:
             decision = Decision(True, score=response.confidence, reason=counts)
         return StageResult(
-            {"winner": response.winner if decision.kept else "", "confidence": response.confidence if decision.kept else 0.0,
-             "answers": [v.answer for v in response.votes], "tallies": [{"answer": t.answer, "count": t.count} for t in response.tallies]},
+            {
+                "winner": response.winner if decision.kept else "",
+                "confidence": response.confidence if decision.kept else 0.0,
+                "answers": [v.answer for v in response.votes],
+                "tallies": [{"answer": t.answer, "count": t.count} for t in response.tallies],
+            },
             decision,
         )
 
@@ -281,8 +312,6 @@ def _quote(answer: str) -> str:
 
 
 # --- export ---
-
-
 
 
 def lmsi_examples(question: str, path: str, answer: str) -> list[tuple[str, str, str]]:

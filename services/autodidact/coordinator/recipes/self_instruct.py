@@ -80,7 +80,13 @@ LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\(?\w{1,2}[.)])\s+", re.MULTILINE)
 
 
 INSTANCE_SCHEMA = pa.schema(
-    [("item_id", pa.string()), ("instruction", pa.string()), ("input", pa.string()), ("output", pa.string()), ("is_classification", pa.bool_())]
+    [
+        ("item_id", pa.string()),
+        ("instruction", pa.string()),
+        ("input", pa.string()),
+        ("output", pa.string()),
+        ("is_classification", pa.bool_()),
+    ]
 )
 MESSAGES_SCHEMA = pa.schema(
     [("item_id", pa.string()), ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))]
@@ -137,7 +143,9 @@ def load_seed_tasks(path: Path, field: str) -> list[SeedTask]:
                 )
             )
         except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidArgument(field, f"line {number} of {path} is not a seed task (instruction, instances, is_classification): {exc}") from exc
+            raise InvalidArgument(
+                field, f"line {number} of {path} is not a seed task (instruction, instances, is_classification): {exc}"
+            ) from exc
     check_item_count(field, path, tasks, "seed tasks")
     return tasks
 
@@ -185,7 +193,9 @@ def resolve_params(spec: coordinator_pb2.SelfInstructSpec, job_id: str, field: s
         namespace=namespace,
         instruction_sampling=sampling_with_defaults(
             spec.instruction_sampling,
-            common_pb2.SamplingParams(temperature=0.7, top_p=0.5, presence_penalty=2.0, max_tokens=1024, stop=["\n\n", "\n16", "16.", "16 ."]),
+            common_pb2.SamplingParams(
+                temperature=0.7, top_p=0.5, presence_penalty=2.0, max_tokens=1024, stop=["\n\n", "\n16", "16.", "16 ."]
+            ),
             f"{field}.instruction_sampling",
         ),
         instance_sampling=sampling_with_defaults(
@@ -390,7 +400,12 @@ class SelfInstructRun:
         # also across a restart): every candidate they produced ends here, dropped unless it already was.
         for round_ in range(last_round + 1, min(last_round + self.window, self.params.max_rounds)):
             await self._end_open_candidates(round_, self._over_target)
-        return {"last_round": last_round, "rounds": last_round + 1, "kept": min(len(finished), self.params.target), "target_reached": len(finished) >= self.params.target}
+        return {
+            "last_round": last_round,
+            "rounds": last_round + 1,
+            "kept": min(len(finished), self.params.target),
+            "target_reached": len(finished) >= self.params.target,
+        }
 
     async def _round(self, round_: int) -> list[str]:
         """One prompt → its candidates' fates; returns the ids that reached the end, in order.
@@ -455,8 +470,11 @@ class SelfInstructRun:
             candidate = str(CandidateId(round_, position))
             if await self.ctx.stored(candidate, "generate_instructions") is None:
                 origin = Decision(
-                    True, reason=f"item {position + 1} of {len(parsed)} listed by round {round_} ({sample['finish_reason']})",
-                    model=sample["model"], template_version=TEMPLATE_VERSION, seed=sample["seed"],
+                    True,
+                    reason=f"item {position + 1} of {len(parsed)} listed by round {round_} ({sample['finish_reason']})",
+                    model=sample["model"],
+                    template_version=TEMPLATE_VERSION,
+                    seed=sample["seed"],
                 )
                 await self.ctx.record(candidate, "generate_instructions", StageResult({"round": round_}, origin))
             if await self.ctx.stored(candidate, "heuristics") is None:
@@ -509,11 +527,15 @@ class SelfInstructRun:
     async def _generate_instructions(self, round_: int) -> StageResult:
         instructions = self._prompt_instructions(round_)
         seed = derive_seed(self.ctx.seed, "instructions", round_)
-        response = await self._generate(instruction_prompt(instructions), self.params.instruction_sampling, seed, "generator (instructions)")
+        response = await self._generate(
+            instruction_prompt(instructions), self.params.instruction_sampling, seed, "generator (instructions)"
+        )
         sample = response.samples[0]
         finish = "length" if sample.finish_reason == common_pb2.FINISH_REASON_LENGTH else "stop"
         # The raw sample decides nothing; each instruction it lists is a candidate with its own lineage.
-        return StageResult({"prompt_instructions": instructions, "text": sample.text, "finish_reason": finish, "model": response.model.model, "seed": seed})
+        return StageResult(
+            {"prompt_instructions": instructions, "text": sample.text, "finish_reason": finish, "model": response.model.model, "seed": seed}
+        )
 
     async def _diversity(self, item: str, survivors: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The round's survivors through the dedup service, as one idempotent batch:
@@ -538,7 +560,9 @@ class SelfInstructRun:
         nearest = _readable_id(verdict.nearest_id, self.ctx.job_id)
         reason = f"cosine {verdict.similarity:.3f} to {nearest or 'nothing'} ({'<' if verdict.kept else '≥'} {self.params.threshold:g})"
         decision = Decision(
-            verdict.kept, "" if verdict.kept else "similarity", score=round(verdict.similarity, 6),
+            verdict.kept,
+            "" if verdict.kept else "similarity",
+            score=round(verdict.similarity, 6),
             reason=reason if verdict.kept else f"{reason}: {quote(instruction)}",
         )
         return StageResult({"nearest": nearest}, decision)
@@ -558,7 +582,13 @@ class SelfInstructRun:
         is_classification = answer.startswith("yes")
         return StageResult(
             {"is_classification": is_classification, "answer": answer},
-            Decision(True, reason=f"classification: {'yes' if is_classification else 'no'}", model=response.model.model, template_version=TEMPLATE_VERSION, seed=seed),
+            Decision(
+                True,
+                reason=f"classification: {'yes' if is_classification else 'no'}",
+                model=response.model.model,
+                template_version=TEMPLATE_VERSION,
+                seed=seed,
+            ),
         )
 
     async def _make_instances(self, candidate: str, instruction: str, classification: bool) -> StageResult:
@@ -579,9 +609,13 @@ class SelfInstructRun:
         common = {"model": response.model.model, "template_version": TEMPLATE_VERSION, "seed": seed}
         if instances:
             dropped_note = f"; dropped {', '.join(why)}" if why else ""
-            return StageResult(data, Decision(True, score=len(instances), reason=f"{len(instances)} valid instances{dropped_note}", **common))
+            return StageResult(
+                data, Decision(True, score=len(instances), reason=f"{len(instances)} valid instances{dropped_note}", **common)
+            )
         counts = ", ".join(f"{n} {name}" for name, n in sorted(dropped.items())) or "none parsed"
-        return StageResult(data, Decision(False, "no_valid_instances", score=0, reason=f"no valid instance ({counts}): {quote(sample.text)}", **common))
+        return StageResult(
+            data, Decision(False, "no_valid_instances", score=0, reason=f"no valid instance ({counts}): {quote(sample.text)}", **common)
+        )
 
 
 def _readable_id(dedup_id: str, job_id: str) -> str:
@@ -593,8 +627,6 @@ def _readable_id(dedup_id: str, job_id: str) -> str:
 # --- export ---
 
 
-
-
 def export_rows(records: list[Record]) -> dict[str, list[dict[str, Any]]]:
     """The dataset's rows: instruction/input/output instances and SFT chat messages."""
     instances, messages = [], []
@@ -603,12 +635,18 @@ def export_rows(records: list[Record]) -> dict[str, list[dict[str, Any]]]:
             continue
         for instance in record.data["instances"]:
             row = {
-                "item_id": record.item_id, "instruction": record.data["instruction"], "input": instance["input"],
-                "output": instance["output"], "is_classification": record.data["is_classification"],
+                "item_id": record.item_id,
+                "instruction": record.data["instruction"],
+                "input": instance["input"],
+                "output": instance["output"],
+                "is_classification": record.data["is_classification"],
             }
             instances.append(row)
             user = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
             messages.append(
-                {"item_id": record.item_id, "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}
+                {
+                    "item_id": record.item_id,
+                    "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}],
+                }
             )
     return {"instances": instances, "sft_messages": messages}

@@ -26,7 +26,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from autodidact.coordinator.recipes.base import ERROR_FILTER, Decision, ItemFailed, JobContext, ServiceRefused, StageResult, derive_seed, ready
+from autodidact.coordinator.recipes.base import (
+    ERROR_FILTER,
+    Decision,
+    ItemFailed,
+    JobContext,
+    ServiceRefused,
+    StageResult,
+    derive_seed,
+    ready,
+)
 from autodidact.coordinator.recipes.formats import check_item_count, gsm8k_document, json_lines, read_input
 from autodidact.coordinator.recipes.ids import CallId, DocumentId, PositionId, ToolItemId, toolformer_id
 from autodidact.coordinator.recipes.recipe import Recipe
@@ -75,18 +84,47 @@ def call_grammar(tool: str, takes_input: bool) -> str:
         return f'root ::= "{tool}()"\n'
     return f'root ::= "{tool}(" [^()\\[\\]\\n]{{1,200}} ")"\n'
 
-DOCUMENT_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("document_id", pa.string()), ("text", pa.string()), ("original_text", pa.string()),
-    ("calls", pa.list_(pa.struct([
-        ("tool", pa.string()), ("char_offset", pa.int64()), ("call", pa.string()), ("input", pa.string()),
-        ("result", pa.string()), ("loss_plus", pa.float64()), ("loss_minus", pa.float64()), ("gain", pa.float64()),
-    ]))),
-])
-CALL_SCHEMA = pa.schema([
-    ("item_id", pa.string()), ("tool", pa.string()), ("char_offset", pa.int64()), ("input", pa.string()),
-    ("result", pa.string()), ("loss_plus", pa.float64()), ("loss_no_call", pa.float64()),
-    ("loss_without_result", pa.float64()), ("loss_minus", pa.float64()), ("kept", pa.bool_()), ("dropped_by", pa.string()),
-])
+
+DOCUMENT_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("document_id", pa.string()),
+        ("text", pa.string()),
+        ("original_text", pa.string()),
+        (
+            "calls",
+            pa.list_(
+                pa.struct(
+                    [
+                        ("tool", pa.string()),
+                        ("char_offset", pa.int64()),
+                        ("call", pa.string()),
+                        ("input", pa.string()),
+                        ("result", pa.string()),
+                        ("loss_plus", pa.float64()),
+                        ("loss_minus", pa.float64()),
+                        ("gain", pa.float64()),
+                    ]
+                )
+            ),
+        ),
+    ]
+)
+CALL_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("tool", pa.string()),
+        ("char_offset", pa.int64()),
+        ("input", pa.string()),
+        ("result", pa.string()),
+        ("loss_plus", pa.float64()),
+        ("loss_no_call", pa.float64()),
+        ("loss_without_result", pa.float64()),
+        ("loss_minus", pa.float64()),
+        ("kept", pa.bool_()),
+        ("dropped_by", pa.string()),
+    ]
+)
 
 
 class Toolformer(Recipe["ToolformerParams"]):
@@ -150,9 +188,9 @@ def load_documents(path: Path, field: str, limit: int = 0) -> list[Document]:
         try:
             text = raw["text"] if "text" in raw else gsm8k_document(raw["question"], raw["answer"])[0]
         except (KeyError, TypeError, AttributeError) as exc:
-            raise InvalidArgument(field, f"line {number} is not a JSON object with a \"text\" field, nor a GSM8K line ({exc})") from None
+            raise InvalidArgument(field, f'line {number} is not a JSON object with a "text" field, nor a GSM8K line ({exc})') from None
         if not isinstance(text, str) or not text.strip():
-            raise InvalidArgument(field, f"line {number}: \"text\" must be a non-empty string")
+            raise InvalidArgument(field, f'line {number}: "text" must be a non-empty string')
         if len(text) > MAX_DOCUMENT_CHARS:
             raise InvalidArgument(field, f"line {number}: text has {len(text):,} characters; at most {MAX_DOCUMENT_CHARS:,}")
         documents.append(Document(id=str(raw.get("id", number)), text=text, date=str(raw.get("date", ""))))
@@ -277,7 +315,10 @@ class ToolformerRun:
         self._reference_date = params.reference_date
 
     async def run(self) -> dict[str, Any]:
-        listed = await self.ctx.call(lambda: self.ctx.services.tool_executor.ListTools(tool_executor_pb2.ListToolsRequest(), timeout=30), "tool-executor (list tools)")
+        listed = await self.ctx.call(
+            lambda: self.ctx.services.tool_executor.ListTools(tool_executor_pb2.ListToolsRequest(), timeout=30),
+            "tool-executor (list tools)",
+        )
         self._specs = {spec.name: spec for spec in listed.tools}
         missing = [t.tool for t in self.params.tools if t.tool not in self._specs]
         if missing:
@@ -299,7 +340,9 @@ class ToolformerRun:
         size = 0
         for start in range(0, len(documents), 5000):
             request = tool_executor_pb2.IndexDocumentsRequest(collection=self._collection, documents=documents[start : start + 5000])
-            response = await self.ctx.call(lambda: self.ctx.services.tool_executor.IndexDocuments(request, timeout=300), "tool-executor (index)")
+            response = await self.ctx.call(
+                lambda: self.ctx.services.tool_executor.IndexDocuments(request, timeout=300), "tool-executor (index)"
+            )
             size = response.collection_size
         return {"collection": self._collection, "size": size}
 
@@ -323,15 +366,26 @@ class ToolformerRun:
             if await self.ctx.stored(call["item"], "splice") is not None:
                 continue
             winner = best[call["char_offset"]]
-            decision = Decision(True) if winner is call else Decision(False, "same_position", reason=f"{winner['call']} lowered the loss more")
+            decision = (
+                Decision(True) if winner is call else Decision(False, "same_position", reason=f"{winner['call']} lowered the loss more")
+            )
             await self.ctx.record(call["item"], "splice", StageResult(decision=decision))
         chosen = sorted(best.values(), key=lambda c: c["char_offset"])
         for tool in self.params.tools:
             await self._conclude_tool(str(doc_id.tool(tool.tool)), sum(c["tool"] == tool.tool for c in chosen))
         augmented = splice(document.text, [(c["char_offset"], c["call"]) for c in chosen])
         # `text` is what a trainer reads by default (TRL's dataset_text_field), so it is the text with the calls.
-        data = {"document_id": document.id, "text": augmented, "original_text": document.text, "calls": [{k: v for k, v in c.items() if k != "item"} for c in chosen]}
-        decision = Decision(True, score=len(chosen), reason=f"{len(chosen)} calls spliced") if chosen else Decision(False, "no_useful_call", score=0, reason="no call lowered the loss by τf")
+        data = {
+            "document_id": document.id,
+            "text": augmented,
+            "original_text": document.text,
+            "calls": [{k: v for k, v in c.items() if k != "item"} for c in chosen],
+        }
+        decision = (
+            Decision(True, score=len(chosen), reason=f"{len(chosen)} calls spliced")
+            if chosen
+            else Decision(False, "no_useful_call", score=0, reason="no call lowered the loss by τf")
+        )
         if await self.ctx.stored(item, "dataset") is None:
             await self.ctx.record(item, "dataset", StageResult(data, decision))
         return bool(chosen)
@@ -360,8 +414,11 @@ class ToolformerRun:
         pre = await self.ctx.stored(tool_item, "prefilter")
         if pre is not None and pre.decision is not None and not pre.decision.kept:
             return  # its prefilter drop is its final decision
-        decision = Decision(True, score=spliced, reason=f"{spliced} calls spliced") if spliced else Decision(
-            False, "no_useful_call", score=0, reason="none of its calls lowered the loss by τf")
+        decision = (
+            Decision(True, score=spliced, reason=f"{spliced} calls spliced")
+            if spliced
+            else Decision(False, "no_useful_call", score=0, reason="none of its calls lowered the loss by τf")
+        )
         await self.ctx.record(tool_item, "splice", StageResult(decision=decision))
 
     async def _tool(self, tool_id: ToolItemId, document: Document, tool: ToolSettings) -> list[dict[str, Any]]:
@@ -369,9 +426,20 @@ class ToolformerRun:
         name = tool.tool
         if name == "Calculator":
             arithmetic = looks_arithmetic(document.text)
-            pre = await self.ctx.stage(str(tool_id), "prefilter", ready(StageResult(
-                {"tool": name}, Decision(arithmetic, "" if arithmetic else "no_arithmetic", reason="" if arithmetic else "no stated result and no a∘b=c among its numbers"),
-            )))
+            pre = await self.ctx.stage(
+                str(tool_id),
+                "prefilter",
+                ready(
+                    StageResult(
+                        {"tool": name},
+                        Decision(
+                            arithmetic,
+                            "" if arithmetic else "no_arithmetic",
+                            reason="" if arithmetic else "no stated result and no a∘b=c among its numbers",
+                        ),
+                    )
+                ),
+            )
             if pre.decision and not pre.decision.kept:
                 return []
         spec = self._specs[name]
@@ -393,18 +461,32 @@ class ToolformerRun:
 
     async def _positions(self, document: Document, tool: ToolSettings, spec: tool_executor_pb2.ToolSpec) -> StageResult:
         request = scorer_pb2.MarkerProbabilitiesRequest(
-            prompt=spec.few_shot_prompt.replace("{text}", document.text), text=document.text,
-            threshold=tool.position_threshold, top_k=tool.positions,
+            prompt=spec.few_shot_prompt.replace("{text}", document.text),
+            text=document.text,
+            threshold=tool.position_threshold,
+            top_k=tool.positions,
         )
-        response = await self.ctx.call(lambda: self.ctx.services.scorer.MarkerProbabilities(request, timeout=CALL_TIMEOUT_SECONDS), "scorer (positions)")
+        response = await self.ctx.call(
+            lambda: self.ctx.services.scorer.MarkerProbabilities(request, timeout=CALL_TIMEOUT_SECONDS), "scorer (positions)"
+        )
         positions = [{"char_offset": p.char_offset, "token_index": p.token_index, "probability": p.probability} for p in response.positions]
         return StageResult(
             {"tool": tool.tool, "positions": positions},
-            Decision(True, score=len(positions), reason=f"{len(positions)} of {response.positions_considered} positions", model=response.model.model, template_version=spec.prompt_version),
+            Decision(
+                True,
+                score=len(positions),
+                reason=f"{len(positions)} of {response.positions_considered} positions",
+                model=response.model.model,
+                template_version=spec.prompt_version,
+            ),
         )
 
     async def _sample_calls(
-        self, position: PositionId, document: Document, tool: ToolSettings, spec: tool_executor_pb2.ToolSpec,
+        self,
+        position: PositionId,
+        document: Document,
+        tool: ToolSettings,
+        spec: tool_executor_pb2.ToolSpec,
     ) -> list[dict[str, Any]]:
         """The distinct well-formed calls sampled at one position (each stored as a candidate item)."""
         group, offset = str(position), position.char_offset
@@ -414,12 +496,17 @@ class ToolformerRun:
             request = generator_pb2.GenerateRequest(
                 prompt=common_pb2.Prompt(text=call_prompt(spec.few_shot_prompt, document.text, offset)),
                 sampling=common_pb2.SamplingParams(
-                    temperature=SAMPLING_TEMPERATURE, max_tokens=MAX_CALL_TOKENS, stop=["]", "->", "\n"],
+                    temperature=SAMPLING_TEMPERATURE,
+                    max_tokens=MAX_CALL_TOKENS,
+                    stop=["]", "->", "\n"],
                     grammar=call_grammar(tool.tool, spec.takes_input),
                 ),
-                n=tool.calls, seed=seed,
+                n=tool.calls,
+                seed=seed,
             )
-            response = await self.ctx.call(lambda: self.ctx.services.generator.Generate(request, timeout=CALL_TIMEOUT_SECONDS), "generator (calls)")
+            response = await self.ctx.call(
+                lambda: self.ctx.services.generator.Generate(request, timeout=CALL_TIMEOUT_SECONDS), "generator (calls)"
+            )
             seen: dict[str, int] = {}
             for number, sample in enumerate(response.samples):
                 argument, why = parse_call(sample.text, tool.tool, spec.takes_input)
@@ -474,10 +561,13 @@ class ToolformerRun:
 
         async def score(batch: list[dict[str, Any]]) -> list[StageResult]:
             request = scorer_pb2.FilterToolCallsRequest(
-                text=document.text, threshold=tool.filter_threshold, placement=self.params.placement,  # type: ignore[arg-type]
+                text=document.text,
+                threshold=tool.filter_threshold,
+                placement=self.params.placement,  # type: ignore[arg-type]
                 candidates=[
                     scorer_pb2.CandidateCall(
-                        id=c["item"], char_offset=c["char_offset"],
+                        id=c["item"],
+                        char_offset=c["char_offset"],
                         call_without_result=render_call(c["tool"], c["input"]),
                         call_with_result=render_call(c["tool"], c["input"], c["result"]),
                     )
@@ -494,12 +584,19 @@ class ToolformerRun:
         for candidate, verdict in await replay_batched(self.ctx, "filter", executed, lambda c: c["item"], score):
             assert verdict.decision is not None
             if verdict.decision.kept:
-                kept.append({
-                    "item": candidate["item"], "tool": candidate["tool"], "char_offset": candidate["char_offset"],
-                    "call": render_call(candidate["tool"], candidate["input"], candidate["result"]),
-                    "input": candidate["input"], "result": candidate["result"], "gain": verdict.decision.score,
-                    "loss_plus": verdict.data["loss_plus"], "loss_minus": verdict.data["loss_minus"],
-                })
+                kept.append(
+                    {
+                        "item": candidate["item"],
+                        "tool": candidate["tool"],
+                        "char_offset": candidate["char_offset"],
+                        "call": render_call(candidate["tool"], candidate["input"], candidate["result"]),
+                        "input": candidate["input"],
+                        "result": candidate["result"],
+                        "gain": verdict.decision.score,
+                        "loss_plus": verdict.data["loss_plus"],
+                        "loss_minus": verdict.data["loss_minus"],
+                    }
+                )
         return kept
 
 
@@ -529,8 +626,6 @@ def filter_outcome(decision: scorer_pb2.ToolCallDecision, threshold: float, mode
 # --- export ---
 
 
-
-
 def export_rows(records: list[Record]) -> dict[str, list[dict[str, Any]]]:
     """Documents with their calls spliced in (`text`, the training text) and every executed candidate call with its losses."""
     documents, calls = [], []
@@ -540,15 +635,23 @@ def export_rows(records: list[Record]) -> dict[str, list[dict[str, Any]]]:
             continue  # a (document, tool) item: lineage only
         if isinstance(item_id, DocumentId):
             if record.kept:
-                documents.append({"item_id": record.item_id, **{k: record.data[k] for k in ("document_id", "text", "original_text", "calls")}})
+                documents.append(
+                    {"item_id": record.item_id, **{k: record.data[k] for k in ("document_id", "text", "original_text", "calls")}}
+                )
             continue
         if "result" not in record.data:
             continue  # never executed (malformed or repeated): lineage only
         dropped = next((d.filter for _, d in record.lineage if not d.kept), "")
-        calls.append({
-            "item_id": record.item_id, "tool": record.data["tool"], "char_offset": record.data["char_offset"],
-            "input": record.data["input"], "result": record.data["result"],
-            **{k: record.data.get(k) for k in ("loss_plus", "loss_no_call", "loss_without_result", "loss_minus")},
-            "kept": record.kept, "dropped_by": dropped,
-        })
+        calls.append(
+            {
+                "item_id": record.item_id,
+                "tool": record.data["tool"],
+                "char_offset": record.data["char_offset"],
+                "input": record.data["input"],
+                "result": record.data["result"],
+                **{k: record.data.get(k) for k in ("loss_plus", "loss_no_call", "loss_without_result", "loss_minus")},
+                "kept": record.kept,
+                "dropped_by": dropped,
+            }
+        )
     return {"documents": documents, "calls": calls}
