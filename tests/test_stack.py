@@ -16,6 +16,7 @@ from autodidact.stack import (
     IMPLEMENTED,
     LocalStack,
     StackOptions,
+    services_for,
     shifted_ports,
     start_order,
     wired,
@@ -40,6 +41,19 @@ def test_start_order_keeps_only_what_was_asked_and_refuses_unknown_names():
     assert start_order(["coordinator", "critic", "scorer", "generator"]) == ["generator", "scorer", "critic", "coordinator"]
     with pytest.raises(ValueError, match="no service named 'judge'; services: generator, scorer"):
         start_order(["generator", "judge"])
+
+
+def test_a_recipe_gets_the_services_it_declares_and_what_they_call():
+    from autodidact.coordinator.recipes.registry import RECIPES
+
+    for name, recipe in RECIPES.items():
+        started = services_for(name)
+        assert started == start_order(started), name
+        for service in started:
+            assert set(CALLS[service]) <= set(started), (name, service)
+        assert {s.replace("_", "-") for s in recipe.services} <= set(started), name
+    assert services_for("constitutional") == ["generator", "scorer", "critic"]  # the critic calls both
+    assert services_for("no_such_recipe") == []
 
 
 def test_wired_points_each_service_at_its_neighbours():

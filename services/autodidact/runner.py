@@ -143,7 +143,7 @@ async def run_in_process(spec: coordinator_pb2.JobSpec, job_id: str, data_dir: P
     from autodidact.coordinator.jobs import validate_spec
     from autodidact.errors import InvalidArgument
     from autodidact.runtime.settings import ServerSettings
-    from autodidact.stack import RECIPE_SERVICES, LocalStack
+    from autodidact.stack import LocalStack, services_for
 
     try:  # refused here, before any model loads, exactly as the coordinator would refuse it
         validate_spec(spec, job_id)
@@ -153,8 +153,7 @@ async def run_in_process(spec: coordinator_pb2.JobSpec, job_id: str, data_dir: P
     stack = LocalStack(options.under(data_dir))
     server = ServerSettings(grace_seconds=5)
     try:
-        # An unknown recipe starts no services; the coordinator then refuses it by name.
-        await stack.start(RECIPE_SERVICES.get(spec.WhichOneof("recipe") or "", ()), server)
+        await stack.start(services_for(spec.WhichOneof("recipe") or ""), server)
         # Models load before the job starts: llama.cpp silences the process's stderr while it
         # loads one, which would swallow progress lines printed meanwhile.
         await stack.wait_ready()

@@ -165,13 +165,22 @@ def _coordinator(options: StackOptions) -> Component:
     return coordinator_component(options.coordinator)
 
 
-# The services each recipe calls (the in-process runner starts just these).
-RECIPE_SERVICES = {
-    "self_instruct": ("generator", "dedup"),
-    "toolformer": ("generator", "scorer", "tool-executor"),
-    "constitutional": ("generator", "scorer", "critic"),
-    "self_consistency": ("generator", "scorer"),
-}
+def services_for(recipe_name: str) -> list[str]:
+    """The services a job of `recipe_name` needs running (what the in-process runner
+    starts): those the recipe declares (Recipe.services), and whatever they call (CALLS).
+    An unknown recipe needs none; the coordinator then refuses it by name."""
+    from autodidact.coordinator.recipes.registry import RECIPES  # the recipes: only the runner asks
+
+    recipe = RECIPES.get(recipe_name)
+    wanted = [service.replace("_", "-") for service in recipe.services] if recipe is not None else []
+    needed: set[str] = set()
+    while wanted:
+        service = wanted.pop()
+        if service not in needed:
+            needed.add(service)
+            wanted.extend(CALLS[service])
+    return start_order(needed)
+
 
 # In start order, each after the services it calls (CALLS): the coordinator's jobs resume only once those are up.
 BUILDERS = {
