@@ -135,10 +135,10 @@ def self_instruct_without_timing(files: Dataset) -> Dataset:
 def toolformer_spec(inputs: Path, output_dir: Path) -> coordinator_pb2.JobSpec:
     job = coordinator_pb2.JobSpec(seed=4, max_in_flight=2, output_dir=str(output_dir))
     job.toolformer.documents_path = str(GSM8K)
-    job.toolformer.max_documents = 3
+    job.toolformer.max_documents = 2
     job.toolformer.tools.append("Calculator")
-    job.toolformer.positions_per_document = 4
-    job.toolformer.calls_per_position = 3
+    job.toolformer.positions_per_document = 2
+    job.toolformer.calls_per_position = 2  # two calls at a position: splicing chooses between them
     job.toolformer.filter_threshold = -100  # keeps every executed call: splicing is part of what must match
     return job
 
@@ -146,7 +146,7 @@ def toolformer_spec(inputs: Path, output_dir: Path) -> coordinator_pb2.JobSpec:
 def self_consistency_spec(inputs: Path, output_dir: Path) -> coordinator_pb2.JobSpec:
     job = coordinator_pb2.JobSpec(seed=9, max_in_flight=2, output_dir=str(output_dir))
     job.self_consistency.questions_path = str(SVAMP)
-    job.self_consistency.max_questions = 6
+    job.self_consistency.max_questions = 4
     job.self_consistency.paths_per_question = 4
     job.self_consistency.sampling.max_tokens = 48
     return job
@@ -189,7 +189,7 @@ SELF_INSTRUCT = Recipe(
 TOOLFORMER = Recipe("toolformer", toolformer_spec, ("generator", "scorer", "tool-executor"), "execute", "documents")
 SELF_CONSISTENCY = Recipe(
     "self_consistency", self_consistency_spec, ("generator", "scorer"), "vote", "paths",
-    lineage_items=6 * 5,  # 6 questions and their 4 paths, each once
+    lineage_items=4 * 5,  # 4 questions and their 4 paths, each once
 )
 CONSTITUTIONAL = Recipe(
     "constitutional", constitutional_spec, ("critic",), "revise", "sft_messages", lineage_items=len(CONSTITUTIONAL_PROMPTS),
