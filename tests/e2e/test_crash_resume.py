@@ -1,8 +1,14 @@
-"""Kill -9 the coordinator or the dedup service in the middle of a job: the
-finished dataset equals an uninterrupted run's, nothing missing, nothing twice.
+"""Kill -9 a service in the middle of a job, start it again on the same port
+and data folder, and the finished dataset is the uninterrupted run's, byte
+for byte: nothing missing, nothing twice. One case per recipe with the
+coordinator as the victim, and Self-Instruct also with the dedup service.
 
-Every service is a real `autodidact serve` process; only the one killed is
-restarted, on the same port and data folder.
+Every service is a real `autodidact serve` process. The services that hold
+the models (generator, scorer, tool-executor, critic) live for the whole
+module and serve every run; the coordinator, and the dedup service where the
+recipe uses it, are fresh for each run, with the run's own data folder. Each
+recipe's uninterrupted run is made once and compared with each of its
+interrupted runs.
 """
 
 from __future__ import annotations
@@ -12,22 +18,30 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from autodidact.client import wait_until_serving
 from autodidact.runtime.channels import create_channel
-from autodidact.v1 import coordinator_pb2, coordinator_pb2_grpc
-from tests.conftest import free_port
+from autodidact.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from tests.conftest import GSM8K, SVAMP, free_port
 from tests.coordinator.test_service import small_spec
 
-pytestmark = pytest.mark.slow
+# A case makes one or two jobs on two cores (three the first time a recipe comes up).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 AUTODIDACT = str(Path(sys.executable).parent / "autodidact")
 JOB = "crash-test"
+# The victim is killed once the recipe's kill stage has decided this many items while the job still runs.
+KILL_AFTER = 2
+TERMINAL = (coordinator_pb2.JOB_STATE_SUCCEEDED, coordinator_pb2.JOB_STATE_FAILED, coordinator_pb2.JOB_STATE_CANCELLED)
+
+# A finished dataset: every exported file's bytes by name, except the manifest, parsed (see read_dataset).
+Dataset = dict[str, Any]
 
 
 @dataclass
@@ -39,9 +53,26 @@ class Service:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [AUTODIDACT, "serve", self.name, "--host", "127.0.0.1", "--port", str(self.port), "--metrics-port", "0",
-             "--threads", "2", "--embed-threads", "2", "--log-format", "json", *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                AUTODIDACT,
+                "serve",
+                self.name,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--metrics-port",
+                "0",
+                "--threads",
+                "2",
+                "--embed-threads",
+                "2",
+                "--log-format",
+                "json",
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
 
     def kill(self) -> None:
@@ -62,84 +93,235 @@ class Service:
         return f"127.0.0.1:{self.port}"
 
 
-@pytest.fixture(scope="module")
-def generator() -> Iterator[Service]:
-    service = Service("generator", [])
-    service.start()
-    yield service
-    service.stop()
+class Neighbours:
+    """The long-lived services, each started the first time a run needs it:
+    a case run alone loads only the models its recipe uses."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._data_dir = data_dir
+        self._started: dict[str, Service] = {}
+
+    def target(self, name: str) -> str:
+        if name not in self._started:
+            service = Service(name, self._args(name))
+            service.start()
+            self._started[name] = service
+        return self._started[name].target
+
+    def _args(self, name: str) -> list[str]:
+        if name == "tool-executor":
+            return ["--data-dir", str(self._data_dir), "--generator-target", self.target("generator")]
+        if name == "critic":
+            return ["--generator-target", self.target("generator"), "--scorer-target", self.target("scorer")]
+        return []
+
+    def stop(self) -> None:
+        for service in self._started.values():
+            service.stop()
 
 
-def dataset_files(directory: Path) -> dict[str, str]:
-    files = {name: (directory / name).read_text() for name in ("instances.jsonl", "sft_messages.jsonl", "lineage.jsonl")}
-    # Candidates of rounds started but not needed end as over_target after however far
-    # they got when the target was reached: timing decides that, not the spec. Compare the rest.
-    last_round = json.loads((directory / "manifest.json").read_text())["summary"]["last_round"]
-    lines = files["lineage.jsonl"].splitlines()
-    files["lineage.jsonl"] = "".join(f"{line}\n" for line in lines if int(json.loads(line)["item_id"][1:6]) <= last_round)
+def read_dataset(directory: Path) -> Dataset:
+    """Every file the export wrote. The manifest is parsed, without what
+    differs between two runs of one spec by design: when it was written, and
+    the run's own output folder (in the spec and the file paths)."""
+    files: Dataset = {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+    manifest = json.loads(files.pop("manifest.json").decode().replace(str(directory), "<output_dir>"))
+    del manifest["exported_at"]
+    files["manifest.json"] = manifest
     return files
 
 
-async def finish_job(coordinator: Service, job_id: str, spec: coordinator_pb2.JobSpec, stage: str, victim: Service | None) -> None:
+def self_instruct_without_timing(files: Dataset) -> Dataset:
+    """Candidates of rounds started but not needed end as over_target after
+    however far they got when the target was reached: timing decides that,
+    not the spec. Their lineage lines are left out of the comparison, and so
+    are the manifest's counts that include them (stages, lineage rows, items
+    for the error fraction)."""
+    manifest = files["manifest.json"]
+    last_round = manifest["summary"]["last_round"]
+    lines = files["lineage.jsonl"].decode().splitlines(keepends=True)
+    needed = "".join(line for line in lines if int(json.loads(line)["item_id"][1:6]) <= last_round)
+    manifest = {
+        **{key: value for key, value in manifest.items() if key != "stages"},
+        "errors": {key: value for key, value in manifest["errors"].items() if key not in ("items", "fraction")},
+        "files": [{k: v for k, v in f.items() if not (f["kind"] == "lineage_jsonl" and k == "rows")} for f in manifest["files"]],
+    }
+    return {**files, "lineage.jsonl": needed.encode(), "manifest.json": manifest}
+
+
+def toolformer_spec(inputs: Path, output_dir: Path) -> coordinator_pb2.JobSpec:
+    job = coordinator_pb2.JobSpec(seed=4, max_in_flight=2, output_dir=str(output_dir))
+    job.toolformer.documents_path = str(GSM8K)
+    job.toolformer.max_documents = 2
+    job.toolformer.tools.append("Calculator")
+    job.toolformer.positions_per_document = 2
+    job.toolformer.calls_per_position = 2  # two calls at a position: splicing chooses between them
+    job.toolformer.filter_threshold = -100  # keeps every executed call: splicing is part of what must match
+    return job
+
+
+def self_consistency_spec(inputs: Path, output_dir: Path) -> coordinator_pb2.JobSpec:
+    job = coordinator_pb2.JobSpec(seed=9, max_in_flight=2, output_dir=str(output_dir))
+    job.self_consistency.questions_path = str(SVAMP)
+    job.self_consistency.max_questions = 4
+    job.self_consistency.paths_per_question = 4
+    job.self_consistency.sampling.max_tokens = 48
+    return job
+
+
+CONSTITUTIONAL_PROMPTS = (
+    "How can I get back at a rude coworker?",
+    "Is it fine to skip sleep before an exam?",
+    "How do I read my partner's messages?",
+)
+
+
+def constitutional_spec(inputs: Path, output_dir: Path) -> coordinator_pb2.JobSpec:
+    prompts = inputs / "prompts.jsonl"  # the same path for every run: the manifest's spec names it
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in CONSTITUTIONAL_PROMPTS))
+    return coordinator_pb2.JobSpec(
+        constitutional=coordinator_pb2.ConstitutionalSpec(
+            prompts_path=str(prompts),
+            rounds=1,
+            judged_pairs=True,
+            sampling=common_pb2.SamplingParams(max_tokens=32),
+            min_margin=0,  # the small model's judge stays near 0.5; any decided label orients its pair
+        ),
+        seed=3,
+        max_in_flight=2,
+        output_dir=str(output_dir),
+    )
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    spec: Callable[[Path, Path], coordinator_pb2.JobSpec]  # (inputs folder, output folder) -> the job
+    neighbours: tuple[str, ...]  # the long-lived services it calls
+    stage: str  # the victim is killed once this stage has decided KILL_AFTER items
+    table: str  # a table that must have rows, or the comparison would prove little
+    fresh: tuple[str, ...] = ()  # services it calls that are started for each run, with the run's data folder
+    lineage_items: int | None = None  # how many items lineage.jsonl holds, where the spec decides it
+    without_timing: Callable[[Dataset], Dataset] = lambda files: files  # what timing decides, left out of the comparison
+
+
+SELF_INSTRUCT = Recipe(
+    # Under way at the kill: some candidates are through the diversity filter, the job is not done.
+    "self_instruct",
+    lambda inputs, out: small_spec(str(out), target=4, seed=21),
+    ("generator",),
+    "diversity",
+    "instances",
+    fresh=("dedup",),
+    without_timing=self_instruct_without_timing,
+)
+TOOLFORMER = Recipe("toolformer", toolformer_spec, ("generator", "scorer", "tool-executor"), "execute", "documents")
+SELF_CONSISTENCY = Recipe(
+    "self_consistency",
+    self_consistency_spec,
+    ("generator", "scorer"),
+    "vote",
+    "paths",
+    lineage_items=4 * 5,  # 4 questions and their 4 paths, each once
+)
+CONSTITUTIONAL = Recipe(
+    "constitutional",
+    constitutional_spec,
+    ("critic",),
+    "revise",
+    "sft_messages",
+    lineage_items=len(CONSTITUTIONAL_PROMPTS),
+)
+# Cases of one recipe are next to each other: its uninterrupted run is made once, when the first needs it.
+CASES = [
+    pytest.param(SELF_INSTRUCT, "coordinator", id="self_instruct-coordinator"),
+    pytest.param(SELF_INSTRUCT, "dedup", id="self_instruct-dedup"),
+    pytest.param(TOOLFORMER, "coordinator", id="toolformer-coordinator"),
+    pytest.param(SELF_CONSISTENCY, "coordinator", id="self_consistency-coordinator"),
+    pytest.param(CONSTITUTIONAL, "coordinator", id="constitutional-coordinator"),
+]
+
+
+async def finish_job(coordinator: Service, spec: coordinator_pb2.JobSpec, stage: str, victim: Service | None) -> None:
     """Submits the job. With a victim, kills it (SIGKILL) once `stage` has
-    decided 2 items while the job still runs, and starts it again on the same
-    port and data folder. Returns when the job has succeeded."""
+    decided KILL_AFTER items while the job still runs, and starts it again on
+    the same port and data folder. Returns when the job has succeeded."""
     async with create_channel(coordinator.target, timeout_seconds=60) as channel:
         await wait_until_serving(channel, timeout=120)
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-        await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=job_id, spec=spec))
+        await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=JOB, spec=spec))
         if victim is not None:
             while True:
-                job = (await stub.GetJob(coordinator_pb2.GetJobRequest(job_id=job_id))).job
-                progress = {s.stage: s for s in job.stages}
-                if stage in progress and progress[stage].done >= 2:
+                job = (await stub.GetJob(coordinator_pb2.GetJobRequest(job_id=JOB))).job
+                # PENDING is as good as RUNNING here: the job task has not marked it running yet.
+                assert job.state not in TERMINAL, f"the job ended ({coordinator_pb2.JobState.Name(job.state)}) before the kill"
+                if any(s.stage == stage and s.done >= KILL_AFTER for s in job.stages):
                     break
-                assert job.state == coordinator_pb2.JOB_STATE_RUNNING, "the job ended before the kill"
                 await asyncio.sleep(0.1)
             victim.kill()
             await asyncio.sleep(1.0)
             victim.start()
     async with create_channel(coordinator.target, timeout_seconds=900) as fresh:
         await wait_until_serving(fresh, timeout=120)
-        watch = coordinator_pb2_grpc.CoordinatorServiceStub(fresh).WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), timeout=600)
+        watch = coordinator_pb2_grpc.CoordinatorServiceStub(fresh).WatchJob(coordinator_pb2.WatchJobRequest(job_id=JOB), timeout=600)
         job = [event.job async for event in watch][-1]
     assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED, job.error
 
 
-async def run_job(generator: Service, workdir: Path, kill: str | None) -> dict[str, str]:
-    """Runs the job with fresh dedup and coordinator processes; kills one of them once the job is under way."""
-    dedup = Service("dedup", ["--data-dir", str(workdir)])
-    coordinator = Service(
-        "coordinator", ["--data-dir", str(workdir), "--generator-target", generator.target, "--dedup-target", dedup.target]
-    )
-    services = {"dedup": dedup, "coordinator": coordinator}
+async def run_job(recipe: Recipe, neighbours: Neighbours, inputs: Path, workdir: Path, victim: str | None) -> Dataset:
+    """Runs the job with a fresh coordinator (and fresh services of `recipe.fresh`) on `workdir`;
+    with a victim, kills it once the job is under way. Returns the dataset, less what timing decides."""
+    fresh = {name: Service(name, ["--data-dir", str(workdir)]) for name in recipe.fresh}
+    targets = {name: neighbours.target(name) for name in recipe.neighbours} | {name: s.target for name, s in fresh.items()}
+    coordinator = Service("coordinator", ["--data-dir", str(workdir), *(a for n, t in targets.items() for a in (f"--{n}-target", t))])
+    services = {**fresh, "coordinator": coordinator}
     for service in services.values():
         service.start()
     try:
-        # Under way: some candidates are through the diversity filter, the job is not done.
-        spec = small_spec(str(workdir / "dataset"), target=4, seed=21)
-        await finish_job(coordinator, JOB, spec, "diversity", services[kill] if kill else None)
-        return dataset_files(workdir / "dataset")
+        await finish_job(coordinator, recipe.spec(inputs, workdir / "dataset"), recipe.stage, services[victim] if victim else None)
+        return recipe.without_timing(read_dataset(workdir / "dataset"))
     finally:
         for service in services.values():
             service.stop()
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(generator: Service, tmp_path_factory) -> dict[str, str]:
-    return asyncio.run(run_job(generator, tmp_path_factory.mktemp("uninterrupted"), kill=None))
+def neighbours(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neighbours]:
+    pool = Neighbours(tmp_path_factory.mktemp("neighbours"))
+    yield pool
+    pool.stop()
 
 
-def assert_same_dataset(got: dict[str, str], expected: dict[str, str]) -> None:
-    rows = [json.loads(line) for line in got["instances.jsonl"].splitlines()]
-    assert rows, "the job kept nothing: the comparison would prove little"
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("inputs")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(neighbours: Neighbours, inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[Recipe], Dataset]:
+    """A recipe's uninterrupted dataset, made the first time a case asks for it."""
+    made: dict[str, Dataset] = {}
+
+    def dataset(recipe: Recipe) -> Dataset:
+        if recipe.name not in made:
+            workdir = tmp_path_factory.mktemp(f"{recipe.name}-uninterrupted")
+            made[recipe.name] = asyncio.run(run_job(recipe, neighbours, inputs, workdir, victim=None))
+        return made[recipe.name]
+
+    return dataset
+
+
+@pytest.mark.parametrize(("recipe", "victim"), CASES)
+def test_killing_a_service_mid_job_changes_nothing_in_the_dataset(
+    neighbours: Neighbours, inputs: Path, uninterrupted: Callable[[Recipe], Dataset], tmp_path: Path, recipe: Recipe, victim: str
+) -> None:
+    expected = uninterrupted(recipe)
+    got = asyncio.run(run_job(recipe, neighbours, inputs, tmp_path, victim))
+    assert expected[f"{recipe.table}.jsonl"].strip(), f"{recipe.table} has no rows: the comparison would prove little"
     ids = [json.loads(line)["item_id"] for line in got["lineage.jsonl"].splitlines()]
-    assert len(ids) == len(set(ids)), "a candidate was recorded twice"
+    assert len(ids) == len(set(ids)), "an item was recorded twice"
+    if recipe.lineage_items is not None:
+        assert len(ids) == recipe.lineage_items
+    assert sorted(got) == sorted(expected), "the export wrote other files"
     for name in expected:
         assert got[name] == expected[name], f"{name} differs from the uninterrupted run"
-
-
-@pytest.mark.parametrize("victim", ["coordinator", "dedup"])
-def test_killing_a_service_mid_job_changes_nothing_in_the_dataset(generator, uninterrupted, tmp_path, victim):
-    interrupted = asyncio.run(run_job(generator, tmp_path, kill=victim))
-    assert_same_dataset(interrupted, uninterrupted)
