@@ -432,7 +432,8 @@ class SqliteJobStore:
         def create(db: sqlite3.Connection) -> tuple[JobRow, bool]:
             now = time.time()
             cursor = db.execute(
-                "INSERT INTO jobs (id, spec, spec_hash, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO jobs (id, spec, spec_hash, state, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO NOTHING",
                 (job_id, spec, spec_hash, state, now, now),
             )
             return JobRow(*db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()), cursor.rowcount == 1
@@ -440,21 +441,17 @@ class SqliteJobStore:
         return await self._write(create)
 
     async def get_job(self, job_id: str) -> JobRow | None:
-        row = await self._read(lambda db: db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        row = await self._read(_one(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)))
         return None if row is None else JobRow(*row)
 
     async def list_jobs(self, limit: int, before_seq: int | None = None) -> list[JobRow]:
-        rows = await self._read(
-            lambda db: db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?",
-                (before_seq if before_seq is not None else 2**62, limit),
-            ).fetchall()
-        )
+        before = before_seq if before_seq is not None else 2**62
+        rows = await self._read(_all(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?", (before, limit)))
         return [JobRow(*row) for row in rows]
 
     async def jobs_in_states(self, states: tuple[int, ...]) -> list[JobRow]:
         marks = ",".join("?" * len(states))
-        rows = await self._read(lambda db: db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY seq", states).fetchall())
+        rows = await self._read(_all(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY seq", states))
         return [JobRow(*row) for row in rows]
 
     async def set_state(self, job_id: str, state: int, error: str = "") -> None:
@@ -463,11 +460,8 @@ class SqliteJobStore:
     # --- stage results ---
 
     async def get_result(self, job_id: str, item_id: str, stage: str) -> dict[str, Any] | None:
-        def read(db: sqlite3.Connection) -> dict[str, Any] | None:
-            row = db.execute("SELECT value FROM results WHERE job_id = ? AND item_id = ? AND stage = ?", (job_id, item_id, stage)).fetchone()
-            return None if row is None else _decode(row[0])
-
-        return await self._read(read)
+        key = (job_id, item_id, stage)
+        return await self._read(_value("SELECT value FROM results WHERE job_id = ? AND item_id = ? AND stage = ?", key))
 
     async def put_result(self, job_id: str, item_id: str, stage: str, value: dict[str, Any], kept: bool | None, filter_: str = "") -> bool:
         """True when this call wrote the result, False when the key already had
@@ -485,9 +479,11 @@ class SqliteJobStore:
         return await self._write(insert)
 
     async def has_results(self, job_id: str) -> bool:
-        return await self._read(lambda db: db.execute("SELECT 1 FROM results WHERE job_id = ? LIMIT 1", (job_id,)).fetchone() is not None)
+        return await self._read(_one("SELECT 1 FROM results WHERE job_id = ? LIMIT 1", (job_id,))) is not None
 
-    async def delete_results(self, job_id: str, *, filter_: str | None = None, item_id: str | None = None, stage: str | None = None) -> None:
+    async def delete_results(
+        self, job_id: str, *, filter_: str | None = None, item_id: str | None = None, stage: str | None = None
+    ) -> None:
         """Forgets a job's results matching every condition given (a retried
         job recomputes them); the only exception to write-once. The stage
         counts go down in the same transaction."""
@@ -543,8 +539,7 @@ class SqliteJobStore:
     async def stage_counts(self, job_id: str) -> list[StageCounts]:
         """Decided results per stage, from the counters: O(stages)."""
         rows = await self._read(
-            lambda db: db.execute("SELECT stage, filter, done, kept FROM stage_counts WHERE job_id = ? AND done > 0 ORDER BY stage, filter", (job_id,))
-            .fetchall()
+            _all("SELECT stage, filter, done, kept FROM stage_counts WHERE job_id = ? AND done > 0 ORDER BY stage, filter", (job_id,))
         )
         done: dict[str, int] = {}
         kept: dict[str, int] = {}
@@ -560,11 +555,7 @@ class SqliteJobStore:
     # --- job-level values ---
 
     async def get_value(self, job_id: str, key: str) -> dict[str, Any] | None:
-        def read(db: sqlite3.Connection) -> dict[str, Any] | None:
-            row = db.execute("SELECT value FROM job_values WHERE job_id = ? AND key = ?", (job_id, key)).fetchone()
-            return None if row is None else _decode(row[0])
-
-        return await self._read(read)
+        return await self._read(_value("SELECT value FROM job_values WHERE job_id = ? AND key = ?", (job_id, key)))
 
     async def put_value(self, job_id: str, key: str, value: dict[str, Any]) -> None:
         await self._write(
@@ -596,6 +587,25 @@ def _results_page(db: sqlite3.Connection, job_id: str, after: str | None) -> tup
             rows = db.execute("SELECT item_id, seq, stage, value FROM results WHERE job_id = ? AND item_id = ?", (job_id, last)).fetchall()
     rows.sort(key=lambda row: (row[0], row[1]))
     return [(item, stage, _decode(value)) for item, _, stage, value in rows], last
+
+
+def _one(sql: str, parameters: Sequence[Any]) -> Operation:
+    """A read of one row (or None)."""
+    return lambda db: db.execute(sql, parameters).fetchone()
+
+
+def _all(sql: str, parameters: Sequence[Any]) -> Operation:
+    return lambda db: db.execute(sql, parameters).fetchall()
+
+
+def _value(sql: str, parameters: Sequence[Any]) -> Operation:
+    """A read of one JSON value, decoded on the reader thread (None when there is none)."""
+
+    def read(db: sqlite3.Connection) -> dict[str, Any] | None:
+        row = db.execute(sql, parameters).fetchone()
+        return None if row is None else _decode(row[0])
+
+    return read
 
 
 def _change(sql: str, parameters: Sequence[Any]) -> Operation:
