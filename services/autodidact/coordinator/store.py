@@ -279,18 +279,17 @@ def _settle(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             future.set_exception(value)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    # isolation_level=None: the writer opens and commits its transactions itself.
-    db = sqlite3.connect(path, isolation_level=None)
+def _configure(db: sqlite3.Connection) -> None:
     db.execute("PRAGMA busy_timeout = 10000")
     # FULL: a result acknowledged to the job survives a crash of the machine too.
     db.execute("PRAGMA synchronous=FULL")
-    return db
 
 
 def _open_writer(path: Path) -> sqlite3.Connection:
-    db = _connect(path)
+    # isolation_level=None: the writer opens and commits its transactions itself.
+    db = sqlite3.connect(path, isolation_level=None)
     try:
+        _configure(db)  # a file that is not a database fails here already
         db.execute("PRAGMA journal_mode=WAL")
         # A damaged store refuses the start, naming the file, instead of
         # answering INTERNAL later or replaying half-read results.
@@ -379,7 +378,8 @@ def _statements(script: str) -> list[str]:
 
 
 def _open_reader(path: Path) -> sqlite3.Connection:
-    db = _connect(path)
+    db = sqlite3.connect(path, isolation_level=None)
+    _configure(db)
     db.execute("PRAGMA query_only = 1")
     return db
 
