@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from autodidact.coordinator.recipes.base import (
-    ERROR_FILTER, PLAN_KEY, Decision, ItemFailed, JobContext, ServiceRefused, Services, StageResult, TooManyErrors,
+    ERROR_FILTER,
+    PLAN_KEY,
+    Decision,
+    ItemFailed,
+    JobContext,
+    ServiceRefused,
+    Services,
+    StageResult,
+    TooManyErrors,
 )
 from autodidact.coordinator.store import JobStore, SqliteJobStore, StageCounts
 from autodidact.errors import Unavailable

@@ -94,8 +94,11 @@ async def test_stage_counts_match_the_results_after_writes_and_deletes(tmp_path:
     store = open_store(tmp_path)
     rows: list[tuple[str, str, int | None, str]] = []
     for i in range(60):
-        for stage, kept, filter_ in (("raw", None, ""), ("heuristics", i % 3 != 0, "" if i % 3 else "length"),
-                                     ("diversity", i % 4 != 0, "" if i % 4 else ("error" if i % 8 else "similarity"))):
+        for stage, kept, filter_ in (
+            ("raw", None, ""),
+            ("heuristics", i % 3 != 0, "" if i % 3 else "length"),
+            ("diversity", i % 4 != 0, "" if i % 4 else ("error" if i % 8 else "similarity")),
+        ):
             if i % 3 == 0 and stage == "diversity":
                 continue  # dropped at heuristics: never reaches diversity
             value = decided(bool(kept), filter_) if kept is not None else {"text": i}
@@ -257,8 +260,10 @@ def test_a_store_of_the_first_schema_is_upgraded_in_place(tmp_path: Path, with_j
         [(*row[:5], json.dumps(row[5], sort_keys=True), 10.0 + n) for n, row in enumerate(rows)],
     )
     if with_job_values:  # the second schema 0: job_values existed, a value may be in both places (the table wins)
-        old.execute("CREATE TABLE job_values (job_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, "
-                    "written_at REAL NOT NULL, PRIMARY KEY (job_id, key))")
+        old.execute(
+            "CREATE TABLE job_values (job_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, "
+            "written_at REAL NOT NULL, PRIMARY KEY (job_id, key))"
+        )
         old.execute("""INSERT INTO job_values VALUES ('job', 'summary', '{"kept": 7}', 20.0)""")
     old.commit()
     old.close()
@@ -267,7 +272,10 @@ def test_a_store_of_the_first_schema_is_upgraded_in_place(tmp_path: Path, with_j
     job = asyncio.run(store.get_job("job"))
     assert job is not None and job.spec == b"\n\x00" and job.state == 2
     assert [(item, stage) for _, item, stage, _ in asyncio.run(store.results_since("job", 0, 100))] == [
-        ("c002", "heuristics"), ("c001", "heuristics"), ("c002", "raw"), ("c002", "diversity")
+        ("c002", "heuristics"),
+        ("c001", "heuristics"),
+        ("c002", "raw"),
+        ("c002", "diversity"),
     ]
     assert asyncio.run(store.get_value("job", "seed_pool")) == {"seed_instructions": 3}
     assert asyncio.run(store.get_value("job", "plan")) == {"dataset_items": 2}
@@ -275,7 +283,8 @@ def test_a_store_of_the_first_schema_is_upgraded_in_place(tmp_path: Path, with_j
     assert asyncio.run(store.get_value("job", "summary")) == ({"kept": 7} if with_job_values else {"kept": 0})
     counts = {c.stage: c for c in asyncio.run(store.stage_counts("job"))}
     assert counts == {
-        "heuristics": StageCounts("heuristics", 2, 1, {"length": 1}), "diversity": StageCounts("diversity", 1, 0, {"error": 1})
+        "heuristics": StageCounts("heuristics", 2, 1, {"length": 1}),
+        "diversity": StageCounts("diversity", 1, 0, {"error": 1}),
     }
     asyncio.run(store.delete_results("job", filter_="error"))
     assert "diversity" not in {c.stage for c in asyncio.run(store.stage_counts("job"))}

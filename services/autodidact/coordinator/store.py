@@ -22,6 +22,7 @@ asyncio.run loops over one store).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import queue
@@ -228,12 +229,12 @@ class _Worker:
     def _run_batch(self, db: sqlite3.Connection, batch: list[Call]) -> list[tuple[bool, Any]]:
         operations = [operation for operation, _, _ in batch]
         if not self._transactional:
-            return [_attempt(lambda: operation(db)) for operation in operations]
+            return [_attempt(operation, db) for operation in operations]
         try:
             return [(True, value) for value in _transaction(db, operations)]
         except Exception:
-            pass  # some call failed (or the commit did): find which, one transaction per call
-        return [_attempt(lambda: _transaction(db, [operation])[0]) for operation in operations]
+            # Some call failed (or the commit did): find which, one transaction per call.
+            return [_attempt(_alone, db, operation) for operation in operations]
 
 
 def _transaction(db: sqlite3.Connection, operations: list[Operation]) -> list[Any]:
@@ -249,10 +250,14 @@ def _transaction(db: sqlite3.Connection, operations: list[Operation]) -> list[An
         raise
 
 
-def _attempt(run: Callable[[], Any]) -> tuple[bool, Any]:
+def _alone(db: sqlite3.Connection, operation: Operation) -> Any:
+    return _transaction(db, [operation])[0]
+
+
+def _attempt(function: Callable[..., Any], *arguments: Any) -> tuple[bool, Any]:
     """(True, result) or (False, the exception): a failure goes to its caller, not to the worker."""
     try:
-        return True, run()
+        return True, function(*arguments)
     except Exception as exc:
         return False, exc
 
@@ -263,10 +268,8 @@ def _answer(batch: list[Call], answers: list[tuple[bool, Any]]) -> None:
     for (_, loop, future), (ok, value) in zip(batch, answers, strict=True):
         by_loop.setdefault(loop, []).append((future, ok, value))
     for loop, settled in by_loop.items():
-        try:
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nobody is waiting
             loop.call_soon_threadsafe(_settle, settled)
-        except RuntimeError:
-            pass  # that loop has closed: nobody is waiting
 
 
 def _settle(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
