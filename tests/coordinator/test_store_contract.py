@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -321,7 +323,7 @@ async def test_iter_results_never_splits_an_item_across_pages(tmp_path: Path, mo
     await store.close()
 
 
-async def test_writes_queued_together_share_a_commit_and_reads_do_not_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_writes_queued_together_share_a_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SqliteJobStore(tmp_path / "jobs.sqlite")
     await store.put_result("job", "first", "s", {}, None)
     transactions: list[int] = []
@@ -333,9 +335,23 @@ async def test_writes_queued_together_share_a_commit_and_reads_do_not_wait(tmp_p
 
     monkeypatch.setattr(sqlite_store, "_transaction", counted)
     writes = asyncio.gather(*(store.put_result("job", f"i{n:05d}", "s", {"n": n}, None) for n in range(5000)))
-    read = await store.get_result("job", "first", "s")  # answered by the reader while the writer works
-    assert read == {} and await writes == [True] * 5000
+    assert await writes == [True] * 5000
     assert sum(transactions) == 5000 and len(transactions) < 500, f"{len(transactions)} commits for 5,000 writes queued together"
+    await store.close()
+
+
+async def test_reads_and_the_event_loop_go_on_while_the_writer_is_busy(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path / "jobs.sqlite")
+    await store.create_job("job", b"", "h", 1)
+    release = threading.Event()
+    busy = asyncio.ensure_future(store._write(lambda db: release.wait(10)))  # a commit that takes as long as we like
+    queued = asyncio.ensure_future(store.put_result("job", "i1", "s", {}, None))
+    started = time.perf_counter()
+    job = await asyncio.wait_for(store.get_job("job"), 5)
+    assert job is not None and time.perf_counter() - started < 1.0 and not queued.done()
+    release.set()
+    assert await busy is True and await queued is True
+    assert await store.get_result("job", "i1", "s") == {}  # read after the write returned: the new commit is seen
     await store.close()
 
 

@@ -593,8 +593,14 @@ def _results_page(db: sqlite3.Connection, job_id: str, after: str | None) -> tup
 
 
 def _one(sql: str, parameters: Sequence[Any]) -> Operation:
-    """A read of one row (or None)."""
-    return lambda db: db.execute(sql, parameters).fetchone()
+    """A read of one row (or None). fetchall, not fetchone: a statement left
+    unfinished would hold the reader's snapshot open, hiding later commits."""
+
+    def read(db: sqlite3.Connection) -> Any:
+        rows = db.execute(sql, parameters).fetchall()
+        return rows[0] if rows else None
+
+    return read
 
 
 def _all(sql: str, parameters: Sequence[Any]) -> Operation:
@@ -604,8 +610,10 @@ def _all(sql: str, parameters: Sequence[Any]) -> Operation:
 def _value(sql: str, parameters: Sequence[Any]) -> Operation:
     """A read of one JSON value, decoded on the reader thread (None when there is none)."""
 
+    one = _one(sql, parameters)
+
     def read(db: sqlite3.Connection) -> dict[str, Any] | None:
-        row = db.execute(sql, parameters).fetchone()
+        row = one(db)
         return None if row is None else _decode(row[0])
 
     return read
