@@ -168,9 +168,10 @@ _STOP = None  # queued to end a worker thread
 class _Worker:
     """One thread that owns one SQLite connection and runs the calls queued
     for it in order, a batch at a time. A writer runs each batch in one
-    transaction; if any call in it fails, the batch is rolled back and its
-    calls run again one per transaction, so a failing write (a constraint, a
-    value that is not JSON) fails only its own caller."""
+    transaction; if any call in it fails, the batch is rolled back and run
+    again with each call under its own savepoint, so a failing write (a
+    constraint, a value that is not JSON) fails only its own caller, and the
+    rest still share one commit."""
 
     def __init__(self, name: str, connect: Callable[[], sqlite3.Connection], max_batch: int, transactional: bool) -> None:
         self._calls: queue.SimpleQueue[Call | None] = queue.SimpleQueue()
@@ -207,7 +208,7 @@ class _Worker:
         try:
             while True:
                 first = self._calls.get()
-                if first is None:
+                if first is _STOP:
                     return
                 batch = [first]
                 stopping = False
@@ -216,7 +217,7 @@ class _Worker:
                         call = self._calls.get_nowait()
                     except queue.Empty:
                         break
-                    if call is None:
+                    if call is _STOP:
                         stopping = True
                         break
                     batch.append(call)
@@ -233,8 +234,7 @@ class _Worker:
         try:
             return [(True, value) for value in _transaction(db, operations)]
         except Exception:
-            # Some call failed (or the commit did): find which, one transaction per call.
-            return [_attempt(_alone, db, operation) for operation in operations]
+            return _each_alone(db, operations)
 
 
 def _transaction(db: sqlite3.Connection, operations: list[Operation]) -> list[Any]:
@@ -250,8 +250,26 @@ def _transaction(db: sqlite3.Connection, operations: list[Operation]) -> list[An
         raise
 
 
-def _alone(db: sqlite3.Connection, operation: Operation) -> Any:
-    return _transaction(db, [operation])[0]
+def _each_alone(db: sqlite3.Connection, operations: list[Operation]) -> list[tuple[bool, Any]]:
+    """Reruns a failed batch in one transaction, each operation under its own
+    savepoint: a failing one is undone and answers its exception, the others
+    commit together. If the commit itself fails (a full disk), all of them fail."""
+    answers: list[tuple[bool, Any]] = []
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        for operation in operations:
+            db.execute("SAVEPOINT one_write")
+            answer = _attempt(operation, db)
+            if not answer[0]:
+                db.execute("ROLLBACK TO one_write")
+            db.execute("RELEASE one_write")
+            answers.append(answer)
+        db.execute("COMMIT")
+    except Exception as exc:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        return [(False, exc)] * len(operations)
+    return answers
 
 
 def _attempt(function: Callable[..., Any], *arguments: Any) -> tuple[bool, Any]:
