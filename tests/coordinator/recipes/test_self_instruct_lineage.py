@@ -39,12 +39,15 @@ class DedupDouble:
 
 class GeneratorDouble:
     """Round r lists "Explain topic r-i ..." (i = 0..2) and "Sing" (too short).
-    Round 0's instances wait until rounds 1 and 2 have been through dedup, so
-    those rounds are under way when the target is reached; round 2's never come
-    (it is cancelled mid-round)."""
+    Round 0's instances wait until rounds 1 and 2 have been through dedup and
+    topic 2-0's classification was asked for, so those rounds are under way when
+    the target is reached (the classification is stored before round 0's
+    instances: the store writes in order); round 2's instances never come (it is
+    cancelled mid-round)."""
 
     def __init__(self, dedup: DedupDouble) -> None:
         self.dedup = dedup
+        self.topic_2_0_classifying = asyncio.Event()
 
     async def Generate(self, request, timeout=None):  # noqa: N802
         prompt = request.prompt.text
@@ -53,12 +56,15 @@ class GeneratorDouble:
             text = "\n".join(f"{n}. Explain topic {r}-{i} to a child in simple words" for n, i in ((9, 0), (10, 1), (11, 2)))
             text = text.removeprefix("9.") + "\n12. Sing"
         elif prompt.endswith("Classification:"):
+            if "Explain topic 2-0 " in prompt:
+                self.topic_2_0_classifying.set()
             text = " No"
         else:
             topic = re.search(r"topic (\d+)-(\d+)", prompt.rsplit("Task:", 1)[1])
             assert topic
             if topic.group(1) == "0":
                 await self.dedup.three_batches.wait()
+                await self.topic_2_0_classifying.wait()
             elif topic.group(1) == "2":
                 await asyncio.Event().wait()  # never answers: cancelled when the target is reached
             text = f"\nOutput: an answer about topic {topic.group(1)}-{topic.group(2)}"
