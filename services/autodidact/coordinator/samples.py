@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 # Results per store read.
 BATCH = 2048
+# Records assembled between two yields to the event loop: a follower catching up on a
+# large job must not hold the loop (Watch, GetJob, the job itself) for a whole batch.
+RECORDS_PER_TURN = 64
 
 
 class SampleFollower:
@@ -57,7 +60,9 @@ class SampleFollower:
                 self._undecided.setdefault(item_id, {})[stage] = StageResult.from_json(value)
                 touched.pop(item_id, None)
                 touched[item_id] = None
-            for item_id in touched:
+            for turn, item_id in enumerate(touched, 1):
+                if turn % RECORDS_PER_TURN == 0:
+                    await asyncio.sleep(0)
                 if not belongs(item_id):  # (only once the job ended) never a record
                     del self._undecided[item_id]
                     self._finished.add(item_id)
