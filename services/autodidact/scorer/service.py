@@ -207,7 +207,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
             confidence=result.confidence,
             votes=[
                 scorer_pb2.PathVote(answer=a, agrees=bool(a) and a == result.winner, weight=w if a else 0.0)
-                for a, w in zip(answers, weights)
+                for a, w in zip(answers, weights, strict=True)
             ],
             tallies=[scorer_pb2.AnswerTally(answer=t.answer, count=t.count, weight=t.weight) for t in result.tallies],
         )

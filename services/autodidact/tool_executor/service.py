@@ -119,7 +119,7 @@ class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
         calls, reference_date, collection = parse_execute_request(request)
         outcomes = await executor.execute(calls, reference_date, collection)
         results = []
-        for call, outcome in zip(request.calls, outcomes):
+        for call, outcome in zip(request.calls, outcomes, strict=True):
             TOOL_CALLS.labels(
                 call.tool if call.tool in TOOLS else "unknown", "ok" if outcome.output is not None else outcome.error_kind
             ).inc()
