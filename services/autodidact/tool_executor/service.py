@@ -141,7 +141,7 @@ class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
         return tool_executor_pb2.IndexDocumentsResponse(collection_size=size)
 
 
-def _generator_completion(stub: generator_pb2_grpc.GeneratorServiceStub, timeout: float) -> Complete:
+def _generator_completion(stub: generator_pb2_grpc.GeneratorServiceAsyncStub, timeout: float) -> Complete:
     async def complete(prompt: str) -> str:
         request = generator_pb2.GenerateRequest(
             prompt=common_pb2.Prompt(text=prompt),

@@ -610,16 +610,12 @@ class SelfInstructRun:
             "raw": sample.text,
             "dropped_instances": dict(dropped),
         }
-        common = {"model": response.model.model, "template_version": TEMPLATE_VERSION, "seed": seed}
+        decide = partial(Decision, model=response.model.model, template_version=TEMPLATE_VERSION, seed=seed)
         if instances:
             dropped_note = f"; dropped {', '.join(why)}" if why else ""
-            return StageResult(
-                data, Decision(True, score=len(instances), reason=f"{len(instances)} valid instances{dropped_note}", **common)
-            )
+            return StageResult(data, decide(True, score=len(instances), reason=f"{len(instances)} valid instances{dropped_note}"))
         counts = ", ".join(f"{n} {name}" for name, n in sorted(dropped.items())) or "none parsed"
-        return StageResult(
-            data, Decision(False, "no_valid_instances", score=0, reason=f"no valid instance ({counts}): {quote(sample.text)}", **common)
-        )
+        return StageResult(data, decide(False, "no_valid_instances", score=0, reason=f"no valid instance ({counts}): {quote(sample.text)}"))
 
 
 def _readable_id(dedup_id: str, job_id: str) -> str:

@@ -512,17 +512,17 @@ class ToolformerRun:
             seen: dict[str, int] = {}
             for number, sample in enumerate(response.samples):
                 argument, why = parse_call(sample.text, tool.tool, spec.takes_input)
-                candidate = str(position.call(number))
-                common = {"model": response.model.model, "template_version": spec.prompt_version, "seed": sample.seed}
+                candidate_id = str(position.call(number))
+                decide = partial(Decision, model=response.model.model, template_version=spec.prompt_version, seed=sample.seed)
                 data = {"tool": tool.tool, "char_offset": offset, "sample": sample.text, "input": argument}
                 if argument is None:
-                    decision = Decision(False, "malformed_call", reason=why, **common)
+                    decision = decide(False, "malformed_call", reason=why)
                 elif argument in seen:
-                    decision = Decision(False, "repeated_call", reason=f"same call as c{seen[argument]:02d}", **common)
+                    decision = decide(False, "repeated_call", reason=f"same call as c{seen[argument]:02d}")
                 else:
                     seen[argument] = number
-                    decision = Decision(True, **common)
-                await self.ctx.record(candidate, "sample_call", StageResult(data, decision))
+                    decision = decide(True)
+                await self.ctx.record(candidate_id, "sample_call", StageResult(data, decision))
             # Marks the position done only after all its candidates are stored.
             await self.ctx.record(group, "sample_call", StageResult({"candidates": len(response.samples)}))
             stored = await self.ctx.stored(group, "sample_call")
