@@ -131,7 +131,7 @@ class Question:
 class SelfConsistencyParams:
     questions: list[Question]
     paths: int
-    method: int  # scorer_pb2.VoteMethod
+    method: scorer_pb2.VoteMethod.ValueType
     answer_pattern: str
     min_confidence: float
     sampling: common_pb2.SamplingParams
@@ -280,7 +280,7 @@ class SelfConsistencyRun:
         request = scorer_pb2.VoteRequest(
             prompt=cot_prompt(question.text),
             answer_pattern=self.params.answer_pattern,
-            method=self.params.method,  # type: ignore[arg-type]
+            method=self.params.method,
             paths=[scorer_pb2.ReasoningPath(text=p["text"] or " ") for p in paths],
         )
         response = await self.ctx.call(lambda: self.ctx.services.scorer.Vote(request, timeout=CALL_SECONDS), "scorer (vote)")

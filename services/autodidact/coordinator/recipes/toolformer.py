@@ -177,7 +177,7 @@ class ToolSettings:
 class ToolformerParams:
     documents: list[Document]
     tools: list[ToolSettings]
-    placement: int  # scorer_pb2.CallPlacement
+    placement: scorer_pb2.CallPlacement.ValueType
     reference_date: str
     collection_documents: list[tuple[str, str]]
 
@@ -565,7 +565,7 @@ class ToolformerRun:
             request = scorer_pb2.FilterToolCallsRequest(
                 text=document.text,
                 threshold=tool.filter_threshold,
-                placement=self.params.placement,  # type: ignore[arg-type]
+                placement=self.params.placement,
                 candidates=[
                     scorer_pb2.CandidateCall(
                         id=c["item"],
