@@ -14,9 +14,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autodidact.runtime.logging import configure_logging
 from autodidact.runtime.settings import ServerSettings
+
+if TYPE_CHECKING:  # each command imports the service graph only when it runs
+    from autodidact.stack import StackOptions
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -96,10 +100,11 @@ def _add_server_args(parser: argparse.ArgumentParser, default_host: str) -> None
         default=_env("EMBEDDER", EMBEDDER_PORT.default),
         help=f"dedup embedder; {EMBEDDER_PORT.help()}",
     )
+    constitutions_dir = _env("CONSTITUTIONS_DIR")
     parser.add_argument(
         "--constitutions-dir",
         type=Path,
-        default=Path(_env("CONSTITUTIONS_DIR")) if _env("CONSTITUTIONS_DIR") else None,
+        default=Path(constitutions_dir) if constitutions_dir else None,
         help="critic: a folder of constitution files (*.yaml) added to the built-in ones",
     )
     parser.add_argument(EMBEDDER_PORT.url_flag, default=_env("EMBEDDER_URL", ""), help="a remote embedder's server, e.g. http://tei:80")
@@ -180,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _options(args: argparse.Namespace):  # -> StackOptions
+def _options(args: argparse.Namespace) -> StackOptions:
     """What the flags say about backends and folders; the services' addresses are wired in later."""
     from autodidact.backends.embed.local import LocalEmbedderSettings
     from autodidact.backends.llm.llamacpp import LlamaCppSettings

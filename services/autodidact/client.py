@@ -19,7 +19,8 @@ async def wait_until_serving(channel: grpc.aio.Channel, service: str = "", timeo
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+            # types-grpcio's HealthStub declares no methods; the generated class has Check.
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)  # type: ignore[attr-defined]
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return
             last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

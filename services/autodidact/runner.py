@@ -55,7 +55,7 @@ def default_job_id(path: Path, spec: coordinator_pb2.JobSpec) -> str:
 
 
 def _progress_line(job: coordinator_pb2.Job) -> str:
-    parts = []
+    parts: list[str] = []
     for stage in job.stages:
         if stage.stage == "dataset" and stage.HasField("total"):
             done = min(stage.kept, stage.total)

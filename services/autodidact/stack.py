@@ -73,15 +73,15 @@ class StackOptions:
     """What the implemented services need to build their backends."""
 
     llm_backend: str = LLM_PORT.default  # a name in backends/registry.py
-    llamacpp: LlamaCppSettings = LlamaCppSettings()
+    llamacpp: LlamaCppSettings = field(default_factory=LlamaCppSettings)
     # The server behind a tgi or openai_compat backend.
     llm_remote: RemoteSettings | None = None
-    generator: GeneratorLimits = GeneratorLimits()
+    generator: GeneratorLimits = field(default_factory=GeneratorLimits)
     embedder_backend: str = EMBEDDER_PORT.default
-    embedder: LocalEmbedderSettings = LocalEmbedderSettings()
+    embedder: LocalEmbedderSettings = field(default_factory=LocalEmbedderSettings)
     # The server behind a tei embedder.
     embedder_remote: RemoteSettings | None = None
-    namespaces: NamespaceSettings = NamespaceSettings()
+    namespaces: NamespaceSettings = field(default_factory=NamespaceSettings)
     # The dedup service's namespaces live under dedup_data_dir/namespaces.
     dedup_data_dir: Path = Path(".autodidact/dedup")
     coordinator: CoordinatorSettings = field(default_factory=CoordinatorSettings)

@@ -29,6 +29,9 @@ from autodidact.coordinator.store import JobStore
 from autodidact.v1 import coordinator_pb2
 
 if TYPE_CHECKING:  # the registry imports every recipe
+    # Message.DESCRIPTOR is either descriptor.Descriptor or, under the default upb backend, this one (same fields).
+    from google._upb._message import Descriptor as UpbDescriptor
+
     from autodidact.coordinator.recipes.recipe import Recipe
 
 TMP_SUFFIX = ".tmp"
@@ -101,7 +104,7 @@ def message_json(message: Message, zeros: bool = False) -> dict[str, Any]:
     return _numbers(message.DESCRIPTOR, mapping)
 
 
-def _numbers(message_type: descriptor.Descriptor, value: dict[str, Any]) -> dict[str, Any]:
+def _numbers(message_type: descriptor.Descriptor | UpbDescriptor, value: dict[str, Any]) -> dict[str, Any]:
     for field in message_type.fields:
         if field.json_name not in value:
             continue

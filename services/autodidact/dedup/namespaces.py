@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -44,8 +45,9 @@ class Verdict:
         return [self.id, self.kept, self.nearest_id, self.similarity]
 
     @classmethod
-    def from_json(cls, row: list[object]) -> Verdict:
-        return cls(str(row[0]), bool(row[1]), str(row[2]), float(row[3]))  # type: ignore[arg-type]
+    def from_json(cls, row: list[Any]) -> Verdict:
+        """A row of to_json, read back from the batch's stored JSON (untyped, hence Any)."""
+        return cls(str(row[0]), bool(row[1]), str(row[2]), float(row[3]))
 
 
 class Namespace:

@@ -8,8 +8,9 @@ stream closes (status OK) right after it has sent NOT_SERVING.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+from grpc.aio import ServicerContext
 from grpc_health.v1 import health, health_pb2
 
 
@@ -43,6 +44,11 @@ class HealthServicer(health.aio.HealthServicer):
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:
         try:
-            await super().Watch(request, _ClosingAfterShutdownNotice(context, self))
+            # The proxy stands in for the context (every attribute but write() is the context's): a cast says so,
+            # as __getattr__ delegation has no nominal type.
+            notice = cast(
+                ServicerContext[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse], _ClosingAfterShutdownNotice(context, self)
+            )
+            await super().Watch(request, notice)
         except _WatchEnded:
             return

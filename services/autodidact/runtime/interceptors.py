@@ -54,8 +54,10 @@ def _wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around) -> Any:
     """Returns a handler whose behaviour runs inside `around(context)`."""
     if handler is None:
         return None
-    if handler.unary_unary or handler.stream_unary:
-        unary = handler.unary_unary or handler.stream_unary
+    # grpc-stubs types a handler's behaviours for the sync server (a grpc.ServicerContext, iterators); under grpc.aio
+    # they take an aio context and are coroutine or async-generator functions, so they are held as plain callables.
+    unary: Callable[..., Any] | None = handler.unary_unary or handler.stream_unary
+    if unary is not None:
 
         async def unary_behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with around(context):
@@ -64,7 +66,8 @@ def _wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around) -> Any:
         factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
         return factory(unary_behaviour, handler.request_deserializer, handler.response_serializer)
 
-    streaming = handler.unary_stream or handler.stream_stream
+    streaming: Callable[..., Any] | None = handler.unary_stream or handler.stream_stream
+    assert streaming is not None, "a handler has one behaviour of the four kinds"
 
     async def streaming_behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with around(context):

@@ -20,6 +20,7 @@ import errno
 import signal
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import structlog
@@ -166,11 +167,13 @@ async def run_until_signalled(hosts: list[ServiceHost]) -> None:
         raise
     loaded = asyncio.ensure_future(asyncio.gather(*(host.wait_ready() for host in hosts)))
     signalled = asyncio.ensure_future(stop_requested.wait())
-    await asyncio.wait({loaded, signalled}, return_when=asyncio.FIRST_COMPLETED)
-    if loaded.done() and loaded.exception() is not None:
+    first: set[asyncio.Future[Any]] = {loaded, signalled}
+    await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+    failure = loaded.exception() if loaded.done() else None
+    if failure is not None:
         signalled.cancel()
         await asyncio.gather(*(host.stop(grace=0) for host in hosts))
-        raise loaded.exception()  # type: ignore[misc]
+        raise failure
     await signalled
     loaded.cancel()  # still loading: stop() cancels the loads
     log.info("signal received")

@@ -19,7 +19,7 @@ from autodidact.errors import FailedPrecondition, InvalidArgument
 from autodidact.generator.requests import model_info
 from autodidact.runtime.component import Component, Resource
 from autodidact.runtime.metrics import SCORED_TOKENS, TOOL_CALL_DECISIONS
-from autodidact.scorer.toolformer import DEFAULT_WEIGHTS, Candidate, best_positions, filter_calls
+from autodidact.scorer.toolformer import DEFAULT_WEIGHTS, Candidate, Placement, best_positions, filter_calls
 from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern, extract_answers, vote
 from autodidact.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 from autodidact.validation import check_count, check_length, check_range
@@ -109,7 +109,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         check_count("weights", weights, 1, 64)
         if min(weights) < 0 or not sum(weights) > 0:
             raise InvalidArgument("weights", "must be non-negative with a positive sum")
-        placement = "inline" if request.placement == scorer_pb2.CALL_PLACEMENT_INLINE else "prefix"
+        placement: Placement = "inline" if request.placement == scorer_pb2.CALL_PLACEMENT_INLINE else "prefix"
 
         document, offsets = await scorer.tokenize_with_offsets(request.text)
         position_of = {offset: index for index, offset in enumerate(offsets) if index > 0}
@@ -207,7 +207,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
             confidence=result.confidence,
             votes=[
                 scorer_pb2.PathVote(answer=a, agrees=bool(a) and a == result.winner, weight=w if a else 0.0)
-                for a, w in zip(answers, weights)
+                for a, w in zip(answers, weights, strict=True)
             ],
             tallies=[scorer_pb2.AnswerTally(answer=t.answer, count=t.count, weight=t.weight) for t in result.tallies],
         )

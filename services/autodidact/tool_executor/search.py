@@ -15,6 +15,10 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # bm25s is imported where it is used; it ships no types, so mypy reads BM25 as Any
+    from bm25s import BM25
 
 STOPWORDS = "en"
 
@@ -33,7 +37,7 @@ class SearchCollections:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS documents (collection TEXT, id TEXT, text TEXT, PRIMARY KEY (collection, id))")
         self._lock = threading.Lock()
-        self._indexes: dict[str, tuple[object, list[tuple[str, str]]]] = {}
+        self._indexes: dict[str, tuple[BM25, list[tuple[str, str]]]] = {}
 
     def add(self, collection: str, documents: list[tuple[str, str]]) -> int:
         """Adds (id, text) pairs, replacing same ids; returns the collection's size."""
@@ -60,12 +64,12 @@ class SearchCollections:
             words = bm25s.tokenize([query], stopwords=STOPWORDS, return_ids=False, show_progress=False)
             if not words[0] or not documents:
                 return []
-            ids, scores = index.retrieve(words, k=min(k, len(documents)), show_progress=False, n_threads=1)  # type: ignore[attr-defined]
+            ids, scores = index.retrieve(words, k=min(k, len(documents)), show_progress=False, n_threads=1)
         return [
             Hit(document_id=documents[i][0], text=documents[i][1], score=float(s)) for i, s in zip(ids[0], scores[0], strict=True) if s > 0
         ]
 
-    def _index(self, collection: str) -> tuple[object, list[tuple[str, str]]]:
+    def _index(self, collection: str) -> tuple[BM25, list[tuple[str, str]]]:
         import bm25s
 
         if collection not in self._indexes:

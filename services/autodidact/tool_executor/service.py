@@ -119,7 +119,7 @@ class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
         calls, reference_date, collection = parse_execute_request(request)
         outcomes = await executor.execute(calls, reference_date, collection)
         results = []
-        for call, outcome in zip(request.calls, outcomes):
+        for call, outcome in zip(request.calls, outcomes, strict=True):
             TOOL_CALLS.labels(
                 call.tool if call.tool in TOOLS else "unknown", "ok" if outcome.output is not None else outcome.error_kind
             ).inc()
@@ -141,7 +141,7 @@ class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
         return tool_executor_pb2.IndexDocumentsResponse(collection_size=size)
 
 
-def _generator_completion(stub: generator_pb2_grpc.GeneratorServiceStub, timeout: float) -> Complete:
+def _generator_completion(stub: generator_pb2_grpc.GeneratorServiceAsyncStub, timeout: float) -> Complete:
     async def complete(prompt: str) -> str:
         request = generator_pb2.GenerateRequest(
             prompt=common_pb2.Prompt(text=prompt),

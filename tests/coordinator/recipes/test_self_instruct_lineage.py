@@ -76,8 +76,15 @@ def small_params() -> SelfInstructParams:
     """Target 2, four seeds, up to 20 rounds."""
     seeds = [SeedTask(f"Seed task number {i} for testing", (("in", "out"),), i % 2 == 0) for i in range(4)]
     return SelfInstructParams(
-        seed_tasks=seeds, target=2, human_per_prompt=2, machine_per_prompt=0, threshold=0.9, namespace="ns",
-        instruction_sampling=common_pb2.SamplingParams(), instance_sampling=common_pb2.SamplingParams(), max_rounds=20,
+        seed_tasks=seeds,
+        target=2,
+        human_per_prompt=2,
+        machine_per_prompt=0,
+        threshold=0.9,
+        namespace="ns",
+        instruction_sampling=common_pb2.SamplingParams(),
+        instance_sampling=common_pb2.SamplingParams(),
+        max_rounds=20,
     )
 
 
@@ -85,8 +92,11 @@ def test_every_candidate_of_every_started_round_has_one_final_decision(tmp_path)
     params = small_params()
     dedup = DedupDouble()
     summary, store = run_recipe(
-        tmp_path, {"generator": GeneratorDouble(dedup), "dedup": dedup},
-        SelfInstruct(), params, max_in_flight=WINDOW,
+        tmp_path,
+        {"generator": GeneratorDouble(dedup), "dedup": dedup},
+        SelfInstruct(),
+        params,
+        max_in_flight=WINDOW,
     )
     assert summary["last_round"] == 0 and summary["kept"] == 2
     records = assert_lineage_agrees(store, SelfInstruct(), summary)
@@ -107,7 +117,9 @@ def test_every_candidate_of_every_started_round_has_one_final_decision(tmp_path)
     # Round 2 was cut mid-round: classified, never given instances.
     assert [stage for stage, _ in by_id["r00002-00"].lineage] == ["generate_instructions", "heuristics", "diversity", "classify", "dataset"]
     origin = by_id["r00000-00"].lineage[0][1]
-    assert origin.model == "double.gguf" and origin.seed == derive_seed(7, "instructions", 0) and origin.template_version == "self_instruct/v1"
+    assert (
+        origin.model == "double.gguf" and origin.seed == derive_seed(7, "instructions", 0) and origin.template_version == "self_instruct/v1"
+    )
 
 
 class CountingGenerator(GeneratorDouble):
@@ -149,8 +161,11 @@ def test_a_candidate_a_service_refuses_is_dropped_with_filter_error_and_the_job_
     params = small_params()
     dedup = DedupDouble()
     summary, store = run_recipe(
-        tmp_path, {"generator": RefusingGenerator(dedup), "dedup": dedup},
-        SelfInstruct(), params, max_in_flight=WINDOW,
+        tmp_path,
+        {"generator": RefusingGenerator(dedup), "dedup": dedup},
+        SelfInstruct(),
+        params,
+        max_in_flight=WINDOW,
     )
     assert summary["kept"] == 2  # before: the refusal failed the whole job
     records = assert_lineage_agrees(store, SelfInstruct(), summary)

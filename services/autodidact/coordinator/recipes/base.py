@@ -22,7 +22,7 @@ import hashlib
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import structlog
@@ -30,7 +30,15 @@ import structlog
 from autodidact.coordinator.store import JobStore
 from autodidact.errors import AutodidactError, DeadlineExceeded, FailedPrecondition, Unavailable
 from autodidact.runtime.metrics import STAGE_DECISIONS
-from autodidact.v1 import critic_pb2_grpc, dedup_pb2_grpc, generator_pb2_grpc, scorer_pb2_grpc, tool_executor_pb2_grpc
+
+if TYPE_CHECKING:
+    # The async stubs exist only in the mypy-protobuf .pyi files: a stub built on an aio channel is one, and its calls
+    # return awaitables, so they are named for the type checker alone (annotations are strings at run time).
+    from autodidact.v1.critic_pb2_grpc import CriticServiceAsyncStub
+    from autodidact.v1.dedup_pb2_grpc import DedupServiceAsyncStub
+    from autodidact.v1.generator_pb2_grpc import GeneratorServiceAsyncStub
+    from autodidact.v1.scorer_pb2_grpc import ScorerServiceAsyncStub
+    from autodidact.v1.tool_executor_pb2_grpc import ToolExecutorServiceAsyncStub
 
 log = structlog.get_logger("autodidact.recipes")
 T = TypeVar("T")
@@ -98,11 +106,11 @@ class StageResult:
 class Services:
     """Stubs of the services recipes call."""
 
-    generator: generator_pb2_grpc.GeneratorServiceStub
-    dedup: dedup_pb2_grpc.DedupServiceStub
-    scorer: scorer_pb2_grpc.ScorerServiceStub
-    tool_executor: tool_executor_pb2_grpc.ToolExecutorServiceStub
-    critic: critic_pb2_grpc.CriticServiceStub
+    generator: GeneratorServiceAsyncStub
+    dedup: DedupServiceAsyncStub
+    scorer: ScorerServiceAsyncStub
+    tool_executor: ToolExecutorServiceAsyncStub
+    critic: CriticServiceAsyncStub
     # How long to wait out a service that is down before failing the job.
     patience_seconds: float = 600.0
 

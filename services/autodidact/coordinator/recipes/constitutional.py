@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -46,18 +46,18 @@ DEFAULT_MIN_MARGIN, DEFAULT_MIN_MARGIN_COT = 0.1, 0.05
 
 
 CHAT = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-MESSAGES_SCHEMA = pa.schema([("item_id", pa.string()), ("round", pa.int64()), ("principle", pa.string()), ("messages", CHAT)])
+MESSAGES_SCHEMA = pa.schema((("item_id", pa.string()), ("round", pa.int64()), ("principle", pa.string()), ("messages", CHAT)))
 # TRL's conversational preference layout: the prompt as messages, chosen and
 # rejected as one assistant message each (so DPO applies the chat template).
 PREFERENCE_SCHEMA = pa.schema(
-    [
+    (
         ("item_id", pa.string()),
         ("source", pa.string()),
         ("prompt", CHAT),
         ("chosen", CHAT),
         ("rejected", CHAT),
         ("probability_chosen", pa.float64()),
-    ]
+    )
 )
 
 
@@ -67,7 +67,7 @@ class Constitutional(Recipe["ConstitutionalParams"]):
     name = "constitutional"
     stages = STAGES
     services = ("critic",)
-    tables = {"sft_messages": MESSAGES_SCHEMA, "preferences": PREFERENCE_SCHEMA}
+    tables: ClassVar[dict[str, pa.Schema]] = {"sft_messages": MESSAGES_SCHEMA, "preferences": PREFERENCE_SCHEMA}
 
     def resolve(self, spec: coordinator_pb2.ConstitutionalSpec, job_id: str) -> ConstitutionalParams:
         return resolve_params(spec, f"spec.{self.name}")

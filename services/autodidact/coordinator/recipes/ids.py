@@ -11,8 +11,8 @@ to a minimum width; a larger number simply takes more digits, as `:05d` does.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
-from typing import ClassVar, Self
+from dataclasses import Field, dataclass, fields
+from typing import Any, ClassVar, Self
 
 
 class ItemId:
@@ -20,6 +20,8 @@ class ItemId:
     are the dataclass's fields in order (converted back to int where the field is one)."""
 
     PATTERN: ClassVar[re.Pattern[str]]
+    # Declared, never set here: every id type is a dataclass, which sets it; this tells the type checker, for fields(cls).
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
 
     @classmethod
     def parse(cls, text: str) -> Self:
@@ -27,7 +29,7 @@ class ItemId:
         match = cls.PATTERN.fullmatch(text)
         if match is None:
             raise ValueError(f"{text!r} is not a {cls.__name__}")
-        kinds = [field.type for field in fields(cls)]  # type: ignore[arg-type]
+        kinds = [field.type for field in fields(cls)]
         parsed = cls(*(int(group) if kind in (int, "int") else group for kind, group in zip(kinds, match.groups(), strict=True)))
         if str(parsed) != text:  # e.g. "r3-2": a spelling no recipe writes
             raise ValueError(f"{text!r} is not a {cls.__name__} as recipes write it ({parsed})")

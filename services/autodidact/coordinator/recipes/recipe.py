@@ -46,6 +46,8 @@ class Recipe(ABC, Generic[P]):
     final_stages: ClassVar[tuple[str, ...]] = ("dataset",)
     services: ClassVar[tuple[str, ...]]  # of SERVICES: what a deployment must run for this recipe
     tables: ClassVar[dict[str, pa.Schema]]  # the export's tables: name -> schema
+    # A schema's columns are written as a tuple of (name, type) pairs, not a list: mypy joins a list's
+    # pyarrow types (StringType, Int64Type) to `object`, which pa.schema's stub refuses.
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Checks a concrete recipe's declarations when its module is imported,

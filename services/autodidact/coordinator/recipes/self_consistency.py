@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -46,16 +47,16 @@ DEFAULT_MIN_VOTES = 2
 ANSWER_QUOTE_CHARS = 40  # answers are model text: reasons quote them shortened
 
 PATH_SCHEMA = pa.schema(
-    [
+    (
         ("item_id", pa.string()),
         ("question", pa.string()),
         ("path", pa.string()),
         ("answer", pa.string()),
         ("confidence", pa.float64()),
         ("seed", pa.int64()),
-    ]
+    )
 )
-LMSI_SCHEMA = pa.schema([("item_id", pa.string()), ("format", pa.string()), ("prompt", pa.string()), ("completion", pa.string())])
+LMSI_SCHEMA = pa.schema((("item_id", pa.string()), ("format", pa.string()), ("prompt", pa.string()), ("completion", pa.string())))
 
 
 class SelfConsistency(Recipe["SelfConsistencyParams"]):
@@ -66,7 +67,7 @@ class SelfConsistency(Recipe["SelfConsistencyParams"]):
     # A question is decided at "dataset" (or dropped at "vote"); each of its paths at "agreement".
     final_stages = ("dataset", "agreement")
     services = ("generator", "scorer")
-    tables = {"paths": PATH_SCHEMA, "lmsi": LMSI_SCHEMA}
+    tables: ClassVar[dict[str, pa.Schema]] = {"paths": PATH_SCHEMA, "lmsi": LMSI_SCHEMA}
 
     def resolve(self, spec: coordinator_pb2.SelfConsistencySpec, job_id: str) -> SelfConsistencyParams:
         return resolve_params(spec, f"spec.{self.name}")
@@ -130,7 +131,7 @@ class Question:
 class SelfConsistencyParams:
     questions: list[Question]
     paths: int
-    method: int  # scorer_pb2.VoteMethod
+    method: scorer_pb2.VoteMethod.ValueType
     answer_pattern: str
     min_confidence: float
     sampling: common_pb2.SamplingParams
@@ -227,7 +228,7 @@ class SelfConsistencyRun:
             else:
                 final = Decision(True, score=confidence, reason=f"{confidence:.2f} of answers agree on {_quote(winner)}")
         # Paths first, then the question: a restart in between records the rest (each decision is a pure function of stored results).
-        for number, (path, answer) in enumerate(zip(sampled.data["paths"], verdict.data["answers"])):
+        for number, (path, answer) in enumerate(zip(sampled.data["paths"], verdict.data["answers"], strict=True)):
             path_item = str(question_id.path(number))
             decision = self._path_decision(answer, winner, confidence, voted, final)
             if await self.ctx.stored(path_item, "agreement") is None:
@@ -267,7 +268,10 @@ class SelfConsistencyRun:
             request = generator_pb2.GenerateRequest(
                 prompt=common_pb2.Prompt(text=prompt), sampling=self.params.sampling, n=n, seed=(base + start) % 2**32
             )
-            response = await self.ctx.call(lambda: self.ctx.services.generator.Generate(request, timeout=CALL_SECONDS), "generator (paths)")
+            # partial binds this loop pass's request (a lambda would close over the loop variable).
+            response = await self.ctx.call(
+                partial(self.ctx.services.generator.Generate, request, timeout=CALL_SECONDS), "generator (paths)"
+            )
             paths += [{"text": s.text.strip(), "seed": s.seed} for s in response.samples]
             model = response.model.model
         return StageResult({"paths": paths}, Decision(True, score=len(paths), model=model, template_version=TEMPLATE_VERSION, seed=base))
@@ -276,7 +280,7 @@ class SelfConsistencyRun:
         request = scorer_pb2.VoteRequest(
             prompt=cot_prompt(question.text),
             answer_pattern=self.params.answer_pattern,
-            method=self.params.method,  # type: ignore[arg-type]
+            method=self.params.method,
             paths=[scorer_pb2.ReasoningPath(text=p["text"] or " ") for p in paths],
         )
         response = await self.ctx.call(lambda: self.ctx.services.scorer.Vote(request, timeout=CALL_SECONDS), "scorer (vote)")

@@ -44,8 +44,9 @@ import unicodedata
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -80,16 +81,16 @@ LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\(?\w{1,2}[.)])\s+", re.MULTILINE)
 
 
 INSTANCE_SCHEMA = pa.schema(
-    [
+    (
         ("item_id", pa.string()),
         ("instruction", pa.string()),
         ("input", pa.string()),
         ("output", pa.string()),
         ("is_classification", pa.bool_()),
-    ]
+    )
 )
 MESSAGES_SCHEMA = pa.schema(
-    [("item_id", pa.string()), ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))]
+    (("item_id", pa.string()), ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))))
 )
 
 
@@ -99,7 +100,7 @@ class SelfInstruct(Recipe["SelfInstructParams"]):
     name = "self_instruct"
     stages = STAGES
     services = ("generator", "dedup")
-    tables = {"instances": INSTANCE_SCHEMA, "sft_messages": MESSAGES_SCHEMA}
+    tables: ClassVar[dict[str, pa.Schema]] = {"instances": INSTANCE_SCHEMA, "sft_messages": MESSAGES_SCHEMA}
 
     def resolve(self, spec: coordinator_pb2.SelfInstructSpec, job_id: str) -> SelfInstructParams:
         return resolve_params(spec, job_id, f"spec.{self.name}")
@@ -447,7 +448,7 @@ class SelfInstructRun:
         self._kept_by_diversity[round_] = [instruction for _, instruction in diverse]
         self._diversity_turn[round_].set()
         outcomes = await asyncio.gather(*(self.ctx.item(self._instances(candidate, instruction)) for candidate, instruction in diverse))
-        return [candidate for (candidate, _), kept in zip(diverse, outcomes) if kept]
+        return [candidate for (candidate, _), kept in zip(diverse, outcomes, strict=True) if kept]
 
     async def _end_open_candidates(self, round_: int, decision: Callable[[str], Awaitable[Decision]]) -> None:
         """Gives every candidate of the round still without a final decision its
@@ -506,7 +507,8 @@ class SelfInstructRun:
                 threshold=1.0,  # every seed joins, bar exact duplicates
                 batch_id=f"seeds-{digest}/{start}",
             )
-            response = await self.ctx.call(lambda: self.ctx.services.dedup.FilterBatch(request, timeout=300), "dedup (seed pool)")
+            # partial binds this loop pass's request (a lambda would close over the loop variable).
+            response = await self.ctx.call(partial(self.ctx.services.dedup.FilterBatch, request, timeout=300), "dedup (seed pool)")
             kept += sum(v.kept for v in response.verdicts)
         # Decides nothing about a candidate: the seeds are context, not dataset rows.
         return {"seed_instructions": len(self._human), "in_namespace": kept, "namespace": self.params.namespace}
@@ -551,7 +553,9 @@ class SelfInstructRun:
                 batch_id=f"{self.ctx.job_id}/{item}",
             )
             response = await self.ctx.call(lambda: self.ctx.services.dedup.FilterBatch(request, timeout=300), "dedup")
-            return [self._diversity_outcome(instruction, verdict) for (_, instruction), verdict in zip(batch, response.verdicts)]
+            return [
+                self._diversity_outcome(instruction, verdict) for (_, instruction), verdict in zip(batch, response.verdicts, strict=True)
+            ]
 
         decided = await replay_batched(self.ctx, "diversity", survivors, lambda pair: pair[0], dedup, whole_batch=True, drop_refused=False)
         return [pair for pair, result in decided if result.decision and result.decision.kept]
@@ -606,16 +610,12 @@ class SelfInstructRun:
             "raw": sample.text,
             "dropped_instances": dict(dropped),
         }
-        common = {"model": response.model.model, "template_version": TEMPLATE_VERSION, "seed": seed}
+        decide = partial(Decision, model=response.model.model, template_version=TEMPLATE_VERSION, seed=seed)
         if instances:
             dropped_note = f"; dropped {', '.join(why)}" if why else ""
-            return StageResult(
-                data, Decision(True, score=len(instances), reason=f"{len(instances)} valid instances{dropped_note}", **common)
-            )
+            return StageResult(data, decide(True, score=len(instances), reason=f"{len(instances)} valid instances{dropped_note}"))
         counts = ", ".join(f"{n} {name}" for name, n in sorted(dropped.items())) or "none parsed"
-        return StageResult(
-            data, Decision(False, "no_valid_instances", score=0, reason=f"no valid instance ({counts}): {quote(sample.text)}", **common)
-        )
+        return StageResult(data, decide(False, "no_valid_instances", score=0, reason=f"no valid instance ({counts}): {quote(sample.text)}"))
 
 
 def _readable_id(dedup_id: str, job_id: str) -> str:

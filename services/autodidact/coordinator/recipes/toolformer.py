@@ -21,8 +21,9 @@ import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -86,7 +87,7 @@ def call_grammar(tool: str, takes_input: bool) -> str:
 
 
 DOCUMENT_SCHEMA = pa.schema(
-    [
+    (
         ("item_id", pa.string()),
         ("document_id", pa.string()),
         ("text", pa.string()),
@@ -108,10 +109,10 @@ DOCUMENT_SCHEMA = pa.schema(
                 )
             ),
         ),
-    ]
+    )
 )
 CALL_SCHEMA = pa.schema(
-    [
+    (
         ("item_id", pa.string()),
         ("tool", pa.string()),
         ("char_offset", pa.int64()),
@@ -123,7 +124,7 @@ CALL_SCHEMA = pa.schema(
         ("loss_minus", pa.float64()),
         ("kept", pa.bool_()),
         ("dropped_by", pa.string()),
-    ]
+    )
 )
 
 
@@ -135,7 +136,7 @@ class Toolformer(Recipe["ToolformerParams"]):
     # A document is decided at "dataset"; a (document, tool) item and a candidate call at "splice".
     final_stages = ("dataset", "splice")
     services = ("generator", "scorer", "tool_executor")
-    tables = {"documents": DOCUMENT_SCHEMA, "calls": CALL_SCHEMA}
+    tables: ClassVar[dict[str, pa.Schema]] = {"documents": DOCUMENT_SCHEMA, "calls": CALL_SCHEMA}
 
     def resolve(self, spec: coordinator_pb2.ToolformerSpec, job_id: str) -> ToolformerParams:
         return resolve_params(spec, f"spec.{self.name}")
@@ -176,7 +177,7 @@ class ToolSettings:
 class ToolformerParams:
     documents: list[Document]
     tools: list[ToolSettings]
-    placement: int  # scorer_pb2.CallPlacement
+    placement: scorer_pb2.CallPlacement.ValueType
     reference_date: str
     collection_documents: list[tuple[str, str]]
 
@@ -340,8 +341,9 @@ class ToolformerRun:
         size = 0
         for start in range(0, len(documents), 5000):
             request = tool_executor_pb2.IndexDocumentsRequest(collection=self._collection, documents=documents[start : start + 5000])
+            # partial binds this loop pass's request (a lambda would close over the loop variable).
             response = await self.ctx.call(
-                lambda: self.ctx.services.tool_executor.IndexDocuments(request, timeout=300), "tool-executor (index)"
+                partial(self.ctx.services.tool_executor.IndexDocuments, request, timeout=300), "tool-executor (index)"
             )
             size = response.collection_size
         return {"collection": self._collection, "size": size}
@@ -510,17 +512,17 @@ class ToolformerRun:
             seen: dict[str, int] = {}
             for number, sample in enumerate(response.samples):
                 argument, why = parse_call(sample.text, tool.tool, spec.takes_input)
-                candidate = str(position.call(number))
-                common = {"model": response.model.model, "template_version": spec.prompt_version, "seed": sample.seed}
+                candidate_id = str(position.call(number))
+                decide = partial(Decision, model=response.model.model, template_version=spec.prompt_version, seed=sample.seed)
                 data = {"tool": tool.tool, "char_offset": offset, "sample": sample.text, "input": argument}
                 if argument is None:
-                    decision = Decision(False, "malformed_call", reason=why, **common)
+                    decision = decide(False, "malformed_call", reason=why)
                 elif argument in seen:
-                    decision = Decision(False, "repeated_call", reason=f"same call as c{seen[argument]:02d}", **common)
+                    decision = decide(False, "repeated_call", reason=f"same call as c{seen[argument]:02d}")
                 else:
                     seen[argument] = number
-                    decision = Decision(True, **common)
-                await self.ctx.record(candidate, "sample_call", StageResult(data, decision))
+                    decision = decide(True)
+                await self.ctx.record(candidate_id, "sample_call", StageResult(data, decision))
             # Marks the position done only after all its candidates are stored.
             await self.ctx.record(group, "sample_call", StageResult({"candidates": len(response.samples)}))
             stored = await self.ctx.stored(group, "sample_call")
@@ -547,7 +549,7 @@ class ToolformerRun:
             response = await self.ctx.call(
                 lambda: self.ctx.services.tool_executor.ExecuteTools(request, timeout=CALL_TIMEOUT_SECONDS), "tool-executor (execute)"
             )
-            return [execution_outcome(candidate, result) for candidate, result in zip(batch, response.results)]
+            return [execution_outcome(candidate, result) for candidate, result in zip(batch, response.results, strict=True)]
 
         outcomes = await replay_batched(self.ctx, "execute", candidates, lambda c: c["item"], execute, batch_size=EXECUTE_BATCH)
         return [
@@ -563,7 +565,7 @@ class ToolformerRun:
             request = scorer_pb2.FilterToolCallsRequest(
                 text=document.text,
                 threshold=tool.filter_threshold,
-                placement=self.params.placement,  # type: ignore[arg-type]
+                placement=self.params.placement,
                 candidates=[
                     scorer_pb2.CandidateCall(
                         id=c["item"],
