@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from autodidact.backends.llm.llamacpp import LlamaCppSettings
@@ -32,6 +33,12 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def details_of(error: grpc.aio.AioRpcError) -> str:
+    """A refused call's status message, "" when the server sent none: grpc types details() as optional,
+    and assertions on its text should fail on a missing message, not raise TypeError."""
+    return error.details() or ""
 
 
 def text_request(text: str, **fields: Any) -> generator_pb2.GenerateRequest:

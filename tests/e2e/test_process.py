@@ -137,7 +137,8 @@ def test_cli_generate_reports_refusals_clearly(server):
     [
         ("name: empty\nversion: '1'\npreference_question: Which?\n", "principles: must have at least 1 item"),
         (
-            "name: half\nversion: '1'\npreference_question: Which?\nprinciples:\n  - name: harm\n    critique_request: Say what is harmful.\n",
+            "name: half\nversion: '1'\npreference_question: Which?\n"
+            "principles:\n  - name: harm\n    critique_request: Say what is harmful.\n",
             "principles[0].revision_request: must not be empty",
         ),
     ],
