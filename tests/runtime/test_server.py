@@ -13,23 +13,23 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from autodidact.backends.llm import ModelDescription
+from autodidact.backends.llm import Generation, GenerationRequest, ModelDescription, TokenScore
 from autodidact.backends.llm.llamacpp import LlamaCppLLM
 from autodidact.generator.service import SERVICE_NAME, generator_component
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.server import ServiceHost
 from autodidact.runtime.settings import ServerSettings
 from autodidact.v1 import generator_pb2_grpc
-from tests.conftest import MODEL, details_of, free_port, text_request
+from tests.conftest import MODEL, details_of, free_port, health_stub, text_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def health_of(channel: grpc.aio.Channel, service: str) -> int:
-    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+    reply = await health_stub(channel).Check(health_pb2.HealthCheckRequest(service=service))
     return reply.status
 
 
@@ -91,7 +91,13 @@ class BrokenBackend:
 
     description = ModelDescription(backend="broken", model="none", context_length=2048)
 
-    async def generate(self, request):
+    async def generate(self, request: GenerationRequest) -> Generation:
+        raise KeyError("secret internal detail")
+
+    async def logprobs(self, text: str, context: str = "") -> list[TokenScore]:
+        raise KeyError("secret internal detail")
+
+    async def tokenize(self, text: str) -> list[int]:
         raise KeyError("secret internal detail")
 
     async def close(self) -> None:
@@ -224,10 +230,11 @@ async def test_response_streams_have_their_own_bound_and_never_starve_health_or_
     # Before: one limit for everything, so two idle Watch streams took both slots.
     host = await start_generator(max_concurrent_rpcs=2, max_concurrent_streams=3)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
+        health = health_stub(channel)
         watches = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(3)]
         for watch in watches:
-            assert (await watch.read()).status == SERVING
+            first = await watch.read()  # a reply, or grpc.aio.EOF had the stream ended
+            assert isinstance(first, health_pb2.HealthCheckResponse) and first.status == SERVING
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5).read()
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -297,7 +304,8 @@ async def test_idle_watch_job_streams_leave_health_checks_and_calls_alone(tmp_pa
 )
 async def test_bytes_that_are_not_a_message_get_invalid_argument(still_loading, method):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{still_loading.port}") as channel:
-        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        # No serializers: the bytes go as they are.
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call(b"\xff\xff\xff\xff", timeout=5)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # was UNKNOWN
