@@ -5,9 +5,11 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from autodidact.backends.llm.llamacpp import LlamaCppSettings
 from autodidact.generator.requests import GeneratorLimits
@@ -32,6 +34,25 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+class HealthCalls(Protocol):
+    """The standard health service's calls, as a HealthStub on an aio channel has them (types-grpcio-health-checking
+    declares HealthStub without its methods, so mypy would know neither the calls nor their replies)."""
+
+    Check: grpc.aio.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
+    Watch: grpc.aio.UnaryStreamMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
+
+
+def health_stub(channel: grpc.aio.Channel) -> HealthCalls:
+    """grpc_health's own stub, typed: its generated __init__ binds exactly these two calls on the channel."""
+    return cast(HealthCalls, health_pb2_grpc.HealthStub(channel))
+
+
+def details_of(error: grpc.aio.AioRpcError) -> str:
+    """A refused call's status message, "" when the server sent none: grpc types details() as optional,
+    and assertions on its text should fail on a missing message, not raise TypeError."""
+    return error.details() or ""
 
 
 def text_request(text: str, **fields: Any) -> generator_pb2.GenerateRequest:

@@ -35,7 +35,9 @@ def assert_lineage_agrees(job: coordinator_pb2.Job, export_dir: Path) -> None:
 def lineage_problems(job: coordinator_pb2.Job, export_dir: Path) -> list[str]:
     """Every broken rule, as "rule N: what" lines (empty when the contract holds)."""
     problems: list[str] = []
-    final_stages = RECIPES[job.spec.WhichOneof("recipe")].final_stages
+    recipe = job.spec.WhichOneof("recipe")
+    assert recipe is not None, f"job {job.id}'s spec names no recipe, so its final stages are unknown"
+    final_stages = RECIPES[recipe].final_stages
     rows = read_jsonl(export_dir / "lineage.jsonl")
     manifest = json.loads((export_dir / "manifest.json").read_text())
 

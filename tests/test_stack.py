@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from autodidact.runtime.settings import ServerSettings
 from autodidact.stack import (
@@ -21,6 +21,7 @@ from autodidact.stack import (
     start_order,
     wired,
 )
+from tests.conftest import health_stub
 
 EVERYWHERE = {name: f"host-{name}:{port}" for name, port in DEFAULT_PORTS.items()}
 
@@ -110,7 +111,7 @@ async def test_a_stack_on_free_ports_starts_in_order_and_serves(tmp_path):
         assert stack.target("critic") != stack.target("coordinator")
         for name in stack.hosts:
             async with grpc.aio.insecure_channel(stack.target(name)) as channel:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                reply = await health_stub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
         assert (tmp_path / "coordinator" / "jobs.sqlite").exists()
     finally:

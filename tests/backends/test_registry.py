@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from autodidact.backends.remote import RemoteSettings
 from autodidact.cli import _parser
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-PORTS = {"llm": LLM_PORT, "embedder": EMBEDDER_PORT}
+PORTS: dict[str, Port[Any]] = {"llm": LLM_PORT, "embedder": EMBEDDER_PORT}
 
 
 class Recorder:

@@ -36,13 +36,17 @@ from autodidact.backends.remote import RemoteSettings
 from autodidact.errors import InvalidArgument, Unavailable
 from tests.conftest import free_port
 
-FAST_RETRIES = {"max_attempts": 3, "initial_backoff_seconds": 0.01, "timeout_seconds": 30}
+
+def fast_retries(url: str) -> RemoteSettings:
+    """Settings for a scripted server: failures are retried quickly, so a test of retries takes milliseconds."""
+    return RemoteSettings(url=url, max_attempts=3, initial_backoff_seconds=0.01, timeout_seconds=30)
 
 
 class Replay:
     """A loopback HTTP server answering each path from a script, recording requests."""
 
-    def __init__(self, routes: dict[str, Callable[[dict[str, Any]], tuple[int, Any]]]) -> None:
+    # A route gets the request's JSON body (None for a GET) and answers (status, JSON).
+    def __init__(self, routes: dict[str, Callable[[Any], tuple[int, Any]]]) -> None:
         self.routes = routes
         self.requests: list[tuple[str, Any]] = []
         self.url = ""
@@ -79,7 +83,7 @@ def tei_embed(body: dict[str, Any]) -> tuple[int, Any]:
 
 async def test_tei_embeds_in_chunks_of_its_batch_limit_and_returns_unit_vectors():
     async with Replay({"/info": lambda _: (200, TEI_INFO), "/embed": tei_embed}) as tei:
-        embedder = await TeiEmbedder.load(RemoteSettings(url=tei.url, **FAST_RETRIES))
+        embedder = await TeiEmbedder.load(fast_retries(tei.url))
         try:
             assert (embedder.description.model, embedder.description.dimension) == ("sentence-transformers/all-MiniLM-L6-v2", 4)
             vectors = await embedder.embed([f"text {i}" for i in range(70)])
@@ -100,7 +104,7 @@ async def test_tei_overload_is_retried_and_a_refusal_names_the_backend():
         return scripted if scripted else tei_embed(body)
 
     async with Replay({"/info": lambda _: (200, TEI_INFO), "/embed": tei_embed}) as tei:
-        embedder = await TeiEmbedder.load(RemoteSettings(url=tei.url, **FAST_RETRIES))
+        embedder = await TeiEmbedder.load(fast_retries(tei.url))
         tei.routes["/embed"] = overloaded_once
         assert (await embedder.embed(["a", "b"])).shape == (2, 4)
         tei.routes["/embed"] = lambda _: (413, {"error": "batch size 2 > maximum allowed batch size 1", "error_type": "validation"})
@@ -114,7 +118,7 @@ async def test_tei_overload_is_retried_and_a_refusal_names_the_backend():
 
 async def test_tei_down_at_start_is_unavailable_naming_it():
     with pytest.raises(Unavailable, match=r"tei at http://127.0.0.1:\d+: ClientConnectorError"):
-        await TeiEmbedder.load(RemoteSettings(url=f"http://127.0.0.1:{free_port()}", **FAST_RETRIES))
+        await TeiEmbedder.load(fast_retries(f"http://127.0.0.1:{free_port()}"))
 
 
 # --- TGI ---
@@ -153,7 +157,7 @@ def tgi_generate(body: dict[str, Any]) -> tuple[int, Any]:
 
 async def test_tgi_sends_one_request_per_seed_and_strips_the_stop_sequence():
     async with Replay({"/info": lambda _: (200, TGI_INFO), "/": tgi_generate}) as tgi:
-        llm = await TgiLLM.load(RemoteSettings(url=tgi.url, **FAST_RETRIES))
+        llm = await TgiLLM.load(fast_retries(tgi.url))
         try:
             assert llm.description.context_length == 4096 and llm.description.model.endswith("1.7B-Instruct")
             generation = await llm.generate(
@@ -173,7 +177,7 @@ async def test_tgi_sends_one_request_per_seed_and_strips_the_stop_sequence():
 
 async def test_tgi_prompt_logprobs_come_from_prefill_and_the_first_token_has_none():
     async with Replay({"/info": lambda _: (200, TGI_INFO), "/": tgi_generate}) as tgi:
-        llm = await TgiLLM.load(RemoteSettings(url=tgi.url, **FAST_RETRIES))
+        llm = await TgiLLM.load(fast_retries(tgi.url))
         try:
             whole = await llm.logprobs("The cat sat")
             after_context = await llm.logprobs(" cat sat", context="The")
@@ -192,9 +196,9 @@ async def test_tgi_refuses_a_presence_penalty_it_cannot_apply_and_retries_429():
         return next(calls, None) or tgi_generate(body)
 
     async with Replay({"/info": lambda _: (200, TGI_INFO), "/": busy_once}) as tgi:
-        llm = await TgiLLM.load(RemoteSettings(url=tgi.url, **FAST_RETRIES))
+        llm = await TgiLLM.load(fast_retries(tgi.url))
         try:
-            with pytest.raises(InvalidArgument, match="sampling.presence_penalty: the tgi backend has no presence penalty"):
+            with pytest.raises(InvalidArgument, match=re.escape("sampling.presence_penalty: the tgi backend has no presence penalty")):
                 await llm.generate(GenerationRequest("x", Sampling(presence_penalty=2.0), seeds=(1,)))
             generation = await llm.generate(GenerationRequest("x", Sampling(temperature=0.0, max_tokens=4), seeds=(1,)))
             assert generation.samples[0].text
@@ -202,7 +206,7 @@ async def test_tgi_refuses_a_presence_penalty_it_cannot_apply_and_retries_429():
                 422,
                 {"error": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096", "error_type": "validation"},
             )
-            with pytest.raises(InvalidArgument, match="prompt: tgi at .* refused it: .*must be <= 4096"):
+            with pytest.raises(InvalidArgument, match=r"prompt: tgi at .* refused it: .*must be <= 4096"):
                 await llm.generate(GenerationRequest("x", Sampling(max_tokens=5000), seeds=(1,)))
         finally:
             await llm.close()
@@ -215,10 +219,10 @@ SCHEMA = '{"type": "object", "properties": {"answer": {"type": "integer"}}, "req
 
 async def test_tgi_sends_a_json_schema_as_its_grammar_and_refuses_gbnf_by_name():
     async with Replay({"/info": lambda _: (200, TGI_INFO), "/": tgi_generate}) as tgi:
-        llm = await TgiLLM.load(RemoteSettings(url=tgi.url, **FAST_RETRIES))
+        llm = await TgiLLM.load(fast_retries(tgi.url))
         try:
             await llm.generate(GenerationRequest("x", Sampling(max_tokens=4, json_schema=SCHEMA), seeds=(1,)))
-            with pytest.raises(InvalidArgument, match="sampling.grammar: the tgi backend cannot honour a GBNF grammar"):
+            with pytest.raises(InvalidArgument, match=re.escape("sampling.grammar: the tgi backend cannot honour a GBNF grammar")):
                 await llm.generate(GenerationRequest("x", Sampling(grammar=CALL_GRAMMAR), seeds=(1,)))
         finally:
             await llm.close()
@@ -255,7 +259,7 @@ def openai_completion(body: dict[str, Any]) -> tuple[int, Any]:
 )
 async def test_openai_compat_sends_each_servers_own_constraint_fields(owned_by, sampling, fields):
     async with Replay({"/v1/models": openai_models(owned_by), "/v1/completions": openai_completion}) as server:
-        llm = await OpenAICompatLLM.load(RemoteSettings(url=server.url, **FAST_RETRIES))
+        llm = await OpenAICompatLLM.load(fast_retries(server.url))
         try:
             await llm.generate(GenerationRequest("[", sampling, seeds=(1,)))
         finally:

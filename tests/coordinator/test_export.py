@@ -21,7 +21,8 @@ from autodidact.coordinator.records import Record
 from autodidact.coordinator.store import SqliteJobStore
 from autodidact.v1 import coordinator_pb2
 
-SCHEMA = pa.schema([("item_id", pa.string()), ("score", pa.float64()), ("tags", pa.list_(pa.string())), ("note", pa.string())])
+# A tuple of fields, not a list: mypy joins a list's mixed (name, type) pairs to tuple[str, object], which pa.schema refuses.
+SCHEMA = pa.schema((("item_id", pa.string()), ("score", pa.float64()), ("tags", pa.list_(pa.string())), ("note", pa.string())))
 
 
 def test_rows_missing_a_column_or_typed_loosely_are_written_with_the_table_schema(tmp_path):
@@ -81,7 +82,7 @@ def test_a_failed_write_leaves_no_temporary_file_and_leftovers_are_removed(tmp_p
 # --- write_dataset: records streamed from the store a chunk at a time ---
 
 JOB = "job"
-VALUES = pa.schema([("item_id", pa.string()), ("value", pa.int64())])
+VALUES = pa.schema((("item_id", pa.string()), ("value", pa.int64())))
 
 
 class ValuesRecipe(Recipe[None]):

@@ -48,7 +48,7 @@ async def test_a_refused_item_is_dropped_with_filter_error_and_the_job_goes_on(t
     kept = await ctx.each_item(20, work_refusing(ctx, {7}, calls))
     assert kept == [i != 7 for i in range(20)]
     stored = await store.get_result("job", "q07", "generate")
-    assert stored["decision"]["kept"] is False and stored["decision"]["filter"] == ERROR_FILTER
+    assert stored is not None and stored["decision"]["kept"] is False and stored["decision"]["filter"] == ERROR_FILTER
     assert "INVALID_ARGUMENT" in stored["decision"]["reason"] and "item 7 is too long" in stored["decision"]["reason"]
     assert len(ctx.errors) == 1 and ctx.items == 20
     counts = {c.stage: c for c in await store.stage_counts("job")}

@@ -10,7 +10,7 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import pyarrow as pa
@@ -27,7 +27,8 @@ from autodidact.errors import FailedPrecondition, InvalidArgument
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
 from tests.lineage import assert_lineage_agrees, lineage_problems
 
-SCHEMA = pa.schema([("item_id", pa.string()), ("value", pa.int64())])
+# A tuple of fields, not a list: mypy joins a list's mixed (name, type) pairs to tuple[str, object], which pa.schema refuses.
+SCHEMA = pa.schema((("item_id", pa.string()), ("value", pa.int64())))
 
 
 @dataclass
@@ -66,7 +67,7 @@ class DoubleRecipe(Recipe[Params]):
     name = "self_consistency"
     stages = ("work", "dataset")
     services = ()
-    tables = {"values": SCHEMA}
+    tables: ClassVar[dict[str, pa.Schema]] = {"values": SCHEMA}
 
     def __init__(self, service: DoubleService) -> None:
         self.service = service

@@ -13,6 +13,7 @@ import pytest_asyncio
 from autodidact.critic.constitution import Constitutions
 from autodidact.runtime.channels import create_channel
 from autodidact.v1 import common_pb2, critic_pb2, critic_pb2_grpc, scorer_pb2, scorer_pb2_grpc
+from tests.conftest import details_of
 from tests.stack import start_stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -130,7 +131,7 @@ async def test_bad_critic_requests_are_refused(stubs, method, request_, code, te
     critic, _ = stubs
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await getattr(critic, method)(request_)
-    assert raised.value.code() == code and text in raised.value.details()
+    assert raised.value.code() == code and text in details_of(raised.value)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +146,7 @@ async def test_bad_scorer_requests_are_refused(stubs, method, request_, field):
     _, scorer = stubs
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await getattr(scorer, method)(request_)
-    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and raised.value.details().startswith(f"{field}:")
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and details_of(raised.value).startswith(f"{field}:")
 
 
 async def test_constitutions_are_listed_and_fetched(stubs):

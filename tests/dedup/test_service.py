@@ -8,6 +8,7 @@ import pytest_asyncio
 
 from autodidact.runtime.channels import create_channel
 from autodidact.v1 import dedup_pb2, dedup_pb2_grpc
+from tests.conftest import details_of
 from tests.stack import start_stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -90,7 +91,7 @@ async def test_bad_requests_name_the_field(dedup, request_, message):
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.FilterBatch(request_)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert message in raised.value.details()
+    assert message in details_of(raised.value)
 
 
 async def test_an_id_already_in_the_namespace_is_refused(dedup):
@@ -98,7 +99,7 @@ async def test_an_id_already_in_the_namespace_is_refused(dedup):
     await stub.FilterBatch(batch("ids", "Describe a cat."))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.FilterBatch(batch("ids", "Describe a dog."))
-    assert "items[0].id: 't0' is already in namespace 'ids'" in raised.value.details()
+    assert "items[0].id: 't0' is already in namespace 'ids'" in details_of(raised.value)
 
 
 async def test_get_namespace(dedup):

@@ -42,7 +42,8 @@ def rendered(request) -> tuple[str, list[dict]]:
 def dockerfile_targets() -> dict[str, list[str]]:
     """Final stage name -> its ENTRYPOINT."""
     text = (ROOT / "deploy" / "Dockerfile").read_text()
-    targets, current = {}, None
+    targets: dict[str, list[str]] = {}
+    current: str | None = None
     for line in text.splitlines():
         if match := re.match(r"FROM \S+ AS (\S+)", line):
             current = match.group(1)
@@ -61,7 +62,7 @@ def deployments(objects: list[dict]) -> dict[str, dict]:
 
 
 def test_every_object_validates_against_the_kubernetes_schema(rendered):
-    overlay, objects = rendered
+    _, objects = rendered
     for obj in objects:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
 
@@ -80,7 +81,7 @@ def test_every_implemented_service_has_its_objects(rendered):
 
 
 def test_pods_pass_pod_security_restricted(rendered):
-    overlay, objects = rendered
+    _, objects = rendered
     for name, deployment in deployments(objects).items():
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True, name

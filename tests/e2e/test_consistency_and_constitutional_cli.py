@@ -76,7 +76,8 @@ def test_constitutional_writes_sft_records_and_one_judge_oriented_pair_per_promp
     out = run(
         tmp_path,
         (
-            f"constitutional:\n  prompts_path: {prompts}\n  rounds: 2\n  judged_pairs: true\n  min_margin: 0\n  sampling: {{maxTokens: 40}}\nseed: 3\n"
+            f"constitutional:\n  prompts_path: {prompts}\n  rounds: 2\n  judged_pairs: true\n  min_margin: 0\n"
+            "  sampling: {maxTokens: 40}\nseed: 3\n"
         ),
     )
     messages, preferences, lineage = rows(out / "sft_messages.jsonl"), rows(out / "preferences.jsonl"), rows(out / "lineage.jsonl")

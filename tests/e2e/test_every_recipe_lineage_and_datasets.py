@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -109,7 +110,7 @@ async def finished(tmp_path_factory) -> dict[str, tuple[coordinator_pb2.Job, Pat
                 return job, Path(jobs[recipe].output_dir)
 
             results = await asyncio.gather(*(finish(recipe) for recipe in RECIPES))
-        return dict(zip(RECIPES, results))
+        return dict(zip(RECIPES, results, strict=True))
     finally:
         await stack.stop()
 
@@ -130,7 +131,7 @@ async def test_lineage_stage_counts_and_manifest_agree(finished, recipe):
 async def test_every_table_loads_as_a_dataset_with_one_schema(finished, recipe):
     import datasets
 
-    job, out = succeeded(finished, recipe)
+    _, out = succeeded(finished, recipe)
     manifest = json.loads((out / "manifest.json").read_text())
     tables = {f["kind"].removesuffix("_parquet"): f["rows"] for f in manifest["files"] if f["kind"].endswith("_parquet")}
     assert any(tables.values()) and (out / "README.md").is_file()
@@ -164,7 +165,7 @@ def tiny_chat_tokenizer():
 async def test_sft_and_preference_tables_pass_trl_data_utilities(finished, recipe):
     from trl.data_utils import is_conversational, maybe_apply_chat_template
 
-    job, out = succeeded(finished, recipe)
+    _, out = succeeded(finished, recipe)
     tokenizer = tiny_chat_tokenizer()
     checked = 0
     for path in sorted(out.glob("*.jsonl")):
@@ -174,7 +175,7 @@ async def test_sft_and_preference_tables_pass_trl_data_utilities(finished, recip
             chat = "messages" in row or {"chosen", "rejected"} <= set(row)
             if not chat:
                 continue
-            example = {k: row[k] for k in ("messages", "prompt", "chosen", "rejected", "completion") if k in row}
+            example: dict[str, Any] = {k: row[k] for k in ("messages", "prompt", "chosen", "rejected", "completion") if k in row}
             assert is_conversational(example), f"{path.name}: {example} is not in TRL's conversational layout"
             formatted = maybe_apply_chat_template(example, tokenizer)
             assert formatted and all(isinstance(v, str) and v for v in formatted.values()), f"{path.name}: {formatted}"
@@ -184,7 +185,7 @@ async def test_sft_and_preference_tables_pass_trl_data_utilities(finished, recip
 
 
 async def test_an_item_a_service_refuses_is_dropped_with_filter_error_not_the_job(finished):
-    job, out = succeeded(finished, "constitutional")
+    _, out = succeeded(finished, "constitutional")
     rows = {r["item_id"]: r for r in read_jsonl(out / "lineage.jsonl")}
     refused = [r for r in rows.values() if any(d.get("filter") == "error" for d in r["lineage"])]
     assert len(refused) == 1 and not refused[0]["kept"]

@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import message_factory
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,6 +35,7 @@ from autodidact.v1 import (
     scorer_pb2,
     tool_executor_pb2,
 )
+from tests.conftest import health_stub
 from tests.stack import Stack, start_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -167,13 +168,14 @@ async def call_raw(channel: grpc.aio.Channel, method: Any, body: bytes) -> tuple
     path = f"/{method.containing_service.full_name}/{method.name}"
     started = time.monotonic()
     try:
+        # No serializers: the request goes as the raw bytes, and the response comes back as bytes.
         if method.server_streaming:
-            call = channel.unary_stream(path, request_serializer=None, response_deserializer=None)
-            async for _ in call(body, timeout=CALL_SECONDS):
+            stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
+            async for _ in stream(body, timeout=CALL_SECONDS):
                 pass
         else:
-            call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
-            await call(body, timeout=CALL_SECONDS)
+            unary: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
+            await unary(body, timeout=CALL_SECONDS)
         return grpc.StatusCode.OK, "", time.monotonic() - started
     except grpc.aio.AioRpcError as exc:
         return exc.code(), exc.details() or "", time.monotonic() - started
@@ -203,7 +205,7 @@ async def test_every_rpc_answers_hostile_bytes_with_a_typed_code_in_time(fuzz_st
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
         assert details.startswith("request: is not a valid message of")
 
-        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        health = await health_stub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         # A good call still works: the service's cheapest read-only method.
         assert (await call_raw(channel, *GOOD_CALLS[service]))[0] == grpc.StatusCode.OK

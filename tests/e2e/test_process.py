@@ -13,11 +13,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from autodidact.client import wait_until_serving
 from autodidact.v1 import common_pb2, generator_pb2_grpc
-from tests.conftest import free_port, text_request
+from tests.conftest import free_port, health_stub, text_request
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +70,7 @@ async def test_sigterm_lets_the_call_in_flight_finish_flips_health_and_exits_wit
             statuses: list[int] = []
 
             async def watch_health() -> None:
-                stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+                stream = health_stub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
                 try:
                     async for reply in stream:
                         statuses.append(reply.status)
@@ -137,7 +137,8 @@ def test_cli_generate_reports_refusals_clearly(server):
     [
         ("name: empty\nversion: '1'\npreference_question: Which?\n", "principles: must have at least 1 item"),
         (
-            "name: half\nversion: '1'\npreference_question: Which?\nprinciples:\n  - name: harm\n    critique_request: Say what is harmful.\n",
+            "name: half\nversion: '1'\npreference_question: Which?\n"
+            "principles:\n  - name: harm\n    critique_request: Say what is harmful.\n",
             "principles[0].revision_request: must not be empty",
         ),
     ],
@@ -249,7 +250,7 @@ def test_up_takes_a_base_port():
     async def every_port_answers_health() -> None:
         for offset in range(6):
             async with grpc.aio.insecure_channel(f"127.0.0.1:{base + offset}") as channel:
-                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True)
+                await health_stub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True)
 
     try:
         asyncio.run(every_port_answers_health())

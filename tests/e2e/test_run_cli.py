@@ -59,7 +59,7 @@ def test_run_says_whether_it_submitted_resumed_or_found_the_job_done():
     from autodidact.runner import submission_outcome
     from autodidact.v1 import coordinator_pb2
 
-    def outcome(state: int, **flags: bool) -> str:
+    def outcome(state: coordinator_pb2.JobState.ValueType, **flags: bool) -> str:
         return submission_outcome(coordinator_pb2.SubmitJobResponse(job=coordinator_pb2.Job(state=state), **flags))
 
     assert outcome(coordinator_pb2.JOB_STATE_PENDING, created=True) == "new job, submitted"

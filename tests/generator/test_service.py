@@ -16,7 +16,7 @@ from autodidact.coordinator.recipes.toolformer import CALCULATOR_GRAMMAR
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.interceptors import REQUEST_ID_HEADER
 from autodidact.v1 import common_pb2, generator_pb2, generator_pb2_grpc
-from tests.conftest import text_request
+from tests.conftest import details_of, text_request
 
 GREEDY = common_pb2.SamplingParams(temperature=0.0, max_tokens=12)
 
@@ -177,7 +177,7 @@ async def test_bad_input_is_refused_clearly_and_the_next_call_succeeds(generator
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await generator.Generate(request_)
     assert raised.value.code() == code
-    assert message in raised.value.details()
+    assert message in details_of(raised.value)
     good = await generator.Generate(text_request("Hello", seed=1, sampling=GREEDY))
     assert good.samples[0].text
 

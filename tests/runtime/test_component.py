@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from autodidact.backends.llm import LLM
 from autodidact.critic.service import SERVICE_NAME as CRITIC
@@ -18,6 +18,7 @@ from autodidact.runtime.component import Component, Resource
 from autodidact.runtime.server import ServiceHost
 from autodidact.runtime.settings import ServerSettings
 from autodidact.v1 import critic_pb2, critic_pb2_grpc, generator_pb2, generator_pb2_grpc
+from tests.conftest import health_stub
 
 
 class Handle:
@@ -100,7 +101,7 @@ async def test_component_registers_its_own_servicer():
 
 
 async def health(channel: grpc.aio.Channel, service: str) -> int:
-    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    reply = await health_stub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
     return reply.status
 
 

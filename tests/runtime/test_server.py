@@ -13,23 +13,23 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from autodidact.backends.llm import ModelDescription
+from autodidact.backends.llm import Generation, GenerationRequest, ModelDescription, TokenScore
 from autodidact.backends.llm.llamacpp import LlamaCppLLM
 from autodidact.generator.service import SERVICE_NAME, generator_component
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.server import ServiceHost
 from autodidact.runtime.settings import ServerSettings
 from autodidact.v1 import generator_pb2_grpc
-from tests.conftest import MODEL, free_port, text_request
+from tests.conftest import MODEL, details_of, free_port, health_stub, text_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def health_of(channel: grpc.aio.Channel, service: str) -> int:
-    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+    reply = await health_stub(channel).Check(health_pb2.HealthCheckRequest(service=service))
     return reply.status
 
 
@@ -81,7 +81,7 @@ async def test_loading_answers_unavailable_with_a_reason(still_loading):
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await generator_pb2_grpc.GeneratorServiceStub(channel).Generate(text_request("Hi"), timeout=5)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "still loading" in raised.value.details()
+    assert "still loading" in details_of(raised.value)
 
 
 class BrokenBackend:
@@ -91,7 +91,13 @@ class BrokenBackend:
 
     description = ModelDescription(backend="broken", model="none", context_length=2048)
 
-    async def generate(self, request):
+    async def generate(self, request: GenerationRequest) -> Generation:
+        raise KeyError("secret internal detail")
+
+    async def logprobs(self, text: str, context: str = "") -> list[TokenScore]:
+        raise KeyError("secret internal detail")
+
+    async def tokenize(self, text: str) -> list[int]:
         raise KeyError("secret internal detail")
 
     async def close(self) -> None:
@@ -112,7 +118,7 @@ async def test_unexpected_errors_become_internal_with_the_request_id_and_no_trac
                 await stub.Generate(text_request("Hi"), metadata=(("x-request-id", "req-42"),), timeout=5)
         assert raised.value.code() == grpc.StatusCode.INTERNAL
         assert raised.value.details() == "internal error (request id req-42)"
-        assert "secret" not in raised.value.details() and "Traceback" not in raised.value.details()
+        assert "secret" not in details_of(raised.value) and "Traceback" not in details_of(raised.value)
     finally:
         await host.stop(grace=0)
 
@@ -224,14 +230,15 @@ async def test_response_streams_have_their_own_bound_and_never_starve_health_or_
     # Before: one limit for everything, so two idle Watch streams took both slots.
     host = await start_generator(max_concurrent_rpcs=2, max_concurrent_streams=3)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
-        health = health_pb2_grpc.HealthStub(channel)
+        health = health_stub(channel)
         watches = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(3)]
         for watch in watches:
-            assert (await watch.read()).status == SERVING
+            first = await watch.read()  # a reply, or grpc.aio.EOF had the stream ended
+            assert isinstance(first, health_pb2.HealthCheckResponse) and first.status == SERVING
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5).read()
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "3 response streams in progress" in refused.value.details()
+        assert "3 response streams in progress" in details_of(refused.value)
         for _ in range(5):  # health checks and unary calls still answer, streams open
             assert (await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)).status == SERVING
             stub = generator_pb2_grpc.GeneratorServiceStub(channel)
@@ -297,11 +304,12 @@ async def test_idle_watch_job_streams_leave_health_checks_and_calls_alone(tmp_pa
 )
 async def test_bytes_that_are_not_a_message_get_invalid_argument(still_loading, method):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{still_loading.port}") as channel:
-        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        # No serializers: the bytes go as they are.
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await call(b"\xff\xff\xff\xff", timeout=5)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # was UNKNOWN
-    assert refused.value.details().startswith(f"request: is not a valid message of {method}")
+    assert details_of(refused.value).startswith(f"request: is not a valid message of {method}")
 
 
 async def test_status_messages_quote_client_input_shortened(generator):
@@ -314,7 +322,7 @@ async def test_status_messages_quote_client_input_shortened(generator):
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await generator.Generate(request, timeout=10)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # was a metadata-size transport error
-    assert "78,000 characters" in refused.value.details() and len(refused.value.details()) < 300
+    assert "78,000 characters" in details_of(refused.value) and len(details_of(refused.value)) < 300
 
 
 async def test_a_port_in_use_is_a_one_line_startup_error():

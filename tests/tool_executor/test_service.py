@@ -14,6 +14,7 @@ from autodidact.tool_executor.calculator import Limits
 from autodidact.tool_executor.sandbox import Sandbox, SandboxSettings
 from autodidact.v1 import tool_executor_pb2 as te
 from autodidact.v1 import tool_executor_pb2_grpc
+from tests.conftest import details_of
 from tests.stack import start_stack
 from tests.tool_executor.test_calculator import ESCAPES, EXHAUSTIONS
 
@@ -77,7 +78,7 @@ async def test_a_batch_mixes_results_and_errors_in_order(tools):
 
 
 async def test_search_finds_the_document_and_survives_a_restart(tools):
-    stub, stack, data_dir = tools
+    stub, _, data_dir = tools
     documents = [
         te.Document(id="paris", text="Paris is the capital and largest city of France."),
         te.Document(id="nile", text="The Nile is a major river in northeastern Africa."),
@@ -132,7 +133,7 @@ async def test_malformed_requests_are_refused_naming_the_field(tools, request_, 
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.ExecuteTools(request_)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert raised.value.details().startswith(f"{field}:")
+    assert details_of(raised.value).startswith(f"{field}:")
 
 
 async def test_a_runaway_worker_is_killed_at_the_timeout_and_replaced():

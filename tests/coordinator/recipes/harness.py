@@ -21,8 +21,19 @@ SEED = 7
 
 def job_context(store: JobStore, services: dict[str, Any], max_in_flight: int = 2, max_error_fraction: float = 0.1) -> JobContext:
     """The context of job JOB over `store`, calling the given service DOUBLES (None for the others)."""
-    stubs = {name: services.get(name) for name in ("generator", "dedup", "scorer", "tool_executor", "critic")}
-    return JobContext(JOB, SEED, store, Services(**stubs), max_in_flight, lambda: None, max_error_fraction)
+
+    def double(name: str) -> Any:
+        # A DOUBLE duck-types its service's stub, so it is passed untyped; None where the recipe must not call that service.
+        return services.get(name)
+
+    stubs = Services(
+        generator=double("generator"),
+        dedup=double("dedup"),
+        scorer=double("scorer"),
+        tool_executor=double("tool_executor"),
+        critic=double("critic"),
+    )
+    return JobContext(JOB, SEED, store, stubs, max_in_flight, lambda: None, max_error_fraction)
 
 
 def run_recipe(

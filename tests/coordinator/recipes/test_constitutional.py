@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import NoReturn
 
 import pyarrow as pa
 
@@ -99,7 +100,7 @@ def test_a_resumed_job_replays_every_stored_step_and_calls_the_critic_no_more(tm
     class SilentCritic:
         """A DOUBLE that fails the test if the replay asks the critic anything."""
 
-        def __getattr__(self, name):
+        def __getattr__(self, name: str) -> NoReturn:
             raise AssertionError(f"the replay called the critic's {name}")
 
     again = asyncio.run(Constitutional().run(job_context(store, {"critic": SilentCritic()}), params))

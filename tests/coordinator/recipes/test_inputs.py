@@ -18,8 +18,8 @@ def test_gsm8k_and_svamp_questions_are_read_with_their_reference_answers():
     assert gsm8k[0].text.startswith("Natalia sold clips") and gsm8k[0].reference == "72"
     svamp = load_questions(SVAMP, "f", limit=3)
     assert (
-        svamp[0].text
-        == "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack How much do you have to pay to buy each pack?"
+        svamp[0].text == "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack "
+        "How much do you have to pay to buy each pack?"
     )
     assert svamp[0].reference == "51.0" and len(svamp) == 3
 

@@ -15,7 +15,9 @@ import inspect
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any, cast
 
+import grpc
 import pyarrow.parquet as pq
 import pytest
 
@@ -27,7 +29,7 @@ from autodidact.coordinator.store import SqliteJobStore
 from autodidact.runtime.component import Resource
 from autodidact.scorer.service import ScorerServicer
 from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern, extract_answer
-from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
+from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2, scorer_pb2
 
 # Question -> its four sampled paths (paths_per_question 4, min_votes 2 by default, min_confidence 0.7).
 PATHS = {
@@ -77,8 +79,9 @@ class InProcessScorer:
     def __init__(self) -> None:
         self.servicer = ScorerServicer(Resource("the model", _no_model))  # a majority vote never asks for it
 
-    async def Vote(self, request, timeout: float | None = None):
-        return await self.servicer.Vote(request, None)
+    async def Vote(self, request: scorer_pb2.VoteRequest, timeout: float | None = None) -> scorer_pb2.VoteResponse:
+        # No server, so no context: the Vote handler never reads it.
+        return await self.servicer.Vote(request, cast("grpc.aio.ServicerContext[Any, Any]", None))
 
 
 async def _run(tmp_path: Path) -> tuple[coordinator_pb2.Job, Path]:
@@ -121,7 +124,7 @@ def _decisions(row: dict) -> list[tuple[str, bool, str]]:
 
 
 def test_a_path_s_answer_is_the_one_it_states_last(finished):
-    _, out, lineage = finished
+    _, _, lineage = finished
     answers = [lineage[f"{_question(0)}/p{n:03d}"]["data"]["answer"] for n in range(4)]
     assert answers == ["50", "50", "50", "76"]
     assert lineage[_question(0)]["kept"] and lineage[_question(0)]["data"]["winner"] == "50"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -119,8 +120,8 @@ def test_seeds_are_stable_and_distinct_per_item():
     assert derive_seed(7, "x", 1) != derive_seed(8, "x", 1)
 
 
-def spec(**fields) -> coordinator_pb2.JobSpec:
-    values = {"seed_tasks_path": str(SEED_TASKS), "target_instructions": 5} | fields
+def spec(**fields: Any) -> coordinator_pb2.JobSpec:
+    values: dict[str, Any] = {"seed_tasks_path": str(SEED_TASKS), "target_instructions": 5} | fields
     return coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(**values))
 
 
@@ -172,5 +173,5 @@ def test_bad_specs_are_refused_naming_the_field(job_spec, field, rule):
 def test_a_seed_file_in_the_wrong_format_is_refused(tmp_path):
     bad = tmp_path / "seeds.jsonl"
     bad.write_text(json.dumps({"instruction": "Do it", "instances": []}) + "\n")
-    with pytest.raises(InvalidArgument, match="line 1 .* is not a seed task"):
+    with pytest.raises(InvalidArgument, match=r"line 1 .* is not a seed task"):
         SelfInstruct().resolve(spec(seed_tasks_path=str(bad)).self_instruct, "j")

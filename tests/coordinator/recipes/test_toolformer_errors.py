@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -94,7 +97,7 @@ def test_a_refused_filter_drops_that_document_with_filter_error_and_the_others_g
 
 
 def test_more_refused_documents_than_the_budget_fail_the_job(tmp_path):
-    with pytest.raises(TooManyErrors, match="1 of 2 items errored, more than max_error_fraction 0.1"):
+    with pytest.raises(TooManyErrors, match=re.escape("1 of 2 items errored, more than max_error_fraction 0.1")):
         run(tmp_path, "Ann", max_error_fraction=0.1)
 
 
@@ -104,10 +107,10 @@ class Counting:
     def __init__(self, double: object) -> None:
         self.double, self.calls = double, 0
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
         method = getattr(self.double, name)
 
-        async def counted(request, timeout=None):
+        async def counted(request: Any, timeout: float | None = None) -> Any:
             self.calls += name != "ListTools"
             return await method(request, timeout)
 
