@@ -5,11 +5,10 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from autodidact.backends.llm.llamacpp import LlamaCppSettings
 from autodidact.generator.requests import GeneratorLimits
@@ -34,19 +33,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-class HealthCalls(Protocol):
-    """The standard health service's calls, as a HealthStub on an aio channel has them (types-grpcio-health-checking
-    declares HealthStub without its methods, so mypy would know neither the calls nor their replies)."""
-
-    Check: grpc.aio.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
-    Watch: grpc.aio.UnaryStreamMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
-
-
-def health_stub(channel: grpc.aio.Channel) -> HealthCalls:
-    """grpc_health's own stub, typed: its generated __init__ binds exactly these two calls on the channel."""
-    return cast(HealthCalls, health_pb2_grpc.HealthStub(channel))
 
 
 def details_of(error: grpc.aio.AioRpcError) -> str:

@@ -8,6 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from autodidact.client import health_stub
 from autodidact.runtime.settings import ServerSettings
 from autodidact.stack import (
     BUILDERS,
@@ -21,7 +22,6 @@ from autodidact.stack import (
     start_order,
     wired,
 )
-from tests.conftest import health_stub
 
 EVERYWHERE = {name: f"host-{name}:{port}" for name, port in DEFAULT_PORTS.items()}
 

@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from autodidact.client import health_stub
 from autodidact.v1 import (
     coordinator_pb2,
     critic_pb2,
@@ -35,7 +36,6 @@ from autodidact.v1 import (
     scorer_pb2,
     tool_executor_pb2,
 )
-from tests.conftest import health_stub
 from tests.stack import Stack, start_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]

@@ -15,9 +15,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from autodidact.client import wait_until_serving
+from autodidact.client import health_stub, wait_until_serving
 from autodidact.v1 import common_pb2, generator_pb2_grpc
-from tests.conftest import free_port, health_stub, text_request
+from tests.conftest import free_port, text_request
 
 pytestmark = pytest.mark.slow
 

@@ -9,6 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from autodidact.backends.llm import LLM
+from autodidact.client import health_stub
 from autodidact.critic.service import SERVICE_NAME as CRITIC
 from autodidact.critic.service import CriticSettings, critic_component
 from autodidact.errors import Unavailable
@@ -18,7 +19,6 @@ from autodidact.runtime.component import Component, Resource
 from autodidact.runtime.server import ServiceHost
 from autodidact.runtime.settings import ServerSettings
 from autodidact.v1 import critic_pb2, critic_pb2_grpc, generator_pb2, generator_pb2_grpc
-from tests.conftest import health_stub
 
 
 class Handle:

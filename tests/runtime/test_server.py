@@ -17,12 +17,13 @@ from grpc_health.v1 import health_pb2
 
 from autodidact.backends.llm import Generation, GenerationRequest, ModelDescription, TokenScore
 from autodidact.backends.llm.llamacpp import LlamaCppLLM
+from autodidact.client import health_stub
 from autodidact.generator.service import SERVICE_NAME, generator_component
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.server import ServiceHost
 from autodidact.runtime.settings import ServerSettings
 from autodidact.v1 import generator_pb2_grpc
-from tests.conftest import MODEL, details_of, free_port, health_stub, text_request
+from tests.conftest import MODEL, details_of, free_port, text_request
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -27,7 +27,7 @@ class DedupDouble:
         self.batches = 0
         self.three_batches = asyncio.Event()
 
-    async def FilterBatch(self, request, timeout=None):  # noqa: N802 (gRPC method name)
+    async def FilterBatch(self, request, timeout=None):
         self.ids += [item.id for item in request.items]
         if not request.batch_id.startswith("seeds-"):
             self.batches += 1
@@ -49,7 +49,7 @@ class GeneratorDouble:
         self.dedup = dedup
         self.topic_2_0_classifying = asyncio.Event()
 
-    async def Generate(self, request, timeout=None):  # noqa: N802
+    async def Generate(self, request, timeout=None):
         prompt = request.prompt.text
         if prompt.startswith("Come up with a series of tasks"):
             r = ROUND_OF_SEED[request.seed]
@@ -127,7 +127,7 @@ class CountingGenerator(GeneratorDouble):
         super().__init__(dedup)
         self.calls = 0
 
-    async def Generate(self, request, timeout=None):  # noqa: N802
+    async def Generate(self, request, timeout=None):
         self.calls += 1
         return await super().Generate(request, timeout)
 
@@ -151,7 +151,7 @@ def test_a_restarted_job_does_not_take_closed_rounds_further(tmp_path):
 class RefusingGenerator(GeneratorDouble):
     """Refuses (INVALID_ARGUMENT) to classify one candidate: "Explain topic 0-1"."""
 
-    async def Generate(self, request, timeout=None):  # noqa: N802
+    async def Generate(self, request, timeout=None):
         if request.prompt.text.endswith("Classification:") and "topic 0-1 " in request.prompt.text:
             raise grpc.aio.AioRpcError(grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), "prompt: refused")
         return await super().Generate(request, timeout)
