@@ -59,6 +59,37 @@ async def test_a_stage_is_computed_once_and_replayed_from_the_store(tmp_path: Pa
     await store.close()
 
 
+class ReadCountingStore:
+    """The real store, counting get_result calls (a wrapper, not a double)."""
+
+    def __init__(self, store: JobStore) -> None:
+        self._store = store
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def get_result(self, job_id: str, item_id: str, stage: str) -> dict[str, object] | None:
+        self.reads += 1
+        return await self._store.get_result(job_id, item_id, stage)
+
+
+async def test_a_fresh_job_computes_without_reading_and_a_duplicate_key_keeps_the_stored_result(tmp_path: Path) -> None:
+    store = SqliteJobStore(tmp_path / "jobs.sqlite")
+    counting = ReadCountingStore(store)
+    services = Services(None, None, None, None, None, patience_seconds=1)  # type: ignore[arg-type]  # no service is called
+    fresh = JobContext(JOB, 0, counting, services, 4, lambda: None, fresh=True)  # type: ignore[arg-type]
+    calls: list[str] = []
+    first = await fresh.stage("i1", "generate", counting_compute(calls, "first"))
+    assert counting.reads == 0 and calls == ["first"]
+    # The same key asked again in the same fresh run: computed, refused by the
+    # store as a duplicate, and the stored (first) result is what the stage answers.
+    again = await fresh.stage("i1", "generate", counting_compute(calls, "second"))
+    assert calls == ["first", "second"] and again == first and counting.reads == 1
+    assert await store.stage_counts(JOB) == [StageCounts("generate", 1, 1, {})]
+    await store.close()
+
+
 async def test_a_refused_stage_is_stored_as_an_error_drop_that_replays_without_calling_again(tmp_path: Path) -> None:
     store = SqliteJobStore(tmp_path / "jobs.sqlite")
     calls: list[str] = []

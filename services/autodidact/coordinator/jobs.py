@@ -348,6 +348,7 @@ class JobManager:
                     in_flight,
                     lambda: self._changes.notify(job_id),
                     max_error_fraction(spec),
+                    fresh=not await self._store.has_results(job_id),
                 )
                 summary = await recipe_of(spec).run(ctx, params)
                 ctx.check_error_budget()  # each_item checked its own; this covers items run through ctx.item

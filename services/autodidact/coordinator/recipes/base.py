@@ -129,6 +129,13 @@ def ready(result: StageResult) -> Callable[[], Awaitable[StageResult]]:
     return compute
 
 
+def _replayed(result: StageResult) -> StageResult:
+    """A stored result, as `stage` returns it: an item that errored there stops there again."""
+    if result.decision is not None and result.decision.filter == ERROR_FILTER:
+        raise ItemFailed(result.decision.reason)
+    return result
+
+
 class JobContext:
     def __init__(
         self,
@@ -139,6 +146,7 @@ class JobContext:
         max_in_flight: int,
         on_change: Callable[[], None],
         max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION,
+        fresh: bool = False,
     ) -> None:
         self.job_id = job_id
         self.seed = seed
@@ -150,21 +158,26 @@ class JobContext:
         self.max_error_fraction = max_error_fraction
         self.items = 0  # items run through `item` (each_item's included)
         self.errors: list[str] = []  # messages of those that errored
+        # The job had no stored result when this run began: `stage` then computes
+        # without first asking the store (nothing there to replay), which halves
+        # a fresh job's store round trips. A resumed job reads before computing.
+        self.fresh = fresh
 
     async def stage(self, item_id: str, stage: str, compute: Callable[[], Awaitable[StageResult]]) -> StageResult:
-        stored = await self.store.get_result(self.job_id, item_id, stage)
-        if stored is not None:
-            result = StageResult.from_json(stored)
-            if result.decision is not None and result.decision.filter == ERROR_FILTER:
-                raise ItemFailed(result.decision.reason)  # replayed: the item stops here again
-            return result
+        if not self.fresh and (stored := await self.stored(item_id, stage)) is not None:
+            return _replayed(stored)
         limit = self._limits.setdefault(stage, asyncio.Semaphore(self.max_in_flight))
         try:
             async with limit:
                 result = await compute()
         except ServiceRefused as exc:
             raise await self.drop_refused([item_id], stage, exc) from exc
-        await self.record(item_id, stage, result)
+        if not await self.record(item_id, stage, result):
+            # The key was stored first by another computation of it (a recipe asked
+            # twice in a fresh job): the stored result stands, as on a replay.
+            stored = await self.stored(item_id, stage)
+            assert stored is not None, "a result the store refused as a duplicate is there"
+            return _replayed(stored)
         return result
 
     async def job_value(self, key: str, compute: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
@@ -240,12 +253,11 @@ class JobContext:
         self.check_error_budget(count)
         return kept
 
-    async def record(self, item_id: str, stage: str, result: StageResult) -> None:
-        """Stores a result computed outside `stage` (several items decided by one call)."""
+    async def record(self, item_id: str, stage: str, result: StageResult) -> bool:
+        """Stores a result computed outside `stage` (several items decided by one
+        call); False when the key already had one (which then stands)."""
         decision = result.decision
-        if decision is not None:
-            STAGE_DECISIONS.labels(stage, "kept" if decision.kept else decision.filter).inc()
-        await self.store.put_result(
+        written = await self.store.put_result(
             self.job_id,
             item_id,
             stage,
@@ -253,7 +265,11 @@ class JobContext:
             kept=None if decision is None else decision.kept,
             filter_="" if decision is None else decision.filter,
         )
-        self._on_change()
+        if written:
+            if decision is not None:
+                STAGE_DECISIONS.labels(stage, "kept" if decision.kept else decision.filter).inc()
+            self._on_change()
+        return written
 
     async def stored(self, item_id: str, stage: str) -> StageResult | None:
         value = await self.store.get_result(self.job_id, item_id, stage)
