@@ -20,6 +20,12 @@ Figures, per store:
   (records/s over the whole stream);
 - export time of the finished job (ExportJob: every table, lineage, manifest).
 
+With --watch-only, the current store also runs the job with Watch alone
+(no StreamSamples follower during it): a follower assembles and encodes every
+record as the job writes it, which on one interpreter (the GIL) takes CPU from
+the job itself; the two columns show what each costs. Targets are checked on
+the run with the follower.
+
 Targets (issue 11, on a 2-core machine): >= 20,000 durable results/s, loop lag
 p99 <= 50 ms, RSS <= 1 GiB, Watch <= 1 s behind, export of 1M rows <= 60 s.
 The input (one prompt per item) is generated into a temporary folder.
@@ -51,6 +57,7 @@ from autodidact.coordinator.recipes.base import Services
 from autodidact.coordinator.service import Coordinator, CoordinatorServicer
 from autodidact.coordinator.store import JobStore, SqliteJobStore
 from autodidact.runtime.component import Resource
+from autodidact.runtime.server import settle_heap
 from autodidact.v1 import coordinator_pb2
 from benchmarks import baseline_store, loadtest_services
 
@@ -201,6 +208,10 @@ async def follow(manager: JobManager, store: JobStore, job_id: str) -> tuple[int
     return count, first, last
 
 
+async def no_follower() -> tuple[int, float | None, float]:
+    return 0, None, time.perf_counter()
+
+
 def write_prompts(path: Path, items: int) -> None:
     with open(path, "w", encoding="utf-8") as out:
         for index in range(items):
@@ -210,11 +221,12 @@ def write_prompts(path: Path, items: int) -> None:
 # --- one store's run, in its own process ---
 
 
-async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_dir: Path) -> dict[str, Any]:
+async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_dir: Path, follower_during_job: bool) -> dict[str, Any]:
     prompts = workdir / "prompts.jsonl"
     write_prompts(prompts, items)
     store = CommitClock(open_store(kind, store_dir / "jobs.sqlite"))
     manager = start_manager(cast(JobStore, store), loadtest_services.loadtest_services(), workdir)
+    settle_heap()  # as a serving process does once it has loaded (runtime/server.py)
     lag = LoopLag()
     lag.start()
     spec = coordinator_pb2.JobSpec(
@@ -226,7 +238,8 @@ async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_di
     started = time.perf_counter()
     await submit(manager, JOB_ID, spec)
     watcher = asyncio.create_task(watch_events(manager, JOB_ID))
-    follower = asyncio.create_task(follow(manager, cast(JobStore, store), JOB_ID))
+    # A StreamSamples(follow) client alongside the job (or none: the job with Watch only).
+    follower = asyncio.create_task(follow(manager, cast(JobStore, store), JOB_ID) if follower_during_job else no_follower())
     events = await watcher
     ended = events[-1][0]
     state = events[-1][2]
@@ -252,6 +265,7 @@ async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_di
     last_commit = commits[-1]
     return {
         "store": kind,
+        "follower_during_job": follower_during_job,
         "items": items,
         "in_flight": in_flight,
         "results": len(commits),
@@ -270,7 +284,7 @@ async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_di
         "follow_records": followed,
         # Negative when the follower had everything before the job's end (its dataset is written last).
         "follow_behind_last_result_s": follow_last - last_commit,
-        "follow_records_per_s": followed / (follow_last - started),
+        "follow_records_per_s": followed / (follow_last - started) if followed else 0.0,
         "replay_records": replayed,
         "replay_records_per_s": replayed / replay_s if replay_s > 0 else 0.0,
         "export_s": export_s,
@@ -278,24 +292,25 @@ async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_di
     }
 
 
-def worker(kind: str, items: int, in_flight: int, store_parent: Path | None, result: Path) -> None:
+def worker(kind: str, items: int, in_flight: int, store_parent: Path | None, result: Path, follower_during_job: bool) -> None:
     with (
         tempfile.TemporaryDirectory(prefix=f"control-plane-{kind}-") as workdir,
         tempfile.TemporaryDirectory(prefix=f"control-plane-store-{kind}-", dir=store_parent) as store_dir,
     ):
-        figures = asyncio.run(measure(kind, items, in_flight, Path(workdir), Path(store_dir)))
+        figures = asyncio.run(measure(kind, items, in_flight, Path(workdir), Path(store_dir), follower_during_job))
     result.write_text(json.dumps(figures))
 
 
 # --- the comparison ---
 
 
-def run_worker(kind: str, items: int, in_flight: int, store_parent: Path | None) -> dict[str, Any]:
+def run_worker(kind: str, items: int, in_flight: int, store_parent: Path | None, follower_during_job: bool = True) -> dict[str, Any]:
     """One store's figures, measured in a process of its own (its own peak RSS)."""
     with tempfile.TemporaryDirectory(prefix="control-plane-result-") as folder:
         result = Path(folder) / "figures.json"
         command = [sys.executable, "-m", "benchmarks.control_plane", "--worker", kind, "--items", str(items), "--in-flight", str(in_flight)]
         command += ["--result", str(result)] + (["--store-dir", str(store_parent)] if store_parent else [])
+        command += [] if follower_during_job else ["--no-follower"]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
         return cast(dict[str, Any], json.loads(result.read_text()))
 
@@ -310,7 +325,7 @@ def verdict(figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def table(runs: dict[str, dict[str, Any]], checks: dict[str, dict[str, Any]]) -> str:
-    names = [name for name in runs["current"] if name not in ("store", "export_rows")]
+    names = [name for name in runs["current"] if name not in ("store", "export_rows", "follower_during_job")]
     kinds = list(runs)
     lines = [f"{'figure':<36}" + "".join(f"{kind:>16}" for kind in kinds) + f"{'target':>14}  met"]
     for name in names:
@@ -333,11 +348,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--worker", choices=("current", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--no-follower", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--watch-only", action="store_true", help="also run the current store with no StreamSamples follower during the job"
+    )
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.items, args.in_flight, args.store_dir, args.result)
+        worker(args.worker, args.items, args.in_flight, args.store_dir, args.result, not args.no_follower)
         return
     runs = {"current": run_worker("current", args.items, args.in_flight, args.store_dir)}
+    if args.watch_only:
+        runs["watch_only"] = run_worker("current", args.items, args.in_flight, args.store_dir, follower_during_job=False)
     if args.baseline_items:
         runs["baseline"] = run_worker("baseline", args.baseline_items, args.in_flight, args.store_dir)
     checks = verdict(runs["current"])

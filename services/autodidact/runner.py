@@ -142,6 +142,7 @@ async def run_in_process(spec: coordinator_pb2.JobSpec, job_id: str, data_dir: P
     free ports), runs the job, stops them."""
     from autodidact.coordinator.jobs import validate_spec
     from autodidact.errors import InvalidArgument
+    from autodidact.runtime.server import settle_heap
     from autodidact.runtime.settings import ServerSettings
     from autodidact.stack import LocalStack, services_for
 
@@ -158,6 +159,7 @@ async def run_in_process(spec: coordinator_pb2.JobSpec, job_id: str, data_dir: P
         # loads one, which would swallow progress lines printed meanwhile.
         await stack.wait_ready()
         await stack.start(["coordinator"], server)
+        settle_heap()
         return await run_job(stack.target("coordinator"), job_id, spec, show_progress)
     finally:
         await stack.stop(grace=5)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -38,6 +39,25 @@ log = structlog.get_logger("autodidact.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+# The cyclic collector's thresholds once a process serves: a young collection
+# every 5,000 net allocations instead of 700. A coordinator allocates a few
+# objects per stage result; at the default a busy job ran a young collection
+# every few hundred microseconds and a full one that scanned every live object
+# several times a second (benchmarks/control_plane.py: loop lag p99 85 -> 52 ms,
+# durable results/s 12,600 -> 14,100).
+SERVING_GC_THRESHOLDS = (5000, 20, 10)
+
+
+def settle_heap() -> None:
+    """Called once a process has loaded what it serves: what exists now (modules,
+    models, settings) lives as long as the process, so the cyclic collector stops
+    scanning it (gc.freeze; reference counting still frees it), and young
+    collections run less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*SERVING_GC_THRESHOLDS)
 
 
 def _bind_problem(host: str, port: int) -> str | None:
@@ -174,6 +194,8 @@ async def run_until_signalled(hosts: list[ServiceHost]) -> None:
         signalled.cancel()
         await asyncio.gather(*(host.stop(grace=0) for host in hosts))
         raise failure
+    if loaded.done():
+        settle_heap()  # every backend is loaded
     await signalled
     loaded.cancel()  # still loading: stop() cancels the loads
     log.info("signal received")
