@@ -44,6 +44,7 @@ from autodidact.coordinator.recipes.registry import RECIPES
 from autodidact.coordinator.records import ERRORS_KEY, SUMMARY_KEY, Record
 from autodidact.coordinator.store import JobRow, JobStore
 from autodidact.errors import AlreadyExists, AutodidactError, FailedPrecondition, InvalidArgument, NotFound
+from autodidact.runtime.neighbours import rpc_error_text
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
 from autodidact.validation import check_id, check_range
 
@@ -368,7 +369,7 @@ class JobManager:
             except AutodidactError as exc:
                 await self._fail(job_id, str(exc))
             except grpc.aio.AioRpcError as exc:
-                await self._fail(job_id, f"a service answered {exc.code().name}: {exc.details()}")
+                await self._fail(job_id, f"a service answered {rpc_error_text(exc)}")
             except Exception as exc:  # a bug: fail the job, keep the coordinator
                 log.exception("job crashed")
                 await self._fail(job_id, f"internal error: {type(exc).__name__}: {exc}")

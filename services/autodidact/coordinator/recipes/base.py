@@ -30,6 +30,7 @@ import structlog
 from autodidact.coordinator.store import JobStore
 from autodidact.errors import AutodidactError, DeadlineExceeded, FailedPrecondition, Unavailable
 from autodidact.runtime.metrics import STAGE_DECISIONS
+from autodidact.runtime.neighbours import is_transient, rpc_error_text
 
 if TYPE_CHECKING:
     # The async stubs exist only in the mypy-protobuf .pyi files: a stub built on an aio channel is one, and its calls
@@ -43,8 +44,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("autodidact.recipes")
 T = TypeVar("T")
 
-# Codes worth waiting out: the service restarts, is loading, or is overloaded.
-TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 # The filter of an item a service refused.
 ERROR_FILTER = "error"
 DEFAULT_MAX_ERROR_FRACTION = 0.1
@@ -290,11 +289,11 @@ class JobContext:
             try:
                 return await rpc()
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in TRANSIENT:
-                    raise ServiceRefused(f"{what}: {exc.code().name}: {exc.details()}") from exc
+                if not is_transient(exc):
+                    raise ServiceRefused(f"{what}: {rpc_error_text(exc)}") from exc
                 if loop.time() + delay > give_up_at:
                     error = Unavailable if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED else DeadlineExceeded
-                    raise error(f"{what}: {exc.code().name}: {exc.details()} (gave up after {self.services.patience_seconds:g}s)") from exc
+                    raise error(f"{what}: {rpc_error_text(exc)} (gave up after {self.services.patience_seconds:g}s)") from exc
                 log.warning("service not answering; retrying", what=what, code=exc.code().name, retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
