@@ -25,33 +25,42 @@ from autodidact.v1 import coordinator_pb2
 SCHEMA = pa.schema((("item_id", pa.string()), ("score", pa.float64()), ("tags", pa.list_(pa.string())), ("note", pa.string())))
 
 
+def write_tables(directory: Path, tables: dict[str, tuple[list[dict[str, Any]], pa.Schema]], records: list[Record]) -> None:
+    """The tables (rows not yet conformed) and the records' lineage, written as an export writes them."""
+    writer = export.DatasetWriter(directory, {name: schema for name, (_, schema) in tables.items()}, lambda _: tables)
+    writer.add(records)
+    writer.commit()
+
+
+def conformed(rows: list[dict[str, Any]], schema: pa.Schema) -> list[dict[str, Any]]:
+    return pa.Table.from_pylist(rows, schema=schema).to_pylist()
+
+
 def test_rows_missing_a_column_or_typed_loosely_are_written_with_the_table_schema(tmp_path):
-    rows = export.conform([{"item_id": "a", "score": 1, "tags": ["x"]}, {"tags": [], "item_id": "b", "score": 0.5, "note": "n"}], SCHEMA)
-    assert rows == [{"item_id": "a", "score": 1.0, "tags": ["x"], "note": None}, {"item_id": "b", "score": 0.5, "tags": [], "note": "n"}]
-    export.write_jsonl(tmp_path / "t.jsonl", rows)
-    assert [list(json.loads(line)) for line in (tmp_path / "t.jsonl").read_text().splitlines()] == [SCHEMA.names] * 2
+    rows = [{"item_id": "a", "score": 1, "tags": ["x"]}, {"tags": [], "item_id": "b", "score": 0.5, "note": "n"}]
+    write_tables(tmp_path, {"t": (rows, SCHEMA)}, [])
+    written = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert written == [{"item_id": "a", "score": 1.0, "tags": ["x"], "note": None}, {"item_id": "b", "score": 0.5, "tags": [], "note": "n"}]
+    assert [list(row) for row in written] == [SCHEMA.names] * 2
+    assert pq.read_table(tmp_path / "t.parquet").to_pylist() == written
 
 
 def test_the_dataset_card_lets_datasets_load_every_table_by_name(tmp_path):
     import datasets
 
-    tables = {
-        "first": (export.conform([{"item_id": "a", "score": 2}], SCHEMA), SCHEMA),
-        "second": ([{"prompt": "p", "completion": "c"}], pa.schema([("prompt", pa.string()), ("completion", pa.string())])),
-    }
-    for name, (rows, schema) in tables.items():
-        export.write_jsonl(tmp_path / f"{name}.jsonl", rows)
-        export.write_parquet(tmp_path / f"{name}.parquet", rows, schema)
-    export.write_jsonl(tmp_path / "lineage.jsonl", [{"item_id": "a", "data": {"anything": [1, "mixed"]}}])
     empty = pa.schema([("item_id", pa.string())])
-    export.write_parquet(tmp_path / "empty.parquet", [], empty)
-    card = export.write_dataset_card(
-        tmp_path, "job-1", "self_instruct", {**{n: (s, len(r)) for n, (r, s) in tables.items()}, "empty": (empty, 0)}, partial=False
-    )
+    tables: dict[str, tuple[list[dict[str, Any]], pa.Schema]] = {
+        "first": ([{"item_id": "a", "score": 2}], SCHEMA),
+        "second": ([{"prompt": "p", "completion": "c"}], pa.schema([("prompt", pa.string()), ("completion", pa.string())])),
+        "empty": ([], empty),
+    }
+    write_tables(tmp_path, tables, [Record("a", True, {"anything": [1, "mixed"]}, [])])
+    card = export.write_dataset_card(tmp_path, "job-1", "self_instruct", {n: (s, len(r)) for n, (r, s) in tables.items()}, partial=False)
     assert card.read_text().startswith("---\nconfigs:\n- config_name: first\n  data_files: first.parquet\n  default: true\n")
-    for name, (rows, _) in tables.items():
+    for name in ("first", "second"):
+        rows, schema = tables[name]
         loaded = datasets.load_dataset(str(tmp_path), name=name, split="train", cache_dir=str(tmp_path / "cache"))
-        assert loaded.to_list() == rows
+        assert loaded.to_list() == conformed(rows, schema)
     # `datasets` cannot load a file without rows: an empty table is described but is no config.
     assert "config_name: empty" not in card.read_text() and "## empty\n\n0 rows. Empty" in card.read_text()
     # Without a name: the default table, not a mix of every file in the folder.
@@ -72,7 +81,7 @@ def test_manifest_numbers_are_json_numbers():
 def test_a_failed_write_leaves_no_temporary_file_and_leftovers_are_removed(tmp_path):
     (tmp_path / "t.parquet").mkdir()  # cannot be replaced by a file
     with pytest.raises(OSError):
-        export.write_parquet(tmp_path / "t.parquet", [{"item_id": "a"}], SCHEMA)
+        write_tables(tmp_path, {"t": ([{"item_id": "a"}], SCHEMA)}, [])
     assert not list(tmp_path.glob("*.tmp"))
     (tmp_path / "old.jsonl.tmp").write_text("killed mid-write")
     export.remove_temporary_files(tmp_path)

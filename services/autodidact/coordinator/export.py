@@ -65,23 +65,9 @@ def _replace_atomically(path: Path, write: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def conform(rows: list[dict[str, Any]], schema: pa.Schema) -> list[dict[str, Any]]:
-    """The rows as the table's schema has them: every column in every row,
-    in schema order and type, so the JSONL and Parquet files read the same."""
-    return pa.Table.from_pylist(rows, schema=schema).to_pylist()
-
-
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    _replace_atomically(path, lambda tmp: _write_jsonl_rows(tmp, rows, "w"))
-
-
-def _write_jsonl_rows(path: Path, rows: list[dict[str, Any]], mode: str) -> None:
-    with open(path, mode, encoding="utf-8") as out:
+def _append_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "a", encoding="utf-8") as out:
         out.writelines(_JSON.encode(row) + "\n" for row in rows)
-
-
-def write_parquet(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
-    _replace_atomically(path, lambda tmp: pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp))
 
 
 def lineage_rows(records: list[Record]) -> list[dict[str, Any]]:
@@ -197,11 +183,13 @@ class DatasetWriter:
         """Appends a chunk: each table's rows as one row group, conformed to its schema, and every record's lineage."""
         for name, (rows, _) in self._tables(records).items():
             if rows:
+                # Conformed to the schema (every column, in order and type) through one Arrow
+                # table, so the JSONL and Parquet files read the same.
                 table = pa.Table.from_pylist(rows, schema=self.schemas[name])
                 self._parquet[name].write_table(table)
-                _write_jsonl_rows(self._jsonl[name], table.to_pylist(), "a")
+                _append_jsonl(self._jsonl[name], table.to_pylist())
                 self.rows[name] += table.num_rows
-        _write_jsonl_rows(self._lineage, lineage_rows(records), "a")
+        _append_jsonl(self._lineage, lineage_rows(records))
         self.records += len(records)
         for record in records:
             for _, decision in record.lineage:
