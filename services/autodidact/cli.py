@@ -234,8 +234,7 @@ async def _serve(names: list[str], args: argparse.Namespace) -> None:
         hosts = list(stack.hosts.values())
     else:
         name = names[0]
-        called = {neighbour for neighbours in CALLS.values() for neighbour in neighbours}
-        targets = {neighbour: getattr(args, f"{neighbour.replace('-', '_')}_target") for neighbour in called}
+        targets = {neighbour: getattr(args, f"{neighbour.replace('-', '_')}_target") for neighbour in CALLS[name]}
         # Each service has its own default, so several `serve` processes share a host.
         metrics_port = DEFAULT_METRICS_PORTS[name] if args.metrics_port is None else args.metrics_port or None
         port = args.port if args.port is not None else DEFAULT_PORTS[name]

@@ -31,8 +31,7 @@ from autodidact.runtime.settings import ServerSettings
 from autodidact.tool_executor.service import ToolExecutorSettings
 
 if TYPE_CHECKING:
-    from autodidact.backends.embed import Embedder
-    from autodidact.backends.llm import LLM
+    pass
 
 # Default ports of every service of the architecture (README "Ports").
 DEFAULT_PORTS = {
@@ -118,26 +117,16 @@ def wired(options: StackOptions, targets: Mapping[str, str]) -> StackOptions:
     return replace(options, **changes)
 
 
-async def load_llm(options: StackOptions) -> LLM:
-    return await LLM_PORT.load(options.llm_backend, options.llamacpp, options.llm_remote)
-
-
-async def load_embedder(options: StackOptions) -> Embedder:
-    return await EMBEDDER_PORT.load(options.embedder_backend, options.embedder, options.embedder_remote)
-
-
 def _generator(options: StackOptions) -> Component:
     from autodidact.generator.service import generator_component
 
-    LLM_PORT.check(options.llm_backend, options.llm_remote)  # refuse at start, not at first load
-    return generator_component(lambda: load_llm(options), options.generator)
+    return generator_component(LLM_PORT.loader(options.llm_backend, options.llamacpp, options.llm_remote), options.generator)
 
 
 def _scorer(options: StackOptions) -> Component:
     from autodidact.scorer.service import scorer_component
 
-    LLM_PORT.check(options.llm_backend, options.llm_remote)
-    return scorer_component(lambda: load_llm(options))
+    return scorer_component(LLM_PORT.loader(options.llm_backend, options.llamacpp, options.llm_remote))
 
 
 def _tool_executor(options: StackOptions) -> Component:
@@ -155,8 +144,8 @@ def _critic(options: StackOptions) -> Component:
 def _dedup(options: StackOptions) -> Component:
     from autodidact.dedup.service import dedup_component
 
-    EMBEDDER_PORT.check(options.embedder_backend, options.embedder_remote)
-    return dedup_component(lambda: load_embedder(options), options.dedup_data_dir, options.namespaces)
+    load_embedder = EMBEDDER_PORT.loader(options.embedder_backend, options.embedder, options.embedder_remote)
+    return dedup_component(load_embedder, options.dedup_data_dir, options.namespaces)
 
 
 def _coordinator(options: StackOptions) -> Component:

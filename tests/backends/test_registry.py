@@ -45,8 +45,8 @@ def test_every_backend_names_a_class_that_loads(port):
 
 async def test_a_remote_backend_is_built_from_the_server_and_an_embedded_one_from_its_settings():
     embedded, remote = object(), RemoteSettings(url="http://model:80")
-    assert await TEST_PORT.load("embedded", embedded, remote) is embedded
-    assert await TEST_PORT.load("remote", embedded, remote) is remote
+    assert await TEST_PORT.loader("embedded", embedded, remote)() is embedded
+    assert await TEST_PORT.loader("remote", embedded, remote)() is remote
 
 
 @pytest.mark.parametrize("remote", [None, RemoteSettings(url="")])
@@ -54,6 +54,8 @@ def test_a_remote_backend_without_an_address_is_refused_naming_the_flag(remote):
     TEST_PORT.check("embedded", remote)
     with pytest.raises(ValueError, match="this backend needs the server's address: --test-url URL"):
         TEST_PORT.check("remote", remote)
+    with pytest.raises(ValueError, match="this backend needs the server's address"):  # at start, not when it loads
+        TEST_PORT.loader("remote", object(), remote)
 
 
 def test_an_unknown_backend_is_refused_with_the_choices():

@@ -14,7 +14,7 @@ llama.cpp), so a backend's module is imported only when it is loaded.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -68,12 +68,16 @@ class Port(Generic[T]):
         if self.backend(name).remote and (remote is None or not remote.url):
             raise ValueError(f"this backend needs the server's address: {self.url_flag} URL")
 
-    async def load(self, name: str, embedded: object, remote: RemoteSettings | None) -> T:
-        """Builds backend `name`: from `remote` when it is a remote one, else from `embedded`."""
+    def loader(self, name: str, embedded: object, remote: RemoteSettings | None) -> Callable[[], Awaitable[T]]:
+        """How to build backend `name` (from `remote` when it is a remote one, else from
+        `embedded`), for a service to call when it loads; refuses a misconfigured one now."""
         self.check(name, remote)
         backend = self.backend(name)
-        loaded = await backend.implementation_class().load(remote if backend.remote else embedded)
-        return cast(T, loaded)
+
+        async def load() -> T:
+            return cast(T, await backend.implementation_class().load(remote if backend.remote else embedded))
+
+        return load
 
 
 LLM_PORT: Port[LLM] = Port(
