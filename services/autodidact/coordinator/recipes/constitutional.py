@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed
+from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed, ready
 from autodidact.coordinator.recipes.formats import check_item_count, json_lines, read_input
 from autodidact.coordinator.recipes.ids import PromptId
 from autodidact.coordinator.recipes.recipe import Recipe
@@ -155,11 +155,9 @@ class ConstitutionalRun:
             )
             if judged.decision and not judged.decision.kept:
                 return False  # undecided: its drop is the prompt's final decision
-        if await self.ctx.stored(item, "dataset") is None:
-            decision = Decision(True) if changed else Decision(False, "unrevised", reason="the revisions left the response as it was")
-            await self.ctx.record(item, "dataset", StageResult(decision=decision))
-        stored = await self.ctx.stored(item, "dataset")
-        return bool(stored and stored.decision and stored.decision.kept)
+        decision = Decision(True) if changed else Decision(False, "unrevised", reason="the revisions left the response as it was")
+        stored = await self.ctx.stage(item, "dataset", ready(StageResult(decision=decision)))
+        return bool(stored.decision and stored.decision.kept)
 
     async def _revise(self, index: int, prompt: str) -> StageResult:
         seed = derive_seed(self.ctx.seed, "revise", index)

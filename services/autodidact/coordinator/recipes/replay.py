@@ -11,6 +11,7 @@ result in the items' order.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -58,9 +59,8 @@ async def replay_batched(
             raise await ctx.drop_refused([item_id(item) for item in pending[start:]], stage, exc) from exc
         if len(computed) != len(batch):
             raise ValueError(f"{stage}: {len(computed)} results for a batch of {len(batch)} items")
-        for item, result in zip(batch, computed, strict=True):
-            key = item_id(item)
-            if key not in results:
-                await ctx.record(key, stage, result)
-                results[key] = result
+        new = {key: result for key, result in zip(map(item_id, batch), computed, strict=True) if key not in results}
+        # Recorded together: the store commits writes that arrive together in one transaction.
+        await asyncio.gather(*(ctx.record(key, stage, result) for key, result in new.items()))
+        results |= new
     return [(item, results[key]) for item, key in zip(items, ids, strict=True)]
