@@ -46,6 +46,15 @@ class DeadlineExceeded(AutodidactError):
     """The work did not finish within its time bound."""
 
 
+class Unauthenticated(AutodidactError):
+    """The call carries no credentials, or ones that do not verify. The message
+    says which, never what a valid credential would be."""
+
+
+class PermissionDenied(AutodidactError):
+    """The caller is authenticated but its roles do not allow the call."""
+
+
 class StartupError(Exception):
     """A process cannot start: a port in use, a damaged store. Not a client
     error: the command prints the message (one line, naming the port or the

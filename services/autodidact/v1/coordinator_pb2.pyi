@@ -60,9 +60,48 @@ JOB_STATE_CANCELLED: JobState.ValueType  # 5
 """Stopped by CancelJob."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
+class _DatasetFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DatasetFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DatasetFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DATASET_FORMAT_UNSPECIFIED: _DatasetFormat.ValueType  # 0
+    """Not set: refused."""
+    DATASET_FORMAT_JSONL: _DatasetFormat.ValueType  # 1
+    """JSON lines."""
+    DATASET_FORMAT_JSON: _DatasetFormat.ValueType  # 2
+    """One JSON document (a list)."""
+
+class DatasetFormat(_DatasetFormat, metaclass=_DatasetFormatEnumTypeWrapper):
+    """How an uploaded dataset's bytes are laid out."""
+
+DATASET_FORMAT_UNSPECIFIED: DatasetFormat.ValueType  # 0
+"""Not set: refused."""
+DATASET_FORMAT_JSONL: DatasetFormat.ValueType  # 1
+"""JSON lines."""
+DATASET_FORMAT_JSON: DatasetFormat.ValueType  # 2
+"""One JSON document (a list)."""
+Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
+
 @_typing.final
 class SelfInstructSpec(_message.Message):
-    """Self-Instruct (ALGORITHMS.md §2). Defaults are the paper's."""
+    """Input fields of a recipe (seed_tasks_path, prompts_path, ...) hold an input
+    reference, one of:
+      "dataset:<dataset_id>"   a dataset the caller uploaded (UploadDataset);
+      "inline:<name>"          JobSpec.inline_inputs[name];
+      "s3://bucket/key", "gs://bucket/key", "az://container/blob"
+                               an object, read with the coordinator's cloud
+                               credentials, only under an input root the
+                               operator allows;
+      "/path" or "file:///path" a file of the coordinator's, only under an input
+                               root the operator allows (none by default).
+    Whatever the source, the coordinator copies the input into the job's own
+    storage at submit (a snapshot) and the job reads only that snapshot; the
+    job's identity covers the snapshot's sha256.
+
+    Self-Instruct (ALGORITHMS.md §2). Defaults are the paper's.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -354,24 +393,40 @@ class JobSpec(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class InlineInputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SELF_INSTRUCT_FIELD_NUMBER: _builtins.int
     TOOLFORMER_FIELD_NUMBER: _builtins.int
     CONSTITUTIONAL_FIELD_NUMBER: _builtins.int
     SELF_CONSISTENCY_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
-    OUTPUT_DIR_FIELD_NUMBER: _builtins.int
     MAX_ERROR_FRACTION_FIELD_NUMBER: _builtins.int
+    INLINE_INPUTS_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """Base seed of every sample the job draws; the same spec and seed produce
     the same dataset on the same model. Default 0.
     """
     max_in_flight: _builtins.int
     """Items in flight per stage (backpressure). Default 4. Bounds [1, 256]."""
-    output_dir: _builtins.str
-    """Where ExportJob writes the dataset. Default: the coordinator's data
-    directory / job id.
-    """
     max_error_fraction: _builtins.float
     """The job fails when more than this fraction of its items errored (a
     service refused the item); below it, an errored item is dropped with
@@ -393,6 +448,13 @@ class JobSpec(_message.Message):
     def self_consistency(self) -> Global___SelfConsistencySpec:
         """Majority-vote reasoning paths for unlabelled questions."""
 
+    @_builtins.property
+    def inline_inputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Small inputs sent with the spec, named by "inline:<name>" in an input
+        field: name -> the file's text (JSONL or JSON). Names are 1 to 64
+        characters of [A-Za-z0-9_.-]; all of them together at most 4 MiB.
+        """
+
     def __init__(
         self,
         *,
@@ -402,12 +464,12 @@ class JobSpec(_message.Message):
         self_consistency: Global___SelfConsistencySpec | None = ...,
         seed: _builtins.int = ...,
         max_in_flight: _builtins.int = ...,
-        output_dir: _builtins.str = ...,
         max_error_fraction: _builtins.float | None = ...,
+        inline_inputs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_fraction", b"_max_error_fraction", "constitutional", b"constitutional", "max_error_fraction", b"max_error_fraction", "recipe", b"recipe", "self_consistency", b"self_consistency", "self_instruct", b"self_instruct", "toolformer", b"toolformer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_fraction", b"_max_error_fraction", "constitutional", b"constitutional", "max_error_fraction", b"max_error_fraction", "max_in_flight", b"max_in_flight", "output_dir", b"output_dir", "recipe", b"recipe", "seed", b"seed", "self_consistency", b"self_consistency", "self_instruct", b"self_instruct", "toolformer", b"toolformer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_fraction", b"_max_error_fraction", "constitutional", b"constitutional", "inline_inputs", b"inline_inputs", "max_error_fraction", b"max_error_fraction", "max_in_flight", b"max_in_flight", "recipe", b"recipe", "seed", b"seed", "self_consistency", b"self_consistency", "self_instruct", b"self_instruct", "toolformer", b"toolformer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_error_fraction: _TypeAlias = _typing.Literal["max_error_fraction"]  # noqa: Y015
     _WhichOneofArgType__max_error_fraction: _TypeAlias = _typing.Literal["_max_error_fraction", b"_max_error_fraction"]  # noqa: Y015
@@ -419,6 +481,40 @@ class JobSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_recipe) -> _WhichOneofReturnType_recipe | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class JobInput(_message.Message):
+    """An input of a job as snapshotted at submit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """The spec field that named it, e.g. "spec.constitutional.prompts_path"."""
+    reference: _builtins.str
+    """The reference as given in that field."""
+    size_bytes: _builtins.int
+    """The snapshot's size in bytes."""
+    sha256: _builtins.str
+    """The snapshot's sha256, hex; part of the job's identity."""
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        reference: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "reference", b"reference", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobInput: _TypeAlias = JobInput  # noqa: Y015
 
 @_typing.final
 class StageProgress(_message.Message):
@@ -495,6 +591,7 @@ class Job(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The client-chosen id."""
     state: Global___JobState.ValueType
@@ -517,6 +614,10 @@ class Job(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """When its state last changed."""
 
+    @_builtins.property
+    def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobInput]:
+        """Its inputs, as snapshotted at submit."""
+
     def __init__(
         self,
         *,
@@ -527,10 +628,11 @@ class Job(_message.Message):
         error: _builtins.str = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        inputs: _abc.Iterable[Global___JobInput] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "id", b"id", "spec", b"spec", "stages", b"stages", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "id", b"id", "inputs", b"inputs", "spec", b"spec", "stages", b"stages", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -973,25 +1075,45 @@ class ExportedFile(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    PATH_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
-    path: _builtins.str
-    """Path on the coordinator's filesystem."""
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    URL_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """What it holds, e.g. "sft_messages_jsonl", "manifest"."""
     rows: _builtins.int
     """Rows written (0 for the manifest)."""
+    name: _builtins.str
+    """The file's name, e.g. "sft.jsonl"; DownloadExport takes it."""
+    size_bytes: _builtins.int
+    """Its size in bytes."""
+    sha256: _builtins.str
+    """Its sha256, hex."""
+    url: _builtins.str
+    """When the export lives in an object store: a presigned URL that fetches
+    the file without credentials until url_expires_at. Empty otherwise.
+    """
+    @_builtins.property
+    def url_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When url stops working."""
+
     def __init__(
         self,
         *,
-        path: _builtins.str = ...,
         kind: _builtins.str = ...,
         rows: _builtins.int = ...,
+        name: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        url: _builtins.str = ...,
+        url_expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["url_expires_at", b"url_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "path", b"path", "rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "rows", b"rows", "sha256", b"sha256", "size_bytes", b"size_bytes", "url", b"url", "url_expires_at", b"url_expires_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1066,3 +1188,352 @@ class RetryJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetryJobResponse: _TypeAlias = RetryJobResponse  # noqa: Y015
+
+@_typing.final
+class DownloadExportRequest(_message.Message):
+    """Request of DownloadExport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job's id. Required."""
+    name: _builtins.str
+    """The file's name, as in ExportedFile.name. Required."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadExportRequest: _TypeAlias = DownloadExportRequest  # noqa: Y015
+
+@_typing.final
+class DownloadExportResponse(_message.Message):
+    """Response of DownloadExport: one chunk of the file."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    LAST_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The chunk's bytes (at most 1 MiB)."""
+    offset: _builtins.int
+    """Where the chunk starts in the file."""
+    size_bytes: _builtins.int
+    """In the last message only: the whole file's size, for the client to
+    check what it wrote.
+    """
+    sha256: _builtins.str
+    """In the last message only: the whole file's sha256, hex."""
+    last: _builtins.bool
+    """In the last message only: true."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        last: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "last", b"last", "offset", b"offset", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadExportResponse: _TypeAlias = DownloadExportResponse  # noqa: Y015
+
+@_typing.final
+class Dataset(_message.Message):
+    """A dataset uploaded by a caller."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    dataset_id: _builtins.str
+    """"ds-" and the first 32 hex digits of its sha256: the same content has
+    the same id within a tenant.
+    """
+    name: _builtins.str
+    """The caller's name for it (e.g. the uploaded file's name)."""
+    format: Global___DatasetFormat.ValueType
+    """Its format."""
+    size_bytes: _builtins.int
+    """Its size in bytes."""
+    sha256: _builtins.str
+    """Its sha256, hex."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was first uploaded."""
+
+    def __init__(
+        self,
+        *,
+        dataset_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        format: Global___DatasetFormat.ValueType = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "dataset_id", b"dataset_id", "format", b"format", "name", b"name", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Dataset: _TypeAlias = Dataset  # noqa: Y015
+
+@_typing.final
+class UploadDatasetHeader(_message.Message):
+    """The first message of an upload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """A name for the dataset, 1 to 256 characters, no control characters.
+    Required.
+    """
+    format: Global___DatasetFormat.ValueType
+    """Its format. Required."""
+    sha256: _builtins.str
+    """The sha256 (64 hex digits) of the bytes that follow. Required: checked
+    when the stream ends.
+    """
+    size_bytes: _builtins.int
+    """The number of bytes that follow. Required: at most the tenant's upload
+    bound.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        format: Global___DatasetFormat.ValueType = ...,
+        sha256: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "name", b"name", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadDatasetHeader: _TypeAlias = UploadDatasetHeader  # noqa: Y015
+
+@_typing.final
+class UploadDatasetRequest(_message.Message):
+    """Request of UploadDataset: the header, then chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """Every later message: the next bytes, at most 4 MiB each."""
+    @_builtins.property
+    def header(self) -> Global___UploadDatasetHeader:
+        """First message only."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___UploadDatasetHeader | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___UploadDatasetRequest: _TypeAlias = UploadDatasetRequest  # noqa: Y015
+
+@_typing.final
+class UploadDatasetResponse(_message.Message):
+    """Response of UploadDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when the tenant had uploaded the same content before."""
+    @_builtins.property
+    def dataset(self) -> Global___Dataset:
+        """The dataset."""
+
+    def __init__(
+        self,
+        *,
+        dataset: Global___Dataset | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "dataset", b"dataset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadDatasetResponse: _TypeAlias = UploadDatasetResponse  # noqa: Y015
+
+@_typing.final
+class GetDatasetRequest(_message.Message):
+    """Request of GetDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    dataset_id: _builtins.str
+    """The dataset's id. Required."""
+    def __init__(
+        self,
+        *,
+        dataset_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDatasetRequest: _TypeAlias = GetDatasetRequest  # noqa: Y015
+
+@_typing.final
+class GetDatasetResponse(_message.Message):
+    """Response of GetDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dataset(self) -> Global___Dataset:
+        """The dataset."""
+
+    def __init__(
+        self,
+        *,
+        dataset: Global___Dataset | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDatasetResponse: _TypeAlias = GetDatasetResponse  # noqa: Y015
+
+@_typing.final
+class ListDatasetsRequest(_message.Message):
+    """Request of ListDatasets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Most datasets to return. Default 50. Bounds [1, 1000]."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token. Default: the first page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetsRequest: _TypeAlias = ListDatasetsRequest  # noqa: Y015
+
+@_typing.final
+class ListDatasetsResponse(_message.Message):
+    """Response of ListDatasets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASETS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass to get the next page; empty on the last."""
+    @_builtins.property
+    def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Dataset]:
+        """The datasets, newest first."""
+
+    def __init__(
+        self,
+        *,
+        datasets: _abc.Iterable[Global___Dataset] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["datasets", b"datasets", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDatasetsResponse: _TypeAlias = ListDatasetsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteDatasetRequest(_message.Message):
+    """Request of DeleteDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_ID_FIELD_NUMBER: _builtins.int
+    dataset_id: _builtins.str
+    """The dataset's id. Required."""
+    def __init__(
+        self,
+        *,
+        dataset_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset_id", b"dataset_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDatasetRequest: _TypeAlias = DeleteDatasetRequest  # noqa: Y015
+
+@_typing.final
+class DeleteDatasetResponse(_message.Message):
+    """Response of DeleteDataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteDatasetResponse: _TypeAlias = DeleteDatasetResponse  # noqa: Y015

@@ -27,7 +27,9 @@ if _version_not_supported:
 
 class CoordinatorServiceStub:
     """The only entry point for platform clients: jobs that run recipes against the
-    other services, with a durable store, progress, lineage and export.
+    other services, with a durable store, progress, lineage and export; and the
+    datasets callers upload as their inputs. Every job and dataset belongs to the
+    caller's tenant: another tenant's are NOT_FOUND (docs/platform.md).
     Recipe files (YAML) are the JSON mapping of JobSpec.
     """
 
@@ -77,11 +79,38 @@ class CoordinatorServiceStub:
                 request_serializer=autodidact_dot_v1_dot_coordinator__pb2.RetryJobRequest.SerializeToString,
                 response_deserializer=autodidact_dot_v1_dot_coordinator__pb2.RetryJobResponse.FromString,
                 _registered_method=True)
+        self.DownloadExport = channel.unary_stream(
+                '/autodidact.v1.CoordinatorService/DownloadExport',
+                request_serializer=autodidact_dot_v1_dot_coordinator__pb2.DownloadExportRequest.SerializeToString,
+                response_deserializer=autodidact_dot_v1_dot_coordinator__pb2.DownloadExportResponse.FromString,
+                _registered_method=True)
+        self.UploadDataset = channel.stream_unary(
+                '/autodidact.v1.CoordinatorService/UploadDataset',
+                request_serializer=autodidact_dot_v1_dot_coordinator__pb2.UploadDatasetRequest.SerializeToString,
+                response_deserializer=autodidact_dot_v1_dot_coordinator__pb2.UploadDatasetResponse.FromString,
+                _registered_method=True)
+        self.GetDataset = channel.unary_unary(
+                '/autodidact.v1.CoordinatorService/GetDataset',
+                request_serializer=autodidact_dot_v1_dot_coordinator__pb2.GetDatasetRequest.SerializeToString,
+                response_deserializer=autodidact_dot_v1_dot_coordinator__pb2.GetDatasetResponse.FromString,
+                _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/autodidact.v1.CoordinatorService/ListDatasets',
+                request_serializer=autodidact_dot_v1_dot_coordinator__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=autodidact_dot_v1_dot_coordinator__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/autodidact.v1.CoordinatorService/DeleteDataset',
+                request_serializer=autodidact_dot_v1_dot_coordinator__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=autodidact_dot_v1_dot_coordinator__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
     """The only entry point for platform clients: jobs that run recipes against the
-    other services, with a durable store, progress, lineage and export.
+    other services, with a durable store, progress, lineage and export; and the
+    datasets callers upload as their inputs. Every job and dataset belongs to the
+    caller's tenant: another tenant's are NOT_FOUND (docs/platform.md).
     Recipe files (YAML) are the JSON mapping of JobSpec.
     """
 
@@ -146,6 +175,45 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadExport(self, request, context):
+        """Streams one file of the job's export (ExportJob first): chunks in order,
+        the last carrying the file's size and sha256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadDataset(self, request_iterator, context):
+        """Uploads a dataset: the first message is the header, every later one a
+        chunk of its bytes. The declared sha256 and size are checked at the end;
+        the same content uploaded again returns the same dataset (created false).
+        A job names it in an input field as "dataset:<dataset_id>".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDataset(self, request, context):
+        """One uploaded dataset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """The tenant's uploaded datasets, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Deletes an uploaded dataset. Jobs that used it keep their own snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -189,6 +257,31 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     request_deserializer=autodidact_dot_v1_dot_coordinator__pb2.RetryJobRequest.FromString,
                     response_serializer=autodidact_dot_v1_dot_coordinator__pb2.RetryJobResponse.SerializeToString,
             ),
+            'DownloadExport': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadExport,
+                    request_deserializer=autodidact_dot_v1_dot_coordinator__pb2.DownloadExportRequest.FromString,
+                    response_serializer=autodidact_dot_v1_dot_coordinator__pb2.DownloadExportResponse.SerializeToString,
+            ),
+            'UploadDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadDataset,
+                    request_deserializer=autodidact_dot_v1_dot_coordinator__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=autodidact_dot_v1_dot_coordinator__pb2.UploadDatasetResponse.SerializeToString,
+            ),
+            'GetDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataset,
+                    request_deserializer=autodidact_dot_v1_dot_coordinator__pb2.GetDatasetRequest.FromString,
+                    response_serializer=autodidact_dot_v1_dot_coordinator__pb2.GetDatasetResponse.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=autodidact_dot_v1_dot_coordinator__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=autodidact_dot_v1_dot_coordinator__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=autodidact_dot_v1_dot_coordinator__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=autodidact_dot_v1_dot_coordinator__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'autodidact.v1.CoordinatorService', rpc_method_handlers)
@@ -199,7 +292,9 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class CoordinatorService:
     """The only entry point for platform clients: jobs that run recipes against the
-    other services, with a durable store, progress, lineage and export.
+    other services, with a durable store, progress, lineage and export; and the
+    datasets callers upload as their inputs. Every job and dataset belongs to the
+    caller's tenant: another tenant's are NOT_FOUND (docs/platform.md).
     Recipe files (YAML) are the JSON mapping of JobSpec.
     """
 
@@ -409,6 +504,141 @@ class CoordinatorService:
             '/autodidact.v1.CoordinatorService/RetryJob',
             autodidact_dot_v1_dot_coordinator__pb2.RetryJobRequest.SerializeToString,
             autodidact_dot_v1_dot_coordinator__pb2.RetryJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/autodidact.v1.CoordinatorService/DownloadExport',
+            autodidact_dot_v1_dot_coordinator__pb2.DownloadExportRequest.SerializeToString,
+            autodidact_dot_v1_dot_coordinator__pb2.DownloadExportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/autodidact.v1.CoordinatorService/UploadDataset',
+            autodidact_dot_v1_dot_coordinator__pb2.UploadDatasetRequest.SerializeToString,
+            autodidact_dot_v1_dot_coordinator__pb2.UploadDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autodidact.v1.CoordinatorService/GetDataset',
+            autodidact_dot_v1_dot_coordinator__pb2.GetDatasetRequest.SerializeToString,
+            autodidact_dot_v1_dot_coordinator__pb2.GetDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autodidact.v1.CoordinatorService/ListDatasets',
+            autodidact_dot_v1_dot_coordinator__pb2.ListDatasetsRequest.SerializeToString,
+            autodidact_dot_v1_dot_coordinator__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autodidact.v1.CoordinatorService/DeleteDataset',
+            autodidact_dot_v1_dot_coordinator__pb2.DeleteDatasetRequest.SerializeToString,
+            autodidact_dot_v1_dot_coordinator__pb2.DeleteDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,

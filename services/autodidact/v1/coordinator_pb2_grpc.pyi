@@ -28,7 +28,9 @@ GRPC_VERSION: str
 
 class CoordinatorServiceStub:
     """The only entry point for platform clients: jobs that run recipes against the
-    other services, with a durable store, progress, lineage and export.
+    other services, with a durable store, progress, lineage and export; and the
+    datasets callers upload as their inputs. Every job and dataset belongs to the
+    caller's tenant: another tenant's are NOT_FOUND (docs/platform.md).
     Recipe files (YAML) are the JSON mapping of JobSpec.
     """
 
@@ -61,11 +63,29 @@ class CoordinatorServiceStub:
     """Resumes a FAILED or CANCELLED job under its id from what it stored;
     items that errored are tried again. Any other state is FAILED_PRECONDITION.
     """
+    DownloadExport: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.DownloadExportRequest, _coordinator_pb2.DownloadExportResponse]
+    """Streams one file of the job's export (ExportJob first): chunks in order,
+    the last carrying the file's size and sha256.
+    """
+    UploadDataset: _grpc.StreamUnaryMultiCallable[_coordinator_pb2.UploadDatasetRequest, _coordinator_pb2.UploadDatasetResponse]
+    """Uploads a dataset: the first message is the header, every later one a
+    chunk of its bytes. The declared sha256 and size are checked at the end;
+    the same content uploaded again returns the same dataset (created false).
+    A job names it in an input field as "dataset:<dataset_id>".
+    """
+    GetDataset: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.GetDatasetRequest, _coordinator_pb2.GetDatasetResponse]
+    """One uploaded dataset."""
+    ListDatasets: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListDatasetsRequest, _coordinator_pb2.ListDatasetsResponse]
+    """The tenant's uploaded datasets, newest first."""
+    DeleteDataset: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.DeleteDatasetRequest, _coordinator_pb2.DeleteDatasetResponse]
+    """Deletes an uploaded dataset. Jobs that used it keep their own snapshot."""
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """The only entry point for platform clients: jobs that run recipes against the
-    other services, with a durable store, progress, lineage and export.
+    other services, with a durable store, progress, lineage and export; and the
+    datasets callers upload as their inputs. Every job and dataset belongs to the
+    caller's tenant: another tenant's are NOT_FOUND (docs/platform.md).
     Recipe files (YAML) are the JSON mapping of JobSpec.
     """
 
@@ -95,10 +115,28 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """Resumes a FAILED or CANCELLED job under its id from what it stored;
     items that errored are tried again. Any other state is FAILED_PRECONDITION.
     """
+    DownloadExport: _aio.UnaryStreamMultiCallable[_coordinator_pb2.DownloadExportRequest, _coordinator_pb2.DownloadExportResponse]  # type: ignore[assignment]
+    """Streams one file of the job's export (ExportJob first): chunks in order,
+    the last carrying the file's size and sha256.
+    """
+    UploadDataset: _aio.StreamUnaryMultiCallable[_coordinator_pb2.UploadDatasetRequest, _coordinator_pb2.UploadDatasetResponse]  # type: ignore[assignment]
+    """Uploads a dataset: the first message is the header, every later one a
+    chunk of its bytes. The declared sha256 and size are checked at the end;
+    the same content uploaded again returns the same dataset (created false).
+    A job names it in an input field as "dataset:<dataset_id>".
+    """
+    GetDataset: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.GetDatasetRequest, _coordinator_pb2.GetDatasetResponse]  # type: ignore[assignment]
+    """One uploaded dataset."""
+    ListDatasets: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListDatasetsRequest, _coordinator_pb2.ListDatasetsResponse]  # type: ignore[assignment]
+    """The tenant's uploaded datasets, newest first."""
+    DeleteDataset: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.DeleteDatasetRequest, _coordinator_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
+    """Deletes an uploaded dataset. Jobs that used it keep their own snapshot."""
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The only entry point for platform clients: jobs that run recipes against the
-    other services, with a durable store, progress, lineage and export.
+    other services, with a durable store, progress, lineage and export; and the
+    datasets callers upload as their inputs. Every job and dataset belongs to the
+    caller's tenant: another tenant's are NOT_FOUND (docs/platform.md).
     Recipe files (YAML) are the JSON mapping of JobSpec.
     """
 
@@ -174,5 +212,51 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Resumes a FAILED or CANCELLED job under its id from what it stored;
         items that errored are tried again. Any other state is FAILED_PRECONDITION.
         """
+
+    @_abc_1.abstractmethod
+    def DownloadExport(
+        self,
+        request: _coordinator_pb2.DownloadExportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.DownloadExportResponse], _abc.AsyncIterator[_coordinator_pb2.DownloadExportResponse]]:
+        """Streams one file of the job's export (ExportJob first): chunks in order,
+        the last carrying the file's size and sha256.
+        """
+
+    @_abc_1.abstractmethod
+    def UploadDataset(
+        self,
+        request_iterator: _MaybeAsyncIterator[_coordinator_pb2.UploadDatasetRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.UploadDatasetResponse, _abc.Awaitable[_coordinator_pb2.UploadDatasetResponse]]:
+        """Uploads a dataset: the first message is the header, every later one a
+        chunk of its bytes. The declared sha256 and size are checked at the end;
+        the same content uploaded again returns the same dataset (created false).
+        A job names it in an input field as "dataset:<dataset_id>".
+        """
+
+    @_abc_1.abstractmethod
+    def GetDataset(
+        self,
+        request: _coordinator_pb2.GetDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.GetDatasetResponse, _abc.Awaitable[_coordinator_pb2.GetDatasetResponse]]:
+        """One uploaded dataset."""
+
+    @_abc_1.abstractmethod
+    def ListDatasets(
+        self,
+        request: _coordinator_pb2.ListDatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListDatasetsResponse, _abc.Awaitable[_coordinator_pb2.ListDatasetsResponse]]:
+        """The tenant's uploaded datasets, newest first."""
+
+    @_abc_1.abstractmethod
+    def DeleteDataset(
+        self,
+        request: _coordinator_pb2.DeleteDatasetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.DeleteDatasetResponse, _abc.Awaitable[_coordinator_pb2.DeleteDatasetResponse]]:
+        """Deletes an uploaded dataset. Jobs that used it keep their own snapshot."""
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

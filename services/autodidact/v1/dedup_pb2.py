@@ -24,25 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61utodidact/v1/dedup.proto\x12\rautodidact.v1\"%\n\tDedupItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x99\x01\n\x12\x46ilterBatchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\'\n\x05items\x18\x02 \x03(\x0b\x32\x18.autodidact.v1.DedupItem\x12\x16\n\tthreshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08\x62\x61tch_id\x18\x04 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x42\x0c\n\n_threshold\"P\n\x0c\x44\x65\x64upVerdict\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kept\x18\x02 \x01(\x08\x12\x12\n\nnearest_id\x18\x03 \x01(\t\x12\x12\n\nsimilarity\x18\x04 \x01(\x01\"\\\n\x13\x46ilterBatchResponse\x12-\n\x08verdicts\x18\x01 \x03(\x0b\x32\x1b.autodidact.v1.DedupVerdict\x12\x16\n\x0enamespace_size\x18\x02 \x01(\x04\"(\n\x13GetNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"]\n\x14GetNamespaceResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x12\n\nindex_kind\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x10\n\x08\x65mbedder\x18\x04 \x01(\t2\xbd\x01\n\x0c\x44\x65\x64upService\x12T\n\x0b\x46ilterBatch\x12!.autodidact.v1.FilterBatchRequest\x1a\".autodidact.v1.FilterBatchResponse\x12W\n\x0cGetNamespace\x12\".autodidact.v1.GetNamespaceRequest\x1a#.autodidact.v1.GetNamespaceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61utodidact/v1/dedup.proto\x12\rautodidact.v1\":\n\x15ShareNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\")\n\x16ShareNamespaceResponse\x12\x0f\n\x07tenants\x18\x01 \x03(\t\"%\n\tDedupItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x99\x01\n\x12\x46ilterBatchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\'\n\x05items\x18\x02 \x03(\x0b\x32\x18.autodidact.v1.DedupItem\x12\x16\n\tthreshold\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08\x62\x61tch_id\x18\x04 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x05 \x01(\x08\x42\x0c\n\n_threshold\"P\n\x0c\x44\x65\x64upVerdict\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kept\x18\x02 \x01(\x08\x12\x12\n\nnearest_id\x18\x03 \x01(\t\x12\x12\n\nsimilarity\x18\x04 \x01(\x01\"\\\n\x13\x46ilterBatchResponse\x12-\n\x08verdicts\x18\x01 \x03(\x0b\x32\x1b.autodidact.v1.DedupVerdict\x12\x16\n\x0enamespace_size\x18\x02 \x01(\x04\"(\n\x13GetNamespaceRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"]\n\x14GetNamespaceResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x12\n\nindex_kind\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x10\n\x08\x65mbedder\x18\x04 \x01(\t2\x9c\x02\n\x0c\x44\x65\x64upService\x12T\n\x0b\x46ilterBatch\x12!.autodidact.v1.FilterBatchRequest\x1a\".autodidact.v1.FilterBatchResponse\x12W\n\x0cGetNamespace\x12\".autodidact.v1.GetNamespaceRequest\x1a#.autodidact.v1.GetNamespaceResponse\x12]\n\x0eShareNamespace\x12$.autodidact.v1.ShareNamespaceRequest\x1a%.autodidact.v1.ShareNamespaceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'autodidact.v1.dedup_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEDUPITEM']._serialized_start=44
-  _globals['_DEDUPITEM']._serialized_end=81
-  _globals['_FILTERBATCHREQUEST']._serialized_start=84
-  _globals['_FILTERBATCHREQUEST']._serialized_end=237
-  _globals['_DEDUPVERDICT']._serialized_start=239
-  _globals['_DEDUPVERDICT']._serialized_end=319
-  _globals['_FILTERBATCHRESPONSE']._serialized_start=321
-  _globals['_FILTERBATCHRESPONSE']._serialized_end=413
-  _globals['_GETNAMESPACEREQUEST']._serialized_start=415
-  _globals['_GETNAMESPACEREQUEST']._serialized_end=455
-  _globals['_GETNAMESPACERESPONSE']._serialized_start=457
-  _globals['_GETNAMESPACERESPONSE']._serialized_end=550
-  _globals['_DEDUPSERVICE']._serialized_start=553
-  _globals['_DEDUPSERVICE']._serialized_end=742
+  _globals['_SHARENAMESPACEREQUEST']._serialized_start=44
+  _globals['_SHARENAMESPACEREQUEST']._serialized_end=102
+  _globals['_SHARENAMESPACERESPONSE']._serialized_start=104
+  _globals['_SHARENAMESPACERESPONSE']._serialized_end=145
+  _globals['_DEDUPITEM']._serialized_start=147
+  _globals['_DEDUPITEM']._serialized_end=184
+  _globals['_FILTERBATCHREQUEST']._serialized_start=187
+  _globals['_FILTERBATCHREQUEST']._serialized_end=340
+  _globals['_DEDUPVERDICT']._serialized_start=342
+  _globals['_DEDUPVERDICT']._serialized_end=422
+  _globals['_FILTERBATCHRESPONSE']._serialized_start=424
+  _globals['_FILTERBATCHRESPONSE']._serialized_end=516
+  _globals['_GETNAMESPACEREQUEST']._serialized_start=518
+  _globals['_GETNAMESPACEREQUEST']._serialized_end=558
+  _globals['_GETNAMESPACERESPONSE']._serialized_start=560
+  _globals['_GETNAMESPACERESPONSE']._serialized_end=653
+  _globals['_DEDUPSERVICE']._serialized_start=656
+  _globals['_DEDUPSERVICE']._serialized_end=940
 # @@protoc_insertion_point(module_scope)

@@ -19,6 +19,56 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ShareNamespaceRequest(_message.Message):
+    """Request of ShareNamespace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """The caller's tenant's namespace. Required."""
+    tenant: _builtins.str
+    """The tenant that may use it. Required."""
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareNamespaceRequest: _TypeAlias = ShareNamespaceRequest  # noqa: Y015
+
+@_typing.final
+class ShareNamespaceResponse(_message.Message):
+    """Response of ShareNamespace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tenants the namespace is shared with, after the call."""
+
+    def __init__(
+        self,
+        *,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenants", b"tenants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareNamespaceResponse: _TypeAlias = ShareNamespaceResponse  # noqa: Y015
+
+@_typing.final
 class DedupItem(_message.Message):
     """A text to test for diversity."""
 
@@ -60,6 +110,8 @@ class FilterBatchRequest(_message.Message):
     namespace: _builtins.str
     """The namespace, created on first use; several jobs may share one. 1 to 128
     characters of [A-Za-z0-9_.-], the first a letter or digit, no "..".
+    Namespaces belong to the caller's tenant; "<owner>/<namespace>" names
+    another tenant's that it shared (ShareNamespace).
     """
     threshold: _builtins.float
     """Drop an item whose cosine similarity to a kept text is at or above this.

@@ -46,6 +46,11 @@ class DedupServiceStub:
                 request_serializer=autodidact_dot_v1_dot_dedup__pb2.GetNamespaceRequest.SerializeToString,
                 response_deserializer=autodidact_dot_v1_dot_dedup__pb2.GetNamespaceResponse.FromString,
                 _registered_method=True)
+        self.ShareNamespace = channel.unary_unary(
+                '/autodidact.v1.DedupService/ShareNamespace',
+                request_serializer=autodidact_dot_v1_dot_dedup__pb2.ShareNamespaceRequest.SerializeToString,
+                response_deserializer=autodidact_dot_v1_dot_dedup__pb2.ShareNamespaceResponse.FromString,
+                _registered_method=True)
 
 
 class DedupServiceServicer:
@@ -69,6 +74,14 @@ class DedupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareNamespace(self, request, context):
+        """Lets another tenant use one of the caller's tenant's namespaces, naming
+        it "<owner tenant>/<namespace>". Admin role only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DedupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +94,11 @@ def add_DedupServiceServicer_to_server(servicer, server):
                     servicer.GetNamespace,
                     request_deserializer=autodidact_dot_v1_dot_dedup__pb2.GetNamespaceRequest.FromString,
                     response_serializer=autodidact_dot_v1_dot_dedup__pb2.GetNamespaceResponse.SerializeToString,
+            ),
+            'ShareNamespace': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareNamespace,
+                    request_deserializer=autodidact_dot_v1_dot_dedup__pb2.ShareNamespaceRequest.FromString,
+                    response_serializer=autodidact_dot_v1_dot_dedup__pb2.ShareNamespaceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +157,33 @@ class DedupService:
             '/autodidact.v1.DedupService/GetNamespace',
             autodidact_dot_v1_dot_dedup__pb2.GetNamespaceRequest.SerializeToString,
             autodidact_dot_v1_dot_dedup__pb2.GetNamespaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareNamespace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autodidact.v1.DedupService/ShareNamespace',
+            autodidact_dot_v1_dot_dedup__pb2.ShareNamespaceRequest.SerializeToString,
+            autodidact_dot_v1_dot_dedup__pb2.ShareNamespaceResponse.FromString,
             options,
             channel_credentials,
             insecure,

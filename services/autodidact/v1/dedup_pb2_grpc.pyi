@@ -42,6 +42,10 @@ class DedupServiceStub:
     """
     GetNamespace: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.GetNamespaceRequest, _dedup_pb2.GetNamespaceResponse]
     """Size and index kind of a namespace."""
+    ShareNamespace: _grpc.UnaryUnaryMultiCallable[_dedup_pb2.ShareNamespaceRequest, _dedup_pb2.ShareNamespaceResponse]
+    """Lets another tenant use one of the caller's tenant's namespaces, naming
+    it "<owner tenant>/<namespace>". Admin role only.
+    """
 
 @_typing.type_check_only
 class DedupServiceAsyncStub(DedupServiceStub):
@@ -57,6 +61,10 @@ class DedupServiceAsyncStub(DedupServiceStub):
     """
     GetNamespace: _aio.UnaryUnaryMultiCallable[_dedup_pb2.GetNamespaceRequest, _dedup_pb2.GetNamespaceResponse]  # type: ignore[assignment]
     """Size and index kind of a namespace."""
+    ShareNamespace: _aio.UnaryUnaryMultiCallable[_dedup_pb2.ShareNamespaceRequest, _dedup_pb2.ShareNamespaceResponse]  # type: ignore[assignment]
+    """Lets another tenant use one of the caller's tenant's namespaces, naming
+    it "<owner tenant>/<namespace>". Admin role only.
+    """
 
 class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
     """Embedding diversity over namespaces of FAISS indexes (cosine similarity).
@@ -81,5 +89,15 @@ class DedupServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dedup_pb2.GetNamespaceResponse, _abc.Awaitable[_dedup_pb2.GetNamespaceResponse]]:
         """Size and index kind of a namespace."""
+
+    @_abc_1.abstractmethod
+    def ShareNamespace(
+        self,
+        request: _dedup_pb2.ShareNamespaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dedup_pb2.ShareNamespaceResponse, _abc.Awaitable[_dedup_pb2.ShareNamespaceResponse]]:
+        """Lets another tenant use one of the caller's tenant's namespaces, naming
+        it "<owner tenant>/<namespace>". Admin role only.
+        """
 
 def add_DedupServiceServicer_to_server(servicer: DedupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,39 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!autodidact/v1/tool_executor.proto\x12\rautodidact.v1\"s\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0f\x66\x65w_shot_prompt\x18\x03 \x01(\t\x12\x16\n\x0eprompt_version\x18\x04 \x01(\t\x12\x13\n\x0btakes_input\x18\x05 \x01(\x08\"\x12\n\x10ListToolsRequest\";\n\x11ListToolsResponse\x12&\n\x05tools\x18\x01 \x03(\x0b\x32\x17.autodidact.v1.ToolSpec\"3\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\r\n\x05input\x18\x03 \x01(\t\"9\n\x0bToolContext\x12\x16\n\x0ereference_date\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"j\n\x13\x45xecuteToolsRequest\x12&\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x17.autodidact.v1.ToolCall\x12+\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1a.autodidact.v1.ToolContext\"H\n\tToolError\x12*\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1c.autodidact.v1.ToolErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"q\n\nToolResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x06output\x18\x02 \x01(\tH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.autodidact.v1.ToolErrorH\x00\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x42\t\n\x07outcome\"B\n\x14\x45xecuteToolsResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.autodidact.v1.ToolResult\"$\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"W\n\x15IndexDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12*\n\tdocuments\x18\x02 \x03(\x0b\x32\x17.autodidact.v1.Document\"1\n\x16IndexDocumentsResponse\x12\x17\n\x0f\x63ollection_size\x18\x01 \x01(\x04*\x86\x02\n\rToolErrorCode\x12\x1f\n\x1bTOOL_ERROR_CODE_UNSPECIFIED\x10\x00\x12 \n\x1cTOOL_ERROR_CODE_UNKNOWN_TOOL\x10\x01\x12\x19\n\x15TOOL_ERROR_CODE_PARSE\x10\x02\x12\x1f\n\x1bTOOL_ERROR_CODE_NOT_ALLOWED\x10\x03\x12\x1d\n\x19TOOL_ERROR_CODE_TOO_LARGE\x10\x04\x12\x1b\n\x17TOOL_ERROR_CODE_TIMEOUT\x10\x05\x12\x1d\n\x19TOOL_ERROR_CODE_UNDEFINED\x10\x06\x12\x1b\n\x17TOOL_ERROR_CODE_BACKEND\x10\x07\x32\x9d\x02\n\x13ToolExecutorService\x12N\n\tListTools\x12\x1f.autodidact.v1.ListToolsRequest\x1a .autodidact.v1.ListToolsResponse\x12W\n\x0c\x45xecuteTools\x12\".autodidact.v1.ExecuteToolsRequest\x1a#.autodidact.v1.ExecuteToolsResponse\x12]\n\x0eIndexDocuments\x12$.autodidact.v1.IndexDocumentsRequest\x1a%.autodidact.v1.IndexDocumentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!autodidact/v1/tool_executor.proto\x12\rautodidact.v1\"<\n\x16ShareCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"*\n\x17ShareCollectionResponse\x12\x0f\n\x07tenants\x18\x01 \x03(\t\"s\n\x08ToolSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0f\x66\x65w_shot_prompt\x18\x03 \x01(\t\x12\x16\n\x0eprompt_version\x18\x04 \x01(\t\x12\x13\n\x0btakes_input\x18\x05 \x01(\x08\"\x12\n\x10ListToolsRequest\";\n\x11ListToolsResponse\x12&\n\x05tools\x18\x01 \x03(\x0b\x32\x17.autodidact.v1.ToolSpec\"3\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\r\n\x05input\x18\x03 \x01(\t\"9\n\x0bToolContext\x12\x16\n\x0ereference_date\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"j\n\x13\x45xecuteToolsRequest\x12&\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x17.autodidact.v1.ToolCall\x12+\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x1a.autodidact.v1.ToolContext\"H\n\tToolError\x12*\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1c.autodidact.v1.ToolErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"q\n\nToolResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x06output\x18\x02 \x01(\tH\x00\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x18.autodidact.v1.ToolErrorH\x00\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x42\t\n\x07outcome\"B\n\x14\x45xecuteToolsResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.autodidact.v1.ToolResult\"$\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"W\n\x15IndexDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12*\n\tdocuments\x18\x02 \x03(\x0b\x32\x17.autodidact.v1.Document\"1\n\x16IndexDocumentsResponse\x12\x17\n\x0f\x63ollection_size\x18\x01 \x01(\x04*\x86\x02\n\rToolErrorCode\x12\x1f\n\x1bTOOL_ERROR_CODE_UNSPECIFIED\x10\x00\x12 \n\x1cTOOL_ERROR_CODE_UNKNOWN_TOOL\x10\x01\x12\x19\n\x15TOOL_ERROR_CODE_PARSE\x10\x02\x12\x1f\n\x1bTOOL_ERROR_CODE_NOT_ALLOWED\x10\x03\x12\x1d\n\x19TOOL_ERROR_CODE_TOO_LARGE\x10\x04\x12\x1b\n\x17TOOL_ERROR_CODE_TIMEOUT\x10\x05\x12\x1d\n\x19TOOL_ERROR_CODE_UNDEFINED\x10\x06\x12\x1b\n\x17TOOL_ERROR_CODE_BACKEND\x10\x07\x32\xff\x02\n\x13ToolExecutorService\x12N\n\tListTools\x12\x1f.autodidact.v1.ListToolsRequest\x1a .autodidact.v1.ListToolsResponse\x12W\n\x0c\x45xecuteTools\x12\".autodidact.v1.ExecuteToolsRequest\x1a#.autodidact.v1.ExecuteToolsResponse\x12]\n\x0eIndexDocuments\x12$.autodidact.v1.IndexDocumentsRequest\x1a%.autodidact.v1.IndexDocumentsResponse\x12`\n\x0fShareCollection\x12%.autodidact.v1.ShareCollectionRequest\x1a&.autodidact.v1.ShareCollectionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'autodidact.v1.tool_executor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOOLERRORCODE']._serialized_start=906
-  _globals['_TOOLERRORCODE']._serialized_end=1168
-  _globals['_TOOLSPEC']._serialized_start=52
-  _globals['_TOOLSPEC']._serialized_end=167
-  _globals['_LISTTOOLSREQUEST']._serialized_start=169
-  _globals['_LISTTOOLSREQUEST']._serialized_end=187
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=189
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=248
-  _globals['_TOOLCALL']._serialized_start=250
-  _globals['_TOOLCALL']._serialized_end=301
-  _globals['_TOOLCONTEXT']._serialized_start=303
-  _globals['_TOOLCONTEXT']._serialized_end=360
-  _globals['_EXECUTETOOLSREQUEST']._serialized_start=362
-  _globals['_EXECUTETOOLSREQUEST']._serialized_end=468
-  _globals['_TOOLERROR']._serialized_start=470
-  _globals['_TOOLERROR']._serialized_end=542
-  _globals['_TOOLRESULT']._serialized_start=544
-  _globals['_TOOLRESULT']._serialized_end=657
-  _globals['_EXECUTETOOLSRESPONSE']._serialized_start=659
-  _globals['_EXECUTETOOLSRESPONSE']._serialized_end=725
-  _globals['_DOCUMENT']._serialized_start=727
-  _globals['_DOCUMENT']._serialized_end=763
-  _globals['_INDEXDOCUMENTSREQUEST']._serialized_start=765
-  _globals['_INDEXDOCUMENTSREQUEST']._serialized_end=852
-  _globals['_INDEXDOCUMENTSRESPONSE']._serialized_start=854
-  _globals['_INDEXDOCUMENTSRESPONSE']._serialized_end=903
-  _globals['_TOOLEXECUTORSERVICE']._serialized_start=1171
-  _globals['_TOOLEXECUTORSERVICE']._serialized_end=1456
+  _globals['_TOOLERRORCODE']._serialized_start=1012
+  _globals['_TOOLERRORCODE']._serialized_end=1274
+  _globals['_SHARECOLLECTIONREQUEST']._serialized_start=52
+  _globals['_SHARECOLLECTIONREQUEST']._serialized_end=112
+  _globals['_SHARECOLLECTIONRESPONSE']._serialized_start=114
+  _globals['_SHARECOLLECTIONRESPONSE']._serialized_end=156
+  _globals['_TOOLSPEC']._serialized_start=158
+  _globals['_TOOLSPEC']._serialized_end=273
+  _globals['_LISTTOOLSREQUEST']._serialized_start=275
+  _globals['_LISTTOOLSREQUEST']._serialized_end=293
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=295
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=354
+  _globals['_TOOLCALL']._serialized_start=356
+  _globals['_TOOLCALL']._serialized_end=407
+  _globals['_TOOLCONTEXT']._serialized_start=409
+  _globals['_TOOLCONTEXT']._serialized_end=466
+  _globals['_EXECUTETOOLSREQUEST']._serialized_start=468
+  _globals['_EXECUTETOOLSREQUEST']._serialized_end=574
+  _globals['_TOOLERROR']._serialized_start=576
+  _globals['_TOOLERROR']._serialized_end=648
+  _globals['_TOOLRESULT']._serialized_start=650
+  _globals['_TOOLRESULT']._serialized_end=763
+  _globals['_EXECUTETOOLSRESPONSE']._serialized_start=765
+  _globals['_EXECUTETOOLSRESPONSE']._serialized_end=831
+  _globals['_DOCUMENT']._serialized_start=833
+  _globals['_DOCUMENT']._serialized_end=869
+  _globals['_INDEXDOCUMENTSREQUEST']._serialized_start=871
+  _globals['_INDEXDOCUMENTSREQUEST']._serialized_end=958
+  _globals['_INDEXDOCUMENTSRESPONSE']._serialized_start=960
+  _globals['_INDEXDOCUMENTSRESPONSE']._serialized_end=1009
+  _globals['_TOOLEXECUTORSERVICE']._serialized_start=1277
+  _globals['_TOOLEXECUTORSERVICE']._serialized_end=1660
 # @@protoc_insertion_point(module_scope)

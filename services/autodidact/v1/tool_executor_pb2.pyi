@@ -64,6 +64,56 @@ TOOL_ERROR_CODE_BACKEND: ToolErrorCode.ValueType  # 7
 Global___ToolErrorCode: _TypeAlias = ToolErrorCode  # noqa: Y015
 
 @_typing.final
+class ShareCollectionRequest(_message.Message):
+    """Request of ShareCollection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    collection: _builtins.str
+    """The caller's tenant's collection. Required."""
+    tenant: _builtins.str
+    """The tenant that may search it. Required."""
+    def __init__(
+        self,
+        *,
+        collection: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareCollectionRequest: _TypeAlias = ShareCollectionRequest  # noqa: Y015
+
+@_typing.final
+class ShareCollectionResponse(_message.Message):
+    """Response of ShareCollection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tenants the collection is shared with, after the call."""
+
+    def __init__(
+        self,
+        *,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenants", b"tenants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareCollectionResponse: _TypeAlias = ShareCollectionResponse  # noqa: Y015
+
+@_typing.final
 class ToolSpec(_message.Message):
     """What a recipe needs to know about a tool."""
 
@@ -355,7 +405,9 @@ class IndexDocumentsRequest(_message.Message):
     COLLECTION_FIELD_NUMBER: _builtins.int
     DOCUMENTS_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
-    """The collection's name. 1 to 64 characters of [a-z0-9_-]."""
+    """The collection's name. 1 to 64 characters of [a-z0-9_-]. Collections
+    belong to the caller's tenant; only the owner indexes into one.
+    """
     @_builtins.property
     def documents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Document]:
         """Documents to add; one with an id already present replaces it. 1 to

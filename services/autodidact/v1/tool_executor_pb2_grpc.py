@@ -51,6 +51,11 @@ class ToolExecutorServiceStub:
                 request_serializer=autodidact_dot_v1_dot_tool__executor__pb2.IndexDocumentsRequest.SerializeToString,
                 response_deserializer=autodidact_dot_v1_dot_tool__executor__pb2.IndexDocumentsResponse.FromString,
                 _registered_method=True)
+        self.ShareCollection = channel.unary_unary(
+                '/autodidact.v1.ToolExecutorService/ShareCollection',
+                request_serializer=autodidact_dot_v1_dot_tool__executor__pb2.ShareCollectionRequest.SerializeToString,
+                response_deserializer=autodidact_dot_v1_dot_tool__executor__pb2.ShareCollectionResponse.FromString,
+                _registered_method=True)
 
 
 class ToolExecutorServiceServicer:
@@ -80,6 +85,14 @@ class ToolExecutorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ShareCollection(self, request, context):
+        """Lets another tenant search one of the caller's tenant's collections,
+        naming it "<owner tenant>/<collection>". Admin role only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolExecutorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +110,11 @@ def add_ToolExecutorServiceServicer_to_server(servicer, server):
                     servicer.IndexDocuments,
                     request_deserializer=autodidact_dot_v1_dot_tool__executor__pb2.IndexDocumentsRequest.FromString,
                     response_serializer=autodidact_dot_v1_dot_tool__executor__pb2.IndexDocumentsResponse.SerializeToString,
+            ),
+            'ShareCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareCollection,
+                    request_deserializer=autodidact_dot_v1_dot_tool__executor__pb2.ShareCollectionRequest.FromString,
+                    response_serializer=autodidact_dot_v1_dot_tool__executor__pb2.ShareCollectionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +200,33 @@ class ToolExecutorService:
             '/autodidact.v1.ToolExecutorService/IndexDocuments',
             autodidact_dot_v1_dot_tool__executor__pb2.IndexDocumentsRequest.SerializeToString,
             autodidact_dot_v1_dot_tool__executor__pb2.IndexDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autodidact.v1.ToolExecutorService/ShareCollection',
+            autodidact_dot_v1_dot_tool__executor__pb2.ShareCollectionRequest.SerializeToString,
+            autodidact_dot_v1_dot_tool__executor__pb2.ShareCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

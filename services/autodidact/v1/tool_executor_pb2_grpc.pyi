@@ -43,6 +43,10 @@ class ToolExecutorServiceStub:
     """
     IndexDocuments: _grpc.UnaryUnaryMultiCallable[_tool_executor_pb2.IndexDocumentsRequest, _tool_executor_pb2.IndexDocumentsResponse]
     """Adds documents to a named collection for the search tool (BM25)."""
+    ShareCollection: _grpc.UnaryUnaryMultiCallable[_tool_executor_pb2.ShareCollectionRequest, _tool_executor_pb2.ShareCollectionResponse]
+    """Lets another tenant search one of the caller's tenant's collections,
+    naming it "<owner tenant>/<collection>". Admin role only.
+    """
 
 @_typing.type_check_only
 class ToolExecutorServiceAsyncStub(ToolExecutorServiceStub):
@@ -59,6 +63,10 @@ class ToolExecutorServiceAsyncStub(ToolExecutorServiceStub):
     """
     IndexDocuments: _aio.UnaryUnaryMultiCallable[_tool_executor_pb2.IndexDocumentsRequest, _tool_executor_pb2.IndexDocumentsResponse]  # type: ignore[assignment]
     """Adds documents to a named collection for the search tool (BM25)."""
+    ShareCollection: _aio.UnaryUnaryMultiCallable[_tool_executor_pb2.ShareCollectionRequest, _tool_executor_pb2.ShareCollectionResponse]  # type: ignore[assignment]
+    """Lets another tenant search one of the caller's tenant's collections,
+    naming it "<owner tenant>/<collection>". Admin role only.
+    """
 
 class ToolExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
     """Runs tool calls parsed from model text. Everything it is given is untrusted:
@@ -90,5 +98,15 @@ class ToolExecutorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tool_executor_pb2.IndexDocumentsResponse, _abc.Awaitable[_tool_executor_pb2.IndexDocumentsResponse]]:
         """Adds documents to a named collection for the search tool (BM25)."""
+
+    @_abc_1.abstractmethod
+    def ShareCollection(
+        self,
+        request: _tool_executor_pb2.ShareCollectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tool_executor_pb2.ShareCollectionResponse, _abc.Awaitable[_tool_executor_pb2.ShareCollectionResponse]]:
+        """Lets another tenant search one of the caller's tenant's collections,
+        naming it "<owner tenant>/<collection>". Admin role only.
+        """
 
 def add_ToolExecutorServiceServicer_to_server(servicer: ToolExecutorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
