@@ -1,9 +1,12 @@
 """The `autodidact` command.
 
-autodidact serve SERVICE [--port PORT]   host one service
-autodidact up [--base-port N]            host every implemented service, loopback ports N to N+5
+autodidact serve SERVICE [--port PORT]   host one service (needs an auth configuration or --insecure)
+autodidact up [--base-port N]            host every implemented service, loopback ports N to N+5,
+                                         with a fresh session token in <data-dir>/session.token
 autodidact generate "PROMPT"             sample from a running generator
 autodidact run RECIPE.yaml               run a recipe as a job, with progress and a summary
+autodidact token --tenant T --subject S --role R
+                                         a new static token (stdout) and its auth-file entry (stderr)
 """
 
 from __future__ import annotations
@@ -13,18 +16,114 @@ import asyncio
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import structlog
+
+from autodidact.runtime.auth import DEFAULT_OPEN_METHODS, AuthSettings, StaticToken, new_token
 from autodidact.runtime.logging import configure_logging
+from autodidact.runtime.principal import ADMIN, DEFAULT_TENANT, ROLES, SERVICE
 from autodidact.runtime.settings import ServerSettings
 
 if TYPE_CHECKING:  # each command imports the service graph only when it runs
+    from autodidact.runtime.channels import ClientCredentials
     from autodidact.stack import StackOptions
+
+# Where `up` writes its session token (under --data-dir) and where clients look for it.
+SESSION_TOKEN = "session.token"
+NO_AUTH_ERROR = (
+    "error: serve needs an auth configuration (--auth-file, or --jwks-file / --jwks-url with --jwt-issuer and "
+    "--jwt-audience) or --insecure to serve without authentication"
+)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"AUTODIDACT_{name}", default)
+
+
+def _env_path(name: str) -> Path | None:
+    value = _env(name)
+    return Path(value) if value else None
+
+
+def _env_flag(name: str) -> bool:
+    return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _add_auth_args(parser: argparse.ArgumentParser) -> None:
+    """Who may call this server, TLS, and this process's own identity towards other services."""
+    group = parser.add_argument_group("authentication and TLS (env AUTODIDACT_<FLAG>, e.g. AUTODIDACT_AUTH_FILE)")
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        default=_env_flag("INSECURE"),
+        help="serve without authentication: every call acts as tenant 'default' with the admin role",
+    )
+    group.add_argument(
+        "--auth-file",
+        type=Path,
+        default=_env_path("AUTH_FILE"),
+        help="YAML: `tokens` (static bearer tokens by sha256, see `autodidact token`) and `subjects` (JWT subjects' tenant and roles)",
+    )
+    group.add_argument("--jwt-issuer", default=_env("JWT_ISSUER", ""), help="the `iss` JWTs must carry")
+    group.add_argument("--jwt-audience", default=_env("JWT_AUDIENCE", ""), help="the `aud` JWTs must carry")
+    group.add_argument("--jwks-file", type=Path, default=_env_path("JWKS_FILE"), help="the issuer's public keys (JWKS JSON)")
+    group.add_argument("--jwks-url", default=_env("JWKS_URL", ""), help="where to fetch the issuer's public keys (JWKS)")
+    group.add_argument("--jwt-tenant-claim", default=_env("JWT_TENANT_CLAIM", "tenant"), help="claim naming the tenant (default tenant)")
+    group.add_argument("--jwt-roles-claim", default=_env("JWT_ROLES_CLAIM", "roles"), help="claim listing the roles (default roles)")
+    group.add_argument(
+        "--open-methods",
+        default=_env("OPEN_METHODS", ",".join(DEFAULT_OPEN_METHODS)),
+        help="comma-separated method prefixes served without authentication (default: health and reflection)",
+    )
+    group.add_argument("--tls-cert", type=Path, default=_env_path("TLS_CERT"), help="serve TLS with this certificate (PEM)")
+    group.add_argument("--tls-key", type=Path, default=_env_path("TLS_KEY"), help="the certificate's private key (PEM)")
+    group.add_argument(
+        "--tls-client-ca", type=Path, default=_env_path("TLS_CLIENT_CA"), help="mutual TLS: clients need a certificate this CA signed"
+    )
+    group.add_argument(
+        "--token-file",
+        type=Path,
+        default=_env_path("TOKEN_FILE"),
+        help="this service's own bearer token for its calls to other services (re-read when it changes)",
+    )
+    group.add_argument("--tls-ca", type=Path, default=_env_path("TLS_CA"), help="call other services over TLS, verified with this CA")
+
+
+def _add_coordinator_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("coordinator")
+    group.add_argument("--tenants-file", type=Path, default=_env_path("TENANTS_FILE"), help="YAML: quotas and input roots per tenant")
+    roots = _env("INPUT_ROOT")
+    group.add_argument(
+        "--input-root",
+        action="append",
+        default=[root for root in roots.split(",") if root] if roots else [],
+        help="a server folder or s3:// prefix every tenant's jobs may read (repeatable; env: comma-separated; default none)",
+    )
+    group.add_argument(
+        "--export-url", default=_env("EXPORT_URL", ""), help="s3://bucket/prefix: exports also go there, fetched by presigned URL"
+    )
+    group.add_argument(
+        "--export-url-ttl",
+        type=float,
+        default=float(_env("EXPORT_URL_TTL", "3600") or 3600),
+        help="seconds a presigned export URL stays valid (default 3600)",
+    )
+
+
+def _add_client_auth_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token",
+        default=_env("TOKEN"),
+        help=f"bearer token (default: env AUTODIDACT_TOKEN, else the <data-dir>/{SESSION_TOKEN} that `autodidact up` wrote)",
+    )
+    parser.add_argument("--tls-ca", type=Path, default=_env_path("TLS_CA"), help="talk TLS, verifying the server with this CA (PEM)")
+    parser.add_argument(
+        "--tls-client-cert", type=Path, default=_env_path("TLS_CLIENT_CERT"), help="mutual TLS: this client's certificate (PEM)"
+    )
+    parser.add_argument("--tls-client-key", type=Path, default=_env_path("TLS_CLIENT_KEY"), help="mutual TLS: its private key (PEM)")
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +207,8 @@ def _add_server_args(parser: argparse.ArgumentParser, default_host: str) -> None
         help="critic: a folder of constitution files (*.yaml) added to the built-in ones",
     )
     parser.add_argument(EMBEDDER_PORT.url_flag, default=_env("EMBEDDER_URL", ""), help="a remote embedder's server, e.g. http://tei:80")
+    _add_auth_args(parser)
+    _add_coordinator_args(parser)
     _add_logging_args(parser)
 
 
@@ -160,12 +261,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", type=Path, help="YAML: the JSON mapping of JobSpec (see examples/)")
     run.add_argument("--coordinator", help="host:port of a running coordinator; default: run the stack in this process")
     run.add_argument("--job-id", help="default: the file name and a hash of its content (running it again resumes)")
-    run.add_argument("--out", type=Path, help="dataset folder (default out/JOB_ID; on a remote coordinator, its own default)")
+    run.add_argument("--out", type=Path, help="where the dataset is downloaded (default out/JOB_ID)")
     run.add_argument(
         "--data-dir", type=Path, default=Path(".autodidact"), help="in-process stack: store and namespaces (default .autodidact)"
     )
     run.add_argument("--threads", type=int, default=0, help="in-process stack: CPU threads for the models; 0: every core")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_client_auth_args(run)
     _add_logging_args(run)
 
     generate = commands.add_parser("generate", help="sample from a running generator")
@@ -182,6 +284,12 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--wait", type=float, default=0, help="seconds to wait for the generator to be SERVING")
     generate.add_argument("--timeout", type=float, default=300, help="deadline of the call in seconds")
     generate.add_argument("--json", action="store_true", help="print the response as JSON")
+    _add_client_auth_args(generate)
+
+    token = commands.add_parser("token", help="make a static bearer token: the token on stdout, its auth-file entry on stderr")
+    token.add_argument("--tenant", required=True, help="the tenant the token acts for")
+    token.add_argument("--subject", required=True, help="who holds it (named in audit lines)")
+    token.add_argument("--role", action="append", required=True, choices=ROLES, help="a role (repeatable)")
     return parser
 
 
@@ -190,6 +298,7 @@ def _options(args: argparse.Namespace) -> StackOptions:
     from autodidact.backends.embed.local import LocalEmbedderSettings
     from autodidact.backends.llm.llamacpp import LlamaCppSettings
     from autodidact.backends.remote import RemoteSettings
+    from autodidact.coordinator.service import CoordinatorSettings
     from autodidact.critic.service import CriticSettings
     from autodidact.generator.requests import GeneratorLimits
     from autodidact.stack import StackOptions
@@ -203,10 +312,106 @@ def _options(args: argparse.Namespace) -> StackOptions:
         generator=GeneratorLimits(max_samples=args.max_samples),
         embedder=LocalEmbedderSettings(threads=args.embed_threads),
         critic=CriticSettings(constitutions_dir=args.constitutions_dir),
+        coordinator=CoordinatorSettings(
+            input_roots=tuple(args.input_root),
+            tenants_file=args.tenants_file,
+            export_url=args.export_url,
+            export_url_ttl_seconds=args.export_url_ttl,
+        ),
     ).under(args.data_dir)
 
 
-def _server_settings(args: argparse.Namespace, port: int, metrics_port: int | None) -> ServerSettings:
+def _auth_settings(args: argparse.Namespace) -> AuthSettings:
+    """The server's auth flags; raises ValueError for a combination that cannot work."""
+    settings = AuthSettings(
+        insecure=args.insecure,
+        auth_file=args.auth_file,
+        jwt_issuer=args.jwt_issuer,
+        jwt_audience=args.jwt_audience,
+        jwks_file=args.jwks_file,
+        jwks_url=args.jwks_url,
+        jwt_tenant_claim=args.jwt_tenant_claim,
+        jwt_roles_claim=args.jwt_roles_claim,
+        open_methods=tuple(prefix.strip() for prefix in args.open_methods.split(",") if prefix.strip()),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+    )
+    settings.check()
+    return settings
+
+
+def _write_session_token(data_dir: Path) -> str:
+    """A fresh token for this `up` session, readable by this user only."""
+    token = new_token()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / SESSION_TOKEN
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+        os.fchmod(file.fileno(), 0o600)  # an older file keeps its mode through O_CREAT
+        file.write(token + "\n")
+    return token
+
+
+def _session(auth: AuthSettings, token: str) -> AuthSettings:
+    """`auth` that also accepts `token` as tenant "default" with the admin and service roles (`up`, in-process `run`)."""
+    return replace(
+        auth, static_tokens=(*auth.static_tokens, StaticToken.of(token, "autodidact-session", DEFAULT_TENANT, frozenset({ADMIN, SERVICE})))
+    )
+
+
+def _server_identity(args: argparse.Namespace, token: str | None = None) -> ClientCredentials:
+    """The credentials a server's own calls to other services carry: `token`
+    (a session's), else its --token-file; its certificate too under TLS, for
+    services that require mutual TLS."""
+    from autodidact.runtime.channels import ClientCredentials, TokenFile
+
+    source: str | TokenFile | None = token or (TokenFile(args.token_file) if args.token_file else None)
+    # `up` calls its own services: a self-signed certificate is its own CA.
+    tls_ca = args.tls_ca or (args.tls_cert if args.command == "up" else None)
+    with_cert = tls_ca is not None and args.tls_cert is not None
+    return ClientCredentials(source, tls_ca, args.tls_cert if with_cert else None, args.tls_key if with_cert else None)
+
+
+def _is_loopback(target: str) -> bool:
+    """True for a target on this machine: localhost, 127.x, ::1 (with or without a port)."""
+    host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    host = host[1 : host.index("]")] if host.startswith("[") else host.rpartition(":")[0] or host
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def _client_credentials(args: argparse.Namespace, target: str) -> ClientCredentials:
+    """A CLI client's credentials: --token, else AUTODIDACT_TOKEN, else the session token `up` wrote."""
+    from autodidact.runtime.channels import ClientCredentials
+
+    token = args.token
+    session = Path(getattr(args, "data_dir", None) or _env("DATA_DIR", ".autodidact") or ".autodidact") / SESSION_TOKEN
+    # `up`'s session token (admin and service of its stack) goes only to a stack on this machine.
+    if not token and session.is_file() and _is_loopback(target):
+        token = session.read_text(encoding="utf-8").strip()
+    return ClientCredentials(token or None, args.tls_ca, args.tls_client_cert, args.tls_client_key)
+
+
+def _token(args: argparse.Namespace) -> int:
+    """Prints a new token (stdout) and the auth-file `tokens:` entry that accepts it (stderr)."""
+    import yaml
+
+    from autodidact.runtime.auth import auth_file_entry, check_tenant
+
+    try:
+        check_tenant(args.tenant, "--tenant")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    token = new_token()
+    entry = auth_file_entry(token, args.subject, args.tenant, sorted(set(args.role)))
+    print(token)
+    print("# add under `tokens:` in the auth file (it holds only the token's sha256)", file=sys.stderr)
+    print(yaml.safe_dump([entry], sort_keys=False), end="", file=sys.stderr)
+    return 0
+
+
+def _server_settings(args: argparse.Namespace, port: int, metrics_port: int | None, auth: AuthSettings) -> ServerSettings:
     return ServerSettings(
         host=args.host,
         port=port,
@@ -215,10 +420,11 @@ def _server_settings(args: argparse.Namespace, port: int, metrics_port: int | No
         max_concurrent_streams=args.max_concurrent_streams,
         grace_seconds=args.grace,
         metrics_port=metrics_port,
+        auth=auth,
     )
 
 
-async def _serve(names: list[str], args: argparse.Namespace) -> None:
+async def _serve(names: list[str], args: argparse.Namespace, auth: AuthSettings) -> None:
     from autodidact.runtime.server import ServiceHost, run_until_signalled
     from autodidact.stack import CALLS, DEFAULT_METRICS_PORTS, DEFAULT_PORTS, LocalStack, build_component, shifted_ports, wired
 
@@ -230,7 +436,7 @@ async def _serve(names: list[str], args: argparse.Namespace) -> None:
         stack = LocalStack(options)
         for i, name in enumerate(names):
             # One metrics endpoint per process: the first host starts it.
-            stack.add(name, _server_settings(args, ports[name], metrics_port if i == 0 else None))
+            stack.add(name, _server_settings(args, ports[name], metrics_port if i == 0 else None, auth))
         hosts = list(stack.hosts.values())
     else:
         name = names[0]
@@ -238,7 +444,7 @@ async def _serve(names: list[str], args: argparse.Namespace) -> None:
         # Each service has its own default, so several `serve` processes share a host.
         metrics_port = DEFAULT_METRICS_PORTS[name] if args.metrics_port is None else args.metrics_port or None
         port = args.port if args.port is not None else DEFAULT_PORTS[name]
-        hosts = [ServiceHost([build_component(name, wired(options, targets))], _server_settings(args, port, metrics_port))]
+        hosts = [ServiceHost([build_component(name, wired(options, targets))], _server_settings(args, port, metrics_port, auth))]
     await run_until_signalled(hosts)
 
 
@@ -263,7 +469,7 @@ async def _generate(args: argparse.Namespace) -> int:
     request = generator_pb2.GenerateRequest(prompt=prompt, sampling=sampling, n=args.n)
     if args.seed is not None:
         request.seed = args.seed
-    async with create_channel(args.target, timeout_seconds=args.timeout) as channel:
+    async with create_channel(args.target, timeout_seconds=args.timeout, credentials=_client_credentials(args, args.target)) as channel:
         try:
             if args.wait:
                 await wait_until_serving(channel, timeout=args.wait)
@@ -292,20 +498,26 @@ async def _run(args: argparse.Namespace) -> int:
     from autodidact.backends.embed.local import LocalEmbedderSettings
     from autodidact.backends.llm.llamacpp import LlamaCppSettings
     from autodidact.runner import RecipeError, default_job_id, load_recipe, run_in_process, run_job
+    from autodidact.runtime.channels import ClientCredentials, set_default_client_credentials
     from autodidact.stack import StackOptions
 
     try:
-        spec = load_recipe(args.recipe, args.out)
+        spec = load_recipe(args.recipe)
         job_id = args.job_id or default_job_id(args.recipe, spec)
-        if args.out is None and not args.coordinator:
-            spec.output_dir = str((Path("out") / job_id).resolve())
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    out = args.out or Path("out") / job_id  # the dataset is downloaded here, wherever the coordinator runs
     if args.coordinator:
-        return await run_job(args.coordinator, job_id, spec, show_progress=not args.quiet)
+        set_default_client_credentials(_client_credentials(args, args.coordinator))
+        return await run_job(args.coordinator, job_id, spec, out, show_progress=not args.quiet)
+    # The in-process stack listens on loopback ports that other local users could reach too:
+    # it accepts only a token made for this run, which its services and this client send.
+    token = new_token()
+    set_default_client_credentials(ClientCredentials(token))
+    server = ServerSettings(grace_seconds=5, auth=_session(AuthSettings(), token))
     options = StackOptions(llamacpp=LlamaCppSettings(threads=args.threads), embedder=LocalEmbedderSettings(threads=args.threads))
-    return await run_in_process(spec, job_id, args.data_dir, options, show_progress=not args.quiet)
+    return await run_in_process(spec, job_id, args.data_dir, options, out, show_progress=not args.quiet, server=server)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(getattr(args, "log_level", "info"), json=json_logs)
     from autodidact.errors import StartupError
 
+    if args.command == "token":
+        return _token(args)
     if args.command == "generate":
         return asyncio.run(_generate(args))
     if args.command == "serve":
@@ -325,7 +539,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return asyncio.run(_run(args))
-        asyncio.run(_serve(names, args))
+        auth = _auth_settings(args)
+        # Secure by default: a served port answers only authenticated callers unless told otherwise.
+        if args.command == "serve" and not auth.configured:
+            print(NO_AUTH_ERROR, file=sys.stderr)
+            return 2
+        from autodidact.runtime.channels import set_default_client_credentials
+        from autodidact.stack import CALLS
+
+        if args.command == "serve" and CALLS[args.service] and not (auth.insecure or args.token_file):
+            # Not refused: the services it calls may run --insecure. Said once, at start, rather than per failed call.
+            structlog.get_logger("autodidact.cli").warning(
+                "no --token-file: this service's calls to other services carry no token", calls=list(CALLS[args.service])
+            )
+        session = None
+        if args.command == "up" and not auth.insecure:
+            session = _write_session_token(args.data_dir)
+            auth = _session(auth, session)
+        set_default_client_credentials(_server_identity(args, session))
+        asyncio.run(_serve(names, args, auth))
     except (ValueError, StartupError) as exc:  # a bad option or file, a port in use, a damaged store
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ def start_server(port: int, *extra: str) -> subprocess.Popen[str]:
             AUTODIDACT,
             "serve",
             "generator",
+            "--insecure",
             "--host",
             "127.0.0.1",
             "--port",
@@ -145,7 +146,7 @@ def test_cli_generate_reports_refusals_clearly(server):
 )
 def test_the_critic_refuses_to_start_with_a_bad_constitution(tmp_path, constitution, message):
     (tmp_path / "bad.yaml").write_text(constitution)
-    result = cli("serve", "critic", "--port", str(free_port()), "--metrics-port", "0", "--constitutions-dir", str(tmp_path))
+    result = cli("serve", "critic", "--insecure", "--port", str(free_port()), "--metrics-port", "0", "--constitutions-dir", str(tmp_path))
     assert result.returncode == 2
     assert f"{tmp_path / 'bad.yaml'}: {message}" in result.stderr
 
@@ -156,7 +157,20 @@ def test_logs_are_json_off_a_terminal_and_carry_the_request_id():
     port = free_port()
     # No --log-format: "auto" must choose JSON because stdout/stderr are pipes here.
     process = subprocess.Popen(
-        [AUTODIDACT, "serve", "generator", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", "--threads", "2"],
+        [
+            AUTODIDACT,
+            "serve",
+            "generator",
+            "--insecure",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--threads",
+            "2",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -196,9 +210,9 @@ def test_a_port_in_use_is_one_line_and_exit_2():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        grpc_port = cli("serve", "critic", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0")
+        grpc_port = cli("serve", "critic", "--insecure", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0")
         assert f"cannot listen on 127.0.0.1:{port}" in one_line_error(grpc_port)
-        metrics = cli("serve", "critic", "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", str(port))
+        metrics = cli("serve", "critic", "--insecure", "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", str(port))
         assert f"cannot serve metrics on 127.0.0.1:{port}" in one_line_error(metrics)
 
 
@@ -211,7 +225,7 @@ def test_two_services_on_one_host_each_serve_metrics_on_their_own_default_port()
     ports = {name: free_port() for name in names}
     processes = [
         subprocess.Popen(
-            [AUTODIDACT, "serve", name, "--host", "127.0.0.1", "--port", str(ports[name])],
+            [AUTODIDACT, "serve", name, "--insecure", "--host", "127.0.0.1", "--port", str(ports[name])],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -262,6 +276,7 @@ def test_up_takes_a_base_port():
 def test_run_against_a_dead_coordinator_says_so_within_10_seconds(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("self_instruct:\n  seed_tasks_path: seeds.jsonl\n  target_instructions: 2\n", encoding="utf-8")
+    (tmp_path / "seeds.jsonl").write_text('{"instruction": "Say hi.", "instances": [{"input": "", "output": "hi"}]}\n')
     started = time.monotonic()
     dead = f"127.0.0.1:{free_port()}"
     result = subprocess.run(
@@ -276,6 +291,16 @@ def test_a_damaged_job_store_stops_the_coordinator_with_one_line(tmp_path):
     store.parent.mkdir()
     store.write_bytes(b"not a database" * 500)
     result = cli(
-        "serve", "coordinator", "--host", "127.0.0.1", "--port", str(free_port()), "--metrics-port", "0", "--data-dir", str(tmp_path)
+        "serve",
+        "coordinator",
+        "--insecure",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--metrics-port",
+        "0",
+        "--data-dir",
+        str(tmp_path),
     )
     assert f"the job store {store} is damaged" in one_line_error(result)

@@ -275,6 +275,7 @@ async def test_idle_watch_job_streams_leave_health_checks_and_calls_alone(tmp_pa
         tool_executor_target=dead,
         critic_target=dead,
         patience_seconds=120,
+        input_roots=(str(tmp_path),),  # the seed file is the coordinator's own
     )
     host = ServiceHost([coordinator_component(settings)], ServerSettings(grace_seconds=0, max_concurrent_rpcs=4, max_concurrent_streams=40))
     await host.start()

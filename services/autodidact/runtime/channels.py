@@ -6,17 +6,26 @@ config (never other codes: most of our methods are not idempotent), and calls
 are balanced round_robin over every address the name resolves to (a headless
 Kubernetes Service gives one per pod; HTTP/2 connections defeat kube-proxy
 balancing). The caller's request id travels along in x-request-id.
+
+Credentials: one process has one identity. The CLI sets it once at start
+(`set_default_client_credentials`) and every channel created without explicit
+credentials uses it: each call carries `authorization: Bearer <token>`, and,
+inside a served call or a job (a principal other than ANONYMOUS), the tenant
+it acts for in the on-behalf-of header, which servers honour for services only.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import structlog
 
 from autodidact.runtime.interceptors import REQUEST_ID_HEADER
+from autodidact.runtime.principal import ANONYMOUS, ON_BEHALF_OF_HEADER, current_principal
 from autodidact.runtime.settings import CLIENT_KEEPALIVE_OPTIONS, MIB
 
 
@@ -41,23 +50,106 @@ def service_config(timeout_seconds: float, max_attempts: int = 4) -> str:
     )
 
 
-class _RequestIdPropagator(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Adds the current request id (bound by the server interceptor) to outgoing calls."""
+@dataclass
+class TokenFile:
+    """A bearer token kept in a file, read again whenever the file changes:
+    Kubernetes rewrites projected ServiceAccount tokens before they expire."""
 
-    def _with_request_id(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        request_id = structlog.contextvars.get_contextvars().get("request_id")
-        if request_id is None:
-            return details
+    path: Path
+    _mtime: int = field(default=-1, repr=False)
+    _token: str = field(default="", repr=False)
+
+    def token(self) -> str:
+        try:
+            mtime = self.path.stat().st_mtime_ns
+            if mtime != self._mtime:
+                self._token = self.path.read_text(encoding="utf-8").strip()
+                self._mtime = mtime
+        except OSError:
+            pass  # a moment of rotation: keep sending the token read last
+        return self._token
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """How a process's channels prove who it is and check whom they talk to."""
+
+    # A literal token, a TokenFile, or None (no authorization metadata).
+    token: str | TokenFile | None = None
+    # Talk TLS, verifying servers against this CA bundle (None: plaintext).
+    tls_ca: Path | None = None
+    # A client certificate and key, for servers that require mutual TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def bearer(self) -> str | None:
+        token = self.token.token() if isinstance(self.token, TokenFile) else self.token
+        return f"Bearer {token}" if token else None
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        if self.tls_ca is None:
+            return None
+        key = self.tls_key.read_bytes() if self.tls_key is not None else None
+        cert = self.tls_cert.read_bytes() if self.tls_cert is not None else None
+        return grpc.ssl_channel_credentials(root_certificates=self.tls_ca.read_bytes(), private_key=key, certificate_chain=cert)
+
+
+_default_credentials: ClientCredentials | None = None
+
+
+def set_default_client_credentials(credentials: ClientCredentials | None) -> None:
+    """The identity of every channel this process creates without explicit credentials."""
+    global _default_credentials
+    _default_credentials = credentials
+
+
+def default_client_credentials() -> ClientCredentials | None:
+    return _default_credentials
+
+
+class _OutgoingMetadata:
+    """Adds to outgoing calls the current request id (bound by the server
+    interceptor), the bearer token, and the tenant the call acts for. Metadata
+    the caller set itself are left as they are."""
+
+    def __init__(self, credentials: ClientCredentials | None = None) -> None:
+        self._credentials = credentials
+
+    def _with_metadata(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        if REQUEST_ID_HEADER not in metadata:
+        request_id = structlog.contextvars.get_contextvars().get("request_id")
+        if request_id is not None and REQUEST_ID_HEADER not in metadata:
             metadata.add(REQUEST_ID_HEADER, request_id)
+        bearer = self._credentials.bearer() if self._credentials is not None else None
+        if bearer is not None and "authorization" not in metadata:
+            metadata.add("authorization", bearer)
+        principal = current_principal()
+        if principal is not ANONYMOUS and ON_BEHALF_OF_HEADER not in metadata:
+            metadata.add(ON_BEHALF_OF_HEADER, principal.tenant)
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
 
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_request_id(details), request)
 
+# grpc.aio files each interceptor under the first kind of call it implements
+# (an if/elif on its classes), so one object implementing all four would see
+# unary-unary calls only: each kind gets its own.
+class _UnaryUnaryMetadata(_OutgoingMetadata, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_metadata(details), request)
+
+
+class _UnaryStreamMetadata(_OutgoingMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_request_id(details), request)
+        return await continuation(self._with_metadata(details), request)
+
+
+class _StreamUnaryMetadata(_OutgoingMetadata, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._with_metadata(details), request_iterator)
+
+
+class _StreamStreamMetadata(_OutgoingMetadata, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._with_metadata(details), request_iterator)
 
 
 def create_channel(
@@ -65,16 +157,21 @@ def create_channel(
     *,
     timeout_seconds: float = 60.0,
     max_message_bytes: int = 8 * MIB,
+    credentials: ClientCredentials | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure channel to `target` ("host:port" or "dns:///name:port")."""
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.service_config", service_config(timeout_seconds)),
-            ("grpc.enable_retries", 1),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            *CLIENT_KEEPALIVE_OPTIONS,
-        ],
-        interceptors=[_RequestIdPropagator()],
-    )
+    """A channel to `target` ("host:port" or "dns:///name:port"), with
+    `credentials` or else the process's default ones (TLS when they name a CA)."""
+    credentials = credentials if credentials is not None else _default_credentials
+    options = [
+        ("grpc.service_config", service_config(timeout_seconds)),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        *CLIENT_KEEPALIVE_OPTIONS,
+    ]
+    kinds = (_UnaryUnaryMetadata, _UnaryStreamMetadata, _StreamUnaryMetadata, _StreamStreamMetadata)
+    interceptors: list[grpc.aio.ClientInterceptor] = [kind(credentials) for kind in kinds]
+    tls = credentials.channel_credentials() if credentials is not None else None
+    if tls is not None:
+        return grpc.aio.secure_channel(target, tls, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -1,5 +1,5 @@
-"""Server interceptors: request ids, metrics, and the one place where domain
-errors become status codes.
+"""Server interceptors: request ids, metrics, authentication (runtime/auth.py
+does the checking), and the one place where domain errors become status codes.
 
 A grpc.aio interceptor sees only the method name before the call. To act
 around the call itself, each interceptor supplies an async context manager
@@ -9,6 +9,7 @@ of RPC; for streaming responses it spans the whole stream.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import time
@@ -20,7 +21,9 @@ import grpc
 import structlog
 
 from autodidact import errors
+from autodidact.runtime.auth import AuditScope, Authenticator, AuthSettings, audit_request, audited, required_role, write_audit_line
 from autodidact.runtime.metrics import RPC_LATENCY, RPC_REQUESTS
+from autodidact.runtime.principal import NOBODY, Principal, acting_as
 from autodidact.validation import shorten
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -36,6 +39,8 @@ STATUS_OF_ERROR: dict[type[errors.AutodidactError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 # Status messages are cut to this length: gRPC carries them in trailing
@@ -50,8 +55,9 @@ EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 Around = Callable[[grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager[None]]
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around) -> Any:
-    """Returns a handler whose behaviour runs inside `around(context)`."""
+def _wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around, on_request: Callable[[Any], None] | None = None) -> Any:
+    """Returns a handler whose behaviour runs inside `around(context)`;
+    `on_request` sees a single (not streamed) request there, before the handler."""
     if handler is None:
         return None
     # grpc-stubs types a handler's behaviours for the sync server (a grpc.ServicerContext, iterators); under grpc.aio
@@ -61,6 +67,8 @@ def _wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around) -> Any:
 
         async def unary_behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with around(context):
+                if on_request is not None and handler.unary_unary:
+                    on_request(request)
                 return await unary(request, context)
 
         factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
@@ -71,6 +79,8 @@ def _wrap_handler(handler: grpc.RpcMethodHandler | None, around: Around) -> Any:
 
     async def streaming_behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with around(context):
+            if on_request is not None and handler.unary_stream:
+                on_request(request)
             responses = streaming(request, context)
             if inspect.isasyncgen(responses):
                 async for response in responses:
@@ -145,6 +155,69 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
 
         return _wrap_handler(await continuation(details), around)
+
+
+def _code_of(failure: BaseException | None, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status a call ends with, seen from inside the ErrorInterceptor (which maps domain errors later)."""
+    if isinstance(failure, errors.AutodidactError):
+        return STATUS_OF_ERROR.get(type(failure), grpc.StatusCode.INTERNAL)
+    if isinstance(failure, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    if failure is not None and not isinstance(failure, grpc.aio.AbortError):
+        return grpc.StatusCode.INTERNAL
+    return context.code() or (grpc.StatusCode.UNKNOWN if failure is not None else grpc.StatusCode.OK)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call but the open methods (health, reflection),
+    checks the role its method needs, binds its principal for the whole call
+    (response streams included), and writes the audit line of each call that
+    may change something, whatever its outcome. Runs inside the
+    ErrorInterceptor, which turns its refusals into status codes."""
+
+    def __init__(self, settings: AuthSettings) -> None:
+        self._authenticator = Authenticator(settings)
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        # Binary ("-bin") metadata carry bytes; no credential is among them.
+        metadata = {key: value for key, value in details.invocation_metadata or () if isinstance(value, str)}
+        if self._authenticator.is_open(details.method):
+            if self._authenticator.settings.insecure:
+                return handler
+
+            # An open method needs no token. With one it acts as its caller; without, for nobody:
+            # not as the ANONYMOUS admin that no binding at all would mean.
+            @contextlib.asynccontextmanager
+            async def as_caller_or_nobody(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+                principal = await self._authenticator.authenticate(metadata) if "authorization" in metadata else NOBODY
+                with acting_as(principal):
+                    yield
+
+            return _wrap_handler(handler, as_caller_or_nobody)
+        method = details.method
+        role = required_role(method)
+
+        @contextlib.asynccontextmanager
+        async def around(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            principal: Principal | None = None
+            failure: BaseException | None = None
+            with AuditScope() as audit:
+                try:
+                    principal = await self._authenticator.authenticate(metadata)
+                    principal.require(role, method.rsplit("/", 1)[-1])
+                    with acting_as(principal), structlog.contextvars.bound_contextvars(tenant=principal.tenant, subject=principal.subject):
+                        yield
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    if audited(role):
+                        write_audit_line(principal, method, audit.named, _code_of(failure, context).name)
+
+        return _wrap_handler(handler, around, audit_request)
 
 
 class LimitInterceptor(grpc.aio.ServerInterceptor):
@@ -241,7 +314,17 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
         return factory(streaming, tolerant, handler.response_serializer)
 
 
-def server_interceptors(max_calls: int = 32, max_streams: int = 64) -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(max_calls: int = 32, max_streams: int = 64, auth: AuthSettings | None = None) -> list[grpc.aio.ServerInterceptor]:
     """Outermost first: the request id is bound before metrics and errors run;
-    errors maps what the limits and the decoder raise."""
-    return [RequestIdInterceptor(), MetricsInterceptor(), ErrorInterceptor(), LimitInterceptor(max_calls, max_streams), DecodeInterceptor()]
+    errors maps what authentication, the limits and the decoder raise.
+    Authentication comes before the limits, so calls it refuses take no slot.
+    `auth` None: no authentication interceptor at all (every call ANONYMOUS, no audit lines)."""
+    authentication: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(auth)] if auth is not None else []
+    return [
+        RequestIdInterceptor(),
+        MetricsInterceptor(),
+        ErrorInterceptor(),
+        *authentication,
+        LimitInterceptor(max_calls, max_streams),
+        DecodeInterceptor(),
+    ]

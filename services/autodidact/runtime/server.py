@@ -6,7 +6,9 @@ needs: runtime/component.py) on one port, with:
   backend is loaded, SERVING after; the overall status ("") turns SERVING once
   every component is;
 - reflection, so outside clients (grpcurl) can list and call methods;
-- the request-id, metrics and error interceptors;
+- the request-id, metrics, error and authentication interceptors (the last
+  only when the settings carry an AuthSettings), and TLS when they name a
+  certificate;
 - explicit message size limits, keepalive, and bounds on calls and on
   streams in progress (health and reflection exempt: runtime/interceptors.py);
 - graceful shutdown: health goes NOT_SERVING (health Watch streams then end),
@@ -21,6 +23,7 @@ import gc
 import signal
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -72,6 +75,24 @@ def _bind_problem(host: str, port: int) -> str | None:
     return None
 
 
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise StartupError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS from the certificate files of the auth settings, or None (plaintext).
+    With a client CA, clients must present a certificate it signed (mutual TLS)."""
+    auth = settings.auth
+    if auth is None or auth.tls_cert is None or auth.tls_key is None:
+        return None
+    pair = (_read(auth.tls_key, "TLS key"), _read(auth.tls_cert, "TLS certificate"))
+    client_ca = _read(auth.tls_client_ca, "TLS client CA") if auth.tls_client_ca is not None else None
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
 @dataclass
 class ServiceHost:
     components: list[Component]
@@ -90,7 +111,7 @@ class ServiceHost:
         server = grpc.aio.server(
             # The RPC limits live in an interceptor: grpc's maximum_concurrent_rpcs
             # would count health checks and idle streams with the calls.
-            interceptors=server_interceptors(self.settings.max_concurrent_rpcs, self.settings.max_concurrent_streams),
+            interceptors=server_interceptors(self.settings.max_concurrent_rpcs, self.settings.max_concurrent_streams, self.settings.auth),
             options=[
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
@@ -114,8 +135,12 @@ class ServiceHost:
         problem = _bind_problem(self.settings.host, self.settings.port) if self.settings.port else None
         if problem:  # checked here as well as by grpc, which would first log its own multi-line error
             raise StartupError(f"cannot listen on {address}: {problem}")
+        credentials = server_credentials(self.settings)
         try:
-            self.port = server.add_insecure_port(address)
+            if credentials is None:
+                self.port = server.add_insecure_port(address)
+            else:
+                self.port = server.add_secure_port(address, credentials)
         except RuntimeError:  # grpc says only "Failed to bind"; in use is by far the likeliest
             self.port = 0
         if self.port == 0:
@@ -131,7 +156,15 @@ class ServiceHost:
             log.info("metrics endpoint", port=metrics_port, path="/metrics")
         await server.start()
         self._server = server
-        log.info("listening", services=names, host=self.settings.host, port=self.port)
+        auth = self.settings.auth
+        log.info(
+            "listening",
+            services=names,
+            host=self.settings.host,
+            port=self.port,
+            tls=credentials is not None,
+            authentication="off" if auth is None or auth.insecure else "on",
+        )
         self._loading = asyncio.create_task(self._load_components())
         return self.port
 

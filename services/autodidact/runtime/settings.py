@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autodidact.runtime.auth import AuthSettings
+
 MIB = 1024 * 1024
 
 # Keepalive must agree on both sides: a client that pings more often than the
@@ -43,3 +45,9 @@ class ServerSettings:
     grace_seconds: float = 30.0
     # Prometheus /metrics port; None disables the endpoint.
     metrics_port: int | None = None
+    # Who may call, and TLS. None: no authentication interceptor at all, every
+    # call ANONYMOUS. That is the library default because in-process hosts
+    # (tests, `run`'s stack when it sets none) bind loopback ports only this
+    # process uses; the `serve` command is what refuses to start without an
+    # auth configuration or an explicit --insecure.
+    auth: AuthSettings | None = None
