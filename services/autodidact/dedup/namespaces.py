@@ -1,6 +1,7 @@
 """Namespaces of unit vectors with cosine-similarity search, durable across restarts.
 
-Each namespace lives in its own folder:
+Each namespace belongs to a tenant and lives in its own folder,
+<data>/tenants/<tenant>/namespaces/<name>/ (NamespaceRegistry):
 - `log.sqlite` (WAL): every kept vector with its item id, in order, and the
   verdicts of every batch id applied, so a retried batch gets the same answer
   and adds nothing twice. A batch's rows commit in one transaction: kept items
@@ -14,6 +15,9 @@ graph (IndexHNSWFlat, inner product) past `exact_limit` vectors: HNSW needs no
 training, takes additions one batch at a time, and answers in logarithmic time
 at millions of vectors, where exact search grows linearly. IVF would need a
 training set and periodic retraining as the pool drifts.
+
+A tenant reaches another tenant's namespace only when that tenant's admin
+shared it (`shares.json` in the namespace's folder), naming it "<owner>/<name>".
 """
 
 from __future__ import annotations
@@ -30,8 +34,17 @@ from typing import Any
 
 import faiss
 import numpy as np
+import structlog
 
-from autodidact.dedup.defaults import NamespaceSettings
+from autodidact.dedup.defaults import NamespaceSettings, is_namespace_reference
+from autodidact.errors import NotFound, StartupError
+from autodidact.runtime.principal import DEFAULT_TENANT
+
+log = structlog.get_logger("autodidact.dedup")
+
+# Where namespaces lived before they belonged to tenants: <root>/namespaces/<name>.
+LEGACY_FOLDER = "namespaces"
+SHARES_FILE = "shares.json"
 
 
 @dataclass(frozen=True)
@@ -198,27 +211,112 @@ class Namespace:
         self._db.close()
 
 
+@dataclass(frozen=True)
+class NamespaceKey:
+    """A namespace as stored: its owner tenant and its name there."""
+
+    tenant: str
+    name: str
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Makes renames and new entries in `directory` survive a power cut."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def migrate_pre_tenancy(root: Path) -> None:
+    """Moves the namespaces of a data folder from before tenancy
+    (<root>/namespaces/<name>) to tenant "default". Each namespace moves with
+    one rename, so a crash leaves each one whole in one place or the other, and
+    the next start moves the rest. A destination that already exists stops the
+    start rather than merging two namespaces' logs."""
+    legacy = root / LEGACY_FOLDER
+    if not legacy.is_dir():
+        return
+    target = root / "tenants" / DEFAULT_TENANT / "namespaces"
+    target.mkdir(parents=True, exist_ok=True)
+    for directory in sorted(p for p in legacy.iterdir() if p.is_dir()):
+        destination = target / directory.name
+        if destination.exists():
+            raise StartupError(f"cannot move dedup namespace {directory} to {destination}: that folder exists; move one of them away")
+        os.rename(directory, destination)
+        log.info("namespace_migrated", namespace=directory.name, tenant=DEFAULT_TENANT)
+    _fsync_directory(target)
+    with contextlib.suppress(OSError):  # not empty: something else was left there; it does no harm
+        legacy.rmdir()
+    _fsync_directory(root)
+
+
 class NamespaceRegistry:
-    """Namespaces under one data folder, opened on first use, one lock each."""
+    """Namespaces under one data folder, per tenant, opened on first use, one lock each.
+
+    A namespace lives in <root>/tenants/<tenant>/namespaces/<name>/, so one
+    tenant's names never reach another's folder. The tenants it is shared with
+    are listed in its `shares.json`, beside its log, so checking a share never
+    loads an index.
+    """
 
     def __init__(self, root: Path, dimension: int, settings: NamespaceSettings | None = None) -> None:
         self._root = root
         self._dimension = dimension
         self._settings = settings or NamespaceSettings()
-        self._namespaces: dict[str, Namespace] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        self._namespaces: dict[NamespaceKey, Namespace] = {}
+        self._locks: dict[NamespaceKey, threading.Lock] = {}
         self._guard = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
+        migrate_pre_tenancy(root)
 
-    def open(self, name: str) -> tuple[Namespace, threading.Lock]:
+    def directory(self, key: NamespaceKey) -> Path:
+        return self._root / "tenants" / key.tenant / "namespaces" / key.name
+
+    def open(self, key: NamespaceKey) -> tuple[Namespace, threading.Lock]:
+        """The namespace, created when new."""
         with self._guard:
-            if name not in self._namespaces:
-                self._namespaces[name] = Namespace(self._root / name, self._dimension, self._settings)
-                self._locks[name] = threading.Lock()
-            return self._namespaces[name], self._locks[name]
+            if key not in self._namespaces:
+                self._namespaces[key] = Namespace(self.directory(key), self._dimension, self._settings)
+                self._locks[key] = threading.Lock()
+            return self._namespaces[key], self._locks[key]
 
-    def exists(self, name: str) -> bool:
-        return name in self._namespaces or (self._root / name / "log.sqlite").exists()
+    def exists(self, key: NamespaceKey) -> bool:
+        return key in self._namespaces or (self.directory(key) / "log.sqlite").exists()
+
+    def shared_with(self, key: NamespaceKey) -> list[str]:
+        """The tenants besides its owner that may use the namespace."""
+        path = self.directory(key) / SHARES_FILE
+        return sorted(json.loads(path.read_text())) if path.exists() else []
+
+    def share(self, key: NamespaceKey, tenant: str) -> list[str]:
+        """Lets `tenant` use the namespace (idempotent); returns every tenant it is shared with."""
+        with self._guard:  # two shares at once must not lose one
+            tenants = self.shared_with(key)
+            if tenant not in tenants:
+                tenants = sorted([*tenants, tenant])
+                tmp = self.directory(key) / f"{SHARES_FILE}.tmp"
+                with open(tmp, "w") as handle:
+                    handle.write(json.dumps(tenants))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, self.directory(key) / SHARES_FILE)
+                _fsync_directory(self.directory(key))
+            return tenants
+
+    def resolve(self, tenant: str, requested: str, *, create: bool) -> NamespaceKey:
+        """The namespace that `tenant` means by `requested`: its own "<name>"
+        (created when `create`), or "<owner>/<name>" that the owner shared with
+        it. Anything else is NotFound with the message a missing namespace
+        gets, so another tenant's namespace names cannot be probed."""
+        owner, _, name = requested.rpartition("/")
+        key = NamespaceKey(owner or tenant, name)
+        if is_namespace_reference(requested):  # callers validate; checking again keeps a bad name out of paths all the same
+            if key.tenant == tenant and (create or self.exists(key)):
+                return key
+            if key.tenant != tenant and self.exists(key) and tenant in self.shared_with(key):
+                return key
+        raise NotFound(f"namespace {requested!r} does not exist")
 
     def close(self) -> None:
         with self._guard:

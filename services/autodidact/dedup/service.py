@@ -10,13 +10,14 @@ from pathlib import Path
 import grpc
 
 from autodidact.backends.embed import Embedder
-from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NamespaceSettings
+from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NamespaceSettings, is_namespace_reference
 from autodidact.dedup.diversity import DiversityFilter
 from autodidact.dedup.namespaces import NamespaceRegistry
 from autodidact.errors import InvalidArgument
 from autodidact.runtime.component import Component, Resource
+from autodidact.runtime.principal import TENANT_PATTERN
 from autodidact.v1 import dedup_pb2, dedup_pb2_grpc
-from autodidact.validation import check_count, check_id, check_length, check_range, quoted
+from autodidact.validation import ID_RULE, check_count, check_id, check_length, check_range, quoted
 
 SERVICE_NAME = dedup_pb2.DESCRIPTOR.services_by_name["DedupService"].full_name
 MAX_ITEMS = 4096
@@ -24,7 +25,23 @@ MAX_TEXT_CHARS = 65_536
 
 
 def check_namespace(field: str, name: str) -> None:
-    check_id(field, name)  # NAMESPACE_PATTERN
+    """A namespace as callers name it: "<name>", or "<owner tenant>/<name>" when shared with them."""
+    if not is_namespace_reference(name):
+        raise InvalidArgument(field, f"{ID_RULE}, or '<owner tenant>/<name>' for one shared with you, got {quoted(name)}")
+
+
+def check_tenant(field: str, tenant: str) -> None:
+    if not TENANT_PATTERN.match(tenant):
+        raise InvalidArgument(
+            field, f"must be a tenant name, 1 to 64 characters of a-z 0-9 -, starting with a letter or digit, got {quoted(tenant)}"
+        )
+
+
+def parse_share(request: dedup_pb2.ShareNamespaceRequest) -> tuple[str, str]:
+    # Only the caller's own namespace is shared: a plain name, never "<owner>/<name>".
+    check_id("namespace", request.namespace)
+    check_tenant("tenant", request.tenant)
+    return request.namespace, request.tenant
 
 
 def parse_filter_batch(request: dedup_pb2.FilterBatchRequest) -> tuple[list[str], list[str], float]:
@@ -82,13 +99,22 @@ class DedupServicer(dedup_pb2_grpc.DedupServiceServicer):
             size=size, index_kind=kind, dimension=description.dimension, embedder=f"{description.backend}:{description.model}"
         )
 
+    async def ShareNamespace(
+        self, request: dedup_pb2.ShareNamespaceRequest, context: grpc.aio.ServicerContext
+    ) -> dedup_pb2.ShareNamespaceResponse:
+        diversity = self._backend.get().diversity
+        namespace, tenant = parse_share(request)
+        tenants = await asyncio.to_thread(diversity.share, namespace, tenant)
+        return dedup_pb2.ShareNamespaceResponse(tenants=tenants)
+
 
 def dedup_component(
     load_embedder: Callable[[], Awaitable[Embedder]], data_dir: Path, settings: NamespaceSettings | None = None
 ) -> Component:
     async def open_backend() -> DedupBackend:
         embedder = await load_embedder()
-        namespaces = NamespaceRegistry(data_dir / "namespaces", embedder.description.dimension, settings)
+        # Moves pre-tenancy namespaces (data_dir/namespaces/<name>) to tenant "default" first.
+        namespaces = NamespaceRegistry(data_dir, embedder.description.dimension, settings)
         return DedupBackend(embedder, namespaces, DiversityFilter(embedder, namespaces))
 
     backend = Resource("the embedder", open_backend)

@@ -15,8 +15,9 @@ from autodidact.runtime.channels import create_channel
 from autodidact.runtime.component import Component, Resource
 from autodidact.runtime.metrics import TOOL_CALLS
 from autodidact.runtime.neighbours import rpc_error_text
+from autodidact.runtime.principal import TENANT_PATTERN
 from autodidact.tool_executor.sandbox import Sandbox, SandboxSettings
-from autodidact.tool_executor.search import SearchCollections
+from autodidact.tool_executor.search import TenantCollections
 from autodidact.tool_executor.tools import TOOLS, BackendFailure, Complete, ToolExecutor
 from autodidact.v1 import common_pb2, generator_pb2, generator_pb2_grpc, tool_executor_pb2, tool_executor_pb2_grpc
 from autodidact.validation import check_count, check_length, quoted
@@ -31,7 +32,7 @@ QA_MAX_TOKENS = 48
 
 @dataclass(frozen=True)
 class ToolExecutorSettings:
-    # Where search collections are stored (search.sqlite).
+    # Where search collections are stored (tenants/<tenant>/search.sqlite).
     data_dir: Path = Path(".autodidact/tool-executor")
     # The generator that QA and translation ask; empty: those tools answer BACKEND errors.
     generator_target: str = "localhost:50051"
@@ -40,8 +41,28 @@ class ToolExecutorSettings:
 
 
 def check_collection(field_name: str, name: str) -> None:
+    """The caller's own collection: only its owner indexes into or shares a collection."""
     if not COLLECTION_PATTERN.match(name):
-        raise InvalidArgument(field_name, f"must be 1 to 64 characters of a-z 0-9 _ -, got {quoted(name)}")
+        raise InvalidArgument(
+            field_name, f"must be 1 to 64 characters of a-z 0-9 _ - (one of your tenant's collections), got {quoted(name)}"
+        )
+
+
+def check_searchable_collection(field_name: str, name: str) -> None:
+    """A collection to search: the caller's own, or "<owner tenant>/<collection>" shared with it."""
+    owner, slash, own = name.rpartition("/")
+    if not COLLECTION_PATTERN.match(own) or (slash and not TENANT_PATTERN.match(owner)):
+        raise InvalidArgument(
+            field_name,
+            f"must be 1 to 64 characters of a-z 0-9 _ -, or '<owner tenant>/<collection>' for one shared with you, got {quoted(name)}",
+        )
+
+
+def check_tenant(field_name: str, tenant: str) -> None:
+    if not TENANT_PATTERN.match(tenant):
+        raise InvalidArgument(
+            field_name, f"must be a tenant name, 1 to 64 characters of a-z 0-9 -, starting with a letter or digit, got {quoted(tenant)}"
+        )
 
 
 def parse_execute_request(request: tool_executor_pb2.ExecuteToolsRequest) -> tuple[list[tuple[str, str]], dt.date, str]:
@@ -62,7 +83,7 @@ def parse_execute_request(request: tool_executor_pb2.ExecuteToolsRequest) -> tup
         except ValueError:
             raise InvalidArgument("context.reference_date", f"must be a date YYYY-MM-DD, got {quoted(context.reference_date)}") from None
     if context.collection:
-        check_collection("context.collection", context.collection)
+        check_searchable_collection("context.collection", context.collection)
     return [(call.tool, call.input) for call in request.calls], reference_date, context.collection
 
 
@@ -75,13 +96,19 @@ def parse_index_request(request: tool_executor_pb2.IndexDocumentsRequest) -> lis
     return [(d.id, d.text) for d in request.documents]
 
 
+def parse_share_request(request: tool_executor_pb2.ShareCollectionRequest) -> tuple[str, str]:
+    check_collection("collection", request.collection)
+    check_tenant("tenant", request.tenant)
+    return request.collection, request.tenant
+
+
 @dataclass
 class Tools:
     """What the tool-executor servicer needs once started: the sandbox, the search collections,
     the channel to the generator (QA and translation; None without a generator) and the executor over them."""
 
     sandbox: Sandbox
-    collections: SearchCollections
+    collections: TenantCollections
     generator_channel: grpc.aio.Channel | None
     executor: ToolExecutor
 
@@ -135,10 +162,18 @@ class ToolExecutorServicer(tool_executor_pb2_grpc.ToolExecutorServiceServicer):
     async def IndexDocuments(
         self, request: tool_executor_pb2.IndexDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> tool_executor_pb2.IndexDocumentsResponse:
-        collections = self._tools.get().collections
+        executor = self._tools.get().executor
         # In a thread: storing thousands of documents must not stall the event loop.
-        size = await asyncio.to_thread(collections.add, request.collection, parse_index_request(request))
+        size = await asyncio.to_thread(executor.index_documents, request.collection, parse_index_request(request))
         return tool_executor_pb2.IndexDocumentsResponse(collection_size=size)
+
+    async def ShareCollection(
+        self, request: tool_executor_pb2.ShareCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> tool_executor_pb2.ShareCollectionResponse:
+        executor = self._tools.get().executor
+        collection, tenant = parse_share_request(request)
+        tenants = await asyncio.to_thread(executor.share_collection, collection, tenant)
+        return tool_executor_pb2.ShareCollectionResponse(tenants=tenants)
 
 
 def _generator_completion(stub: generator_pb2_grpc.GeneratorServiceAsyncStub, timeout: float) -> Complete:
@@ -162,7 +197,8 @@ def tool_executor_component(settings: ToolExecutorSettings) -> Component:
         sandbox = Sandbox(settings.sandbox)
         try:  # a start cut short (a bad data dir, the host stopping) leaves no worker processes behind
             await sandbox.start()
-            collections = SearchCollections(settings.data_dir / "search.sqlite")
+            # Moves the pre-tenancy data_dir/search.sqlite to tenant "default" first.
+            collections = TenantCollections(settings.data_dir)
         except BaseException:
             await sandbox.close()
             raise

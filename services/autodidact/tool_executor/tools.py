@@ -20,8 +20,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from autodidact.errors import InvalidArgument
+from autodidact.runtime.principal import ADMIN, current_principal
 from autodidact.tool_executor.sandbox import CRASHED, TIMEOUT, Sandbox
-from autodidact.tool_executor.search import SearchCollections
+from autodidact.tool_executor.search import TenantCollections
 
 MAX_OUTPUT_CHARS = 1024
 SEARCH_SNIPPET_CHARS = 300
@@ -199,10 +201,26 @@ class _Failure(Exception):
 
 
 class ToolExecutor:
-    def __init__(self, sandbox: Sandbox, collections: SearchCollections, complete: Complete | None = None) -> None:
+    """Runs tool calls, and keeps the search collections of the caller's tenant (`current_principal()`)."""
+
+    def __init__(self, sandbox: Sandbox, collections: TenantCollections, complete: Complete | None = None) -> None:
         self._sandbox = sandbox
         self._collections = collections
         self._complete = complete
+
+    def index_documents(self, collection: str, documents: list[tuple[str, str]]) -> int:
+        """Adds documents to the caller's tenant's own collection (never another's,
+        shared or not: only the owner indexes); returns its size."""
+        return self._collections.add(current_principal().tenant, collection, documents)
+
+    def share_collection(self, collection: str, tenant: str) -> list[str]:
+        """Lets `tenant` search the caller's tenant's collection as "<owner>/<collection>"
+        (admins only; idempotent). Returns every tenant it is shared with."""
+        principal = current_principal()
+        principal.require(ADMIN, "ShareCollection")
+        if tenant == principal.tenant:
+            raise InvalidArgument("tenant", f"{tenant!r} owns the collection already; name another tenant")
+        return self._collections.share(principal.tenant, collection, tenant)
 
     async def execute(self, calls: list[tuple[str, str]], reference_date: dt.date, collection: str) -> list[ToolOutcome]:
         """Runs (tool, input) calls concurrently; one outcome each, in order."""
@@ -254,14 +272,17 @@ class ToolExecutor:
     async def _passage(self, collection: str, query: str, *, required: bool) -> str:
         if not collection:
             raise _Failure(PARSE, "search needs context.collection")
-        # In a thread: the first search after a change rebuilds the collection's
-        # BM25 index, seconds for a large one, which on the event loop would stall
-        # every other call and the health checks.
-        if not await asyncio.to_thread(self._collections.exists, collection):
+        # Another tenant's collection that is not shared with this one reads as missing.
+        found = await asyncio.to_thread(self._collections.searchable, current_principal().tenant, collection)
+        if found is None:
             if required:
                 raise _Failure(UNDEFINED, f"collection {collection!r} has no documents")
             return ""
-        hits = await asyncio.to_thread(self._collections.search, collection, query, 1)
+        store, name = found
+        # In a thread: the first search after a change rebuilds the collection's
+        # BM25 index, seconds for a large one, which on the event loop would stall
+        # every other call and the health checks.
+        hits = await asyncio.to_thread(store.search, name, query, 1)
         if not hits:
             if required:
                 raise _Failure(UNDEFINED, "no document matches the query")
