@@ -1,22 +1,35 @@
 """Offline checks of the deployment: every overlay renders (kubectl's built-in
 kustomize), every object validates against the Kubernetes schema, pods pass
 Pod Security "restricted", and skaffold.yaml, the Dockerfile targets and the
-manifests agree with each other and with the CLI that the containers run."""
+manifests agree with each other and with the CLI that the containers run.
+
+The authentication wiring too: every service is served with an auth
+configuration (never --insecure), every file a flag names is in a volume
+mounted there (the auth file, the JWKS, the tenants file, the projected
+identity token whose audience is the one the services accept, TLS files),
+the auth and tenants files parse as the services parse them, every service
+that calls another carries its own identity, and the auth file gives those
+identities the service role."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from autodidact.cli import _parser
-from autodidact.stack import DEFAULT_PORTS, IMPLEMENTED
+from autodidact.cli import _auth_settings, _parser
+from autodidact.coordinator.tenants import Tenants
+from autodidact.runtime.auth import AuthFile
+from autodidact.runtime.principal import SERVICE
+from autodidact.stack import CALLS, DEFAULT_PORTS, IMPLEMENTED
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS = ("local-cpu", "gpu")
@@ -24,14 +37,45 @@ KUBERNETES_VERSION = "1.32.0"
 MODEL_SERVERS = ("tgi", "tei")
 
 
-def render(overlay: str) -> list[dict]:
+K8S = ROOT / "deploy" / "k8s"
+COMPONENTS = ("tls", "mutual-tls")
+# Secrets the operator creates (docs/deploy.md), and the keys the manifests expect in them.
+OPERATOR_SECRETS = {
+    "autodidact-jwks": {"jwks.json"},
+    "coordinator-tls": {"tls.crt", "tls.key"},
+    "coordinator-client-ca": {"ca.crt"},
+}
+# Flags that name a file the container must find in a mounted volume.
+FILE_FLAGS = ("auth_file", "jwks_file", "token_file", "tenants_file", "tls_cert", "tls_key", "tls_client_ca", "tls_ca")
+
+
+def kustomize(directory: Path) -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl is not installed: `make test` installs it (apt-get install kubectl)")
-    out = subprocess.run(
-        [kubectl, "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)], check=True, capture_output=True, text=True
-    )
+    out = subprocess.run([kubectl, "kustomize", str(directory)], check=True, capture_output=True, text=True)
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def render(overlay: str) -> list[dict]:
+    return kustomize(K8S / "overlays" / overlay)
+
+
+def render_with_components(directory: Path, overlay: str, components: tuple[str, ...]) -> list[dict]:
+    """An overlay with components added, as a platform team's own overlay would add them
+    (kustomize takes relative paths only)."""
+    base = Path(os.path.relpath(K8S, directory))
+    (directory / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(base / "overlays" / overlay)],
+                "components": [str(base / "components" / name) for name in components],
+            }
+        )
+    )
+    return kustomize(directory)
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -190,3 +234,201 @@ def test_each_image_carries_the_backend_its_overlay_selects():
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             backend = env["AUTODIDACT_EMBEDDER"] if name == "dedup" else env["AUTODIDACT_LLM_BACKEND"]
             assert built[container["image"]] == expected[(name, backend)], (profile["name"], name, backend)
+
+
+# --- authentication, identity, tenants and object stores ---
+
+
+def autodidact_containers(objects: list[dict]) -> dict[str, tuple[dict, dict]]:
+    """Service name -> (pod spec, its autodidact container)."""
+    found = {}
+    for name, deployment in deployments(objects).items():
+        pod = deployment["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        if container["image"].startswith("autodidact/"):
+            found[name] = (pod, container)
+    return found
+
+
+def parsed(name: str, container: dict):
+    return _parser().parse_args(["serve", name, *container.get("args", [])])
+
+
+def configmap(objects: list[dict], name: str) -> dict:
+    return next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name)
+
+
+def secret_data(objects: list[dict], name: str) -> dict[str, str] | None:
+    """A Secret the manifests generate (decoded), or None for one the operator creates."""
+    for o in objects:
+        if o["kind"] == "Secret" and o["metadata"]["name"] == name:
+            return {k: base64.b64decode(v).decode() for k, v in o.get("data", {}).items()} | dict(o.get("stringData", {}))
+    return None
+
+
+def expand(value: str, container: dict, objects: list[dict]) -> str:
+    """`value` with $(VAR) replaced as the kubelet does, from env entries with a value or a ConfigMap key."""
+
+    def lookup(match: re.Match) -> str:
+        entry = next((e for e in container.get("env", []) if e["name"] == match.group(1)), None)
+        assert entry is not None, f"{match.group(0)} in the args has no env entry (the kubelet would pass it literally)"
+        if "value" in entry:
+            return entry["value"]
+        ref = entry["valueFrom"]["configMapKeyRef"]
+        return configmap(objects, ref["name"])["data"][ref["key"]]
+
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lookup, value)
+
+
+def files_in_volume(volume: dict, objects: list[dict]) -> dict[str, dict]:
+    """File name -> what provides it, for a volume mounted without subPath."""
+    if "secret" in volume:
+        name = volume["secret"]["secretName"]
+        data = secret_data(objects, name)
+        keys = set(data) if data is not None else OPERATOR_SECRETS[name]
+        return {key: {"secret": name} for key in keys}
+    if "configMap" in volume:
+        name = volume["configMap"]["name"]
+        return {key: {"configMap": name} for key in configmap(objects, name)["data"]}
+    if "projected" in volume:
+        return {
+            source["serviceAccountToken"]["path"]: source["serviceAccountToken"]
+            for source in volume["projected"]["sources"]
+            if "serviceAccountToken" in source
+        }
+    return {}
+
+
+def mounted_file(pod: dict, container: dict, path: str, objects: list[dict]) -> dict:
+    """What provides the file at `path` in the container; fails when no volume mounted there has it."""
+    for mount in container.get("volumeMounts", []):
+        relative = PurePosixPath(path).relative_to(mount["mountPath"]) if path.startswith(mount["mountPath"] + "/") else None
+        if relative is None:
+            continue
+        assert "subPath" not in mount, f"{path}: a subPath mount is never updated when its Secret rotates"
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        files = files_in_volume(volume, objects)
+        assert str(relative) in files, f"{path}: volume {mount['name']} holds {sorted(files)}"
+        return files[str(relative)]
+    raise AssertionError(f"{path}: no volume is mounted there")
+
+
+def check_auth_wiring(objects: list[dict], where: str) -> None:
+    audience = configmap_value(objects, "JWT_AUDIENCE")
+    for name, (pod, container) in autodidact_containers(objects).items():
+        at = f"{where}/{name}"
+        args = parsed(name, container)
+        assert not args.insecure and "--insecure" not in container.get("args", []), at
+        assert all(e["name"] != "AUTODIDACT_INSECURE" for e in container.get("env", [])), at
+        settings = _auth_settings(args)  # raises on a combination that cannot work
+        assert settings.configured and settings.auth_file is not None and settings.verifies_jwts, at
+        assert expand(args.jwt_audience, container, objects) == audience, at
+        assert expand(args.jwt_issuer, container, objects).startswith("https://"), at
+        for flag in FILE_FLAGS:
+            value = getattr(args, flag, None)
+            if value is not None:
+                mounted_file(pod, container, str(value), objects)
+        # Its own identity exactly when it calls other services: a projected token for the audience they accept.
+        if CALLS[name]:
+            assert args.token_file is not None, f"{at}: calls {CALLS[name]} without an identity (--token-file)"
+            token = mounted_file(pod, container, str(args.token_file), objects)
+            assert token.get("audience") == audience, f"{at}: its token's audience is not the services' ({audience})"
+            assert 600 <= token.get("expirationSeconds", 3600) <= 86400, at
+        else:
+            assert args.token_file is None, f"{at} calls no service: it needs no token"
+        for neighbour in CALLS[name]:
+            target = getattr(args, f"{neighbour.replace('-', '_')}_target")
+            assert target == f"dns:///{neighbour}:{DEFAULT_PORTS[neighbour]}", f"{at}: --{neighbour}-target is {target}"
+
+
+def configmap_value(objects: list[dict], key: str) -> str:
+    return next(o["data"][key] for o in objects if o["kind"] == "ConfigMap" and key in o.get("data", {}))
+
+
+def test_every_service_authenticates_its_callers_with_files_mounted_where_its_flags_point(rendered):
+    overlay, objects = rendered
+    check_auth_wiring(objects, overlay)
+
+
+def test_the_auth_file_gives_every_calling_service_the_service_role(rendered, tmp_path):
+    overlay, objects = rendered
+    generated = secret_data(objects, "autodidact-auth-file")
+    assert generated is not None, f"{overlay}: the manifests generate no auth file"
+    auth = AuthFile.parse(generated["auth.yaml"], "auth.yaml")
+    for name, (pod, _) in autodidact_containers(objects).items():
+        if not CALLS[name]:
+            continue
+        namespace = deployments(objects)[name]["metadata"]["namespace"]
+        subject = f"system:serviceaccount:{namespace}:{pod['serviceAccountName']}"
+        assert subject in auth.subjects, f"{overlay}: the auth file does not know {subject}"
+        assert SERVICE in auth.subjects[subject][1], subject
+    # The tenants file parses as the coordinator parses it, where the coordinator reads it.
+    pod, container = autodidact_containers(objects)["coordinator"]
+    source = mounted_file(pod, container, str(parsed("coordinator", container).tenants_file), objects)
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(configmap(objects, source["configMap"])["data"]["tenants.yaml"])
+    Tenants.load(tenants)
+
+
+def test_the_namespace_enforces_pod_security_restricted(rendered):
+    overlay, objects = rendered
+    namespaces = [o for o in objects if o["kind"] == "Namespace"]
+    assert len(namespaces) == 1, overlay
+    assert namespaces[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert {o["metadata"].get("namespace") for o in objects if o["kind"] != "Namespace"} == {namespaces[0]["metadata"]["name"]}
+
+
+def test_object_store_settings_reach_the_coordinator_as_variables_the_cli_reads(rendered, monkeypatch):
+    overlay, objects = rendered
+    _, container = autodidact_containers(objects)["coordinator"]
+    refs = [source["configMapRef"]["name"] for source in container.get("envFrom", []) if "configMapRef" in source]
+    assert len(refs) == 1, overlay
+    settings = configmap(objects, refs[0])["data"]
+    assert {"AUTODIDACT_EXPORT_URL", "AUTODIDACT_INPUT_ROOT"} <= set(settings)
+    samples = {
+        "AUTODIDACT_EXPORT_URL": "s3://bucket/exports",
+        "AUTODIDACT_INPUT_ROOT": "s3://a/,s3://b/",
+        "AUTODIDACT_EXPORT_URL_TTL": "60",
+    }
+    for key, value in settings.items():
+        # As shipped: what the coordinator gets without them (no export bucket, no input roots).
+        monkeypatch.setenv(key, value)
+    shipped = _parser().parse_args(["serve", "coordinator"])
+    assert shipped.export_url == "" and shipped.input_root == [] and shipped.export_url_ttl > 0
+    for key in settings:  # every key is one the CLI reads: setting it changes what `serve` gets
+        monkeypatch.setenv(key, samples[key])
+        assert vars(_parser().parse_args(["serve", "coordinator"])) != vars(shipped), key
+        monkeypatch.setenv(key, settings[key])
+    monkeypatch.setenv("AUTODIDACT_INPUT_ROOT", samples["AUTODIDACT_INPUT_ROOT"])
+    assert _parser().parse_args(["serve", "coordinator"]).input_root == ["s3://a/", "s3://b/"]
+    # Static cloud credentials are optional (workload identity needs none).
+    secrets = [source["secretRef"] for source in container.get("envFrom", []) if "secretRef" in source]
+    assert all(ref.get("optional") is True for ref in secrets), overlay
+
+
+def test_the_coordinator_may_reach_object_stores_over_https(rendered):
+    _, objects = rendered
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "coordinator-object-store")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "coordinator"}
+    assert policy["spec"]["egress"] == [{"ports": [{"protocol": "TCP", "port": 443}]}]
+
+
+@pytest.mark.parametrize("components", [("tls",), COMPONENTS])
+def test_tls_components_serve_the_coordinator_over_tls_from_secrets(components, tmp_path):
+    objects = render_with_components(tmp_path, "gpu", components)
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    check_auth_wiring(objects, "+".join(components))
+    pod, container = autodidact_containers(objects)["coordinator"]
+    args = parsed("coordinator", container)
+    settings = _auth_settings(args)
+    assert mounted_file(pod, container, str(settings.tls_cert), objects) == {"secret": "coordinator-tls"}
+    assert mounted_file(pod, container, str(settings.tls_key), objects) == {"secret": "coordinator-tls"}
+    assert (settings.tls_client_ca is not None) == ("mutual-tls" in components)
+    # The kubelet's gRPC probes speak plaintext: TCP probes on the TLS port instead.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe].get("tcpSocket") == {"port": DEFAULT_PORTS["coordinator"]}, probe
+    # The other services are unchanged.
+    for name, (_, other) in autodidact_containers(objects).items():
+        if name != "coordinator":
+            assert parsed(name, other).tls_cert is None and "grpc" in other["readinessProbe"], name
