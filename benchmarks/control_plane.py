@@ -55,7 +55,9 @@ from typing import Any, cast
 from autodidact.coordinator.jobs import JobManager
 from autodidact.coordinator.recipes.base import Services
 from autodidact.coordinator.service import Coordinator, CoordinatorServicer
+from autodidact.coordinator.storage import TenantStorage
 from autodidact.coordinator.store import JobStore, SqliteJobStore
+from autodidact.coordinator.tenants import Tenants
 from autodidact.runtime.component import Resource
 from autodidact.runtime.server import settle_heap
 from autodidact.v1 import coordinator_pb2
@@ -88,7 +90,8 @@ def open_store(kind: str, path: Path) -> JobStore:
 
 
 def start_manager(store: JobStore, services: Services, data_dir: Path) -> JobManager:
-    return JobManager(store, services, data_dir)
+    # The prompts file is a server path under an input root the benchmark allows (no upload to time).
+    return JobManager(store, services, TenantStorage(data_dir / "coordinator"), Tenants(shared_roots=(str(data_dir),)))
 
 
 async def submit(manager: JobManager, job_id: str, spec: coordinator_pb2.JobSpec) -> None:
@@ -103,7 +106,7 @@ async def stream_samples(manager: JobManager, store: JobStore, job_id: str) -> A
     """StreamSamples(follow) as a client gets it, through the servicer (no gRPC transport: it would time the network)."""
 
     async def opened() -> Coordinator:
-        return Coordinator(store=store, channels=[], manager=manager)
+        return Coordinator(store=store, channels=[], manager=manager, storage=TenantStorage(Path()), tenants=Tenants())
 
     coordinator = Resource("the job store", opened)
     await coordinator.load()
@@ -233,7 +236,6 @@ async def measure(kind: str, items: int, in_flight: int, workdir: Path, store_di
         constitutional=coordinator_pb2.ConstitutionalSpec(prompts_path=str(prompts), rounds=1),
         max_in_flight=in_flight,
         seed=1,
-        output_dir=str(workdir / "dataset"),
     )
     started = time.perf_counter()
     await submit(manager, JOB_ID, spec)

@@ -118,13 +118,13 @@ def recipe_candidates(documents_path: Path, positions: int, calls: int, threads:
     from autodidact.stack import StackOptions
     from autodidact.v1 import coordinator_pb2
 
-    spec = coordinator_pb2.JobSpec(seed=7, max_in_flight=1, output_dir=str(data_dir / "out"))
+    spec = coordinator_pb2.JobSpec(seed=7, max_in_flight=1)
     spec.toolformer.documents_path = str(documents_path)
     spec.toolformer.tools.append("Calculator")
     spec.toolformer.positions_per_document = positions
     spec.toolformer.calls_per_position = calls
     options = StackOptions(llamacpp=LlamaCppSettings(threads=threads), embedder=LocalEmbedderSettings(threads=threads))
-    code = asyncio.run(run_in_process(spec, "toolformer-bench", data_dir, options, show_progress=False))
+    code = asyncio.run(run_in_process(spec, "toolformer-bench", data_dir, options, data_dir / "out", show_progress=False))
     if code != 0:
         raise SystemExit("the recipe failed")
     rows = [json.loads(line) for line in (data_dir / "out" / "calls.jsonl").read_text().splitlines()]

@@ -12,6 +12,7 @@ and its export folder; shared by the end-to-end tests of every recipe.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -103,8 +104,10 @@ def lineage_problems(job: coordinator_pb2.Job, export_dir: Path) -> list[str]:
     in_tables: set[str] = set()
     for file in manifest["files"]:
         if not isinstance(file.get("rows", 0), int):
-            problems.append(f"rule 4: manifest file {file['path']} has rows {file['rows']!r}, not a number")
-        path = Path(file["path"])
+            problems.append(f"rule 4: manifest file {file['name']} has rows {file['rows']!r}, not a number")
+        path = export_dir / file["name"]
+        if hashlib.sha256(path.read_bytes()).hexdigest() != file["sha256"] or path.stat().st_size != int(file["sizeBytes"]):
+            problems.append(f"rule 4: {path.name} does not match the size and sha256 the manifest gives it")
         if file["kind"].endswith("_jsonl") and file["kind"] != "lineage_jsonl":
             table = read_jsonl(path)
             if len(table) != file.get("rows", 0):

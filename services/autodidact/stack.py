@@ -81,7 +81,7 @@ class StackOptions:
     # The server behind a tei embedder.
     embedder_remote: RemoteSettings | None = None
     namespaces: NamespaceSettings = field(default_factory=NamespaceSettings)
-    # The dedup service's namespaces live under dedup_data_dir/namespaces.
+    # The dedup service's namespaces live under dedup_data_dir/tenants/<tenant>/namespaces.
     dedup_data_dir: Path = Path(".autodidact/dedup")
     coordinator: CoordinatorSettings = field(default_factory=CoordinatorSettings)
     tool_executor: ToolExecutorSettings = field(default_factory=ToolExecutorSettings)

@@ -70,11 +70,11 @@ def test_the_dataset_card_lets_datasets_load_every_table_by_name(tmp_path):
 def test_manifest_numbers_are_json_numbers():
     stage = coordinator_pb2.StageProgress(stage="dataset", done=12, kept=3, total=20, dropped_by_filter={"error": 2})
     assert export.message_json(stage) == {"stage": "dataset", "done": 12, "kept": 3, "total": 20, "droppedByFilter": {"error": 2}}
-    assert export.message_json(coordinator_pb2.ExportedFile(path="p", kind="k", rows=7))["rows"] == 7
+    assert export.message_json(coordinator_pb2.ExportedFile(name="p", kind="k", rows=7))["rows"] == 7
     job = coordinator_pb2.Job(id="j", stages=[stage])
     assert export.message_json(job)["stages"][0]["done"] == 12
     # A table with no rows says 0, not nothing (proto3's JSON leaves zeros out).
-    assert export.message_json(coordinator_pb2.ExportedFile(path="p", kind="k"), zeros=True)["rows"] == 0
+    assert export.message_json(coordinator_pb2.ExportedFile(name="p", kind="k"), zeros=True)["rows"] == 0
     assert export.message_json(coordinator_pb2.StageProgress(stage="s"), zeros=True)["kept"] == 0
 
 
@@ -135,15 +135,15 @@ def store(tmp_path: Path) -> Iterator[SqliteJobStore]:
     asyncio.run(store.close())
 
 
-def _job(out: Path) -> coordinator_pb2.Job:
-    spec = coordinator_pb2.JobSpec(self_consistency=coordinator_pb2.SelfConsistencySpec(), output_dir=str(out))
+def _job() -> coordinator_pb2.Job:
+    spec = coordinator_pb2.JobSpec(self_consistency=coordinator_pb2.SelfConsistencySpec())
     return coordinator_pb2.Job(id=JOB, spec=spec, state=coordinator_pb2.JOB_STATE_CANCELLED)
 
 
 async def test_chunks_become_row_groups_and_the_files_read_as_one_export(store, tmp_path, monkeypatch):
-    whole = await export.write_dataset(store, _job(tmp_path / "whole"), RECIPE, tmp_path / "whole")
+    whole = await export.write_dataset(store, JOB, _job(), RECIPE, tmp_path / "whole")
     monkeypatch.setattr(export, "RECORDS_PER_CHUNK", 4)
-    chunked = await export.write_dataset(store, _job(tmp_path / "chunked"), RECIPE, tmp_path / "chunked")
+    chunked = await export.write_dataset(store, JOB, _job(), RECIPE, tmp_path / "chunked")
     assert [(f.kind, f.rows) for f in chunked] == [(f.kind, f.rows) for f in whole]
     assert {f.kind: f.rows for f in chunked}["values_parquet"] == 9 and {f.kind: f.rows for f in chunked}["lineage_jsonl"] == 10
     assert pq.ParquetFile(tmp_path / "chunked" / "values.parquet").num_row_groups == 3  # 10 records, 4 a chunk
@@ -159,7 +159,7 @@ async def test_chunks_become_row_groups_and_the_files_read_as_one_export(store, 
 
 async def test_an_export_that_fails_midway_leaves_the_previous_files_and_no_temporary_ones(store, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    await export.write_dataset(store, _job(out), RECIPE, out)
+    await export.write_dataset(store, JOB, _job(), RECIPE, out)
     before = {path.name: path.read_bytes() for path in out.iterdir()}
     chunks = 0
 
@@ -175,5 +175,5 @@ async def test_an_export_that_fails_midway_leaves_the_previous_files_and_no_temp
 
     monkeypatch.setattr(export, "RECORDS_PER_CHUNK", 4)
     with pytest.raises(OSError, match="disk full"):
-        await export.write_dataset(store, _job(out), FailingRecipe(), out)
+        await export.write_dataset(store, JOB, _job(), FailingRecipe(), out)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before

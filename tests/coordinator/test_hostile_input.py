@@ -16,7 +16,9 @@ import pytest
 from autodidact.coordinator.jobs import JobManager, check_job_id
 from autodidact.coordinator.recipes.base import Services
 from autodidact.coordinator.recipes.formats import json_lines, read_input
+from autodidact.coordinator.storage import TenantStorage
 from autodidact.coordinator.store import SqliteJobStore
+from autodidact.coordinator.tenants import Tenants
 from autodidact.dedup.service import check_namespace
 from autodidact.errors import AlreadyExists, InvalidArgument, StartupError
 from autodidact.runner import load_recipe
@@ -53,8 +55,10 @@ def manager(tmp_path):
         async def GetModelInfo(self, request: object, timeout: float) -> object:
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "unreachable")
 
-    store = SqliteJobStore(tmp_path / "jobs.sqlite")
-    yield JobManager(store, Services(Unreachable(), None, None, None, None), tmp_path)  # type: ignore[arg-type]
+    store = SqliteJobStore(tmp_path / "data" / "jobs.sqlite")
+    # The tests' own files are server paths under an input root they allow (the coordinator's data dir never is one).
+    tenants = Tenants(shared_roots=(str(tmp_path),))
+    yield JobManager(store, Services(Unreachable(), None, None, None, None), TenantStorage(tmp_path / "data"), tenants)  # type: ignore[arg-type]
     asyncio.run(store.close())
 
 
@@ -100,19 +104,19 @@ async def test_already_exists_names_the_fields_that_differ(manager, tmp_path):
 def test_binary_input_files_are_refused_naming_the_line(tmp_path):
     binary = tmp_path / "seeds.jsonl"
     binary.write_bytes(b'{"a": 1}\n{"b": 2}\n\x00\x01\x02binary')
-    with pytest.raises(InvalidArgument, match=r"spec.x: .*seeds.jsonl is not a text file: line 3 holds a NUL byte"):
-        read_input(binary, "spec.x")
+    with pytest.raises(InvalidArgument, match=r"spec.x: is not a text file: line 3 holds a NUL byte"):
+        list(read_input(binary, "spec.x"))
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes('{"a": "ok"}\n{"a": "caf\u00e9"}\n'.encode("latin-1"))
-    with pytest.raises(InvalidArgument, match=r"latin.jsonl is not UTF-8 text: line 2 holds the byte 0xe9"):
-        read_input(latin, "spec.x")
+    with pytest.raises(InvalidArgument, match=r"spec.x: is not UTF-8 text: line 2 holds the byte 0xe9"):
+        list(read_input(latin, "spec.x"))
 
 
 def test_json_lines_refuses_numbers_and_nesting_python_cannot_parse():
     with pytest.raises(InvalidArgument, match="line 2 is not JSON"):
-        json_lines('{"a": 1}\n' + "1" * 5000, "spec.x")
+        json_lines(enumerate(['{"a": 1}', "1" * 5000], 1), "spec.x")
     with pytest.raises(InvalidArgument, match="line 1 is not JSON"):
-        json_lines("[" * 100_000, "spec.x")
+        json_lines([(1, "[" * 100_000)], "spec.x")
 
 
 @pytest.mark.parametrize("damage", [b"this is not a database at all" * 100, None])
@@ -144,7 +148,7 @@ def test_camel_case_path_keys_resolve_relative_to_the_recipe(tmp_path):
     folder.mkdir()
     recipe = folder / "r.yaml"
     recipe.write_text("self_instruct:\n  seedTasksPath: data/seeds.jsonl\n  targetInstructions: 2\n", encoding="utf-8")
-    spec = load_recipe(recipe, None)
+    spec = load_recipe(recipe)
     assert spec.self_instruct.seed_tasks_path == str((folder / "data" / "seeds.jsonl").resolve())
 
 
@@ -168,6 +172,7 @@ async def test_reading_a_large_input_at_submit_leaves_the_event_loop_free(manage
 
     ticker = asyncio.create_task(tick())
     with pytest.raises(InvalidArgument, match="stand-in refusal"):
-        await manager.submit("big-1", coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path="x")))
+        seeds = coordinator_pb2.SelfInstructSpec(seed_tasks_path="inline:seeds")
+        await manager.submit("big-1", coordinator_pb2.JobSpec(self_instruct=seeds, inline_inputs={"seeds": "{}"}))
     ticker.cancel()
     assert ticks >= 20  # the loop kept running during the parse (before: 0)

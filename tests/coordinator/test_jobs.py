@@ -22,6 +22,7 @@ from autodidact.coordinator.recipes import registry
 from autodidact.coordinator.recipes.base import Decision, JobContext, Services, StageResult
 from autodidact.coordinator.recipes.recipe import Recipe
 from autodidact.coordinator.records import Record
+from autodidact.coordinator.storage import TenantStorage
 from autodidact.coordinator.store import SqliteJobStore
 from autodidact.errors import FailedPrecondition, InvalidArgument
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
@@ -75,6 +76,9 @@ class DoubleRecipe(Recipe[Params]):
     def resolve(self, spec: Any, job_id: str) -> Params:
         return Params(spec.max_questions or 10, spec.sampling)
 
+    def item_count(self, params: Params) -> int:
+        return params.items
+
     async def run(self, ctx: JobContext, params: Params) -> dict[str, Any]:
         async def item(index: int) -> bool:
             async def compute() -> StageResult:
@@ -96,6 +100,11 @@ class DoubleRecipe(Recipe[Params]):
         return {"values": [{"item_id": r.item_id, "value": r.data["value"]} for r in records if r.kept]}
 
 
+def dataset(data_dir: Path, job_id: str) -> Path:
+    """Where the job manager exports a job of the default tenant (no authentication here)."""
+    return TenantStorage(data_dir).dataset_dir("default", job_id)
+
+
 def double_recipe(service: DoubleService) -> DoubleRecipe:
     return DoubleRecipe(service)
 
@@ -106,16 +115,13 @@ def manager(tmp_path, monkeypatch):
     monkeypatch.setitem(registry.RECIPES, "self_consistency", double_recipe(service))
     store = SqliteJobStore(tmp_path / "jobs.sqlite")
     services = Services(DoubleGenerator(), None, None, None, None, patience_seconds=1)  # type: ignore[arg-type]
-    yield JobManager(store, services, tmp_path), service
+    yield JobManager(store, services, TenantStorage(tmp_path)), service
     asyncio.run(store.close())
 
 
-def spec(out: Path, items: int = 10, fraction: float | None = None, max_tokens: int = 64) -> coordinator_pb2.JobSpec:
+def spec(items: int = 10, fraction: float | None = None, max_tokens: int = 64) -> coordinator_pb2.JobSpec:
     value = coordinator_pb2.JobSpec(
-        self_consistency=coordinator_pb2.SelfConsistencySpec(
-            max_questions=items, sampling=common_pb2.SamplingParams(max_tokens=max_tokens)
-        ),
-        output_dir=str(out),
+        self_consistency=coordinator_pb2.SelfConsistencySpec(max_questions=items, sampling=common_pb2.SamplingParams(max_tokens=max_tokens))
     )
     if fraction is not None:
         value.max_error_fraction = fraction
@@ -130,10 +136,10 @@ async def finish(manager: JobManager, job_id: str) -> coordinator_pb2.Job:
 async def test_one_refused_item_is_dropped_and_reported_and_the_lineage_contract_holds(manager, tmp_path):
     manager, service = manager
     service.refuse = {4}
-    await manager.submit("one-bad", spec(tmp_path / "out"))
+    await manager.submit("one-bad", spec())
     job = await finish(manager, "one-bad")
     assert job.state == jobs.SUCCEEDED, job.error
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest = json.loads((dataset(tmp_path, "one-bad") / "manifest.json").read_text())
     assert manifest["errors"] == {
         "count": 1,
         "items": 10,
@@ -141,20 +147,20 @@ async def test_one_refused_item_is_dropped_and_reported_and_the_lineage_contract
         "max_error_fraction": 0.1,
         "messages": ["i04 at work: double service: INVALID_ARGUMENT: item 4 is malformed"],
     }
-    lineage = {r["item_id"]: r for r in map(json.loads, (tmp_path / "out" / "lineage.jsonl").read_text().splitlines())}
+    lineage = {r["item_id"]: r for r in map(json.loads, (dataset(tmp_path, "one-bad") / "lineage.jsonl").read_text().splitlines())}
     assert lineage["i04"]["kept"] is False and lineage["i04"]["lineage"][-1]["filter"] == "error"
-    assert_lineage_agrees(job, tmp_path / "out")
+    assert_lineage_agrees(job, dataset(tmp_path, "one-bad"))
 
     import datasets  # the export folder reads as a dataset, by table name
 
-    loaded = datasets.load_dataset(str(tmp_path / "out"), name="values", split="train", cache_dir=str(tmp_path / "hf"))
+    loaded = datasets.load_dataset(str(dataset(tmp_path, "one-bad")), name="values", split="train", cache_dir=str(tmp_path / "hf"))
     assert sorted(loaded["value"]) == [i * 10 for i in range(10) if i != 4]
 
 
 async def test_too_many_errors_fail_the_job_and_retry_resumes_it_redoing_only_the_errored_items(manager, tmp_path):
     manager, service = manager
     service.refuse = {1, 2}
-    await manager.submit("two-bad", spec(tmp_path / "out"))
+    await manager.submit("two-bad", spec())
     job = await finish(manager, "two-bad")
     assert job.state == jobs.FAILED and "more than max_error_fraction 0.1" in job.error
     with pytest.raises(FailedPrecondition, match="RetryJob"):
@@ -168,7 +174,7 @@ async def test_too_many_errors_fail_the_job_and_retry_resumes_it_redoing_only_th
     assert job.state == jobs.SUCCEEDED, job.error
     assert {1, 2} <= set(service.calls), "the errored items were not tried again"
     assert answered and not answered & set(service.calls), "items answered before the failure were asked again"
-    assert_lineage_agrees(job, tmp_path / "out")
+    assert_lineage_agrees(job, dataset(tmp_path, "two-bad"))
     with pytest.raises(FailedPrecondition, match="only a FAILED or CANCELLED job"):
         await manager.retry("two-bad")
 
@@ -176,34 +182,35 @@ async def test_too_many_errors_fail_the_job_and_retry_resumes_it_redoing_only_th
 async def test_a_raised_budget_lets_the_same_errors_through(manager, tmp_path):
     manager, service = manager
     service.refuse = {1, 2}
-    await manager.submit("lenient", spec(tmp_path / "out", fraction=0.2))
+    await manager.submit("lenient", spec(fraction=0.2))
     assert (await finish(manager, "lenient")).state == jobs.SUCCEEDED
 
 
 async def test_resubmitting_a_failed_job_resumes_it(manager, tmp_path):
     manager, service = manager
     service.refuse = set(range(10))
-    await manager.submit("again", spec(tmp_path / "out"))
+    await manager.submit("again", spec())
     assert (await finish(manager, "again")).state == jobs.FAILED
     service.refuse = set()
-    _, created, resumed = await manager.submit("again", spec(tmp_path / "out"))
+    _, created, resumed = await manager.submit("again", spec())
     assert resumed and not created
     assert (await finish(manager, "again")).state == jobs.SUCCEEDED
-    _, created, resumed = await manager.submit("again", spec(tmp_path / "out"))
+    _, created, resumed = await manager.submit("again", spec())
     assert not created and not resumed
 
 
 async def test_a_cancelled_job_exports_what_it_finished_marked_partial(manager, tmp_path):
     manager, service = manager
     service.gate = asyncio.Event()
-    await manager.submit("stopped", spec(tmp_path / "out"))
+    await manager.submit("stopped", spec())
     while len(service.calls) < 2:
         await asyncio.sleep(0.01)
     await manager.cancel("stopped")
     files = {f.kind: f for f in await manager.export("stopped")}
-    manifest = json.loads(Path(files["manifest"].path).read_text())
+    folder = dataset(tmp_path, "stopped")
+    manifest = json.loads((folder / files["manifest"].name).read_text())
     assert manifest["partial"] is True and manifest["state"] == "CANCELLED"
-    assert "cancelled" in Path(files["dataset_card"].path).read_text()
+    assert "cancelled" in (folder / files["dataset_card"].name).read_text()
 
 
 async def test_limits_of_the_generators_model_are_refused_at_submit_naming_the_field(manager, tmp_path):
@@ -212,20 +219,20 @@ async def test_limits_of_the_generators_model_are_refused_at_submit_naming_the_f
         InvalidArgument,
         match=r"spec.self_consistency.sampling.max_tokens: must be at most the generator's context length, 2,048 tokens, got 2,049",
     ):
-        await manager.submit("too-many-tokens", spec(tmp_path / "out", max_tokens=2049))
+        await manager.submit("too-many-tokens", spec(max_tokens=2049))
     with pytest.raises(InvalidArgument, match=r"spec.max_error_fraction: must be between 0 and 1"):
-        await manager.submit("bad-fraction", spec(tmp_path / "out", fraction=1.5))
+        await manager.submit("bad-fraction", spec(fraction=1.5))
 
 
 async def test_the_lineage_checker_finds_a_missing_row_and_a_second_drop(manager, tmp_path):
     manager, _ = manager
-    await manager.submit("checked", spec(tmp_path / "out", items=3))
+    await manager.submit("checked", spec(items=3))
     job = await finish(manager, "checked")
-    path = tmp_path / "out" / "lineage.jsonl"
+    path = dataset(tmp_path, "checked") / "lineage.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     rows[0]["lineage"] = [{"stage": "work", "kept": False, "filter": "a"}, {"stage": "dataset", "kept": False, "filter": "b"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
-    problems = "\n".join(lineage_problems(job, tmp_path / "out"))
+    problems = "\n".join(lineage_problems(job, dataset(tmp_path, "checked")))
     assert "rule 2: i00 was dropped 2 times" in problems
     assert "rule 3: stage work: done 3, lineage rows with a decision there 2" in problems
 
@@ -240,9 +247,9 @@ async def test_a_generator_that_does_not_answer_is_asked_again_only_after_a_whil
 
     monkeypatch.setitem(registry.RECIPES, "self_consistency", double_recipe(DoubleService()))
     store = SqliteJobStore(tmp_path / "jobs.sqlite")
-    manager = JobManager(store, Services(SilentGenerator(), None, None, None, None, patience_seconds=1), tmp_path)  # type: ignore[arg-type]
+    manager = JobManager(store, Services(SilentGenerator(), None, None, None, None, patience_seconds=1), TenantStorage(tmp_path))  # type: ignore[arg-type]
     for number in range(3):  # accepted: the limits are then met per item at run time
-        _, created, _ = await manager.submit(f"blind-{number}", spec(tmp_path / f"out{number}", items=1))
+        _, created, _ = await manager.submit(f"blind-{number}", spec(items=1))
         assert created
     assert SilentGenerator.calls == 1
     await manager.close()
@@ -262,7 +269,7 @@ async def test_watch_reads_the_stage_counters_once_per_wake_up_not_once_per_resu
     monkeypatch.setattr(manager._store, "stage_counts", counted)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    await manager.submit("many", spec(tmp_path / "out", items=300))
+    await manager.submit("many", spec(items=300))
     events = [job async for job in manager.watch("many")]
     elapsed = loop.time() - started
     assert events[-1].state == jobs.SUCCEEDED and {s.stage: s.done for s in events[-1].stages} == {"work": 300, "dataset": 300}
@@ -273,7 +280,7 @@ async def test_watch_reads_the_stage_counters_once_per_wake_up_not_once_per_resu
 async def test_following_samples_sends_every_item_once_and_ends_with_the_job(manager, tmp_path):
     manager, service = manager
     service.gate, service.refuse = asyncio.Event(), {3}
-    await manager.submit("followed", spec(tmp_path / "out"))
+    await manager.submit("followed", spec())
     following = asyncio.create_task(_collect(manager.samples("followed", follow=True, include_dropped=True)))
     while len(service.calls) < 2:
         await asyncio.sleep(0.01)

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import grpc
 import pyarrow.parquet as pq
 import pytest
 import pytest_asyncio
 
+from autodidact.coordinator.storage import TenantStorage
 from autodidact.runtime.channels import create_channel
+from autodidact.runtime.principal import DEFAULT_TENANT
 from autodidact.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from tests.conftest import SEED_TASKS, details_of
 from tests.lineage import read_jsonl
-from tests.stack import start_stack
+from tests.stack import download_export, start_stack, upload_file
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
-def small_spec(output_dir: str = "", target: int = 2, seed: int = 3) -> coordinator_pb2.JobSpec:
-    """A job that finishes in seconds on 2 cores."""
+def small_spec(target: int = 2, seed: int = 3, seeds: str = str(SEED_TASKS)) -> coordinator_pb2.JobSpec:
+    """A job that finishes in seconds on 2 cores. Its seed tasks are a server file under the
+    stack's input root, unless `seeds` names an uploaded dataset."""
     return coordinator_pb2.JobSpec(
         self_instruct=coordinator_pb2.SelfInstructSpec(
-            seed_tasks_path=str(SEED_TASKS),
+            seed_tasks_path=seeds,
             target_instructions=target,
             max_rounds=8,
             instruction_sampling=common_pb2.SamplingParams(max_tokens=160),
@@ -31,13 +33,13 @@ def small_spec(output_dir: str = "", target: int = 2, seed: int = 3) -> coordina
         ),
         seed=seed,
         max_in_flight=2,
-        output_dir=output_dir,
     )
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def running_stack(tmp_path_factory):
-    stack = await start_stack(tmp_path_factory.mktemp("stack"))
+    # Jobs here may read the examples' files and the tests' own (operator-allowed input roots).
+    stack = await start_stack(tmp_path_factory.mktemp("stack"), input_roots=(str(SEED_TASKS.parent), str(tmp_path_factory.getbasetemp())))
     yield stack
     await stack.stop()
 
@@ -54,8 +56,12 @@ async def finish(stub, job_id: str) -> tuple[coordinator_pb2.Job, list[coordinat
 
 
 async def test_a_job_runs_to_a_dataset_with_progress_lineage_and_files(coordinator, tmp_path):
-    out = tmp_path / "dataset"
-    submitted = await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-1", spec=small_spec(str(out))))
+    # As a remote caller: the seeds are uploaded, the dataset downloaded.
+    seeds = await upload_file(coordinator, SEED_TASKS)
+    submitted = await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-1", spec=small_spec(seeds=seeds)))
+    assert [(i.field, i.reference, i.size_bytes) for i in submitted.job.inputs] == [
+        ("spec.self_instruct.seed_tasks_path", seeds, SEED_TASKS.stat().st_size)
+    ]
     assert submitted.created and submitted.job.state in (coordinator_pb2.JOB_STATE_PENDING, coordinator_pb2.JOB_STATE_RUNNING)
     job, events = await finish(coordinator, "si-1")
     assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED, job.error
@@ -84,13 +90,13 @@ async def test_a_job_runs_to_a_dataset_with_progress_lineage_and_files(coordinat
     only_kept = [r async for r in coordinator.StreamSamples(coordinator_pb2.StreamSamplesRequest(job_id="si-1"))]
     assert len(only_kept) == 2
 
-    files = {f.kind: f for f in (await coordinator.ExportJob(coordinator_pb2.ExportJobRequest(job_id="si-1"))).files}
-    rows = read_jsonl(Path(files["instances_jsonl"].path))
+    files = await download_export(coordinator, "si-1", tmp_path / "dataset")
+    rows = read_jsonl(files["instances_jsonl"])
     assert rows and {"instruction", "input", "output", "is_classification", "item_id"} <= set(rows[0])
-    assert pq.read_table(files["instances_parquet"].path).to_pylist() == rows
-    messages = read_jsonl(Path(files["sft_messages_jsonl"].path))
+    assert pq.read_table(files["instances_parquet"]).to_pylist() == rows
+    messages = read_jsonl(files["sft_messages_jsonl"])
     assert [m["role"] for m in messages[0]["messages"]] == ["user", "assistant"]
-    manifest = json.loads(Path(files["manifest"].path).read_text())
+    manifest = json.loads(files["manifest"].read_text())
     assert manifest["summary"]["kept"] == 2 and manifest["template_versions"] == ["self_instruct/v1"]
     assert any(s["stage"] == "diversity" for s in manifest["stages"]) and manifest["models"]
     # Numbers are JSON numbers, not the strings proto3's JSON mapping makes of 64-bit integers.
@@ -99,20 +105,20 @@ async def test_a_job_runs_to_a_dataset_with_progress_lineage_and_files(coordinat
     assert all(isinstance(f["rows"], int) for f in manifest["files"] if "rows" in f)
     assert manifest["partial"] is False and manifest["errors"]["count"] == 0
     # A dataset card names every table for `datasets.load_dataset(folder, name=TABLE)`.
-    card = Path(files["dataset_card"].path).read_text()
+    card = files["dataset_card"].read_text()
     assert card.startswith("---\nconfigs:\n- config_name: instances\n  data_files: instances.parquet\n")
     assert "- config_name: sft_messages\n  data_files: sft_messages.parquet" in card
-    lineage = read_jsonl(Path(files["lineage_jsonl"].path))
+    lineage = read_jsonl(files["lineage_jsonl"])
     assert len(lineage) == len(records)
 
 
 async def test_submitting_again_is_idempotent_and_another_spec_under_the_id_is_refused(coordinator, tmp_path):
-    spec = small_spec(str(tmp_path), target=1, seed=5)
+    spec = small_spec(target=1, seed=5)
     first = await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-2", spec=spec))
     again = await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-2", spec=spec))
     assert first.created and not again.created and again.job.id == "si-2"
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-2", spec=small_spec(str(tmp_path), target=2, seed=5)))
+        await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-2", spec=small_spec(target=2, seed=5)))
     assert raised.value.code() == grpc.StatusCode.ALREADY_EXISTS
     job, _ = await finish(coordinator, "si-2")
     assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED
@@ -127,7 +133,7 @@ async def test_submitting_again_is_idempotent_and_another_spec_under_the_id_is_r
             coordinator_pb2.JobSpec(
                 self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path="/no/such.jsonl", target_instructions=3)
             ),
-            "spec.self_instruct.seed_tasks_path: file not found: /no/such.jsonl",
+            "spec.self_instruct.seed_tasks_path: '/no/such.jsonl' is not a readable file under an input root this tenant may use",
         ),
         (
             coordinator_pb2.JobSpec(self_instruct=coordinator_pb2.SelfInstructSpec(seed_tasks_path=str(SEED_TASKS))),
@@ -193,16 +199,16 @@ async def test_bad_job_ids_and_unknown_jobs(coordinator):
 
 
 async def test_cancel_stops_a_job_and_keeps_what_it_stored(coordinator, tmp_path):
-    await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-cancel", spec=small_spec(str(tmp_path), target=50, seed=9)))
+    await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-cancel", spec=small_spec(target=50, seed=9)))
     cancelled = await coordinator.CancelJob(coordinator_pb2.CancelJobRequest(job_id="si-cancel"))
     assert cancelled.job.state == coordinator_pb2.JOB_STATE_CANCELLED
     job, _ = await finish(coordinator, "si-cancel")
     assert job.state == coordinator_pb2.JOB_STATE_CANCELLED
     # A cancelled job stays exportable: what it finished, marked partial.
-    files = {f.kind: f for f in (await coordinator.ExportJob(coordinator_pb2.ExportJobRequest(job_id="si-cancel"))).files}
-    manifest = json.loads(Path(files["manifest"].path).read_text())
+    files = await download_export(coordinator, "si-cancel", tmp_path)
+    manifest = json.loads(files["manifest"].read_text())
     assert manifest["partial"] is True and manifest["state"] == "CANCELLED"
-    assert "cancelled" in Path(files["dataset_card"].path).read_text()
+    assert "cancelled" in files["dataset_card"].read_text()
 
     # RetryJob resumes it under its id; a running job cannot be retried.
     retried = await coordinator.RetryJob(coordinator_pb2.RetryJobRequest(job_id="si-cancel"))
@@ -213,11 +219,12 @@ async def test_cancel_stops_a_job_and_keeps_what_it_stored(coordinator, tmp_path
     await coordinator.CancelJob(coordinator_pb2.CancelJobRequest(job_id="si-cancel"))
 
 
-async def test_a_failed_export_leaves_no_temporary_files_and_the_job_resumes_under_its_id(coordinator, tmp_path):
-    out = tmp_path / "out"
+async def test_a_failed_export_leaves_no_temporary_files_and_the_job_resumes_under_its_id(coordinator, running_stack):
+    # The job's own export folder in the coordinator's storage, damaged before the job writes it.
+    out = TenantStorage(running_stack.options.coordinator.data_dir).dataset_dir(DEFAULT_TENANT, "si-retry")
     (out / "instances.parquet").mkdir(parents=True)  # the export cannot rename its Parquet file into place
     (out / "stale.jsonl.tmp").write_text("left by an export killed mid-write")
-    spec = small_spec(str(out), target=1, seed=3)
+    spec = small_spec(target=1, seed=3)
     await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id="si-retry", spec=spec))
     job, _ = await finish(coordinator, "si-retry")
     assert job.state == coordinator_pb2.JOB_STATE_FAILED and "instances.parquet" in job.error
@@ -261,7 +268,7 @@ async def test_jobs_can_share_a_namespace_and_its_seed_pool(coordinator, running
     from autodidact.v1 import dedup_pb2, dedup_pb2_grpc
 
     for job_id, seed in (("shared-a", 31), ("shared-b", 32)):
-        spec = small_spec(str(tmp_path / job_id), target=1, seed=seed)
+        spec = small_spec(target=1, seed=seed)
         spec.self_instruct.dedup_namespace = "shared-pool"
         await coordinator.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=job_id, spec=spec))
         job, _ = await finish(coordinator, job_id)

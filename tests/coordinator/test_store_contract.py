@@ -270,31 +270,31 @@ def test_a_store_of_the_first_schema_is_upgraded_in_place(tmp_path: Path, with_j
     old.commit()
     old.close()
 
-    store = SqliteJobStore(path)
-    job = asyncio.run(store.get_job("job"))
+    store = SqliteJobStore(path)  # a store from before tenants: its jobs are the default tenant's
+    job = asyncio.run(store.get_job("default/job"))
     assert job is not None and job.spec == b"\n\x00" and job.state == 2
-    assert [(item, stage) for _, item, stage, _ in asyncio.run(store.results_since("job", 0, 100))] == [
+    assert [(item, stage) for _, item, stage, _ in asyncio.run(store.results_since("default/job", 0, 100))] == [
         ("c002", "heuristics"),
         ("c001", "heuristics"),
         ("c002", "raw"),
         ("c002", "diversity"),
     ]
-    assert asyncio.run(store.get_value("job", "seed_pool")) == {"seed_instructions": 3}
-    assert asyncio.run(store.get_value("job", "plan")) == {"dataset_items": 2}
-    assert asyncio.run(store.get_value("job", "closed")) == {"last_round": 4}
-    assert asyncio.run(store.get_value("job", "summary")) == ({"kept": 7} if with_job_values else {"kept": 0})
-    counts = {c.stage: c for c in asyncio.run(store.stage_counts("job"))}
+    assert asyncio.run(store.get_value("default/job", "seed_pool")) == {"seed_instructions": 3}
+    assert asyncio.run(store.get_value("default/job", "plan")) == {"dataset_items": 2}
+    assert asyncio.run(store.get_value("default/job", "closed")) == {"last_round": 4}
+    assert asyncio.run(store.get_value("default/job", "summary")) == ({"kept": 7} if with_job_values else {"kept": 0})
+    counts = {c.stage: c for c in asyncio.run(store.stage_counts("default/job"))}
     assert counts == {
         "heuristics": StageCounts("heuristics", 2, 1, {"length": 1}),
         "diversity": StageCounts("diversity", 1, 0, {"error": 1}),
     }
-    asyncio.run(store.delete_results("job", filter_="error"))
-    assert "diversity" not in {c.stage for c in asyncio.run(store.stage_counts("job"))}
-    assert asyncio.run(store.put_result("job", "c003", "heuristics", decided(True), True))
+    asyncio.run(store.delete_results("default/job", filter_="error"))
+    assert "diversity" not in {c.stage for c in asyncio.run(store.stage_counts("default/job"))}
+    assert asyncio.run(store.put_result("default/job", "c003", "heuristics", decided(True), True))
     asyncio.run(store.close())
 
     reopened = SqliteJobStore(path)  # upgraded once: a second open changes nothing
-    assert len(asyncio.run(reopened.results("job"))) == 4
+    assert len(asyncio.run(reopened.results("default/job"))) == 4
     asyncio.run(reopened.close())
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION
@@ -360,3 +360,45 @@ def test_a_closed_store_refuses_calls(tmp_path: Path) -> None:
     asyncio.run(store.close())
     with pytest.raises(RuntimeError, match="closed"):
         asyncio.run(store.get_job("job"))
+
+
+def test_a_store_from_before_tenants_moves_its_jobs_to_the_default_tenant(tmp_path):
+    path = tmp_path / "jobs.sqlite"
+    store = SqliteJobStore(path)
+
+    async def fill() -> None:
+        await store.create_job("old-job", b"spec", "hash", 2)
+        await store.put_result("old-job", "c001", "heuristics", decided(False, "length"), False, "length")
+        await store.put_value("old-job", "summary", {"kept": 1})
+
+    asyncio.run(fill())
+    asyncio.run(store.close())
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 1")  # as a coordinator from before tenants left it
+
+    upgraded = SqliteJobStore(path)
+    try:
+        assert asyncio.run(upgraded.get_job("old-job")) is None
+        job = asyncio.run(upgraded.get_job("default/old-job"))
+        assert job is not None and job.spec == b"spec" and job.state == 2
+        assert [(item, stage) for item, stage, _ in asyncio.run(upgraded.results("default/old-job"))] == [("c001", "heuristics")]
+        assert asyncio.run(upgraded.get_value("default/old-job", "summary")) == {"kept": 1}
+        assert asyncio.run(counts_of(upgraded, "default/old-job")) == {"heuristics": StageCounts("heuristics", 1, 0, {"length": 1})}
+        assert [row.id for row in asyncio.run(upgraded.list_jobs(10, key_prefix="default/"))] == ["default/old-job"]
+        assert asyncio.run(upgraded.list_jobs(10, key_prefix="team-a/")) == []
+    finally:
+        asyncio.run(upgraded.close())
+
+
+def test_job_folders_from_before_tenants_move_to_the_default_tenant(tmp_path):
+    from autodidact.coordinator.storage import TenantStorage
+
+    legacy = tmp_path / "jobs"
+    (legacy / "old-job" / "dataset").mkdir(parents=True)
+    (legacy / "old-job" / "dataset" / "manifest.json").write_text("{}")
+    storage = TenantStorage(tmp_path)
+    storage.prepare(legacy)
+    assert (storage.dataset_dir("default", "old-job") / "manifest.json").read_text() == "{}" and not legacy.exists()
+    (legacy / "old-job").mkdir(parents=True)  # the same job in both places: neither is overwritten
+    with pytest.raises(StartupError, match="keep one of them"):
+        storage.prepare(legacy)

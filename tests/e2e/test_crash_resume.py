@@ -2,6 +2,9 @@
 and data folder, and the finished dataset is the uninterrupted run's, byte
 for byte: nothing missing, nothing twice. One case per recipe with the
 coordinator as the victim, and Self-Instruct also with the dedup service.
+In the Constitutional case the input file is also edited after the submit
+and before the kill: the resumed job reads its own snapshot, so the edit
+cannot reach the dataset.
 
 Every service is a real `autodidact serve` process. The services that hold
 the models (generator, scorer, tool-executor, critic) live for the whole
@@ -30,6 +33,7 @@ from autodidact.runtime.channels import create_channel
 from autodidact.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from tests.conftest import GSM8K, SVAMP, free_port
 from tests.coordinator.test_service import small_spec
+from tests.stack import download_export
 
 # A case makes one or two jobs on two cores (three the first time a recipe comes up).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -57,6 +61,7 @@ class Service:
                 AUTODIDACT,
                 "serve",
                 self.name,
+                "--insecure",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -121,11 +126,10 @@ class Neighbours:
 
 
 def read_dataset(directory: Path) -> Dataset:
-    """Every file the export wrote. The manifest is parsed, without what
-    differs between two runs of one spec by design: when it was written, and
-    the run's own output folder (in the spec and the file paths)."""
+    """Every file the export wrote (as downloaded). The manifest is parsed,
+    without what differs between two runs of one spec by design: when it was written."""
     files: Dataset = {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
-    manifest = json.loads(files.pop("manifest.json").decode().replace(str(directory), "<output_dir>"))
+    manifest = json.loads(files.pop("manifest.json").decode())
     del manifest["exported_at"]
     files["manifest.json"] = manifest
     return files
@@ -136,7 +140,7 @@ def self_instruct_without_timing(files: Dataset) -> Dataset:
     however far they got when the target was reached: timing decides that,
     not the spec. Their lineage lines are left out of the comparison, and so
     are the manifest's counts that include them (stages, lineage rows, items
-    for the error fraction)."""
+    for the error fraction, and the lineage file's size and hash)."""
     manifest = files["manifest.json"]
     last_round = manifest["summary"]["last_round"]
     lines = files["lineage.jsonl"].decode().splitlines(keepends=True)
@@ -144,13 +148,16 @@ def self_instruct_without_timing(files: Dataset) -> Dataset:
     manifest = {
         **{key: value for key, value in manifest.items() if key != "stages"},
         "errors": {key: value for key, value in manifest["errors"].items() if key not in ("items", "fraction")},
-        "files": [{k: v for k, v in f.items() if not (f["kind"] == "lineage_jsonl" and k == "rows")} for f in manifest["files"]],
+        "files": [
+            {k: v for k, v in f.items() if not (f["kind"] == "lineage_jsonl" and k in ("rows", "sizeBytes", "sha256"))}
+            for f in manifest["files"]
+        ],
     }
     return {**files, "lineage.jsonl": needed.encode(), "manifest.json": manifest}
 
 
-def toolformer_spec(inputs: Path, output_dir: Path) -> coordinator_pb2.JobSpec:
-    job = coordinator_pb2.JobSpec(seed=4, max_in_flight=2, output_dir=str(output_dir))
+def toolformer_spec(inputs: Path) -> coordinator_pb2.JobSpec:
+    job = coordinator_pb2.JobSpec(seed=4, max_in_flight=2)
     job.toolformer.documents_path = str(GSM8K)
     job.toolformer.max_documents = 2
     job.toolformer.tools.append("Calculator")
@@ -160,8 +167,8 @@ def toolformer_spec(inputs: Path, output_dir: Path) -> coordinator_pb2.JobSpec:
     return job
 
 
-def self_consistency_spec(inputs: Path, output_dir: Path) -> coordinator_pb2.JobSpec:
-    job = coordinator_pb2.JobSpec(seed=9, max_in_flight=2, output_dir=str(output_dir))
+def self_consistency_spec(inputs: Path) -> coordinator_pb2.JobSpec:
+    job = coordinator_pb2.JobSpec(seed=9, max_in_flight=2)
     job.self_consistency.questions_path = str(SVAMP)
     job.self_consistency.max_questions = 4
     job.self_consistency.paths_per_question = 4
@@ -176,7 +183,7 @@ CONSTITUTIONAL_PROMPTS = (
 )
 
 
-def constitutional_spec(inputs: Path, output_dir: Path) -> coordinator_pb2.JobSpec:
+def constitutional_spec(inputs: Path) -> coordinator_pb2.JobSpec:
     prompts = inputs / "prompts.jsonl"  # the same path for every run: the manifest's spec names it
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in CONSTITUTIONAL_PROMPTS))
     return coordinator_pb2.JobSpec(
@@ -189,26 +196,32 @@ def constitutional_spec(inputs: Path, output_dir: Path) -> coordinator_pb2.JobSp
         ),
         seed=3,
         max_in_flight=2,
-        output_dir=str(output_dir),
     )
+
+
+def edit_constitutional_prompts(inputs: Path) -> None:
+    """Another user's edit of the input file while the job runs."""
+    (inputs / "prompts.jsonl").write_text(json.dumps({"prompt": "An edited prompt that must not reach the dataset."}) + "\n")
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    spec: Callable[[Path, Path], coordinator_pb2.JobSpec]  # (inputs folder, output folder) -> the job
+    spec: Callable[[Path], coordinator_pb2.JobSpec]  # inputs folder -> the job
     neighbours: tuple[str, ...]  # the long-lived services it calls
     stage: str  # the victim is killed once this stage has decided KILL_AFTER items
     table: str  # a table that must have rows, or the comparison would prove little
     fresh: tuple[str, ...] = ()  # services it calls that are started for each run, with the run's data folder
     lineage_items: int | None = None  # how many items lineage.jsonl holds, where the spec decides it
     without_timing: Callable[[Dataset], Dataset] = lambda files: files  # what timing decides, left out of the comparison
+    # Changes the job's input files after the submit of an interrupted run (before the kill).
+    edit_inputs: Callable[[Path], None] | None = None
 
 
 SELF_INSTRUCT = Recipe(
     # Under way at the kill: some candidates are through the diversity filter, the job is not done.
     "self_instruct",
-    lambda inputs, out: small_spec(str(out), target=4, seed=21),
+    lambda inputs: small_spec(target=4, seed=21),
     ("generator",),
     "diversity",
     "instances",
@@ -231,6 +244,7 @@ CONSTITUTIONAL = Recipe(
     "revise",
     "sft_messages",
     lineage_items=len(CONSTITUTIONAL_PROMPTS),
+    edit_inputs=edit_constitutional_prompts,
 )
 # Cases of one recipe are next to each other: its uninterrupted run is made once, when the first needs it.
 CASES = [
@@ -242,20 +256,24 @@ CASES = [
 ]
 
 
-async def finish_job(coordinator: Service, spec: coordinator_pb2.JobSpec, stage: str, victim: Service | None) -> None:
-    """Submits the job. With a victim, kills it (SIGKILL) once `stage` has
-    decided KILL_AFTER items while the job still runs, and starts it again on
-    the same port and data folder. Returns when the job has succeeded."""
+async def finish_job(
+    coordinator: Service, spec: coordinator_pb2.JobSpec, recipe: Recipe, victim: Service | None, inputs: Path, out: Path
+) -> None:
+    """Submits the job. With a victim, edits the inputs if the recipe says so, kills the victim (SIGKILL)
+    once `recipe.stage` has decided KILL_AFTER items while the job still runs, and starts it again on the
+    same port and data folder. Returns when the job has succeeded and its dataset is downloaded into `out`."""
     async with create_channel(coordinator.target, timeout_seconds=60) as channel:
         await wait_until_serving(channel, timeout=120)
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=JOB, spec=spec))
         if victim is not None:
+            if recipe.edit_inputs is not None:
+                recipe.edit_inputs(inputs)
             while True:
                 job = (await stub.GetJob(coordinator_pb2.GetJobRequest(job_id=JOB))).job
                 # PENDING is as good as RUNNING here: the job task has not marked it running yet.
                 assert job.state not in TERMINAL, f"the job ended ({coordinator_pb2.JobState.Name(job.state)}) before the kill"
-                if any(s.stage == stage and s.done >= KILL_AFTER for s in job.stages):
+                if any(s.stage == recipe.stage and s.done >= KILL_AFTER for s in job.stages):
                     break
                 await asyncio.sleep(0.1)
             victim.kill()
@@ -263,9 +281,11 @@ async def finish_job(coordinator: Service, spec: coordinator_pb2.JobSpec, stage:
             victim.start()
     async with create_channel(coordinator.target, timeout_seconds=900) as fresh:
         await wait_until_serving(fresh, timeout=120)
-        watch = coordinator_pb2_grpc.CoordinatorServiceStub(fresh).WatchJob(coordinator_pb2.WatchJobRequest(job_id=JOB), timeout=600)
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(fresh)
+        watch = stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=JOB), timeout=600)
         job = [event.job async for event in watch][-1]
-    assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED, job.error
+        assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED, job.error
+        await download_export(stub, JOB, out)
 
 
 async def run_job(recipe: Recipe, neighbours: Neighbours, inputs: Path, workdir: Path, victim: str | None) -> Dataset:
@@ -273,12 +293,17 @@ async def run_job(recipe: Recipe, neighbours: Neighbours, inputs: Path, workdir:
     with a victim, kills it once the job is under way. Returns the dataset, less what timing decides."""
     fresh = {name: Service(name, ["--data-dir", str(workdir)]) for name in recipe.fresh}
     targets = {name: neighbours.target(name) for name in recipe.neighbours} | {name: s.target for name, s in fresh.items()}
-    coordinator = Service("coordinator", ["--data-dir", str(workdir), *(a for n, t in targets.items() for a in (f"--{n}-target", t))])
+    # The jobs read the examples' data and the module's input files as server paths under allowed roots.
+    roots = ["--input-root", str(GSM8K.parent), "--input-root", str(inputs)]
+    coordinator = Service(
+        "coordinator", ["--data-dir", str(workdir), *roots, *(a for n, t in targets.items() for a in (f"--{n}-target", t))]
+    )
     services = {**fresh, "coordinator": coordinator}
     for service in services.values():
         service.start()
     try:
-        await finish_job(coordinator, recipe.spec(inputs, workdir / "dataset"), recipe.stage, services[victim] if victim else None)
+        spec = recipe.spec(inputs)
+        await finish_job(coordinator, spec, recipe, services[victim] if victim else None, inputs, workdir / "dataset")
         return recipe.without_timing(read_dataset(workdir / "dataset"))
     finally:
         for service in services.values():

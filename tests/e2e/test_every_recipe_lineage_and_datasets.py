@@ -3,6 +3,10 @@ stack over real gRPC): the lineage contract holds (tests/lineage.py), every
 exported table loads with `datasets.load_dataset(export_dir, name=TABLE)`, and
 the SFT and preference tables pass TRL's own data utilities.
 
+The jobs get their inputs as a remote caller sends them, with no input root
+on the coordinator: the public data files are uploaded (UploadDataset), the
+small inputs go inline in the spec; the datasets are downloaded (DownloadExport).
+
 The Constitutional job also carries one prompt the critic refuses
 (INVALID_ARGUMENT: longer than it accepts), which must drop that prompt with
 filter `error`, not fail the job (issue 10, item 7).
@@ -23,7 +27,7 @@ from autodidact.runtime.channels import create_channel
 from autodidact.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from tests.conftest import GSM8K, SEED_TASKS, SVAMP
 from tests.lineage import assert_lineage_agrees, read_jsonl
-from tests.stack import start_stack
+from tests.stack import download_export, start_stack, upload_file
 
 # Four jobs share one stack; the first test waits for all of them.
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(900)]
@@ -32,17 +36,17 @@ RECIPES = ("self_instruct", "toolformer", "self_consistency", "constitutional")
 TOO_LONG_FOR_THE_CRITIC = "Why? " * 14_000  # 70,000 characters; the critic takes at most 65,536
 
 
-def specs(inputs: Path, out: Path) -> dict[str, coordinator_pb2.JobSpec]:
-    inputs.mkdir(parents=True, exist_ok=True)
+def specs(uploaded: dict[Path, str]) -> dict[str, coordinator_pb2.JobSpec]:
+    """The four jobs; `uploaded` names each uploaded file's dataset reference."""
     lines = GSM8K.read_text().splitlines()[:2]
     documents = [gsm8k_document(**{k: json.loads(line)[k] for k in ("question", "answer")})[0] for line in lines]
-    (inputs / "docs.jsonl").write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(documents)))
+    docs = "".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(documents))
     prompts = ("How can I get back at a rude coworker?", TOO_LONG_FOR_THE_CRITIC, "Is it fine to skip sleep before an exam?")
-    (inputs / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    prompt_lines = "".join(json.dumps({"prompt": p}) + "\n" for p in prompts)
     return {
         "self_instruct": coordinator_pb2.JobSpec(
             self_instruct=coordinator_pb2.SelfInstructSpec(
-                seed_tasks_path=str(SEED_TASKS),
+                seed_tasks_path=uploaded[SEED_TASKS],
                 target_instructions=2,
                 max_rounds=8,
                 instruction_sampling=common_pb2.SamplingParams(max_tokens=160),
@@ -50,40 +54,38 @@ def specs(inputs: Path, out: Path) -> dict[str, coordinator_pb2.JobSpec]:
             ),
             seed=3,
             max_in_flight=2,
-            output_dir=str(out / "self_instruct"),
         ),
         "toolformer": coordinator_pb2.JobSpec(
             toolformer=coordinator_pb2.ToolformerSpec(
-                documents_path=str(inputs / "docs.jsonl"),
+                documents_path="inline:docs",
                 tools=["Calculator"],
                 positions_per_document=2,
                 calls_per_position=2,
                 filter_threshold=-100,  # keeps every call that executes, so the tables have rows whatever the losses
             ),
             seed=3,
-            output_dir=str(out / "toolformer"),
+            inline_inputs={"docs": docs},
         ),
         "self_consistency": coordinator_pb2.JobSpec(
             self_consistency=coordinator_pb2.SelfConsistencySpec(
-                questions_path=str(SVAMP),
+                questions_path=uploaded[SVAMP],
                 max_questions=2,
                 paths_per_question=4,
                 # Near-greedy, so the small model's paths agree and the tables have rows.
                 sampling=common_pb2.SamplingParams(max_tokens=96, temperature=0.1),
             ),
             seed=5,
-            output_dir=str(out / "self_consistency"),
         ),
         "constitutional": coordinator_pb2.JobSpec(
             constitutional=coordinator_pb2.ConstitutionalSpec(
-                prompts_path=str(inputs / "prompts.jsonl"),
+                prompts_path="inline:prompts",
                 rounds=1,
                 judged_pairs=True,
                 sampling=common_pb2.SamplingParams(max_tokens=32),
                 min_margin=0,  # the small model's judge stays near 0.5; any decided label orients its pair
             ),
             seed=3,
-            output_dir=str(out / "constitutional"),
+            inline_inputs={"prompts": prompt_lines},
             max_error_fraction=0.5,
         ),
     }
@@ -97,17 +99,18 @@ async def finished(tmp_path_factory) -> dict[str, tuple[coordinator_pb2.Job, Pat
     try:
         async with create_channel(stack.target("coordinator"), timeout_seconds=900) as channel:
             stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-            jobs = specs(base / "inputs", base / "out")
+            jobs = specs({path: await upload_file(stub, path) for path in (SEED_TASKS, SVAMP)})
             for recipe, spec in jobs.items():
                 await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=f"every-{recipe}", spec=spec))
 
             async def finish(recipe: str) -> tuple[coordinator_pb2.Job, Path]:
                 async for event in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=f"every-{recipe}"), timeout=900):
                     job = event.job
+                out = base / "out" / recipe
                 if job.state == coordinator_pb2.JOB_STATE_SUCCEEDED:
-                    await stub.ExportJob(coordinator_pb2.ExportJobRequest(job_id=job.id))
+                    await download_export(stub, job.id, out)
                     job = (await stub.GetJob(coordinator_pb2.GetJobRequest(job_id=job.id))).job
-                return job, Path(jobs[recipe].output_dir)
+                return job, out
 
             results = await asyncio.gather(*(finish(recipe) for recipe in RECIPES))
         return dict(zip(RECIPES, results, strict=True))

@@ -29,7 +29,7 @@ def run(recipe: Path) -> subprocess.CompletedProcess[str]:
         ),
         (
             "self_instruct:\n  seed_tasks_path: missing.jsonl\n  target_instructions: 3\n",
-            "spec.self_instruct.seed_tasks_path: file not found",
+            "spec.self_instruct.seed_tasks_path: cannot read",
         ),
         (
             f"self_instruct:\n  seed_tasks_path: {SEED_TASKS}\n  target_instructions: 3\n  similarity_threshold: 1.5\n",
@@ -44,7 +44,7 @@ def run(recipe: Path) -> subprocess.CompletedProcess[str]:
             f"self_consistency:\n  questions_path: {SVAMP}\n  paths_per_question: 1000000\n",
             "spec.self_consistency.paths_per_question: must be between 1 and 256, got 1,000,000",
         ),
-        ("toolformer:\n  documents_path: missing.jsonl\n  tools: [Calculator]\n", "spec.toolformer.documents_path: file not found"),
+        ("toolformer:\n  documents_path: missing.jsonl\n  tools: [Calculator]\n", "spec.toolformer.documents_path: cannot read"),
     ],
 )
 def test_bad_recipe_files_are_refused_with_the_field(tmp_path, body, message):

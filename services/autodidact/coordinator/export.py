@@ -10,15 +10,17 @@ event loop."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import structlog
 from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 
@@ -26,7 +28,10 @@ from autodidact.coordinator.protos import CANCELLED, max_error_fraction, state_n
 from autodidact.coordinator.recipes.base import ERROR_FILTER, MAX_ERROR_MESSAGES
 from autodidact.coordinator.records import ERRORS_KEY, SUMMARY_KEY, Record, dataset_members, iter_records
 from autodidact.coordinator.store import JobStore
+from autodidact.errors import Unavailable
 from autodidact.v1 import coordinator_pb2
+
+log = structlog.get_logger("autodidact.export")
 
 if TYPE_CHECKING:  # the registry imports every recipe
     # Message.DESCRIPTOR is either descriptor.Descriptor or, under the default upb backend, this one (same fields).
@@ -241,23 +246,44 @@ def _prepare(directory: Path) -> None:
 
 
 def _file(path: Path, kind: str, rows: int = 0) -> coordinator_pb2.ExportedFile:
-    return coordinator_pb2.ExportedFile(path=str(path), kind=kind, rows=rows)
+    """The file as ExportJob lists it: its name (what DownloadExport takes), size and sha256, never a server path."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return coordinator_pb2.ExportedFile(name=path.name, kind=kind, rows=rows, size_bytes=path.stat().st_size, sha256=digest.hexdigest())
+
+
+def written_export(directory: Path) -> list[coordinator_pb2.ExportedFile] | None:
+    """The files of the export already in `directory`, as its manifest lists them (and the
+    manifest itself), or None when there is none whole. A succeeded job's dataset never
+    changes, so ExportJob lists this one instead of writing it again: a download between two
+    exports then cannot meet a manifest rewritten under it."""
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+        files = [json_format.ParseDict(entry, coordinator_pb2.ExportedFile(), ignore_unknown_fields=True) for entry in manifest["files"]]
+        if not all((directory / file.name).stat().st_size == file.size_bytes for file in files):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, json_format.ParseError):
+        return None
+    return [*files, _file(directory / "manifest.json", "manifest")]
 
 
 async def write_dataset(
-    store: JobStore, job: coordinator_pb2.Job, recipe: Recipe[Any], directory: Path
+    store: JobStore, key: str, job: coordinator_pb2.Job, recipe: Recipe[Any], directory: Path
 ) -> list[coordinator_pb2.ExportedFile]:
     """Writes the job's dataset into `directory`: each table's JSONL and
     Parquet, lineage.jsonl, the dataset card and the manifest (which lists
-    the others). `job` is the job as GetJob reports it: its state and stage
-    counts go into the manifest. A cancelled job's tables hold what it finished."""
+    the others). `key` is the job's key in the store; `job` is the job as GetJob
+    reports it: its state and stage counts go into the manifest. A cancelled
+    job's tables hold what it finished."""
     partial = job.state == CANCELLED
     await asyncio.to_thread(_prepare, directory)
-    belongs = await dataset_members(store, job.id, recipe)
+    belongs = await dataset_members(store, key, recipe)
     schemas = recipe.tables
     writer = await asyncio.to_thread(DatasetWriter, directory, schemas, recipe.dataset_tables)
     try:
-        records = iter_records(store, job.id, recipe.stages, recipe.final_stages, belongs)
+        records = iter_records(store, key, recipe.stages, recipe.final_stages, belongs)
         async for chunk in _chunks(records, RECORDS_PER_CHUNK):
             await asyncio.to_thread(writer.add, chunk)
         await asyncio.to_thread(writer.commit)
@@ -266,13 +292,14 @@ async def write_dataset(
         raise
     files = []
     for name, rows in writer.rows.items():
-        files += [_file(directory / f"{name}.jsonl", f"{name}_jsonl", rows), _file(directory / f"{name}.parquet", f"{name}_parquet", rows)]
-    files.append(_file(directory / "lineage.jsonl", "lineage_jsonl", writer.records))
+        files.append(await asyncio.to_thread(_file, directory / f"{name}.jsonl", f"{name}_jsonl", rows))
+        files.append(await asyncio.to_thread(_file, directory / f"{name}.parquet", f"{name}_parquet", rows))
+    files.append(await asyncio.to_thread(_file, directory / "lineage.jsonl", "lineage_jsonl", writer.records))
     recipe_name = job.spec.WhichOneof("recipe") or ""
     tables = {name: (schema, writer.rows[name]) for name, schema in schemas.items()}
     card = await asyncio.to_thread(write_dataset_card, directory, job.id, recipe_name, tables, partial)
-    files.append(_file(card, "dataset_card"))
-    errors = await store.get_value(job.id, ERRORS_KEY)
+    files.append(await asyncio.to_thread(_file, card, "dataset_card"))
+    errors = await store.get_value(key, ERRORS_KEY)
     if errors is None:  # a cancelled job wrote no error report: count what its lineage shows
         errors = {"count": writer.error_count, "items": writer.records, "messages": writer.error_messages}
     manifest = {
@@ -283,7 +310,7 @@ async def write_dataset(
         "spec": message_json(job.spec),
         "models": sorted(writer.models),
         "template_versions": sorted(writer.template_versions),
-        "summary": await store.get_value(job.id, SUMMARY_KEY) or {},
+        "summary": await store.get_value(key, SUMMARY_KEY) or {},
         "errors": {
             **errors,
             "fraction": errors["count"] / errors["items"] if errors["items"] else 0.0,
@@ -292,5 +319,42 @@ async def write_dataset(
         "stages": [message_json(stage, zeros=True) for stage in job.stages],
         "files": [message_json(f, zeros=True) for f in files],
     }
-    files.append(_file(await asyncio.to_thread(write_manifest, directory, manifest), "manifest"))
+    manifest_path = await asyncio.to_thread(write_manifest, directory, manifest)
+    files.append(await asyncio.to_thread(_file, manifest_path, "manifest"))
     return files
+
+
+# Publishes a job's exported files somewhere callers fetch them without the coordinator:
+# (tenant, job id, the local dataset folder, its files) -> sets each file's url.
+Publisher = Callable[[str, str, Path, list[coordinator_pb2.ExportedFile]], Awaitable[None]]
+
+
+class ObjectStorePublisher:
+    """Copies each export to `<prefix>/<tenant>/<job_id>/<name>` in an object store
+    (fsspec: s3://, gs://, az://, with the cloud's standard credential chain) and
+    gives each file a presigned URL valid for `ttl_seconds`. The local copy stays
+    (DownloadExport serves it); the object store is what callers outside fetch."""
+
+    def __init__(self, prefix: str, ttl_seconds: float = 3600.0) -> None:
+        import fsspec  # the objectstore extra
+
+        self.prefix = prefix.rstrip("/")
+        self.ttl_seconds = ttl_seconds
+        self._fs, _ = fsspec.core.url_to_fs(self.prefix)
+
+    async def __call__(self, tenant: str, job_id: str, directory: Path, files: list[coordinator_pb2.ExportedFile]) -> None:
+        try:
+            await asyncio.to_thread(self._put, tenant, job_id, directory, files)
+        except OSError as exc:  # s3fs says what the store answered: no bucket, access denied, unreachable
+            raise Unavailable(f"the export could not be put under {self.prefix}: {exc.strerror or exc}") from None
+        except Exception as exc:  # e.g. a credential that cannot sign URLs (GCS and Azure workload identities need signing rights)
+            log.warning("export not published", prefix=self.prefix, error=f"{type(exc).__name__}: {exc}")
+            raise Unavailable(f"the export could not be published under {self.prefix} (see the coordinator's log)") from None
+
+    def _put(self, tenant: str, job_id: str, directory: Path, files: list[coordinator_pb2.ExportedFile]) -> None:
+        expires = time.time() + self.ttl_seconds
+        for file in files:
+            remote = f"{self.prefix}/{tenant}/{job_id}/{file.name}"
+            self._fs.put_file(str(directory / file.name), remote)
+            file.url = self._fs.sign(remote, expiration=int(self.ttl_seconds))
+            file.url_expires_at.FromNanoseconds(int(expires * 1e9))

@@ -16,7 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import re
+import shutil
+import stat
+import uuid
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ import structlog
 from google.protobuf import json_format
 
 from autodidact.coordinator import export, samples
+from autodidact.coordinator.inputs import DATASET_PREFIX, Snapshot, check_inline_inputs, locate, snapshot
 from autodidact.coordinator.protos import (
     CANCELLED,
     FAILED,
@@ -42,9 +48,12 @@ from autodidact.coordinator.recipes.base import ERROR_FILTER, MAX_ERROR_MESSAGES
 from autodidact.coordinator.recipes.recipe import Recipe
 from autodidact.coordinator.recipes.registry import RECIPES
 from autodidact.coordinator.records import ERRORS_KEY, SUMMARY_KEY, Record
+from autodidact.coordinator.storage import TenantStorage
 from autodidact.coordinator.store import JobRow, JobStore
-from autodidact.errors import AlreadyExists, AutodidactError, FailedPrecondition, InvalidArgument, NotFound
+from autodidact.coordinator.tenants import TenantPolicy, Tenants
+from autodidact.errors import AlreadyExists, AutodidactError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from autodidact.runtime.neighbours import rpc_error_text
+from autodidact.runtime.principal import SUBMITTER, Principal, acting_as, current_principal
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
 from autodidact.validation import check_id, check_range
 
@@ -62,6 +71,11 @@ MODEL_INFO_RETRY_SECONDS = 60.0
 # the job changes, and at least this often while it runs even when it hears of no change.
 WATCH_MIN_INTERVAL_SECONDS = 0.2
 WATCH_MAX_INTERVAL_SECONDS = 1.0
+# The job-level value that lists the job's input snapshots (inputs.Snapshot.to_json each).
+INPUTS_KEY = "inputs"
+# DownloadExport's chunks: well under the default 8 MiB message bound.
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+EXPORT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 
 
 class JobChanges:
@@ -99,6 +113,16 @@ def check_job_id(field: str, job_id: str) -> None:
     check_id(field, job_id)  # a job id names folders: "." and ".." are refused
 
 
+def job_key(tenant: str, job_id: str) -> str:
+    """Where the store keeps a job: job ids are per tenant (neither half holds a "/")."""
+    return f"{tenant}/{job_id}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    tenant, _, job_id = key.partition("/")
+    return tenant, job_id
+
+
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     """A spec as a dict (MessageToDict) flattened to dotted field paths."""
     if isinstance(value, dict) and value:
@@ -111,18 +135,34 @@ def _other_spec_message(job_id: str, existing: JobRow, spec: coordinator_pb2.Job
     old = _flat(json_format.MessageToDict(coordinator_pb2.JobSpec.FromString(existing.spec), preserving_proto_field_name=True))
     new = _flat(json_format.MessageToDict(spec, preserving_proto_field_name=True))
     differing = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    if not differing:
+        return f"job {job_id!r} exists with the same spec over inputs of other content; choose another job_id"
     shown = ", ".join(differing[:10]) + (f" and {len(differing) - 10} more" if len(differing) > 10 else "")
     return f"job {job_id!r} exists with another spec (fields that differ: {shown}); choose another job_id"
 
 
-def validate_spec(spec: coordinator_pb2.JobSpec, job_id: str) -> Any:
-    """Checks a spec at submission; returns the recipe's resolved parameters."""
+def check_recipe(spec: coordinator_pb2.JobSpec) -> Recipe[Any]:
     recipe = spec.WhichOneof("recipe")
     if recipe is None:
         raise InvalidArgument("spec.recipe", f"is required: set one of {', '.join(RECIPES)}")
+    return RECIPES[recipe]
+
+
+def validate_spec(spec: coordinator_pb2.JobSpec, job_id: str, inputs_dir: Path | None) -> Any:
+    """Checks a spec; returns the recipe's resolved parameters, its inputs read
+    from their snapshots in `inputs_dir` (one file per input field), or, with
+    None, from the local files the input fields name (the CLI checks a recipe
+    file so before starting anything). Blocking."""
+    recipe = check_recipe(spec)
     check_range("spec.max_in_flight", spec.max_in_flight or 4, 1, 256)
     check_range("spec.max_error_fraction", max_error_fraction(spec), 0.0, 1.0)
-    return RECIPES[recipe].resolve(getattr(spec, recipe), job_id)
+    own = coordinator_pb2.JobSpec()
+    own.CopyFrom(spec)
+    fields = getattr(own, recipe.name)
+    for name in recipe.inputs:
+        if inputs_dir is not None and getattr(fields, name):
+            setattr(fields, name, str(inputs_dir / name))
+    return recipe.resolve(fields, job_id)
 
 
 def check_against_model(spec: coordinator_pb2.JobSpec, params: Any, context_length: int) -> None:
@@ -150,27 +190,61 @@ def recipe_of(spec: coordinator_pb2.JobSpec) -> Recipe[Any]:
     return RECIPES[spec.WhichOneof("recipe") or "self_instruct"]
 
 
-def spec_hash(spec: coordinator_pb2.JobSpec) -> str:
-    return hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
+def spec_hash(spec: coordinator_pb2.JobSpec, inputs: list[Snapshot]) -> str:
+    """The job's identity: its spec and its inputs' content."""
+    digest = hashlib.sha256(spec.SerializeToString(deterministic=True))
+    for item in sorted(inputs, key=lambda item: item.field):
+        digest.update(f"\0{item.field}\0{item.sha256}".encode())
+    return digest.hexdigest()
+
+
+def stored_spec(spec: coordinator_pb2.JobSpec) -> coordinator_pb2.JobSpec:
+    """The spec as the job keeps it: inline inputs live in their snapshots (and in
+    the identity through their hashes), not in every GetJob and WatchJob answer."""
+    own = coordinator_pb2.JobSpec()
+    own.CopyFrom(spec)
+    own.ClearField("inline_inputs")
+    return own
+
+
+def _job_input(value: dict[str, Any]) -> coordinator_pb2.JobInput:
+    return coordinator_pb2.JobInput(**value)
 
 
 class JobManager:
-    def __init__(self, store: JobStore, services: Services, data_dir: Path) -> None:
+    """Every job of every tenant. The API methods act for the caller's tenant
+    (`current_principal()`): another tenant's job is NOT_FOUND, as if it did
+    not exist. Internally a job is known by its key, "<tenant>/<job_id>"."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        services: Services,
+        storage: TenantStorage,
+        tenants: Tenants | None = None,
+        publish: export.Publisher | None = None,
+    ) -> None:
         self._store = store
         self._services = services
-        self._data_dir = data_dir
+        self._storage = storage
+        self._tenants = tenants or Tenants()
+        self._publish = publish
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._changes = JobChanges()
         self._planned_items: dict[str, int] = {}  # each job's stored plan, once read
+        self._inputs: dict[str, list[coordinator_pb2.JobInput]] = {}  # each job's input snapshots, once read
         self._cancel_requested: set[str] = set()
         self._context_length: int | None = None  # the generator's, asked once
         self._ask_generator_after = 0.0  # loop time; set after the generator did not answer
+        # Per tenant (submissions) and per job (exports); entries go when no call holds them.
+        self._submitting: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._exporting: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # --- lifecycle ---
 
     async def resume_unfinished(self) -> None:
         for row in await self._store.jobs_in_states((PENDING, RUNNING)):
-            log.info("resuming job", job_id=row.id)
+            log.info("resuming job", job_key=row.id)
             self._launch(row.id)
 
     async def close(self) -> None:
@@ -182,47 +256,106 @@ class JobManager:
     # --- API ---
 
     async def submit(self, job_id: str, spec: coordinator_pb2.JobSpec) -> tuple[coordinator_pb2.Job, bool, bool]:
-        """(job, created, resumed): the same id and spec again resumes a FAILED or CANCELLED job."""
+        """(job, created, resumed): the same id, spec and input content again
+        resumes a FAILED or CANCELLED job. The inputs are snapshotted first:
+        the job's identity covers their content."""
         check_job_id("job_id", job_id)
-        existing = await self._store.get_job(job_id)
-        digest = spec_hash(spec)
-        if existing is not None:
-            if existing.spec_hash != digest:
-                raise AlreadyExists(_other_spec_message(job_id, existing, spec))
-            if existing.state in RESUMABLE:
-                return await self.retry(job_id), False, True
-            return await self.get(job_id), False, False
-        # Reading and checking the input files can take a while (up to the item bounds): off the loop.
-        params = await asyncio.to_thread(validate_spec, spec, job_id)
-        context_length = await self._generator_context()
-        if context_length is not None:
-            check_against_model(spec, params, context_length)
-        row, created = await self._store.create_job(job_id, spec.SerializeToString(deterministic=True), digest, PENDING)
-        if not created and row.spec_hash != digest:  # a concurrent submission won the id
-            raise AlreadyExists(_other_spec_message(job_id, row, spec))
-        if created:
-            log.info("job submitted", job_id=job_id, recipe=spec.WhichOneof("recipe"))
-            self._launch(job_id)
-        return await self.get(job_id), created, False
+        recipe = check_recipe(spec)
+        check_inline_inputs(dict(spec.inline_inputs))
+        tenant = current_principal().tenant
+        key = job_key(tenant, job_id)
+        policy = self._tenants.policy(tenant)
+        # One submission per tenant at a time: its quotas are checked and its job launched
+        # before the next is admitted, and its inputs are installed before its row exists.
+        lock = self._submitting.setdefault(tenant, asyncio.Lock())
+        async with lock:
+            staging = self._storage.tenant_dir(tenant) / "staging" / uuid.uuid4().hex
+            try:
+                used = await asyncio.to_thread(self._storage.stored_bytes, tenant)
+                inputs = await self._snapshot_inputs(tenant, recipe, spec, policy, staging, policy.quotas.stored_bytes - used)
+                kept = stored_spec(spec)
+                digest = spec_hash(kept, inputs)
+                existing = await self._store.get_job(key)
+                if existing is not None:
+                    if existing.spec_hash != digest:
+                        raise AlreadyExists(_other_spec_message(job_id, existing, kept))
+                    if existing.state in RESUMABLE:
+                        return await self.retry(job_id), False, True
+                    return await self._job_message(existing), False, False
+                self._check_running_quota(tenant, policy)
+                # Reading and checking the inputs can take a while (up to the item bounds): off the loop.
+                params = await asyncio.to_thread(validate_spec, kept, job_id, staging)
+                items = recipe.item_count(params)
+                if items > policy.quotas.items_per_job:
+                    raise policy.quotas.exceeded(tenant, "items_per_job", f"the job plans {items:,} items")
+                context_length = await self._generator_context()
+                if context_length is not None:
+                    check_against_model(kept, params, context_length)
+                # The snapshots move into the job's folder before its row exists: a job never runs without them.
+                await asyncio.to_thread(_install, staging, self._storage.inputs_dir(tenant, job_id))
+                await self._store.delete_value(key, INPUTS_KEY)  # left by a submission that crashed before its row
+                await self._store.put_value(key, INPUTS_KEY, {"inputs": [item.to_json() for item in inputs]})
+                row, created = await self._store.create_job(key, kept.SerializeToString(deterministic=True), digest, PENDING)
+                if created:
+                    log.info("job submitted", job_key=key, recipe=recipe.name)
+                    self._launch(key)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, staging, True)
+        return await self._job_message(row), created, False
 
     async def retry(self, job_id: str) -> coordinator_pb2.Job:
         """Resumes a FAILED or CANCELLED job from what it stored. Errored
         items and the end-of-job records are forgotten, so they are done again."""
         row = await self._row(job_id)
+        key = row.id
         if row.state not in RESUMABLE:
             raise FailedPrecondition(f"job {job_id!r} is {state_name(row.state)}; only a FAILED or CANCELLED job can be retried")
-        task = self._tasks.get(job_id)
+        task = self._tasks.get(key)
         if task is not None and not task.done():
             raise FailedPrecondition(f"job {job_id!r} is still stopping; retry shortly")
-        self._cancel_requested.discard(job_id)
-        await self._store.delete_results(job_id, filter_=ERROR_FILTER)
-        await self._store.delete_value(job_id, SUMMARY_KEY)
-        await self._store.delete_value(job_id, ERRORS_KEY)
-        await self._store.set_state(job_id, PENDING)
-        log.info("job retried", job_id=job_id, was=state_name(row.state))
-        self._launch(job_id)
-        self._changes.notify(job_id)
+        tenant = split_key(key)[0]
+        self._check_running_quota(tenant, self._tenants.policy(tenant))
+        self._cancel_requested.discard(key)
+        await self._store.delete_results(key, filter_=ERROR_FILTER)
+        await self._store.delete_value(key, SUMMARY_KEY)
+        await self._store.delete_value(key, ERRORS_KEY)
+        await self._store.set_state(key, PENDING)
+        log.info("job retried", job_key=key, was=state_name(row.state))
+        self._launch(key)
+        self._changes.notify(key)
         return await self.get(job_id)
+
+    def _check_running_quota(self, tenant: str, policy: TenantPolicy) -> None:
+        prefix = job_key(tenant, "")
+        running = sum(1 for key, task in self._tasks.items() if key.startswith(prefix) and not task.done())
+        if running >= policy.quotas.running_jobs:
+            raise policy.quotas.exceeded(tenant, "running_jobs", f"{running:,} of the tenant's jobs are pending or running")
+
+    async def _snapshot_inputs(
+        self, tenant: str, recipe: Recipe[Any], spec: coordinator_pb2.JobSpec, policy: TenantPolicy, folder: Path, room: int | None
+    ) -> list[Snapshot]:
+        """Copies each input the spec names into `folder` (one file per input field), within
+        `room` bytes of the tenant's stored_bytes (None: unbounded; an uploaded dataset is
+        linked, not copied, and takes no room)."""
+        fields = getattr(spec, recipe.name)
+        inline = dict(spec.inline_inputs)
+        snapshots = []
+        private = (self._storage.data_dir,)  # every tenant's uploads and snapshots, the job store: never an input
+        for name in recipe.inputs:
+            reference = getattr(fields, name)
+            if not reference:
+                continue  # required ones are refused by the recipe's resolve, naming the field
+            field = f"spec.{recipe.name}.{name}"
+
+            def dataset_file(field: str, dataset_id: str) -> Path:
+                return self._storage.dataset_file(tenant, field, dataset_id)
+
+            source = await asyncio.to_thread(locate, field, reference, inline, policy.input_roots, dataset_file, private)
+            taken = await asyncio.to_thread(snapshot, field, reference, source, folder / name, policy.quotas, tenant, room)
+            if room is not None and not reference.startswith(DATASET_PREFIX):
+                room -= taken.size_bytes
+            snapshots.append(taken)
+        return snapshots
 
     async def _generator_context(self) -> int | None:
         """The generator model's context length, asked once; None when the
@@ -249,30 +382,32 @@ class JobManager:
         # SQLite's integers) was not written by ListJobs.
         if page_token and not PAGE_TOKEN_PATTERN.match(page_token):
             raise InvalidArgument("page_token", "is not a token from a previous ListJobs response")
-        rows = await self._store.list_jobs(size + 1, int(page_token) if page_token else None)
+        prefix = job_key(current_principal().tenant, "")
+        rows = await self._store.list_jobs(size + 1, int(page_token) if page_token else None, key_prefix=prefix)
         next_token = str(rows[size - 1].seq) if len(rows) > size else ""
         return [await self._job_message(row) for row in rows[:size]], next_token
 
     async def cancel(self, job_id: str) -> coordinator_pb2.Job:
         row = await self._row(job_id)
+        key = row.id
         if row.state not in TERMINAL:
-            self._cancel_requested.add(job_id)
-            task = self._tasks.get(job_id)
+            self._cancel_requested.add(key)
+            task = self._tasks.get(key)
             if task is not None:
                 task.cancel()
-            await self._store.set_state(job_id, CANCELLED)
-            self._changes.notify(job_id)
+            await self._store.set_state(key, CANCELLED)
+            self._changes.notify(key)
         return await self.get(job_id)
 
     async def watch(self, job_id: str) -> AsyncIterator[coordinator_pb2.Job]:
         """The job now, then after every change until it ends: one read of
         the job and its stage counters per wake-up (JobChanges coalesces
         them), never of its results."""
-        await self._row(job_id)
+        key = (await self._row(job_id)).id
         loop = asyncio.get_running_loop()
         last = None
         while True:
-            seen = self._changes.version(job_id)
+            seen = self._changes.version(key)
             read_at = loop.time()
             job = await self.get(job_id)
             snapshot = job.SerializeToString(deterministic=True)
@@ -281,14 +416,15 @@ class JobManager:
                 yield job
             if job.state in TERMINAL:
                 return
-            await self._changes.wait(job_id, seen, read_at)
+            await self._changes.wait(key, seen, read_at)
 
     async def samples(self, job_id: str, follow: bool, include_dropped: bool) -> AsyncIterator[Record]:
         """The job's decided records (samples.py says in which order); with
         `follow`, then each record as it is decided, until the job ends."""
-        recipe = recipe_of(coordinator_pb2.JobSpec.FromString((await self._row(job_id)).spec))
+        row = await self._row(job_id)
+        recipe = recipe_of(coordinator_pb2.JobSpec.FromString(row.spec))
         async for record in samples.stream_records(
-            self._store, job_id, recipe, include_dropped=include_dropped, changes=self._changes if follow else None
+            self._store, row.id, recipe, include_dropped=include_dropped, changes=self._changes if follow else None
         ):
             yield record
 
@@ -299,12 +435,46 @@ class JobManager:
                 f"job {job_id!r} is {state_name(row.state)}; only a succeeded or cancelled job can be exported"
                 + (" (RetryJob resumes a failed one)" if row.state == FAILED else "")
             )
+        if row.state == SUCCEEDED:
+            tenant, _ = split_key(row.id)
+            written = await asyncio.to_thread(export.written_export, self._storage.dataset_dir(tenant, job_id))
+            if written is not None:
+                await self._published(tenant, job_id, written)
+                return written
         return await self._write_dataset(row)
+
+    async def download(self, job_id: str, name: str) -> AsyncIterator[coordinator_pb2.DownloadExportResponse]:
+        """One file of the job's export, in chunks; the last one carries its size and sha256."""
+        if not EXPORT_NAME.match(name):
+            raise InvalidArgument("name", "must be a file name ExportJob listed, e.g. manifest.json")
+        row = await self._row(job_id)
+        tenant, _ = split_key(row.id)
+        path = self._storage.dataset_dir(tenant, job_id) / name
+        try:
+            stream = await asyncio.to_thread(_open_regular, path)
+        except OSError:
+            raise NotFound(f"job {job_id!r} has no exported file {name!r}; ExportJob writes and lists its files") from None
+        digest = hashlib.sha256()
+        offset = 0
+        with stream:
+            while True:
+                chunk = await asyncio.to_thread(stream.read, DOWNLOAD_CHUNK_BYTES)
+                digest.update(chunk)
+                last = len(chunk) < DOWNLOAD_CHUNK_BYTES
+                message = coordinator_pb2.DownloadExportResponse(data=chunk, offset=offset)
+                offset += len(chunk)
+                if last:
+                    message.size_bytes, message.sha256, message.last = offset, digest.hexdigest(), True
+                yield message
+                if last:
+                    return
 
     # --- internals ---
 
     async def _row(self, job_id: str) -> JobRow:
-        row = await self._store.get_job(job_id)
+        """The caller's tenant's job `job_id`; another tenant's is NOT_FOUND, exactly as a missing one."""
+        check_job_id("job_id", job_id)
+        row = await self._store.get_job(job_key(current_principal().tenant, job_id))
         if row is None:
             raise NotFound(f"job {job_id!r} does not exist")
         return row
@@ -322,24 +492,53 @@ class JobManager:
                 if plan is not None:
                     self._planned_items[row.id] = plan["dataset_items"]
             total = self._planned_items.get(row.id, recipe.target(getattr(spec, recipe.name)))
-        return job_message(row, spec, recipe, counts, total)
+        job = job_message(row, spec, recipe, counts, total)
+        job.id = split_key(row.id)[1]
+        if row.id not in self._inputs:
+            stored = await self._store.get_value(row.id, INPUTS_KEY)
+            if stored is None:
+                return job
+            self._inputs[row.id] = [_job_input(value) for value in stored["inputs"]]
+        job.inputs.extend(self._inputs[row.id])
+        return job
 
     async def _write_dataset(self, row: JobRow) -> list[coordinator_pb2.ExportedFile]:
         spec = coordinator_pb2.JobSpec.FromString(row.spec)
-        directory = Path(spec.output_dir) if spec.output_dir else self._data_dir / "jobs" / row.id / "dataset"
-        return await export.write_dataset(self._store, await self._job_message(row), recipe_of(spec), directory)
+        tenant, job_id = split_key(row.id)
+        directory = self._storage.dataset_dir(tenant, job_id)
+        # One export of a job at a time: two would remove each other's temporary files.
+        async with self._exporting.setdefault(row.id, asyncio.Lock()):
+            files = await export.write_dataset(self._store, row.id, await self._job_message(row), recipe_of(spec), directory)
+        await self._published(tenant, job_id, files)
+        return files
 
-    def _launch(self, job_id: str) -> None:
-        self._tasks[job_id] = asyncio.create_task(self._run(job_id), name=f"job {job_id}")
+    async def _published(self, tenant: str, job_id: str, files: list[coordinator_pb2.ExportedFile]) -> None:
+        """Puts the export in the object store (when one is configured) and signs fresh URLs."""
+        if self._publish is not None:
+            await self._publish(tenant, job_id, self._storage.dataset_dir(tenant, job_id), files)
 
-    async def _run(self, job_id: str) -> None:
-        row = await self._row(job_id)
-        spec = coordinator_pb2.JobSpec.FromString(row.spec)
-        with structlog.contextvars.bound_contextvars(job_id=job_id):
+    def _launch(self, key: str) -> None:
+        self._tasks[key] = asyncio.create_task(self._run(key), name=f"job {key}")
+
+    async def _run(self, key: str) -> None:
+        tenant, job_id = split_key(key)
+        # The job's calls to other services carry its tenant (principal.py): its namespaces and collections are the tenant's.
+        with (
+            acting_as(Principal(tenant, f"job:{job_id}", frozenset({SUBMITTER}))),
+            structlog.contextvars.bound_contextvars(job_id=job_id, tenant=tenant),
+        ):
             try:
-                params = await asyncio.to_thread(validate_spec, spec, job_id)
-                await self._store.set_state(job_id, RUNNING)
-                self._changes.notify(job_id)
+                row = await self._row(job_id)
+                spec = coordinator_pb2.JobSpec.FromString(row.spec)
+                inputs_dir = self._storage.inputs_dir(tenant, job_id)
+                if await self._store.get_value(key, INPUTS_KEY) is None:
+                    # A job from before input snapshots: its inputs are taken now, under today's rules.
+                    recipe = recipe_of(spec)
+                    inputs = await self._snapshot_inputs(tenant, recipe, spec, self._tenants.policy(tenant), inputs_dir, None)
+                    await self._store.put_value(key, INPUTS_KEY, {"inputs": [item.to_json() for item in inputs]})
+                params = await asyncio.to_thread(validate_spec, spec, job_id, inputs_dir)
+                await self._store.set_state(key, RUNNING)
+                self._changes.notify(key)
                 in_flight = spec.max_in_flight or 4
                 ctx = JobContext(
                     job_id,
@@ -347,34 +546,56 @@ class JobManager:
                     self._store,
                     self._services,
                     in_flight,
-                    lambda: self._changes.notify(job_id),
+                    lambda: self._changes.notify(key),
                     max_error_fraction(spec),
-                    fresh=not await self._store.has_results(job_id),
+                    fresh=not await self._store.has_results(key),
+                    key=key,
                 )
                 summary = await recipe_of(spec).run(ctx, params)
                 ctx.check_error_budget()  # each_item checked its own; this covers items run through ctx.item
                 errors = {"count": len(ctx.errors), "items": ctx.items, "messages": ctx.errors[:MAX_ERROR_MESSAGES]}
-                await self._store.put_value(job_id, ERRORS_KEY, errors)
-                await self._store.put_value(job_id, SUMMARY_KEY, summary)
+                await self._store.put_value(key, ERRORS_KEY, errors)
+                await self._store.put_value(key, SUMMARY_KEY, summary)
                 # The dataset is written before the job says SUCCEEDED: a failed write fails the job
                 # visibly, and a crash in between resumes the job, which replays and writes again.
-                await self._write_dataset(await self._row(job_id))
-                await self._store.set_state(job_id, SUCCEEDED)
-                self._changes.notify(job_id)
+                try:
+                    await self._write_dataset(await self._row(job_id))
+                except OSError as exc:  # a full disk, a file in the way: named by file, never by server path
+                    name = Path(exc.filename).name if exc.filename else "its folder"
+                    raise Unavailable(f"the dataset could not be written ({exc.strerror or type(exc).__name__}: {name})") from exc
+                await self._store.set_state(key, SUCCEEDED)
+                self._changes.notify(key)
                 log.info("job succeeded", **summary)
             except asyncio.CancelledError:
-                if job_id in self._cancel_requested:
+                if key in self._cancel_requested:
                     log.info("job cancelled")
                 raise  # otherwise the coordinator is stopping: the job stays RUNNING and resumes
             except AutodidactError as exc:
-                await self._fail(job_id, str(exc))
+                await self._fail(key, str(exc))
             except grpc.aio.AioRpcError as exc:
-                await self._fail(job_id, f"a service answered {rpc_error_text(exc)}")
-            except Exception as exc:  # a bug: fail the job, keep the coordinator
+                await self._fail(key, f"a service answered {rpc_error_text(exc)}")
+            except Exception:  # a bug: fail the job, keep the coordinator; the details (paths, a cloud's answer) go to the log only
                 log.exception("job crashed")
-                await self._fail(job_id, f"internal error: {type(exc).__name__}: {exc}")
+                await self._fail(key, f"internal error: the coordinator's log has the details (job {job_id!r} of tenant {tenant!r})")
 
-    async def _fail(self, job_id: str, message: str) -> None:
+    async def _fail(self, key: str, message: str) -> None:
         log.warning("job failed", error=message)
-        await self._store.set_state(job_id, FAILED, message)
-        self._changes.notify(job_id)
+        await self._store.set_state(key, FAILED, message)
+        self._changes.notify(key)
+
+
+def _install(staging: Path, inputs_dir: Path) -> None:
+    """Moves a submission's snapshots into the job's folder (replacing what a crashed submission left)."""
+    shutil.rmtree(inputs_dir, ignore_errors=True)
+    inputs_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir(parents=True, exist_ok=True)  # a job without inputs still gets its folder
+    os.replace(staging, inputs_dir)
+
+
+def _open_regular(path: Path) -> Any:
+    """Opens an exported file for reading; a link or anything but a regular file is refused (OSError)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise IsADirectoryError(path)
+    return os.fdopen(descriptor, "rb")

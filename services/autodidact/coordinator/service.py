@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from autodidact.coordinator.export import ObjectStorePublisher
 from autodidact.coordinator.jobs import JobManager, check_job_id
 from autodidact.coordinator.protos import record_message
 from autodidact.coordinator.recipes.base import Services
+from autodidact.coordinator.storage import TenantStorage
 from autodidact.coordinator.store import JobStore, SqliteJobStore
+from autodidact.coordinator.tenants import Tenants
 from autodidact.errors import InvalidArgument
+from autodidact.runtime.auth import audit_object
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.component import Component, Resource
+from autodidact.runtime.principal import current_principal
 from autodidact.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,
@@ -24,6 +30,7 @@ from autodidact.v1 import (
     scorer_pb2_grpc,
     tool_executor_pb2_grpc,
 )
+from autodidact.validation import check_range
 
 SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 
@@ -39,16 +46,26 @@ class CoordinatorSettings:
     critic_target: str = "localhost:50053"
     # How long a job waits out a service that is down before it fails.
     patience_seconds: float = 600.0
+    # Quotas and input roots per tenant (tenants.py); None: the defaults for every tenant.
+    tenants_file: Path | None = None
+    # Server folders and object-store prefixes every tenant's jobs may read (--input-root). None by default:
+    # jobs read only what callers send (uploads, inline inputs).
+    input_roots: tuple[str, ...] = ()
+    # An object-store prefix (s3://bucket/exports) exports are also put under, with presigned URLs; "" for none.
+    export_url: str = ""
+    export_url_ttl_seconds: float = 3600.0
 
 
 @dataclass
 class Coordinator:
     """What the coordinator servicer needs once loaded: the job store, the channels to the
-    services recipes call, and the job manager over both."""
+    services recipes call, the tenants' files and policies, and the job manager over them."""
 
     store: JobStore
     channels: list[grpc.aio.Channel]
     manager: JobManager
+    storage: TenantStorage
+    tenants: Tenants
 
     async def close(self) -> None:
         await self.manager.close()
@@ -108,6 +125,55 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         check_job_id("job_id", request.job_id)
         return coordinator_pb2.ExportJobResponse(files=await self._manager().export(request.job_id))
 
+    async def DownloadExport(
+        self, request: coordinator_pb2.DownloadExportRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[coordinator_pb2.DownloadExportResponse]:
+        check_job_id("job_id", request.job_id)
+        async for chunk in self._manager().download(request.job_id, request.name):
+            yield chunk
+
+    async def UploadDataset(
+        self, request_iterator: AsyncIterator[coordinator_pb2.UploadDatasetRequest], context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.UploadDatasetResponse:
+        coordinator = self._coordinator.get()
+        tenant = current_principal().tenant
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("header"):
+            raise InvalidArgument("header", "must come first: the upload's name, format, sha256 and size_bytes")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if not message.HasField("chunk"):
+                    raise InvalidArgument("header", "comes once, first; every later message is a chunk")
+                yield message.chunk
+
+        info, created = await coordinator.storage.upload(tenant, first.header, chunks(), coordinator.tenants.policy(tenant).quotas)
+        audit_object(info.dataset_id)
+        return coordinator_pb2.UploadDatasetResponse(dataset=info.message(), created=created)
+
+    async def GetDataset(
+        self, request: coordinator_pb2.GetDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.GetDatasetResponse:
+        storage = self._coordinator.get().storage
+        info = await asyncio.to_thread(storage.get, current_principal().tenant, request.dataset_id)
+        return coordinator_pb2.GetDatasetResponse(dataset=info.message())
+
+    async def ListDatasets(
+        self, request: coordinator_pb2.ListDatasetsRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.ListDatasetsResponse:
+        size = request.page_size or 50
+        check_range("page_size", size, 1, 1000)
+        storage = self._coordinator.get().storage
+        infos, token = await asyncio.to_thread(storage.list, current_principal().tenant, size, request.page_token)
+        return coordinator_pb2.ListDatasetsResponse(datasets=[info.message() for info in infos], next_page_token=token)
+
+    async def DeleteDataset(
+        self, request: coordinator_pb2.DeleteDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.DeleteDatasetResponse:
+        storage = self._coordinator.get().storage
+        await asyncio.to_thread(storage.delete, current_principal().tenant, request.dataset_id)
+        return coordinator_pb2.DeleteDatasetResponse()
+
     async def RetryJob(
         self, request: coordinator_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.RetryJobResponse:
@@ -117,6 +183,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
 def coordinator_component(settings: CoordinatorSettings) -> Component:
     async def open_coordinator() -> Coordinator:
+        tenants = Tenants.load(settings.tenants_file, settings.input_roots)
+        storage = TenantStorage(settings.data_dir)
+        await asyncio.to_thread(storage.prepare, settings.data_dir / "jobs")
+        publish = ObjectStorePublisher(settings.export_url, settings.export_url_ttl_seconds) if settings.export_url else None
         store: JobStore = SqliteJobStore(settings.data_dir / "jobs.sqlite")
         # Channels connect lazily: a recipe that never calls a service never needs it up.
         channels = {
@@ -134,7 +204,8 @@ def coordinator_component(settings: CoordinatorSettings) -> Component:
             critic=critic_pb2_grpc.CriticServiceStub(channels["critic"]),
             patience_seconds=settings.patience_seconds,
         )
-        return Coordinator(store, list(channels.values()), JobManager(store, services, settings.data_dir))
+        manager = JobManager(store, services, storage, tenants, publish)
+        return Coordinator(store, list(channels.values()), manager, storage, tenants)
 
     async def resume(coordinator: Coordinator) -> None:
         # Calls are answered while jobs resume; health turns SERVING once they have.

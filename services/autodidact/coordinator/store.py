@@ -41,8 +41,11 @@ T = TypeVar("T")
 
 # PRAGMA user_version of the schema below. 0: the first schema (results keyed by
 # (job, item, stage) without a cursor; job-level values as results under the item
-# ids of LEGACY_VALUE_ITEMS, or already in job_values). upgrade() brings any of them here.
-SCHEMA_VERSION = 1
+# ids of LEGACY_VALUE_ITEMS, or already in job_values). 1: job keys without a
+# tenant. upgrade() brings any of them here.
+SCHEMA_VERSION = 2
+# The tenant of the jobs of a store from before tenants.
+LEGACY_TENANT = "default"
 # Item ids under which schema 0 stored job-level values, the stage being the value's key.
 LEGACY_VALUE_ITEMS = ("_job", "_seeds", "_closed")
 
@@ -137,7 +140,8 @@ class JobStore(Protocol):
 
     async def create_job(self, job_id: str, spec: bytes, spec_hash: str, state: int) -> tuple[JobRow, bool]: ...
     async def get_job(self, job_id: str) -> JobRow | None: ...
-    async def list_jobs(self, limit: int, before_seq: int | None = None) -> list[JobRow]: ...
+    # key_prefix: only jobs whose key starts with it ("<tenant>/": one tenant's).
+    async def list_jobs(self, limit: int, before_seq: int | None = None, key_prefix: str = "") -> list[JobRow]: ...
     async def jobs_in_states(self, states: tuple[int, ...]) -> list[JobRow]: ...
     async def set_state(self, job_id: str, state: int, error: str = "") -> None: ...
     async def get_result(self, job_id: str, item_id: str, stage: str) -> dict[str, Any] | None: ...
@@ -349,6 +353,8 @@ def upgrade(db: sqlite3.Connection) -> None:
             _upgrade_from_0(db)
         for statement in _statements(SCHEMA):
             db.execute(statement)
+        if version < 2:
+            _upgrade_to_tenant_keys(db)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:
@@ -384,6 +390,14 @@ def _upgrade_from_0(db: sqlite3.Connection) -> None:
         LEGACY_VALUE_ITEMS,
     )
     db.execute("DROP TABLE results_schema_0")
+
+
+def _upgrade_to_tenant_keys(db: sqlite3.Connection) -> None:
+    """Schema 1 keyed a job by its id alone; a job's key is now "<tenant>/<id>"
+    (job_key), and the jobs of a store from before tenants belong to "default"."""
+    for table in ("results", "job_values", "stage_counts"):
+        db.execute(f"UPDATE {table} SET job_id = '{LEGACY_TENANT}/' || job_id WHERE instr(job_id, '/') = 0")
+    db.execute(f"UPDATE jobs SET id = '{LEGACY_TENANT}/' || id WHERE instr(id, '/') = 0")
 
 
 def _statements(script: str) -> list[str]:
@@ -465,9 +479,14 @@ class SqliteJobStore:
         row = await self._read(_one(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)))
         return None if row is None else JobRow(*row)
 
-    async def list_jobs(self, limit: int, before_seq: int | None = None) -> list[JobRow]:
+    async def list_jobs(self, limit: int, before_seq: int | None = None, key_prefix: str = "") -> list[JobRow]:
         before = before_seq if before_seq is not None else 2**62
-        rows = await self._read(_all(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE seq < ? ORDER BY seq DESC LIMIT ?", (before, limit)))
+        rows = await self._read(
+            _all(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE seq < ? AND substr(id, 1, ?) = ? ORDER BY seq DESC LIMIT ?",
+                (before, len(key_prefix), key_prefix, limit),
+            )
+        )
         return [JobRow(*row) for row in rows]
 
     async def jobs_in_states(self, states: tuple[int, ...]) -> list[JobRow]:

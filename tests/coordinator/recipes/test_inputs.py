@@ -41,7 +41,7 @@ def test_a_kept_path_becomes_the_four_lmsi_formats():
         ({"paths_per_question": 1_000_000}, "spec.self_consistency.paths_per_question", "between 1 and 256, got 1,000,000"),
         ({"min_confidence": 1.5}, "spec.self_consistency.min_confidence", "between 0 and 1"),
         ({"answer_pattern": "no group"}, "spec.self_consistency.answer_pattern", "capturing group"),
-        ({"questions_path": "/nowhere.json"}, "spec.self_consistency.questions_path", "file not found"),
+        ({"questions_path": "/nowhere.json"}, "spec.self_consistency.questions_path", "cannot be read"),
         ({"sampling": {"temperature": 5}}, "spec.self_consistency.sampling.temperature", "between 0 and 2"),
         ({"answer_pattern": "((((a{100}){100}){100}){100})"}, "spec.self_consistency.answer_pattern", "counted repeats"),
         ({"min_votes": 0}, "spec.self_consistency.min_votes", "between 1 and paths_per_question (32), got 0"),

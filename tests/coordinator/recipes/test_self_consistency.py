@@ -25,7 +25,9 @@ from autodidact.backends.llm import LLM
 from autodidact.coordinator.jobs import JobManager
 from autodidact.coordinator.recipes.base import Services
 from autodidact.coordinator.recipes.self_consistency import STAGES
+from autodidact.coordinator.storage import TenantStorage
 from autodidact.coordinator.store import SqliteJobStore
+from autodidact.coordinator.tenants import Tenants
 from autodidact.runtime.component import Resource
 from autodidact.scorer.service import ScorerServicer
 from autodidact.scorer.votes import DEFAULT_ANSWER_PATTERN, compile_pattern, extract_answer
@@ -87,13 +89,15 @@ class InProcessScorer:
 async def _run(tmp_path: Path) -> tuple[coordinator_pb2.Job, Path]:
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
-    out = tmp_path / "dataset"
-    spec = coordinator_pb2.JobSpec(seed=3, output_dir=str(out))
+    data = tmp_path / "data"  # the coordinator's; the questions file beside it is under the allowed root
+    out = TenantStorage(data).dataset_dir("default", "sc")
+    spec = coordinator_pb2.JobSpec(seed=3)
     spec.self_consistency.questions_path = str(questions)
     spec.self_consistency.paths_per_question = 4
     spec.self_consistency.min_confidence = 0.7
     services = Services(DoubleGenerator(), None, InProcessScorer(), None, None, patience_seconds=1)  # type: ignore[arg-type]
-    manager = JobManager(SqliteJobStore(tmp_path / "jobs.sqlite"), services, tmp_path)
+    # The questions are a server file under an input root the test allows.
+    manager = JobManager(SqliteJobStore(data / "jobs.sqlite"), services, TenantStorage(data), Tenants(shared_roots=(str(tmp_path),)))
     submitted = manager.submit("sc", spec)
     if inspect.isawaitable(submitted):  # submit asks the generator's model at submit on newer managers
         await submitted

@@ -150,7 +150,7 @@ def test_zero_machine_instructions_can_be_asked_for():
         (coordinator_pb2.JobSpec(), "spec.recipe", "is required"),
         (coordinator_pb2.JobSpec(constitutional=coordinator_pb2.ConstitutionalSpec()), "spec.constitutional.prompts_path", "is required"),
         (coordinator_pb2.JobSpec(toolformer=coordinator_pb2.ToolformerSpec()), "spec.toolformer.documents_path", "is required"),
-        (spec(seed_tasks_path="/nonexistent/seeds.jsonl"), "spec.self_instruct.seed_tasks_path", "file not found"),
+        (spec(seed_tasks_path="/nonexistent/seeds.jsonl"), "spec.self_instruct.seed_tasks_path", "cannot be read"),
         (spec(seed_tasks_path=""), "spec.self_instruct.seed_tasks_path", "is required"),
         (spec(target_instructions=0), "spec.self_instruct.target_instructions", "is required"),
         (spec(similarity_threshold=1.5), "spec.self_instruct.similarity_threshold", "between 0 and 1"),
@@ -166,7 +166,7 @@ def test_zero_machine_instructions_can_be_asked_for():
 )
 def test_bad_specs_are_refused_naming_the_field(job_spec, field, rule):
     with pytest.raises(InvalidArgument) as raised:
-        validate_spec(job_spec, "job-1")
+        validate_spec(job_spec, "job-1", None)
     assert raised.value.field == field and rule in str(raised.value)
 
 

@@ -106,7 +106,7 @@ def test_paper_defaults_per_tool(tmp_path):
     ("fields", "field", "rule"),
     [
         ({"documents_path": ""}, "spec.toolformer.documents_path", "is required"),
-        ({"documents_path": "/nowhere.jsonl"}, "spec.toolformer.documents_path", "file not found"),
+        ({"documents_path": "/nowhere.jsonl"}, "spec.toolformer.documents_path", "cannot be read"),
         ({"tools": []}, "spec.toolformer.tools", "name at least one tool"),
         ({"tools": ["Calculator", "Python"]}, "spec.toolformer.tools[1]", "no tool named 'Python'"),
         ({"calls_per_position": 65}, "spec.toolformer.calls_per_position", "between 1 and 64"),

@@ -146,8 +146,13 @@ class JobContext:
         on_change: Callable[[], None],
         max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION,
         fresh: bool = False,
+        key: str = "",
     ) -> None:
+        # The job's id names things the job makes (a dedup namespace, item ids); its key is
+        # where the store keeps it ("<tenant>/<job_id>": ids are per tenant). Tests without
+        # tenants give only the id.
         self.job_id = job_id
+        self.key = key or job_id
         self.seed = seed
         self.store = store
         self.services = services
@@ -182,11 +187,11 @@ class JobContext:
     async def job_value(self, key: str, compute: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """A value of the whole job (not of an item), computed once and stored:
         a resumed job reads the stored one."""
-        stored = await self.store.get_value(self.job_id, key)
+        stored = await self.store.get_value(self.key, key)
         if stored is not None:
             return stored
         value = await compute()
-        await self.store.put_value(self.job_id, key, value)
+        await self.store.put_value(self.key, key, value)
         return value
 
     async def drop_refused(self, item_ids: list[str], stage: str, exc: Exception) -> ItemFailed:
@@ -232,7 +237,7 @@ class JobContext:
         million items holds max_in_flight coroutines, not a million. An error
         that is not an item's own (a service gone for good) stops the other
         workers and reaches the caller."""
-        await self.store.put_value(self.job_id, PLAN_KEY, {"dataset_items": count})
+        await self.store.put_value(self.key, PLAN_KEY, {"dataset_items": count})
         kept = [False] * count
         indexes = iter(range(count))  # shared: each index is taken by one worker
 
@@ -257,7 +262,7 @@ class JobContext:
         call); False when the key already had one (which then stands)."""
         decision = result.decision
         written = await self.store.put_result(
-            self.job_id,
+            self.key,
             item_id,
             stage,
             result.to_json(),
@@ -271,12 +276,12 @@ class JobContext:
         return written
 
     async def stored(self, item_id: str, stage: str) -> StageResult | None:
-        value = await self.store.get_result(self.job_id, item_id, stage)
+        value = await self.store.get_result(self.key, item_id, stage)
         return None if value is None else StageResult.from_json(value)
 
     async def stored_many(self, item_ids: Sequence[str], stage: str) -> dict[str, StageResult]:
         """{item_id: result} of the items stored at `stage`, in one read."""
-        found = await self.store.get_results(self.job_id, item_ids, stage)
+        found = await self.store.get_results(self.key, item_ids, stage)
         return {item_id: StageResult.from_json(value) for item_id, value in found.items()}
 
     async def call(self, rpc: Callable[[], Awaitable[T]], what: str) -> T:

@@ -68,12 +68,16 @@ class Constitutional(Recipe["ConstitutionalParams"]):
     stages = STAGES
     services = ("critic",)
     tables: ClassVar[dict[str, pa.Schema]] = {"sft_messages": MESSAGES_SCHEMA, "preferences": PREFERENCE_SCHEMA}
+    inputs = ("prompts_path",)
 
     def resolve(self, spec: coordinator_pb2.ConstitutionalSpec, job_id: str) -> ConstitutionalParams:
         return resolve_params(spec, f"spec.{self.name}")
 
     async def run(self, ctx: JobContext, params: ConstitutionalParams) -> dict[str, Any]:
         return await ConstitutionalRun(ctx, params).run()
+
+    def item_count(self, params: ConstitutionalParams) -> int:
+        return len(params.prompts)
 
     def belongs(self, summary: dict[str, Any]) -> Callable[[str], bool]:
         return PromptId.matches
@@ -106,7 +110,7 @@ def load_prompts(path: Path, field: str, limit: int = 0) -> list[str]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidArgument(field, f'line {number}: "prompt" must be a non-empty string')
         prompts.append(prompt.strip())
-    check_item_count(field, path, prompts, "prompts", MAX_PROMPTS)
+    check_item_count(field, prompts, "prompts", MAX_PROMPTS)
     return prompts
 
 

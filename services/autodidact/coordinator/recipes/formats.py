@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sized
+from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +31,29 @@ def gsm8k_document(question: str, answer: str) -> tuple[str, list[dict[str, Any]
     return text, annotations
 
 
-def read_input(path: Path, field: str) -> str:
-    """The file's text; a binary or non-UTF-8 file is refused naming the line."""
-    if not path.is_file():
-        raise InvalidArgument(field, f"file not found: {path}")
+def read_input(path: Path, field: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of an input, read as a stream: a job's
+    inputs are its own snapshots (coordinator/inputs.py), as large as the
+    tenant's upload bound, so no file is held whole. A binary or non-UTF-8
+    line is refused naming its number, never the server's path."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InvalidArgument(field, f"cannot read {path}: {exc.strerror or exc}") from None
-    if b"\0" in data:
-        line = data.count(b"\n", 0, data.index(b"\0")) + 1
-        raise InvalidArgument(field, f"{path} is not a text file: line {line} holds a NUL byte")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise InvalidArgument(field, f"{path} is not UTF-8 text: line {line} holds the byte 0x{data[exc.start]:02x}") from None
+        stream = path.open("rb")
+    except OSError:
+        raise InvalidArgument(field, "the input cannot be read") from None
+    with stream:
+        for number, raw in enumerate(stream, 1):
+            if b"\0" in raw:
+                raise InvalidArgument(field, f"is not a text file: line {number} holds a NUL byte")
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidArgument(field, f"is not UTF-8 text: line {number} holds the byte 0x{raw[exc.start]:02x}") from None
 
 
-def json_lines(text: str, field: str, limit: int = 0) -> list[tuple[int, Any]]:
+def json_lines(lines: Iterable[tuple[int, str]], field: str, limit: int = 0) -> list[tuple[int, Any]]:
     """(line number, parsed value) of the non-empty lines, the first `limit` of them (0: all)."""
     records: list[tuple[int, Any]] = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in lines:
         if limit and len(records) == limit:
             break
         if not line.strip():
@@ -64,8 +65,8 @@ def json_lines(text: str, field: str, limit: int = 0) -> list[tuple[int, Any]]:
     return records
 
 
-def check_item_count(field: str, path: Path, items: Sized, noun: str, maximum: int | None = None) -> None:
+def check_item_count(field: str, items: Sized, noun: str, maximum: int | None = None) -> None:
     if not len(items):
-        raise InvalidArgument(field, f"{path} holds no {noun}")
+        raise InvalidArgument(field, f"holds no {noun}")
     if maximum is not None and len(items) > maximum:
-        raise InvalidArgument(field, f"{path} holds {len(items):,} {noun}; at most {maximum:,} per job")
+        raise InvalidArgument(field, f"holds {len(items):,} {noun}; at most {maximum:,} per job")

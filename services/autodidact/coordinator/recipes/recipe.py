@@ -6,7 +6,8 @@ whose decision puts an item in the dataset or not, the services it calls, its
 export tables' schemas. Around those declarations it supplies four pieces of
 code, each in its own part of the recipe's module:
 
-- input loading and validation: `resolve(spec field, job id) -> params`;
+- input loading and validation: `resolve(spec field, job id) -> params`,
+  reading the job's input snapshots (`inputs` names the fields);
 - prompts and parsers: pure functions the run calls (and `prompts(params)`,
   the prompts known at submit that must fit the generator's context);
 - orchestration: `run(ctx, params) -> summary`, plain async code over a
@@ -46,6 +47,10 @@ class Recipe(ABC, Generic[P]):
     final_stages: ClassVar[tuple[str, ...]] = ("dataset",)
     services: ClassVar[tuple[str, ...]]  # of SERVICES: what a deployment must run for this recipe
     tables: ClassVar[dict[str, pa.Schema]]  # the export's tables: name -> schema
+    # The fields of spec.<name> that name an input (an input reference: an uploaded dataset, an inline
+    # input, an object or an allowed server file). The coordinator snapshots each into the job's storage
+    # at submit, and `resolve` sees these fields pointing at the snapshots, never at the caller's source.
+    inputs: ClassVar[tuple[str, ...]] = ()
     # A schema's columns are written as a tuple of (name, type) pairs, not a list: mypy joins a list's
     # pyarrow types (StringType, Int64Type) to `object`, which pa.schema's stub refuses.
 
@@ -69,6 +74,11 @@ class Recipe(ABC, Generic[P]):
     def resolve(self, spec: Any, job_id: str) -> P:
         """Input loading and validation: spec.<name> with every default filled
         in, its input files read. Raises InvalidArgument naming the field."""
+
+    def item_count(self, params: P) -> int:
+        """How many items the job plans (prompts, questions, documents, instructions aimed at):
+        what the tenant's items_per_job quota bounds. Every recipe here says; 0 bounds nothing."""
+        return 0
 
     def target(self, spec: Any) -> int | None:
         """How many dataset items the job aims at, for progress, when the spec

@@ -17,6 +17,7 @@ repeats exactly.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -68,9 +69,13 @@ class SelfConsistency(Recipe["SelfConsistencyParams"]):
     final_stages = ("dataset", "agreement")
     services = ("generator", "scorer")
     tables: ClassVar[dict[str, pa.Schema]] = {"paths": PATH_SCHEMA, "lmsi": LMSI_SCHEMA}
+    inputs = ("questions_path",)
 
     def resolve(self, spec: coordinator_pb2.SelfConsistencySpec, job_id: str) -> SelfConsistencyParams:
         return resolve_params(spec, f"spec.{self.name}")
+
+    def item_count(self, params: SelfConsistencyParams) -> int:
+        return len(params.questions)
 
     def prompts(self, params: SelfConsistencyParams) -> Iterable[PromptCheck]:
         """The longest question's chain-of-thought prompt: if it fits, every question's does."""
@@ -141,14 +146,20 @@ class SelfConsistencyParams:
 def load_questions(path: Path, field: str, limit: int = 0) -> list[Question]:
     """GSM8K JSONL ("question", "answer" ending "#### N"), SVAMP JSON ("Body",
     "Question", "Answer"), or JSONL with a "question" field."""
-    text = read_input(path, field)
-    if text.lstrip().startswith("["):
+    lines = read_input(path, field)
+    first = next((line for line in lines if line[1].strip()), None)
+    if first is not None and first[1].lstrip().startswith("["):
+        # SVAMP's one JSON document is parsed whole (bounded by the tenant's upload size); JSONL streams.
+        text = first[1] + "".join(line for _, line in lines)
         try:
-            rows = list(enumerate(json.loads(text), 1))
-        except json.JSONDecodeError as exc:
-            raise InvalidArgument(field, f"{path} is not a valid JSON list: {exc}") from None
+            document = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidArgument(field, f"is not a valid JSON list: {str(exc)[:200]}") from None
+        if not isinstance(document, list):
+            raise InvalidArgument(field, "is not a JSON list")
+        rows = list(enumerate(document, 1))
     else:
-        rows = json_lines(text, field)
+        rows = json_lines(itertools.chain([first] if first else [], lines), field)
     questions = []
     for number, row in rows:
         if not isinstance(row, dict):
@@ -166,7 +177,7 @@ def load_questions(path: Path, field: str, limit: int = 0) -> list[Question]:
         questions.append(Question(question, reference))
         if limit and len(questions) == limit:
             break
-    check_item_count(field, path, questions, "questions", MAX_QUESTIONS)
+    check_item_count(field, questions, "questions", MAX_QUESTIONS)
     return questions
 
 

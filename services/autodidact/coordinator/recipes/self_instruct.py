@@ -56,7 +56,7 @@ from autodidact.coordinator.recipes.ids import CandidateId, RoundId
 from autodidact.coordinator.recipes.recipe import Recipe
 from autodidact.coordinator.recipes.replay import replay_batched
 from autodidact.coordinator.records import Record
-from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NAMESPACE_PATTERN
+from autodidact.dedup.defaults import DEFAULT_THRESHOLD, is_namespace_reference
 from autodidact.errors import InvalidArgument
 from autodidact.generator.requests import sampling_with_defaults
 from autodidact.v1 import common_pb2, coordinator_pb2, dedup_pb2, generator_pb2
@@ -101,9 +101,13 @@ class SelfInstruct(Recipe["SelfInstructParams"]):
     stages = STAGES
     services = ("generator", "dedup")
     tables: ClassVar[dict[str, pa.Schema]] = {"instances": INSTANCE_SCHEMA, "sft_messages": MESSAGES_SCHEMA}
+    inputs = ("seed_tasks_path",)
 
     def resolve(self, spec: coordinator_pb2.SelfInstructSpec, job_id: str) -> SelfInstructParams:
         return resolve_params(spec, job_id, f"spec.{self.name}")
+
+    def item_count(self, params: SelfInstructParams) -> int:
+        return params.target
 
     def target(self, spec: coordinator_pb2.SelfInstructSpec) -> int | None:
         return spec.target_instructions
@@ -147,7 +151,7 @@ def load_seed_tasks(path: Path, field: str) -> list[SeedTask]:
             raise InvalidArgument(
                 field, f"line {number} of {path} is not a seed task (instruction, instances, is_classification): {exc}"
             ) from exc
-    check_item_count(field, path, tasks, "seed tasks")
+    check_item_count(field, tasks, "seed tasks")
     return tasks
 
 
@@ -181,8 +185,11 @@ def resolve_params(spec: coordinator_pb2.SelfInstructSpec, job_id: str, field: s
     threshold = spec.similarity_threshold if spec.HasField("similarity_threshold") else DEFAULT_THRESHOLD
     check_range(f"{field}.similarity_threshold", threshold, 0.0, 1.0)
     namespace = spec.dedup_namespace or job_id
-    if not NAMESPACE_PATTERN.match(namespace):
-        raise InvalidArgument(f"{field}.dedup_namespace", "must be 1 to 128 characters of A-Z a-z 0-9 _ . -")
+    if not is_namespace_reference(namespace):
+        raise InvalidArgument(
+            f"{field}.dedup_namespace",
+            "must be 1 to 128 characters of A-Z a-z 0-9 _ . -, or <owner tenant>/<namespace> for one another tenant shared",
+        )
     max_rounds = spec.max_rounds or max(20, 10 * spec.target_instructions)
     check_range(f"{field}.max_rounds", max_rounds, 1, 1_000_000)
     return SelfInstructParams(
@@ -393,7 +400,7 @@ class SelfInstructRun:
             await asyncio.gather(*tasks.values(), return_exceptions=True)
         # A restarted job must not take the rounds closed below any further (a candidate
         # ended as over_target would gain later decisions), so the close is noted first.
-        await self.ctx.store.put_value(self.ctx.job_id, CLOSED_KEY, {"last_round": last_round})
+        await self.ctx.store.put_value(self.ctx.key, CLOSED_KEY, {"last_round": last_round})
         for position, item_id in enumerate(finished):
             within = position < self.params.target
             await self.ctx.record(item_id, "dataset", StageResult(decision=Decision(True) if within else await self._over_target(item_id)))
@@ -435,7 +442,7 @@ class SelfInstructRun:
 
     async def _round_candidates(self, round_: int) -> list[str]:
         item = str(RoundId(round_))
-        closed = await self.ctx.store.get_value(self.ctx.job_id, CLOSED_KEY)
+        closed = await self.ctx.store.get_value(self.ctx.key, CLOSED_KEY)
         if closed is not None and round_ > closed["last_round"]:
             return []  # not needed: closed when the job first reached its target
         generated = await self.ctx.stage(item, "generate_instructions", lambda: self._generate_instructions(round_))

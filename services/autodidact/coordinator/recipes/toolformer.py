@@ -137,12 +137,16 @@ class Toolformer(Recipe["ToolformerParams"]):
     final_stages = ("dataset", "splice")
     services = ("generator", "scorer", "tool_executor")
     tables: ClassVar[dict[str, pa.Schema]] = {"documents": DOCUMENT_SCHEMA, "calls": CALL_SCHEMA}
+    inputs = ("documents_path", "search_collection_path")
 
     def resolve(self, spec: coordinator_pb2.ToolformerSpec, job_id: str) -> ToolformerParams:
         return resolve_params(spec, f"spec.{self.name}")
 
     async def run(self, ctx: JobContext, params: ToolformerParams) -> dict[str, Any]:
         return await ToolformerRun(ctx, params).run()
+
+    def item_count(self, params: ToolformerParams) -> int:
+        return len(params.documents)
 
     def belongs(self, summary: dict[str, Any]) -> Callable[[str], bool]:
         return lambda item_id: item_id.startswith(DocumentId.PREFIX)  # a document and every part of it
@@ -195,7 +199,7 @@ def load_documents(path: Path, field: str, limit: int = 0) -> list[Document]:
         if len(text) > MAX_DOCUMENT_CHARS:
             raise InvalidArgument(field, f"line {number}: text has {len(text):,} characters; at most {MAX_DOCUMENT_CHARS:,}")
         documents.append(Document(id=str(raw.get("id", number)), text=text, date=str(raw.get("date", ""))))
-    check_item_count(field, path, documents, "documents", MAX_DOCUMENTS)
+    check_item_count(field, documents, "documents", MAX_DOCUMENTS)
     return documents
 
 
