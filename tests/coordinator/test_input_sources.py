@@ -500,3 +500,32 @@ def test_the_client_writes_only_plain_file_names_the_coordinator_sends(tmp_path,
     with pytest.raises(RecipeError, match="not a plain file name"):
         asyncio.run(download(None, "job", coordinator_pb2.ExportedFile(name=name), tmp_path / "out"))
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out").exists()
+
+
+def test_one_tenants_uploads_are_bounded_and_an_idle_one_is_abandoned(monkeypatch):
+    from autodidact.coordinator import service
+    from autodidact.errors import DeadlineExceeded
+
+    slots = service.UploadSlots(per_tenant=2)
+    with slots.slot("team-a"), slots.slot("team-a"):
+        with pytest.raises(ResourceExhausted, match="tenant 'team-a' already has 2 uploads in progress"), slots.slot("team-a"):
+            pass
+        with slots.slot("team-b"):  # another tenant is not held up
+            pass
+    with slots.slot("team-a"):  # freed when they ended
+        pass
+
+    monkeypatch.setattr(service, "UPLOAD_IDLE_SECONDS", 0.05)
+
+    async def stalls() -> AsyncIterator[coordinator_pb2.UploadDatasetRequest]:
+        yield coordinator_pb2.UploadDatasetRequest(chunk=b"x")
+        await asyncio.sleep(3600)  # a client that stops sending but keeps the call open
+        yield coordinator_pb2.UploadDatasetRequest(chunk=b"y")
+
+    async def read() -> None:
+        messages = stalls()
+        assert (await service._next_message(messages)) is not None
+        with pytest.raises(DeadlineExceeded, match=r"sent nothing for 0\.05 s"):
+            await service._next_message(messages)
+
+    asyncio.run(read())

@@ -280,6 +280,41 @@ async def test_keys_can_come_from_a_jwks_url(start_host, auth_settings, signing_
     assert "cannot reach the key set" in message
 
 
+async def test_made_up_key_ids_do_not_make_every_call_fetch_the_key_set(start_host, signing_key, tmp_path):
+    import http.server
+    import threading
+
+    jwk = json.loads(RSAAlgorithm.to_jwk(signing_key.public_key())) | {"kid": "k1", "use": "sig", "alg": "RS256"}
+    body = json.dumps({"keys": [jwk]}).encode()
+    fetches = 0
+
+    class KeySet(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            nonlocal fetches
+            fetches += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), KeySet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/jwks.json"
+        target = await start_host(AuthSettings(jwt_issuer=ISSUER, jwt_audience=AUDIENCE, jwks_url=url))
+        await generate(target, bearer(make_jwt(signing_key)))
+        for n in range(6):  # an attacker's tokens, each naming a key id nobody issued
+            await refused(generate(target, bearer(make_jwt(signing_key, kid=f"made-up-{n}"))), grpc.StatusCode.UNAUTHENTICATED)
+        await generate(target, bearer(make_jwt(signing_key)))  # the real key still verifies, from the cache
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert fetches <= 2, fetches  # the first fetch, and one refetch for an unknown key id within the interval
+
+
 # --- tenants, audit, open methods ---
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,7 @@ from autodidact.coordinator.recipes.base import Services
 from autodidact.coordinator.storage import TenantStorage
 from autodidact.coordinator.store import JobStore, SqliteJobStore
 from autodidact.coordinator.tenants import Tenants
-from autodidact.errors import InvalidArgument
+from autodidact.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from autodidact.runtime.auth import audit_object
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.component import Component, Resource
@@ -56,6 +57,38 @@ class CoordinatorSettings:
     export_url_ttl_seconds: float = 3600.0
 
 
+# An upload that sends nothing for this long is abandoned: it holds one of the server's call slots.
+UPLOAD_IDLE_SECONDS = 60.0
+# Uploads in progress at once per tenant: one tenant's slow uploads cannot take every call slot.
+UPLOADS_PER_TENANT = 4
+
+
+async def _next_message(messages: AsyncIterator[coordinator_pb2.UploadDatasetRequest]) -> coordinator_pb2.UploadDatasetRequest | None:
+    """The upload's next message (None at its end), within UPLOAD_IDLE_SECONDS."""
+    try:
+        return await asyncio.wait_for(anext(messages, None), UPLOAD_IDLE_SECONDS)
+    except TimeoutError:
+        raise DeadlineExceeded(f"the upload sent nothing for {UPLOAD_IDLE_SECONDS:g} s and was abandoned; upload again") from None
+
+
+class UploadSlots:
+    """Counts each tenant's uploads in progress; one over UPLOADS_PER_TENANT is RESOURCE_EXHAUSTED."""
+
+    def __init__(self, per_tenant: int = UPLOADS_PER_TENANT) -> None:
+        self.per_tenant = per_tenant
+        self._in_progress: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def slot(self, tenant: str) -> Iterator[None]:
+        if self._in_progress.get(tenant, 0) >= self.per_tenant:
+            raise ResourceExhausted(f"tenant {tenant!r} already has {self.per_tenant} uploads in progress; finish one first")
+        self._in_progress[tenant] = self._in_progress.get(tenant, 0) + 1
+        try:
+            yield
+        finally:
+            self._in_progress[tenant] -= 1
+
+
 @dataclass
 class Coordinator:
     """What the coordinator servicer needs once loaded: the job store, the channels to the
@@ -66,6 +99,7 @@ class Coordinator:
     manager: JobManager
     storage: TenantStorage
     tenants: Tenants
+    uploads: UploadSlots = field(default_factory=UploadSlots)
 
     async def close(self) -> None:
         await self.manager.close()
@@ -137,17 +171,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     ) -> coordinator_pb2.UploadDatasetResponse:
         coordinator = self._coordinator.get()
         tenant = current_principal().tenant
-        first = await anext(aiter(request_iterator), None)
-        if first is None or not first.HasField("header"):
-            raise InvalidArgument("header", "must come first: the upload's name, format, sha256 and size_bytes")
+        messages = aiter(request_iterator)
+        with coordinator.uploads.slot(tenant):
+            first = await _next_message(messages)
+            if first is None or not first.HasField("header"):
+                raise InvalidArgument("header", "must come first: the upload's name, format, sha256 and size_bytes")
 
-        async def chunks() -> AsyncIterator[bytes]:
-            async for message in request_iterator:
-                if not message.HasField("chunk"):
-                    raise InvalidArgument("header", "comes once, first; every later message is a chunk")
-                yield message.chunk
+            async def chunks() -> AsyncIterator[bytes]:
+                while (message := await _next_message(messages)) is not None:
+                    if not message.HasField("chunk"):
+                        raise InvalidArgument("header", "comes once, first; every later message is a chunk")
+                    yield message.chunk
 
-        info, created = await coordinator.storage.upload(tenant, first.header, chunks(), coordinator.tenants.policy(tenant).quotas)
+            info, created = await coordinator.storage.upload(tenant, first.header, chunks(), coordinator.tenants.policy(tenant).quotas)
         audit_object(info.dataset_id)
         return coordinator_pb2.UploadDatasetResponse(dataset=info.message(), created=created)
 

@@ -23,6 +23,7 @@ import hmac
 import json
 import re
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ from autodidact.runtime.principal import (
 )
 
 log = structlog.get_logger("autodidact.auth")
+# A key id the cached JWKS lacks triggers a fetch of the key set at most this often.
+JWKS_REFETCH_SECONDS = 30.0
 
 # Open to every caller: Kubernetes probes and grpcurl carry no token.
 DEFAULT_OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -220,6 +223,7 @@ class Authenticator:
         self._file = _ReloadingFile(settings.auth_file, AuthFile.parse) if settings.auth_file is not None else None
         self._jwks_file = _ReloadingFile(settings.jwks_file, _parse_jwks) if settings.jwks_file is not None else None
         self._jwks_client: Any = None
+        self._jwks_refetched_at = -JWKS_REFETCH_SECONDS  # monotonic time of the last fetch for an unknown key id
         if settings.jwks_url:
             import jwt
 
@@ -298,10 +302,22 @@ class Authenticator:
 
         if self._jwks_client is not None:
             try:  # a fetch when the key set is not cached: off the event loop
+                keys = await asyncio.to_thread(self._jwks_client.get_signing_keys)
                 if kid is None:
-                    keys = await asyncio.to_thread(self._jwks_client.get_signing_keys)
                     return keys[0].key
-                return (await asyncio.to_thread(self._jwks_client.get_signing_key, kid)).key
+                known = [key for key in keys if key.key_id == kid]
+                if not known:
+                    # A key id the cached set lacks: the issuer may have rotated, so fetch again, but at most
+                    # once per JWKS_REFETCH_SECONDS: made-up key ids must not turn every call into a fetch.
+                    now = time.monotonic()
+                    if now - self._jwks_refetched_at < JWKS_REFETCH_SECONDS:
+                        raise errors.Unauthenticated("token signed with a key this server does not know")
+                    self._jwks_refetched_at = now
+                    keys = await asyncio.to_thread(self._jwks_client.get_signing_keys, True)
+                    known = [key for key in keys if key.key_id == kid]
+                    if not known:
+                        raise errors.Unauthenticated("token signed with a key this server does not know")
+                return known[0].key
             except jwt.PyJWKClientConnectionError:
                 raise errors.Unavailable("cannot reach the key set (JWKS URL) to verify the token; retry later") from None
             except jwt.PyJWKClientError:
