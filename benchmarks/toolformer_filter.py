@@ -114,7 +114,7 @@ async def conceptofmind_tokens(llm: LlamaCppLLM, document: tuple[int, ...], cand
 def recipe_candidates(documents_path: Path, positions: int, calls: int, threads: int, data_dir: Path) -> list[dict]:
     """Runs the Toolformer recipe (calculator) and returns its executed calls."""
     from autodidact.backends.embed.local import LocalEmbedderSettings
-    from autodidact.runner import run_in_process
+    from autodidact.runner import prepare, run_in_process
     from autodidact.stack import StackOptions
     from autodidact.v1 import coordinator_pb2
 
@@ -124,7 +124,7 @@ def recipe_candidates(documents_path: Path, positions: int, calls: int, threads:
     spec.toolformer.positions_per_document = positions
     spec.toolformer.calls_per_position = calls
     options = StackOptions(llamacpp=LlamaCppSettings(threads=threads), embedder=LocalEmbedderSettings(threads=threads))
-    code = asyncio.run(run_in_process(spec, "toolformer-bench", data_dir, options, data_dir / "out", show_progress=False))
+    code = asyncio.run(run_in_process(prepare(spec), "toolformer-bench", data_dir, options, data_dir / "out", show_progress=False))
     if code != 0:
         raise SystemExit("the recipe failed")
     rows = [json.loads(line) for line in (data_dir / "out" / "calls.jsonl").read_text().splitlines()]

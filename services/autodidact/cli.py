@@ -497,27 +497,27 @@ async def _generate(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> int:
     from autodidact.backends.embed.local import LocalEmbedderSettings
     from autodidact.backends.llm.llamacpp import LlamaCppSettings
-    from autodidact.runner import RecipeError, default_job_id, load_recipe, run_in_process, run_job
+    from autodidact.runner import RecipeError, default_job_id, load_recipe, prepare, run_in_process, run_job
     from autodidact.runtime.channels import ClientCredentials, set_default_client_credentials
     from autodidact.stack import StackOptions
 
     try:
-        spec = load_recipe(args.recipe)
-        job_id = args.job_id or default_job_id(args.recipe, spec)
+        prepared = prepare(load_recipe(args.recipe))  # each local input file hashed once, here
+        job_id = args.job_id or default_job_id(args.recipe, prepared)
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = args.out or Path("out") / job_id  # the dataset is downloaded here, wherever the coordinator runs
     if args.coordinator:
         set_default_client_credentials(_client_credentials(args, args.coordinator))
-        return await run_job(args.coordinator, job_id, spec, out, show_progress=not args.quiet)
+        return await run_job(args.coordinator, job_id, prepared, out, show_progress=not args.quiet)
     # The in-process stack listens on loopback ports that other local users could reach too:
     # it accepts only a token made for this run, which its services and this client send.
     token = new_token()
     set_default_client_credentials(ClientCredentials(token))
     server = ServerSettings(grace_seconds=5, auth=_session(AuthSettings(), token))
     options = StackOptions(llamacpp=LlamaCppSettings(threads=args.threads), embedder=LocalEmbedderSettings(threads=args.threads))
-    return await run_in_process(spec, job_id, args.data_dir, options, out, show_progress=not args.quiet, server=server)
+    return await run_in_process(prepared, job_id, args.data_dir, options, out, show_progress=not args.quiet, server=server)
 
 
 def main(argv: list[str] | None = None) -> int:

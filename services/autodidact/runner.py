@@ -26,7 +26,7 @@ import yaml
 from google.protobuf import json_format
 
 from autodidact.client import wait_until_serving
-from autodidact.coordinator.inputs import CHUNK_BYTES, DATASET_PREFIX, INLINE_PREFIX, OBJECT_SCHEMES
+from autodidact.coordinator.inputs import CHUNK_BYTES, DATASET_PREFIX, INLINE_PREFIX, OBJECT_SCHEMES, file_sha256
 from autodidact.coordinator.jobs import EXPORT_NAME, validate_spec
 from autodidact.coordinator.recipes.registry import RECIPES
 from autodidact.runtime.channels import create_channel
@@ -74,7 +74,8 @@ class Upload:
 
     @classmethod
     def of(cls, path: Path) -> Upload:
-        return cls(path, _sha256(path), path.stat().st_size)
+        size, sha256 = file_sha256(path)
+        return cls(path, sha256, size)
 
     @property
     def dataset_id(self) -> str:
@@ -90,7 +91,18 @@ class Upload:
         return coordinator_pb2.DATASET_FORMAT_JSON if self.path.suffix == ".json" else coordinator_pb2.DATASET_FORMAT_JSONL
 
 
-def with_uploads(spec: coordinator_pb2.JobSpec) -> tuple[coordinator_pb2.JobSpec, list[Upload]]:
+@dataclass(frozen=True)
+class Prepared:
+    """A recipe ready to send, its input files hashed once: the spec as read
+    (local paths, checked before anything starts), the spec as sent (each
+    local file named as the dataset it uploads as) and the uploads to make."""
+
+    local: coordinator_pb2.JobSpec
+    sent: coordinator_pb2.JobSpec
+    uploads: list[Upload]
+
+
+def prepare(spec: coordinator_pb2.JobSpec) -> Prepared:
     """The spec with each local input file named as the dataset it uploads as
     ("dataset:ds-<sha256>", known before uploading: an id is its content's
     hash), and the uploads to make."""
@@ -99,7 +111,7 @@ def with_uploads(spec: coordinator_pb2.JobSpec) -> tuple[coordinator_pb2.JobSpec
     uploads: dict[Path, Upload] = {}
     recipe = RECIPES.get(spec.WhichOneof("recipe") or "")
     if recipe is None:
-        return sent, []
+        return Prepared(spec, sent, [])
     fields = getattr(sent, recipe.name)
     for name in recipe.inputs:
         value = getattr(fields, name)
@@ -112,21 +124,12 @@ def with_uploads(spec: coordinator_pb2.JobSpec) -> tuple[coordinator_pb2.JobSpec
             except OSError as exc:
                 raise RecipeError(f"spec.{recipe.name}.{name}: cannot read {path}: {exc.strerror or exc}") from None
         setattr(fields, name, uploads[path].reference)
-    return sent, list(uploads.values())
+    return Prepared(spec, sent, list(uploads.values()))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def default_job_id(path: Path, spec: coordinator_pb2.JobSpec) -> str:
+def default_job_id(path: Path, prepared: Prepared) -> str:
     """The same file and content (its inputs' content included) give the same id, so running it again resumes or returns the job."""
-    sent, _ = with_uploads(spec)
-    return f"{path.stem}-{hashlib.sha256(sent.SerializeToString(deterministic=True)).hexdigest()[:10]}"
+    return f"{path.stem}-{hashlib.sha256(prepared.sent.SerializeToString(deterministic=True)).hexdigest()[:10]}"
 
 
 async def upload(stub: Any, item: Upload) -> None:
@@ -211,19 +214,8 @@ def submission_outcome(submitted: coordinator_pb2.SubmitJobResponse) -> str:
     return "already running; following it"
 
 
-async def run_job(
-    target: str,
-    job_id: str,
-    spec: coordinator_pb2.JobSpec,
-    out: Path,
-    show_progress: bool = True,
-) -> int:
-    """Uploads the spec's local input files, submits the job, follows it, and downloads its dataset into `out`."""
-    try:
-        sent, uploads = with_uploads(spec)
-    except RecipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+async def run_job(target: str, job_id: str, prepared: Prepared, out: Path, show_progress: bool = True) -> int:
+    """Uploads the recipe's local input files, submits the job, follows it, and downloads its dataset into `out`."""
     async with create_channel(target, timeout_seconds=60) as channel:
         # Nothing listening is told apart from a coordinator still starting, and said at once.
         try:
@@ -235,10 +227,10 @@ async def run_job(
             return 2
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
         try:
-            for item in uploads:
+            for item in prepared.uploads:
                 await upload(stub, item)
                 print(f"uploaded {item.path.name} as {item.dataset_id} ({item.size_bytes:,} bytes)", file=sys.stderr)
-            submitted = await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=job_id, spec=sent))
+            submitted = await stub.SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=job_id, spec=prepared.sent))
         except grpc.aio.AioRpcError as exc:
             print(f"error: job refused: {rpc_error_text(exc)}", file=sys.stderr)
             return 2
@@ -274,7 +266,7 @@ async def run_job(
 
 
 async def run_in_process(
-    spec: coordinator_pb2.JobSpec,
+    prepared: Prepared,
     job_id: str,
     data_dir: Path,
     options: Any,
@@ -291,19 +283,19 @@ async def run_in_process(
     from autodidact.stack import LocalStack, services_for
 
     try:  # refused here, before any model loads, as the coordinator would refuse it
-        validate_spec(spec, job_id, None)
+        validate_spec(prepared.local, job_id, None)
     except InvalidArgument as exc:
         print(f"error: job refused: INVALID_ARGUMENT: {exc}", file=sys.stderr)
         return 2
     stack = LocalStack(options.under(data_dir))
     server = server or ServerSettings(grace_seconds=5)
     try:
-        await stack.start(services_for(spec.WhichOneof("recipe") or ""), server)
+        await stack.start(services_for(prepared.local.WhichOneof("recipe") or ""), server)
         # Models load before the job starts: llama.cpp silences the process's stderr while it
         # loads one, which would swallow progress lines printed meanwhile.
         await stack.wait_ready()
         await stack.start(["coordinator"], server)
         settle_heap()
-        return await run_job(stack.target("coordinator"), job_id, spec, out, show_progress)
+        return await run_job(stack.target("coordinator"), job_id, prepared, out, show_progress)
     finally:
         await stack.stop(grace=5)

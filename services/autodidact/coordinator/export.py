@@ -10,7 +10,6 @@ event loop."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import time
@@ -24,6 +23,7 @@ import structlog
 from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
 
+from autodidact.coordinator.inputs import file_sha256
 from autodidact.coordinator.protos import CANCELLED, max_error_fraction, state_name
 from autodidact.coordinator.recipes.base import ERROR_FILTER, MAX_ERROR_MESSAGES
 from autodidact.coordinator.records import ERRORS_KEY, SUMMARY_KEY, Record, dataset_members, iter_records
@@ -247,11 +247,8 @@ def _prepare(directory: Path) -> None:
 
 def _file(path: Path, kind: str, rows: int = 0) -> coordinator_pb2.ExportedFile:
     """The file as ExportJob lists it: its name (what DownloadExport takes), size and sha256, never a server path."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return coordinator_pb2.ExportedFile(name=path.name, kind=kind, rows=rows, size_bytes=path.stat().st_size, sha256=digest.hexdigest())
+    size, sha256 = file_sha256(path)
+    return coordinator_pb2.ExportedFile(name=path.name, kind=kind, rows=rows, size_bytes=size, sha256=sha256)
 
 
 def written_export(directory: Path) -> list[coordinator_pb2.ExportedFile] | None:

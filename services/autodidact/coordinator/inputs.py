@@ -26,6 +26,7 @@ directory all get the same answer.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -34,6 +35,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from autodidact.coordinator.tenants import Quotas
 from autodidact.errors import InvalidArgument
@@ -194,17 +196,32 @@ def _chunks(field: str, reference: str, source: InputSource) -> Iterator[bytes]:
         return
     assert source.path is not None
     try:
-        # O_NOFOLLOW: the path was resolved; a link swapped in since is refused, not followed.
-        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just below).
-        descriptor = os.open(source.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        stream = open_regular(source.path)
     except OSError:
         raise _outside_roots(field, reference) from None
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode) or not _opened_where_checked(descriptor, source):
-        os.close(descriptor)  # a folder, a FIFO, a device are not inputs
-        raise _outside_roots(field, reference)
-    with os.fdopen(descriptor, "rb") as stream:
+    with stream:
+        if not _opened_where_checked(stream.fileno(), source):
+            raise _outside_roots(field, reference)
         while chunk := stream.read(CHUNK_BYTES):
             yield chunk
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Opens a regular file for reading, never through a link: O_NOFOLLOW (the path was
+    resolved or is the coordinator's own; a link swapped in since is refused, not followed)
+    and O_NONBLOCK (a FIFO must not wait for a writer). A folder, a FIFO, a device: OSError."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise IsADirectoryError(errno.EISDIR, "not a regular file", str(path))
+    return os.fdopen(descriptor, "rb")
+
+
+def file_sha256(path: Path) -> tuple[int, str]:
+    """A file's size and sha256 (hex), read in chunks."""
+    with path.open("rb") as stream:
+        digest = hashlib.file_digest(stream, "sha256")
+        return stream.tell(), digest.hexdigest()
 
 
 def snapshot(
@@ -214,8 +231,6 @@ def snapshot(
     renamed), a chunk at a time, with its size and sha256. Blocking: run it
     in a thread. An input over the tenant's upload_bytes, or over `room` (what
     its stored_bytes quota has left), is refused as soon as the copy passes it."""
-    digest = hashlib.sha256()
-    size = 0
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(f".{destination.name}.{uuid.uuid4().hex}.partial")
     try:
@@ -223,11 +238,10 @@ def snapshot(
             # An uploaded dataset is ours and immutable: a hard link is its snapshot (deleting
             # the dataset then leaves the job's copy), and its hash is taken as it is read.
             os.link(source.path, partial)
-            with partial.open("rb") as stream:
-                while chunk := stream.read(CHUNK_BYTES):
-                    digest.update(chunk)
-                    size += len(chunk)
+            size, sha256 = file_sha256(partial)
         else:
+            digest = hashlib.sha256()
+            size = 0
             with partial.open("wb") as sink:
                 for chunk in _chunks(field, reference, source):
                     size += len(chunk)
@@ -239,7 +253,8 @@ def snapshot(
                     sink.write(chunk)
                 sink.flush()
                 os.fsync(sink.fileno())
+            sha256 = digest.hexdigest()
         os.replace(partial, destination)
     finally:
         partial.unlink(missing_ok=True)
-    return Snapshot(field, reference, size, digest.hexdigest())
+    return Snapshot(field, reference, size, sha256)

@@ -19,7 +19,6 @@ import hashlib
 import os
 import re
 import shutil
-import stat
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -31,7 +30,7 @@ import structlog
 from google.protobuf import json_format
 
 from autodidact.coordinator import export, samples
-from autodidact.coordinator.inputs import DATASET_PREFIX, Snapshot, check_inline_inputs, locate, snapshot
+from autodidact.coordinator.inputs import DATASET_PREFIX, Snapshot, check_inline_inputs, locate, open_regular, snapshot
 from autodidact.coordinator.protos import (
     CANCELLED,
     FAILED,
@@ -207,10 +206,6 @@ def stored_spec(spec: coordinator_pb2.JobSpec) -> coordinator_pb2.JobSpec:
     return own
 
 
-def _job_input(value: dict[str, Any]) -> coordinator_pb2.JobInput:
-    return coordinator_pb2.JobInput(**value)
-
-
 class JobManager:
     """Every job of every tenant. The API methods act for the caller's tenant
     (`current_principal()`): another tenant's job is NOT_FOUND, as if it did
@@ -341,15 +336,15 @@ class JobManager:
         inline = dict(spec.inline_inputs)
         snapshots = []
         private = (self._storage.data_dir,)  # every tenant's uploads and snapshots, the job store: never an input
+
+        def dataset_file(field: str, dataset_id: str) -> Path:
+            return self._storage.dataset_file(tenant, field, dataset_id)
+
         for name in recipe.inputs:
             reference = getattr(fields, name)
             if not reference:
                 continue  # required ones are refused by the recipe's resolve, naming the field
             field = f"spec.{recipe.name}.{name}"
-
-            def dataset_file(field: str, dataset_id: str) -> Path:
-                return self._storage.dataset_file(tenant, field, dataset_id)
-
             source = await asyncio.to_thread(locate, field, reference, inline, policy.input_roots, dataset_file, private)
             taken = await asyncio.to_thread(snapshot, field, reference, source, folder / name, policy.quotas, tenant, room)
             if room is not None and not reference.startswith(DATASET_PREFIX):
@@ -451,7 +446,7 @@ class JobManager:
         tenant, _ = split_key(row.id)
         path = self._storage.dataset_dir(tenant, job_id) / name
         try:
-            stream = await asyncio.to_thread(_open_regular, path)
+            stream = await asyncio.to_thread(open_regular, path)
         except OSError:
             raise NotFound(f"job {job_id!r} has no exported file {name!r}; ExportJob writes and lists its files") from None
         digest = hashlib.sha256()
@@ -498,7 +493,7 @@ class JobManager:
             stored = await self._store.get_value(row.id, INPUTS_KEY)
             if stored is None:
                 return job
-            self._inputs[row.id] = [_job_input(value) for value in stored["inputs"]]
+            self._inputs[row.id] = [coordinator_pb2.JobInput(**value) for value in stored["inputs"]]
         job.inputs.extend(self._inputs[row.id])
         return job
 
@@ -590,12 +585,3 @@ def _install(staging: Path, inputs_dir: Path) -> None:
     inputs_dir.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir(parents=True, exist_ok=True)  # a job without inputs still gets its folder
     os.replace(staging, inputs_dir)
-
-
-def _open_regular(path: Path) -> Any:
-    """Opens an exported file for reading; a link or anything but a regular file is refused (OSError)."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-        os.close(descriptor)
-        raise IsADirectoryError(path)
-    return os.fdopen(descriptor, "rb")

@@ -1,4 +1,6 @@
-"""The coordinator servicer: validate, call the job manager, map the result."""
+"""The coordinator servicer: validate, call the job manager, map the result.
+
+Job ids are checked by the job manager, which looks every job up through one place (`_row`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from autodidact.coordinator.export import ObjectStorePublisher
-from autodidact.coordinator.jobs import JobManager, check_job_id
+from autodidact.coordinator.jobs import JobManager
 from autodidact.coordinator.protos import record_message
 from autodidact.coordinator.recipes.base import Services
 from autodidact.coordinator.storage import TenantStorage
@@ -124,7 +126,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.SubmitJobResponse(job=job, created=created, resumed=resumed)
 
     async def GetJob(self, request: coordinator_pb2.GetJobRequest, context: grpc.aio.ServicerContext) -> coordinator_pb2.GetJobResponse:
-        check_job_id("job_id", request.job_id)
         return coordinator_pb2.GetJobResponse(job=await self._manager().get(request.job_id))
 
     async def ListJobs(
@@ -136,33 +137,28 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def CancelJob(
         self, request: coordinator_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.CancelJobResponse:
-        check_job_id("job_id", request.job_id)
         return coordinator_pb2.CancelJobResponse(job=await self._manager().cancel(request.job_id))
 
     async def WatchJob(
         self, request: coordinator_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
-        check_job_id("job_id", request.job_id)
         async for job in self._manager().watch(request.job_id):
             yield coordinator_pb2.WatchJobResponse(job=job)
 
     async def StreamSamples(
         self, request: coordinator_pb2.StreamSamplesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.StreamSamplesResponse]:
-        check_job_id("job_id", request.job_id)
         async for record in self._manager().samples(request.job_id, follow=request.follow, include_dropped=request.include_dropped):
             yield coordinator_pb2.StreamSamplesResponse(record=record_message(record))
 
     async def ExportJob(
         self, request: coordinator_pb2.ExportJobRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.ExportJobResponse:
-        check_job_id("job_id", request.job_id)
         return coordinator_pb2.ExportJobResponse(files=await self._manager().export(request.job_id))
 
     async def DownloadExport(
         self, request: coordinator_pb2.DownloadExportRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.DownloadExportResponse]:
-        check_job_id("job_id", request.job_id)
         async for chunk in self._manager().download(request.job_id, request.name):
             yield chunk
 
@@ -213,7 +209,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def RetryJob(
         self, request: coordinator_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.RetryJobResponse:
-        check_job_id("job_id", request.job_id)
         return coordinator_pb2.RetryJobResponse(job=await self._manager().retry(request.job_id))
 
 
