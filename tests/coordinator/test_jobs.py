@@ -18,6 +18,7 @@ import pytest
 
 from autodidact.coordinator import jobs
 from autodidact.coordinator.jobs import JobManager
+from autodidact.coordinator.postgres_store import PostgresJobStore
 from autodidact.coordinator.recipes import registry
 from autodidact.coordinator.recipes.base import Decision, JobContext, Services, StageResult
 from autodidact.coordinator.recipes.recipe import Recipe
@@ -295,3 +296,72 @@ async def test_following_samples_sends_every_item_once_and_ends_with_the_job(man
 
 async def _collect(stream: Any) -> list[Any]:
     return [item async for item in stream]
+
+
+async def test_two_managers_on_one_postgres_store_pass_a_job_between_them_by_its_lease(tmp_path, monkeypatch, postgres):
+    gate = asyncio.Event()
+    service = DoubleService(gate=gate)
+    monkeypatch.setitem(registry.RECIPES, "self_consistency", double_recipe(service))
+    dsn = postgres.new_database()
+    stores = [PostgresJobStore(dsn), PostgresJobStore(dsn)]
+    services = Services(DoubleGenerator(), None, None, None, None, patience_seconds=1)  # type: ignore[arg-type]
+    one, two = (JobManager(store, services, TenantStorage(tmp_path), lease_seconds=0.6) for store in stores)
+    await one.resume_unfinished()
+    await two.resume_unfinished()
+    key = "default/shared"
+    await one.submit("shared", spec(items=6))
+    while not service.calls:
+        await asyncio.sleep(0.01)
+    assert one._running(key) and not two._running(key)
+
+    # Cancelled through the other replica: the holder stops the job when it next renews its lease.
+    assert (await two.cancel("shared")).state == coordinator_pb2.JOB_STATE_CANCELLED
+    for _ in range(100):
+        if not one._running(key):
+            break
+        await asyncio.sleep(0.05)
+    assert not one._running(key), "the holder went on with a job cancelled elsewhere"
+
+    # Retried through the second, which takes it; it dies without giving the lease back; the first takes over.
+    await two.retry("shared")
+    assert two._running(key)
+    monkeypatch.setattr(stores[1], "release_lease", lambda *args: asyncio.sleep(0))  # as if killed: nothing given back
+    await two.close()
+    for _ in range(100):
+        if one._running(key):
+            break
+        await asyncio.sleep(0.05)
+    assert one._running(key), "nobody took over the job of the coordinator that died"
+    gate.set()
+    job = await finish(one, "shared")
+    assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED, job.error
+    results = await stores[0].results(key)
+    assert sorted(item for item, stage, _ in results if stage == "dataset") == [f"i{n:02d}" for n in range(6)]
+    await one.close()
+    for store in stores:
+        await store.close()
+
+
+async def test_the_same_submission_to_two_managers_at_once_makes_one_job_that_keeps_its_inputs(tmp_path, monkeypatch, postgres):
+    service = DoubleService()
+    recipe = double_recipe(service)
+    monkeypatch.setattr(recipe, "inputs", ("questions_path",))  # the double reads nothing, but its input is snapshotted
+    monkeypatch.setitem(registry.RECIPES, "self_consistency", recipe)
+    dsn = postgres.new_database()
+    stores = [PostgresJobStore(dsn), PostgresJobStore(dsn)]
+    services = Services(DoubleGenerator(), None, None, None, None, patience_seconds=1)  # type: ignore[arg-type]
+    managers = [JobManager(store, services, TenantStorage(tmp_path)) for store in stores]
+    job_spec = spec(items=4)
+    job_spec.self_consistency.questions_path = "inline:questions"
+    job_spec.inline_inputs["questions"] = '[{"Body": "b", "Question": "q", "Answer": 1}]'
+    answers = await asyncio.gather(*(manager.submit("twice", job_spec) for manager in managers for _ in range(3)))
+    assert sum(created for _, created, _ in answers) == 1
+    assert len({job.id for job, _, _ in answers}) == 1
+    job = await finish(managers[0], "twice")
+    assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED, job.error
+    inputs = TenantStorage(tmp_path).inputs_dir("default", "twice")
+    assert sorted(path.name for path in inputs.iterdir()) == [jobs.SPEC_HASH_FILE, "questions_path"]
+    for manager in managers:
+        await manager.close()
+    for store in stores:
+        await store.close()

@@ -1,6 +1,7 @@
-"""The JobStore contract, run against every implementation in STORES (only
-SQLite today; the next scale issue adds Postgres), then the SQLite store's own
-promises: its schema upgrade, page boundaries and group commit.
+"""The JobStore contract, run against every implementation: SQLite, and
+PostgreSQL on a real server the tests start (tests/postgres.py); then the
+SQLite store's own promises: its schema upgrade, page boundaries and group
+commit.
 """
 
 from __future__ import annotations
@@ -17,18 +18,25 @@ from typing import Any
 import pytest
 
 from autodidact.coordinator import store as sqlite_store
+from autodidact.coordinator.postgres_store import PostgresJobStore
 from autodidact.coordinator.store import JobStore, SqliteJobStore, StageCounts
 from autodidact.errors import StartupError
 
-# Each entry opens the store kept at a place (a directory); opening the same place again reopens it.
+# Opens the store kept at a place (a directory); opening the same place again reopens it.
 OpenStore = Callable[[Path], JobStore]
-STORES = [pytest.param(lambda place: SqliteJobStore(place / "jobs.sqlite"), id="sqlite")]
 
 
-@pytest.fixture(params=STORES)
+@pytest.fixture(params=["sqlite", "postgres"])
 def open_store(request: pytest.FixtureRequest) -> OpenStore:
-    opener: OpenStore = request.param
-    return opener
+    if request.param == "sqlite":
+        return lambda place: SqliteJobStore(place / "jobs.sqlite")
+    server = request.getfixturevalue("postgres")
+    databases: dict[Path, str] = {}  # a place is a database of its own, made on first open
+
+    def open_postgres(place: Path) -> JobStore:
+        return PostgresJobStore(databases.setdefault(place, server.new_database()))
+
+    return open_postgres
 
 
 def decided(kept: bool, filter_: str = "") -> dict[str, Any]:
@@ -63,6 +71,33 @@ async def test_jobs_are_created_once_listed_newest_first_and_change_state(tmp_pa
     changed = await store.get_job("c")
     assert changed is not None and (changed.state, changed.error) == (3, "it broke") and changed.updated_at >= changed.created_at
     assert await store.get_job("nope") is None
+    await store.close()
+
+
+async def test_a_job_is_leased_to_one_owner_until_its_lease_expires_or_is_released(tmp_path: Path, open_store: OpenStore) -> None:
+    store = open_store(tmp_path)
+    for name in ("a", "b", "c", "done"):
+        await store.create_job(name, b"", "h", 1)
+    await store.set_state("done", 3)
+    first = await store.claim_jobs("one", (1, 2), 60, limit=2)
+    assert [row.id for row in first] == ["a", "b"]
+    # Another owner gets what is left, and a finished job is nobody's; a held job is not claimed again, even by its holder.
+    assert [row.id for row in await store.claim_jobs("two", (1, 2), 60, limit=10)] == ["c"]
+    assert await store.claim_jobs("three", (1, 2), 60, limit=10) == []
+    assert await store.claim_jobs("one", (1, 2), 60, limit=10, job_id="a") == []
+    await store.set_state("b", 4)  # e.g. cancelled through another replica: the holder learns it when renewing
+    assert await store.renew_leases("one", ["a", "b", "c"], 60) == {"a": 1, "b": 4}
+    assert await store.renew_leases("two", [], 60) == {}
+    await store.release_lease("a", "two")  # not its lease: nothing happens
+    assert await store.claim_jobs("three", (1, 2), 60, limit=10, job_id="a") == []
+    await store.release_lease("a", "one")
+    assert [row.id for row in await store.claim_jobs("three", (1, 2), 60, limit=10)] == ["a"]
+    # A lease nobody renews expires, and the job goes to whoever claims next.
+    assert [row.id for row in await store.claim_jobs("four", (1, 2), 0.05, limit=10, job_id="c")] == []
+    await store.renew_leases("two", ["c"], 0.05)
+    await asyncio.sleep(0.2)
+    assert [row.id for row in await store.claim_jobs("four", (1, 2), 60, limit=10)] == ["c"]
+    assert await store.renew_leases("two", ["c"], 60) == {}, "an expired lease taken over is no longer the old owner's"
     await store.close()
 
 
@@ -402,3 +437,66 @@ def test_job_folders_from_before_tenants_move_to_the_default_tenant(tmp_path):
     (legacy / "old-job").mkdir(parents=True)  # the same job in both places: neither is overwritten
     with pytest.raises(StartupError, match="keep one of them"):
         storage.prepare(legacy)
+
+
+# --- the PostgreSQL store's own promises ---
+
+
+async def test_replicas_on_one_database_share_jobs_and_see_results_in_cursor_order(postgres: Any) -> None:
+    dsn = postgres.new_database()
+    one, two = PostgresJobStore(dsn), PostgresJobStore(dsn)  # two coordinators' stores, set up on one database at once
+    raced = await asyncio.gather(*(store.create_job("t/job", b"spec", "h", 1) for store in (one, two) for _ in range(5)))
+    assert sum(created for _, created in raced) == 1 and len({row.seq for row, _ in raced}) == 1
+    writes = asyncio.gather(*(one.put_result("t/job", f"i{n:04d}", "s", decided(True), True) for n in range(2000)))
+    seen: list[int] = []
+    while not writes.done() or (await two.results_since("t/job", seen[-1] if seen else 0, 1)):
+        page = await two.results_since("t/job", seen[-1] if seen else 0, 500)
+        seen += [cursor for cursor, *_ in page]
+        await asyncio.sleep(0)
+    await writes
+    # A follower on the other replica, paging by cursor while the writes commit, misses none and sees none twice.
+    assert len(seen) == 2000 and seen == sorted(set(seen))
+    assert await counts_of(two, "t/job") == {"s": StageCounts("s", 2000, 2000, {})}
+    await one.close()
+    await two.close()
+
+
+def test_a_postgres_store_of_a_newer_schema_is_refused(postgres: Any) -> None:
+    import psycopg
+
+    dsn = postgres.new_database()
+    asyncio.run(PostgresJobStore(dsn).close())
+    with psycopg.connect(dsn, autocommit=True) as db:
+        db.execute("UPDATE autodidact_schema SET version = version + 1")
+    with pytest.raises(StartupError, match="newer than this coordinator"):
+        PostgresJobStore(dsn)
+
+
+def test_an_unreachable_database_is_a_startup_error_that_hides_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autodidact.coordinator import postgres_store
+    from tests.conftest import free_port
+
+    monkeypatch.setattr(postgres_store, "CONNECT_TIMEOUT_SECONDS", 2.0)
+    with pytest.raises(StartupError, match="cannot connect to the job store database") as refused:
+        PostgresJobStore(f"postgresql://coordinator:s3cret@127.0.0.1:{free_port()}/jobs")
+    assert "s3cret" not in str(refused.value) and "127.0.0.1" in str(refused.value)
+
+
+def test_leftovers_of_a_crash_are_removed_at_start_but_not_another_replicas_work_in_progress(tmp_path):
+    import os
+
+    from autodidact.coordinator.storage import LEFTOVER_SECONDS, UPLOAD_PREFIX, TenantStorage
+
+    storage = TenantStorage(tmp_path)
+    datasets, staging = storage.tenant_dir("team-a") / "datasets", storage.tenant_dir("team-a") / "staging"
+    datasets.mkdir(parents=True)
+    (staging / "old" / "inputs").mkdir(parents=True)
+    (staging / "young").mkdir()
+    for path in (datasets / f"{UPLOAD_PREFIX}old", datasets / f"{UPLOAD_PREFIX}young"):
+        path.write_bytes(b"part of an upload")
+    long_ago = os.stat(datasets).st_mtime - LEFTOVER_SECONDS - 60
+    for path in (datasets / f"{UPLOAD_PREFIX}old", staging / "old"):
+        os.utime(path, (long_ago, long_ago))
+    storage.prepare(tmp_path / "jobs")
+    assert sorted(p.name for p in datasets.iterdir()) == [f"{UPLOAD_PREFIX}young"]
+    assert sorted(p.name for p in staging.iterdir()) == ["young"]

@@ -55,6 +55,7 @@ def test_a_namespace_survives_reopening_with_and_without_a_snapshot(tmp_path):
         chunk = vectors[start : start + 3]
         ids = [f"v{start + k}" for k in range(len(chunk))]
         ns.commit(f"batch-{start}", ns.judge(ids, chunk, threshold=1.01), chunk)
+    ns.settle()  # snapshots are written in the background
     assert ns.size == 10 and (tmp_path / "ns" / "index.faiss").exists()
     probe = random_units(5, seed=2)
     before = ns.judge([f"p{k}" for k in range(5)], probe, threshold=0.5)
@@ -76,6 +77,7 @@ def test_switches_to_hnsw_past_the_exact_limit_and_still_finds_neighbours(tmp_pa
     vectors = random_units(200, seed=3)
     ids = [f"v{i}" for i in range(200)]
     ns.commit("", ns.judge(ids, vectors, threshold=1.01), vectors)
+    ns.settle()  # the graph is built in the background (test_the_hnsw_switch_happens_in_the_background)
     assert ns.index_kind == "hnsw" and ns.size == 200
     # Each stored vector's nearest neighbour is itself.
     verdicts = ns.judge([f"q{i}" for i in range(200)], vectors, threshold=0.99)

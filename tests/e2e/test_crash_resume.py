@@ -2,6 +2,8 @@
 and data folder, and the finished dataset is the uninterrupted run's, byte
 for byte: nothing missing, nothing twice. One case per recipe with the
 coordinator as the victim, and Self-Instruct also with the dedup service.
+With three coordinators on one PostgreSQL store, the one holding the job is
+killed for good and another takes the job over, with the same dataset.
 In the Constitutional case the input file is also edited after the submit
 and before the kill: the resumed job reads its own snapshot, so the edit
 cannot reach the dataset.
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from autodidact.client import wait_until_serving
@@ -342,6 +345,60 @@ def test_killing_a_service_mid_job_changes_nothing_in_the_dataset(
 ) -> None:
     expected = uninterrupted(recipe)
     got = asyncio.run(run_job(recipe, neighbours, inputs, tmp_path, victim))
+    assert_same_dataset(recipe, got, expected)
+
+
+async def run_on_replicas(recipe: Recipe, neighbours: Neighbours, inputs: Path, workdir: Path, dsn: str) -> Dataset:
+    """Runs the job on three coordinators sharing one PostgreSQL store and one data folder; SIGKILLs
+    the one holding the job's lease once `recipe.stage` decided KILL_AFTER items, and lets the
+    others finish it. Returns the dataset, downloaded through a replica that neither ran nor was killed."""
+    targets = {name: neighbours.target(name) for name in recipe.neighbours}
+    roots = ["--input-root", str(GSM8K.parent), "--input-root", str(inputs)]
+    wiring = [a for n, t in targets.items() for a in (f"--{n}-target", t)]
+    replicas = [
+        Service("coordinator", ["--data-dir", str(workdir), "--store-dsn", dsn, "--lease-seconds", "3", *roots, *wiring]) for _ in range(3)
+    ]
+    for replica in replicas:
+        replica.start()
+    try:
+        channels = [create_channel(replica.target, timeout_seconds=900) for replica in replicas]
+        for channel in channels:
+            await wait_until_serving(channel, timeout=120)
+        stubs = [coordinator_pb2_grpc.CoordinatorServiceStub(channel) for channel in channels]
+        await stubs[0].SubmitJob(coordinator_pb2.SubmitJobRequest(job_id=JOB, spec=recipe.spec(inputs)))
+        while True:  # any replica answers GetJob, from the store
+            job = (await stubs[2].GetJob(coordinator_pb2.GetJobRequest(job_id=JOB))).job
+            assert job.state not in TERMINAL, f"the job ended ({coordinator_pb2.JobState.Name(job.state)}) before the kill"
+            if any(s.stage == recipe.stage and s.done >= KILL_AFTER for s in job.stages):
+                break
+            await asyncio.sleep(0.1)
+        with psycopg.connect(dsn) as db:
+            owner = db.execute("SELECT lease_owner FROM jobs WHERE id = %s", (f"default/{JOB}",)).fetchone()
+        assert owner is not None and owner[0], "a running job has a lease"
+        holder = next(r for r in replicas if r.process is not None and f"/{r.process.pid}/" in owner[0])
+        holder.kill()
+        survivors = [stub for replica, stub in zip(replicas, stubs, strict=True) if replica is not holder]
+        watch = survivors[0].WatchJob(coordinator_pb2.WatchJobRequest(job_id=JOB), timeout=600)
+        job = [event.job async for event in watch][-1]
+        assert job.state == coordinator_pb2.JOB_STATE_SUCCEEDED, job.error
+        await download_export(survivors[1], JOB, workdir / "dataset")
+        for channel in channels:
+            await channel.close()
+        return recipe.without_timing(read_dataset(workdir / "dataset"))
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+def test_three_coordinators_on_postgres_finish_the_job_of_the_one_killed_exactly_once(
+    neighbours: Neighbours, inputs: Path, uninterrupted: Callable[[Recipe], Dataset], tmp_path: Path, postgres: Any
+) -> None:
+    expected = uninterrupted(SELF_CONSISTENCY)
+    got = asyncio.run(run_on_replicas(SELF_CONSISTENCY, neighbours, inputs, tmp_path, postgres.new_database()))
+    assert_same_dataset(SELF_CONSISTENCY, got, expected)
+
+
+def assert_same_dataset(recipe: Recipe, got: Dataset, expected: Dataset) -> None:
     assert expected[f"{recipe.table}.jsonl"].strip(), f"{recipe.table} has no rows: the comparison would prove little"
     ids = [json.loads(line)["item_id"] for line in got["lineage.jsonl"].splitlines()]
     assert len(ids) == len(set(ids)), "an item was recorded twice"

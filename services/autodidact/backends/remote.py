@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import aiohttp
 import structlog
 
-from autodidact.errors import InvalidArgument, Unavailable
+from autodidact.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 log = structlog.get_logger("autodidact.backends")
 T = TypeVar("T")
@@ -39,7 +39,12 @@ class RemoteSettings:
 
 
 class Retryable(Exception):
-    """A failure worth retrying after a pause."""
+    """A failure worth retrying after a pause; `overloaded` when the server said
+    it is full (HTTP 429), not down."""
+
+    def __init__(self, message: str, *, overloaded: bool = False) -> None:
+        super().__init__(message)
+        self.overloaded = overloaded
 
 
 class Refused(Exception):
@@ -54,7 +59,9 @@ async def with_backoff(backend: str, settings: RemoteSettings, call: Callable[[]
     """Runs `call`, retrying Retryable failures with jittered exponential backoff.
 
     Maps what is left to domain errors: the server's refusal is the client's
-    INVALID_ARGUMENT (naming `field`), exhaustion is UNAVAILABLE.
+    INVALID_ARGUMENT (naming `field`), exhaustion is UNAVAILABLE, or
+    RESOURCE_EXHAUSTED when the server was full (429): the coordinator's
+    adaptive limits read that as "fewer calls at once" (coordinator/concurrency.py).
     """
     delay = settings.initial_backoff_seconds
     for attempt in range(1, settings.max_attempts + 1):
@@ -64,7 +71,8 @@ async def with_backoff(backend: str, settings: RemoteSettings, call: Callable[[]
             raise InvalidArgument(field, f"{backend} at {settings.url} refused it: {exc}") from exc
         except Retryable as exc:
             if attempt == settings.max_attempts:
-                raise Unavailable(f"{backend} at {settings.url}: {exc} (after {attempt} attempts)") from exc
+                kind = ResourceExhausted if exc.overloaded else Unavailable
+                raise kind(f"{backend} at {settings.url}: {exc} (after {attempt} attempts)") from exc
             pause = delay * (0.5 + random.random() / 2)
             log.warning("backend busy or down; retrying", backend=backend, url=settings.url, error=str(exc), retry_in=round(pause, 2))
             await asyncio.sleep(pause)
@@ -78,7 +86,7 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str, payloa
         async with session.request(method, url, json=payload, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             body = await response.text()
             if response.status in RETRYABLE_STATUS:
-                raise Retryable(f"HTTP {response.status}: {body[:300]}")
+                raise Retryable(f"HTTP {response.status}: {body[:300]}", overloaded=response.status == 429)
             if response.status >= 400:
                 raise Refused(response.status, body[:500])
             return json.loads(body)

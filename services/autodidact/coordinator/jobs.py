@@ -6,6 +6,14 @@ PENDING or RUNNING, and the recipe replays what is stored. A FAILED or
 CANCELLED job resumes the same way when retried (RetryJob, or the same id and
 spec submitted again); items that errored are tried again.
 
+Several coordinators may share one store (PostgreSQL). A PENDING or RUNNING
+job is run by the one holding its lease (JobStore.claim_jobs), renewed every
+third of lease_seconds; a coordinator that stops renewing (killed, cut off)
+loses its jobs to the next that claims them, and that one replays them from
+the store like a restart would. Any replica answers Get, List, Watch and
+StreamSamples from the store; a cancel through one reaches the holder when it
+next renews.
+
 The API's messages are made in protos.py, the dataset is written by
 export.py, and StreamSamples reads records in samples.py; this module knows
 no recipe and no stage by name.
@@ -15,10 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import hashlib
 import os
 import re
 import shutil
+import socket
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -51,6 +62,7 @@ from autodidact.coordinator.storage import TenantStorage
 from autodidact.coordinator.store import JobRow, JobStore
 from autodidact.coordinator.tenants import TenantPolicy, Tenants
 from autodidact.errors import AlreadyExists, AutodidactError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from autodidact.runtime import tracing
 from autodidact.runtime.neighbours import rpc_error_text
 from autodidact.runtime.principal import SUBMITTER, Principal, acting_as, current_principal
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
@@ -74,7 +86,14 @@ WATCH_MAX_INTERVAL_SECONDS = 1.0
 INPUTS_KEY = "inputs"
 # DownloadExport's chunks: well under the default 8 MiB message bound.
 DOWNLOAD_CHUNK_BYTES = 1 << 20
+# In a job's inputs folder beside the snapshots: the spec hash they were installed under.
+SPEC_HASH_FILE = ".spec-hash"
 EXPORT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
+# How long a coordinator's hold on a job lasts unless renewed (every third of it): how soon
+# another replica takes over the jobs of one that died.
+DEFAULT_LEASE_SECONDS = 30.0
+# Jobs one claim takes at most: a replica coming up does not take every free job in one go.
+CLAIM_BATCH = 16
 
 
 class JobChanges:
@@ -218,8 +237,14 @@ class JobManager:
         storage: TenantStorage,
         tenants: Tenants | None = None,
         publish: export.Publisher | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
     ) -> None:
         self._store = store
+        # Who holds this manager's leases: unique per process start, so a restarted replica
+        # does not mistake its predecessor's leases for its own.
+        self._owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._lease_seconds = lease_seconds
+        self._keeping_leases: asyncio.Task[None] | None = None
         self._services = services
         self._storage = storage
         self._tenants = tenants or Tenants()
@@ -238,15 +263,58 @@ class JobManager:
     # --- lifecycle ---
 
     async def resume_unfinished(self) -> None:
-        for row in await self._store.jobs_in_states((PENDING, RUNNING)):
-            log.info("resuming job", job_key=row.id)
-            self._launch(row.id)
+        """Takes up the unfinished jobs nobody holds (all of them, for a lone coordinator),
+        then keeps this manager's leases and takes up jobs whose holder went away."""
+        await self._claim_free_jobs()
+        self._keeping_leases = asyncio.create_task(self._keep_leases(), name="job leases")
 
     async def close(self) -> None:
-        """Stops every job task; their state stays RUNNING and they resume at the next start."""
+        """Stops every job task; their state stays RUNNING, their leases are released,
+        and they resume at the next start or on another replica."""
+        if self._keeping_leases is not None:
+            self._keeping_leases.cancel()
         for task in self._tasks.values():
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), *([self._keeping_leases] if self._keeping_leases else []), return_exceptions=True)
+
+    async def _claim_free_jobs(self) -> None:
+        while claimed := await self._store.claim_jobs(self._owner, (PENDING, RUNNING), self._lease_seconds, CLAIM_BATCH):
+            for row in claimed:
+                if not self._running(row.id):
+                    log.info("taking up job", job_key=row.id)
+                    self._launch(row.id)
+            if len(claimed) < CLAIM_BATCH:
+                return
+
+    async def _keep_leases(self) -> None:
+        """Every third of a lease: renews the leases of the jobs running here, stops a job
+        whose lease was lost or that another replica cancelled, and claims free jobs."""
+        while True:
+            await asyncio.sleep(self._lease_seconds / 3)
+            try:
+                running = [key for key in self._tasks if self._running(key)]
+                held = await self._store.renew_leases(self._owner, running, self._lease_seconds)
+                for key in running:
+                    state = held.get(key)
+                    if state is None:
+                        log.warning("lost the lease of a job; another coordinator runs it now", job_key=key)
+                        self._tasks[key].cancel()
+                    elif state == CANCELLED:
+                        log.info("job cancelled through another coordinator", job_key=key)
+                        self._cancel_requested.add(key)
+                        self._tasks[key].cancel()
+                await self._claim_free_jobs()
+            except Exception:  # the store unreachable for a moment: try again at the next beat
+                log.exception("could not renew the job leases")
+
+    def _running(self, key: str) -> bool:
+        task = self._tasks.get(key)
+        return task is not None and not task.done()
+
+    async def _take(self, key: str) -> None:
+        """Launches a job this manager just made runnable (submitted, retried), if it gets the lease."""
+        if await self._store.claim_jobs(self._owner, (PENDING,), self._lease_seconds, 1, job_id=key):
+            self._launch(key)
 
     # --- API ---
 
@@ -277,7 +345,7 @@ class JobManager:
                     if existing.state in RESUMABLE:
                         return await self.retry(job_id), False, True
                     return await self._job_message(existing), False, False
-                self._check_running_quota(tenant, policy)
+                await self._check_running_quota(tenant, policy)
                 # Reading and checking the inputs can take a while (up to the item bounds): off the loop.
                 params = await asyncio.to_thread(validate_spec, kept, job_id, staging)
                 items = recipe.item_count(params)
@@ -287,13 +355,13 @@ class JobManager:
                 if context_length is not None:
                     check_against_model(kept, params, context_length)
                 # The snapshots move into the job's folder before its row exists: a job never runs without them.
-                await asyncio.to_thread(_install, staging, self._storage.inputs_dir(tenant, job_id))
+                await asyncio.to_thread(_install, staging, self._storage.inputs_dir(tenant, job_id), digest)
                 await self._store.delete_value(key, INPUTS_KEY)  # left by a submission that crashed before its row
                 await self._store.put_value(key, INPUTS_KEY, {"inputs": [item.to_json() for item in inputs]})
                 row, created = await self._store.create_job(key, kept.SerializeToString(deterministic=True), digest, PENDING)
                 if created:
                     log.info("job submitted", job_key=key, recipe=recipe.name)
-                    self._launch(key)
+                    await self._take(key)
             finally:
                 await asyncio.to_thread(shutil.rmtree, staging, True)
         return await self._job_message(row), created, False
@@ -305,24 +373,24 @@ class JobManager:
         key = row.id
         if row.state not in RESUMABLE:
             raise FailedPrecondition(f"job {job_id!r} is {state_name(row.state)}; only a FAILED or CANCELLED job can be retried")
-        task = self._tasks.get(key)
-        if task is not None and not task.done():
+        if self._running(key):
             raise FailedPrecondition(f"job {job_id!r} is still stopping; retry shortly")
         tenant = split_key(key)[0]
-        self._check_running_quota(tenant, self._tenants.policy(tenant))
+        await self._check_running_quota(tenant, self._tenants.policy(tenant))
         self._cancel_requested.discard(key)
         await self._store.delete_results(key, filter_=ERROR_FILTER)
         await self._store.delete_value(key, SUMMARY_KEY)
         await self._store.delete_value(key, ERRORS_KEY)
         await self._store.set_state(key, PENDING)
         log.info("job retried", job_key=key, was=state_name(row.state))
-        self._launch(key)
+        await self._take(key)
         self._changes.notify(key)
         return await self.get(job_id)
 
-    def _check_running_quota(self, tenant: str, policy: TenantPolicy) -> None:
+    async def _check_running_quota(self, tenant: str, policy: TenantPolicy) -> None:
+        # Counted in the store: the tenant's jobs may run on any replica.
         prefix = job_key(tenant, "")
-        running = sum(1 for key, task in self._tasks.items() if key.startswith(prefix) and not task.done())
+        running = sum(1 for row in await self._store.jobs_in_states((PENDING, RUNNING)) if row.id.startswith(prefix))
         if running >= policy.quotas.running_jobs:
             raise policy.quotas.exceeded(tenant, "running_jobs", f"{running:,} of the tenant's jobs are pending or running")
 
@@ -513,7 +581,26 @@ class JobManager:
             await self._publish(tenant, job_id, self._storage.dataset_dir(tenant, job_id), files)
 
     def _launch(self, key: str) -> None:
-        self._tasks[key] = asyncio.create_task(self._run(key), name=f"job {key}")
+        self._tasks[key] = asyncio.create_task(self._run_leased(key), name=f"job {key}")
+
+    async def _run_leased(self, key: str) -> None:
+        """Runs the job under this manager's lease, and gives the lease back when the task
+        ends (finished, failed, or stopped with the coordinator: another replica may take it at once)."""
+        try:
+            await self._run_traced(key)
+        finally:
+            try:
+                await self._store.release_lease(key, self._owner)
+            except Exception:  # the store is going away: the lease expires on its own
+                log.warning("could not release a job's lease", job_key=key)
+
+    async def _run_traced(self, key: str) -> None:
+        """Runs the job in its span: every run, a resumed one too, joins the trace of the job's submission."""
+        tenant, job_id = split_key(key)
+        stored = functools.partial(self._store.get_value, key, tracing.TRACE_KEY)
+        store = functools.partial(self._store.put_value, key, tracing.TRACE_KEY)
+        async with tracing.job_span(job_id, tenant, stored, store):
+            await self._run(key)
 
     async def _run(self, key: str) -> None:
         tenant, job_id = split_key(key)
@@ -579,9 +666,31 @@ class JobManager:
         self._changes.notify(key)
 
 
-def _install(staging: Path, inputs_dir: Path) -> None:
-    """Moves a submission's snapshots into the job's folder (replacing what a crashed submission left)."""
+def _install(staging: Path, inputs_dir: Path, digest: str) -> None:
+    """Moves a submission's snapshots into the job's folder, replacing what a crashed
+    submission left. Snapshots installed under the same spec hash (which covers their
+    content) stay: the same submission sent to two replicas at once must not pull the
+    inputs from under the job the first one started. The hash travels inside the
+    folder (SPEC_HASH_FILE), so it arrives with the snapshots in one rename."""
+    if _installed_hash(inputs_dir) == digest:
+        return
+    staging.mkdir(parents=True, exist_ok=True)  # a job without inputs still gets its folder
+    (staging / SPEC_HASH_FILE).write_text(digest)
     shutil.rmtree(inputs_dir, ignore_errors=True)
     inputs_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging.mkdir(parents=True, exist_ok=True)  # a job without inputs still gets its folder
-    os.replace(staging, inputs_dir)
+    try:
+        os.replace(staging, inputs_dir)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        # Another submission of this job installed its snapshots meanwhile.
+        if _installed_hash(inputs_dir) != digest:
+            job = inputs_dir.parent.name
+            raise FailedPrecondition(f"job {job!r} is being submitted with another spec at the same time; retry") from None
+
+
+def _installed_hash(inputs_dir: Path) -> str | None:
+    try:
+        return (inputs_dir / SPEC_HASH_FILE).read_text()
+    except FileNotFoundError:
+        return None

@@ -19,7 +19,8 @@ from autodidact.coordinator.recipes.base import Services
 from autodidact.coordinator.storage import TenantStorage
 from autodidact.coordinator.store import JobStore, SqliteJobStore
 from autodidact.coordinator.tenants import Tenants
-from autodidact.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from autodidact.dedup.routing import ShardedDedup
+from autodidact.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, StartupError
 from autodidact.runtime.auth import audit_object
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.component import Component, Resource
@@ -42,7 +43,15 @@ SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
 class CoordinatorSettings:
     # Where the job store (jobs.sqlite) and default dataset folders live.
     data_dir: Path = Path(".autodidact/coordinator")
+    # A PostgreSQL DSN (postgresql://user:password@host/db): the job store is there instead of
+    # data_dir/jobs.sqlite. "" (the default): the embedded SQLite store.
+    store_dsn: str = ""
+    # How long this coordinator's hold on a running job lasts unless renewed (every third of it):
+    # how soon another replica on the same store takes over the jobs of one that died.
+    lease_seconds: float = 30.0
     generator_target: str = "localhost:50051"
+    # One address, or the dedup shards' addresses in shard order, comma-separated
+    # ("dns:///dedup-0.dedup:50055,dns:///dedup-1.dedup:50055"): dedup/routing.py picks each namespace's.
     dedup_target: str = "localhost:50055"
     scorer_target: str = "localhost:50052"
     tool_executor_target: str = "localhost:50054"
@@ -212,31 +221,48 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.RetryJobResponse(job=await self._manager().retry(request.job_id))
 
 
+def open_job_store(settings: CoordinatorSettings) -> JobStore:
+    """The store the settings name: PostgreSQL (the postgres extra, imported only then) or the embedded SQLite file."""
+    if settings.store_dsn:
+        from autodidact.coordinator.postgres_store import PostgresJobStore
+
+        return PostgresJobStore(settings.store_dsn)
+    return SqliteJobStore(settings.data_dir / "jobs.sqlite")
+
+
+def dedup_targets(settings: CoordinatorSettings) -> list[str]:
+    """The dedup shards' addresses, in shard order (one for an unsharded dedup service)."""
+    targets = [target.strip() for target in settings.dedup_target.split(",")]
+    if not all(targets):
+        raise StartupError(f"--dedup-target {settings.dedup_target!r}: give one address, or the shards' addresses separated by commas")
+    return targets
+
+
 def coordinator_component(settings: CoordinatorSettings) -> Component:
     async def open_coordinator() -> Coordinator:
         tenants = Tenants.load(settings.tenants_file, settings.input_roots)
         storage = TenantStorage(settings.data_dir)
         await asyncio.to_thread(storage.prepare, settings.data_dir / "jobs")
         publish = ObjectStorePublisher(settings.export_url, settings.export_url_ttl_seconds) if settings.export_url else None
-        store: JobStore = SqliteJobStore(settings.data_dir / "jobs.sqlite")
+        store = await asyncio.to_thread(open_job_store, settings)
+        dedup_shards = [create_channel(target, timeout_seconds=300) for target in dedup_targets(settings)]
         # Channels connect lazily: a recipe that never calls a service never needs it up.
         channels = {
             "generator": create_channel(settings.generator_target, timeout_seconds=900),
-            "dedup": create_channel(settings.dedup_target, timeout_seconds=300),
             "scorer": create_channel(settings.scorer_target, timeout_seconds=900),
             "tool-executor": create_channel(settings.tool_executor_target, timeout_seconds=300),
             "critic": create_channel(settings.critic_target, timeout_seconds=1800),
         }
         services = Services(
             generator=generator_pb2_grpc.GeneratorServiceStub(channels["generator"]),
-            dedup=dedup_pb2_grpc.DedupServiceStub(channels["dedup"]),
+            dedup=ShardedDedup([dedup_pb2_grpc.DedupServiceStub(channel) for channel in dedup_shards]),  # type: ignore[arg-type]
             scorer=scorer_pb2_grpc.ScorerServiceStub(channels["scorer"]),
             tool_executor=tool_executor_pb2_grpc.ToolExecutorServiceStub(channels["tool-executor"]),
             critic=critic_pb2_grpc.CriticServiceStub(channels["critic"]),
             patience_seconds=settings.patience_seconds,
         )
-        manager = JobManager(store, services, storage, tenants, publish)
-        return Coordinator(store, list(channels.values()), manager, storage, tenants)
+        manager = JobManager(store, services, storage, tenants, publish, lease_seconds=settings.lease_seconds)
+        return Coordinator(store, [*channels.values(), *dedup_shards], manager, storage, tenants)
 
     async def resume(coordinator: Coordinator) -> None:
         # Calls are answered while jobs resume; health turns SERVING once they have.

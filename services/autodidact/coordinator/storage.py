@@ -19,6 +19,7 @@ hash, so uploading the same bytes again returns the dataset already there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -44,6 +45,9 @@ DATASET_ID = re.compile(r"ds-[0-9a-f]{32}\Z")
 SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 FORMATS = (coordinator_pb2.DATASET_FORMAT_JSONL, coordinator_pb2.DATASET_FORMAT_JSON)
 UPLOAD_PREFIX = ".upload-"
+# A partial upload or submission snapshot untouched this long is a crash's leftover: an upload
+# sends something every UPLOAD_IDLE_SECONDS (60) or is abandoned, and a snapshot writes as it copies.
+LEFTOVER_SECONDS = 3600.0
 PAGE_TOKEN = re.compile(r"ds-[0-9a-f]{32}\Z")
 
 
@@ -113,13 +117,21 @@ class TenantStorage:
     # --- start ---
 
     def prepare(self, legacy_jobs: Path) -> None:
-        """At start: removes the temporary files of uploads a crash interrupted, and moves
-        the job folders of a coordinator from before tenants (<data_dir>/jobs) to tenant "default"."""
+        """At start: removes the temporary files of uploads and submissions a crash
+        interrupted, and moves the job folders of a coordinator from before tenants
+        (<data_dir>/jobs) to tenant "default". Replicas may share this folder: only
+        leftovers untouched for LEFTOVER_SECONDS go, not another replica's work in progress."""
         self.root.mkdir(parents=True, exist_ok=True)
+        stale_before = time.time() - LEFTOVER_SECONDS
         for tenant in self.root.iterdir():
-            for partial in (tenant / "datasets").glob(UPLOAD_PREFIX + "*"):
-                partial.unlink(missing_ok=True)
-            shutil.rmtree(tenant / "staging", ignore_errors=True)  # snapshots of submissions a crash cut short
+            leftovers = [*(tenant / "datasets").glob(UPLOAD_PREFIX + "*"), *(tenant / "staging").glob("*")]
+            for leftover in leftovers:
+                with contextlib.suppress(FileNotFoundError):
+                    if leftover.lstat().st_mtime < stale_before:
+                        if leftover.is_dir() and not leftover.is_symlink():
+                            shutil.rmtree(leftover, ignore_errors=True)
+                        else:
+                            leftover.unlink()
         if legacy_jobs.is_dir():
             target = self.tenant_dir(LEGACY_TENANT) / "jobs"
             target.mkdir(parents=True, exist_ok=True)
@@ -136,7 +148,8 @@ class TenantStorage:
         folder = self.tenant_dir(tenant)
         # A job's snapshot of an uploaded dataset is a hard link to it: each file counts once.
         seen: dict[tuple[int, int], int] = {}
-        for path in (*(folder / "datasets").glob("*.data"), *folder.glob("jobs/*/inputs/*")):
+        # Input snapshots only: not the spec hash kept beside them (a dotfile, jobs.SPEC_HASH_FILE).
+        for path in (*(folder / "datasets").glob("*.data"), *folder.glob("jobs/*/inputs/[!.]*")):
             try:
                 info = path.lstat()
             except FileNotFoundError:  # deleted meanwhile

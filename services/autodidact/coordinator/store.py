@@ -42,8 +42,8 @@ T = TypeVar("T")
 # PRAGMA user_version of the schema below. 0: the first schema (results keyed by
 # (job, item, stage) without a cursor; job-level values as results under the item
 # ids of LEGACY_VALUE_ITEMS, or already in job_values). 1: job keys without a
-# tenant. upgrade() brings any of them here.
-SCHEMA_VERSION = 2
+# tenant. 2: jobs without leases. upgrade() brings any of them here.
+SCHEMA_VERSION = 3
 # The tenant of the jobs of a store from before tenants.
 LEGACY_TENANT = "default"
 # Item ids under which schema 0 stored job-level values, the stage being the value's key.
@@ -58,7 +58,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     state INTEGER NOT NULL,
     error TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    lease_owner TEXT NOT NULL DEFAULT '',  -- the coordinator running the job ('' for none)
+    lease_until REAL NOT NULL DEFAULT 0    -- when its lease ends unless renewed (epoch seconds)
 );
 CREATE TABLE IF NOT EXISTS results (
     -- The cursor: AUTOINCREMENT never reuses a number, even after deletes, so a
@@ -144,6 +146,15 @@ class JobStore(Protocol):
     async def list_jobs(self, limit: int, before_seq: int | None = None, key_prefix: str = "") -> list[JobRow]: ...
     async def jobs_in_states(self, states: tuple[int, ...]) -> list[JobRow]: ...
     async def set_state(self, job_id: str, state: int, error: str = "") -> None: ...
+    # Leases: a job in `states` is run by the coordinator holding its lease (several may share a
+    # store). claim_jobs takes up to `limit` of them (only `job_id`, when given) whose lease is
+    # free or expired; renew_leases extends the owner's leases and answers {job_id: state} for
+    # those it still holds; release_lease frees one at once.
+    async def claim_jobs(
+        self, owner: str, states: tuple[int, ...], lease_seconds: float, limit: int, job_id: str | None = None
+    ) -> list[JobRow]: ...
+    async def renew_leases(self, owner: str, job_ids: Sequence[str], lease_seconds: float) -> dict[str, int]: ...
+    async def release_lease(self, job_id: str, owner: str) -> None: ...
     async def get_result(self, job_id: str, item_id: str, stage: str) -> dict[str, Any] | None: ...
     async def put_result(
         self, job_id: str, item_id: str, stage: str, value: dict[str, Any], kept: bool | None, filter_: str = ""
@@ -329,6 +340,9 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         )
     try:
         upgrade(db)
+        # A SQLite store serves one coordinator at a time: the leases an earlier process held
+        # are void, and a coordinator restarted after a crash resumes its jobs at once.
+        db.execute("UPDATE jobs SET lease_owner = '', lease_until = 0 WHERE lease_owner != ''")
     except sqlite3.DatabaseError as exc:
         db.close()
         raise StartupError(f"the job store {path} could not be upgraded to schema {SCHEMA_VERSION}: {exc}") from exc
@@ -355,6 +369,10 @@ def upgrade(db: sqlite3.Connection) -> None:
             db.execute(statement)
         if version < 2:
             _upgrade_to_tenant_keys(db)
+        jobs_columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+        if "lease_owner" not in jobs_columns:  # schema 2 and before: jobs without leases
+            db.execute("ALTER TABLE jobs ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''")
+            db.execute("ALTER TABLE jobs ADD COLUMN lease_until REAL NOT NULL DEFAULT 0")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     except BaseException:
@@ -497,6 +515,45 @@ class SqliteJobStore:
     async def set_state(self, job_id: str, state: int, error: str = "") -> None:
         await self._write(_change("UPDATE jobs SET state = ?, error = ?, updated_at = ? WHERE id = ?", (state, error, time.time(), job_id)))
 
+    # --- leases ---
+
+    async def claim_jobs(
+        self, owner: str, states: tuple[int, ...], lease_seconds: float, limit: int, job_id: str | None = None
+    ) -> list[JobRow]:
+        def claim(db: sqlite3.Connection) -> list[JobRow]:
+            now = time.time()
+            marks = ",".join("?" * len(states))
+            only, wanted = ("AND id = ?", (job_id,)) if job_id is not None else ("", ())
+            rows = db.execute(
+                f"UPDATE jobs SET lease_owner = ?, lease_until = ? WHERE seq IN (SELECT seq FROM jobs WHERE state IN ({marks}) "
+                f"AND (lease_owner = '' OR lease_until < ?) {only} ORDER BY seq LIMIT ?) RETURNING {_JOB_COLUMNS}",
+                (owner, now + lease_seconds, *states, now, *wanted, limit),
+            ).fetchall()
+            return sorted((JobRow(*row) for row in rows), key=lambda row: row.seq)
+
+        return await self._write(claim)
+
+    async def renew_leases(self, owner: str, job_ids: Sequence[str], lease_seconds: float) -> dict[str, int]:
+        ids = list(job_ids)
+
+        def renew(db: sqlite3.Connection) -> dict[str, int]:
+            held: dict[str, int] = {}
+            for start in range(0, len(ids), IDS_PER_QUERY):
+                chunk = ids[start : start + IDS_PER_QUERY]
+                marks = ",".join("?" * len(chunk))
+                held.update(
+                    db.execute(
+                        f"UPDATE jobs SET lease_until = ? WHERE lease_owner = ? AND id IN ({marks}) RETURNING id, state",
+                        (time.time() + lease_seconds, owner, *chunk),
+                    ).fetchall()
+                )
+            return held
+
+        return await self._write(renew) if ids else {}
+
+    async def release_lease(self, job_id: str, owner: str) -> None:
+        await self._write(_change("UPDATE jobs SET lease_owner = '', lease_until = 0 WHERE id = ? AND lease_owner = ?", (job_id, owner)))
+
     # --- stage results ---
 
     async def get_result(self, job_id: str, item_id: str, stage: str) -> dict[str, Any] | None:
@@ -512,7 +569,7 @@ class SqliteJobStore:
             cursor = db.execute(
                 "INSERT INTO results (job_id, item_id, stage, kept, filter, value, written_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (job_id, item_id, stage) DO NOTHING",
-                (job_id, item_id, stage, None if kept is None else int(kept), filter_, _encode(value), time.time()),
+                (job_id, item_id, stage, None if kept is None else int(kept), filter_, encode_value(value), time.time()),
             )
             return cursor.rowcount == 1
 
@@ -544,7 +601,7 @@ class SqliteJobStore:
                     f"SELECT item_id, value FROM results WHERE job_id = ? AND stage = ? AND item_id IN ({','.join('?' * len(chunk))})",
                     (job_id, stage, *chunk),
                 )
-                found.update((item, _decode(value)) for item, value in rows)
+                found.update((item, decode_value(value)) for item, value in rows)
             return found
 
         return await self._read(read) if ids else {}
@@ -568,7 +625,7 @@ class SqliteJobStore:
             rows = db.execute(
                 "SELECT seq, item_id, stage, value FROM results WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (job_id, after, limit)
             )
-            return [(cursor, item, stage_, _decode(value)) for cursor, item, stage_, value in rows]
+            return [(cursor, item, stage_, decode_value(value)) for cursor, item, stage_, value in rows]
 
         return await self._read(read)
 
@@ -581,16 +638,7 @@ class SqliteJobStore:
         rows = await self._read(
             _all("SELECT stage, filter, done, kept FROM stage_counts WHERE job_id = ? AND done > 0 ORDER BY stage, filter", (job_id,))
         )
-        done: dict[str, int] = {}
-        kept: dict[str, int] = {}
-        dropped: dict[str, dict[str, int]] = {}
-        for stage, filter_, stage_done, stage_kept in rows:
-            done[stage] = done.get(stage, 0) + stage_done
-            kept[stage] = kept.get(stage, 0) + stage_kept
-            by_filter = dropped.setdefault(stage, {})
-            if stage_done > stage_kept:
-                by_filter[filter_] = stage_done - stage_kept
-        return [StageCounts(stage, done[stage], kept[stage], dropped[stage]) for stage in done]
+        return counts_by_stage(rows)
 
     # --- job-level values ---
 
@@ -601,13 +649,27 @@ class SqliteJobStore:
         await self._write(
             _change(
                 "INSERT INTO job_values (job_id, key, value, written_at) VALUES (?, ?, ?, ?) ON CONFLICT (job_id, key) DO NOTHING",
-                (job_id, key, _encode(value), time.time()),
+                (job_id, key, encode_value(value), time.time()),
             )
         )
 
     async def delete_value(self, job_id: str, key: str) -> None:
         """Forgets a value (a retried job writes its summary again)."""
         await self._write(_change("DELETE FROM job_values WHERE job_id = ? AND key = ?", (job_id, key)))
+
+
+def counts_by_stage(rows: Sequence[tuple[str, str, int, int]]) -> list[StageCounts]:
+    """StageCounts from the counter rows (stage, filter, done, kept), ordered by stage then filter."""
+    done: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    dropped: dict[str, dict[str, int]] = {}
+    for stage, filter_, stage_done, stage_kept in rows:
+        done[stage] = done.get(stage, 0) + stage_done
+        kept[stage] = kept.get(stage, 0) + stage_kept
+        by_filter = dropped.setdefault(stage, {})
+        if stage_done > stage_kept:
+            by_filter[filter_] = stage_done - stage_kept
+    return [StageCounts(stage, done[stage], kept[stage], dropped[stage]) for stage in done]
 
 
 def _results_page(db: sqlite3.Connection, job_id: str, after: str | None) -> tuple[list[tuple[str, str, dict[str, Any]]], str | None]:
@@ -626,7 +688,7 @@ def _results_page(db: sqlite3.Connection, job_id: str, after: str | None) -> tup
         else:  # one item fills the page: read all of it
             rows = db.execute("SELECT item_id, seq, stage, value FROM results WHERE job_id = ? AND item_id = ?", (job_id, last)).fetchall()
     rows.sort(key=lambda row: (row[0], row[1]))
-    return [(item, stage, _decode(value)) for item, _, stage, value in rows], last
+    return [(item, stage, decode_value(value)) for item, _, stage, value in rows], last
 
 
 def _one(sql: str, parameters: Sequence[Any]) -> Operation:
@@ -651,7 +713,7 @@ def _value(sql: str, parameters: Sequence[Any]) -> Operation:
 
     def read(db: sqlite3.Connection) -> dict[str, Any] | None:
         row = one(db)
-        return None if row is None else _decode(row[0])
+        return None if row is None else decode_value(row[0])
 
     return read
 
@@ -661,11 +723,11 @@ def _change(sql: str, parameters: Sequence[Any]) -> Operation:
     return lambda db: db.execute(sql, parameters).rowcount
 
 
-def _encode(value: dict[str, Any]) -> str:
+def encode_value(value: dict[str, Any]) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _decode(text: str) -> dict[str, Any]:
+def decode_value(text: str) -> dict[str, Any]:
     value: dict[str, Any] = json.loads(text)
     return value
 

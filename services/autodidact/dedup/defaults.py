@@ -31,5 +31,14 @@ class NamespaceSettings:
     hnsw_m: int = 32
     hnsw_ef_search: int = 128
     hnsw_ef_construction: int = 80
-    # Additions between snapshots of the index.
+    # A background snapshot of the index starts once the rows added since the
+    # last one reach snapshot_fraction of the index, but at least snapshot_every
+    # and at most snapshot_max_tail rows: relative to size, so the bytes written
+    # grow with log(size) snapshots rather than size / 5,000; capped, so that the
+    # rows a restart searches exactly (and then folds into the graph) stay few.
     snapshot_every: int = 5_000
+    snapshot_fraction: float = 0.25
+    snapshot_max_tail: int = 50_000
+    # Rows added since the index was last free to change (searched exactly
+    # meanwhile) that each commit folds into the HNSW graph beside its own.
+    drain_per_commit: int = 64

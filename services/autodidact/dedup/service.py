@@ -13,9 +13,10 @@ from autodidact.backends.embed import Embedder
 from autodidact.dedup.defaults import DEFAULT_THRESHOLD, NamespaceSettings, is_namespace_reference
 from autodidact.dedup.diversity import DiversityFilter
 from autodidact.dedup.namespaces import NamespaceRegistry
+from autodidact.dedup.routing import Shard
 from autodidact.errors import InvalidArgument
 from autodidact.runtime.component import Component, Resource
-from autodidact.runtime.principal import TENANT_PATTERN
+from autodidact.runtime.principal import TENANT_PATTERN, current_principal
 from autodidact.v1 import dedup_pb2, dedup_pb2_grpc
 from autodidact.validation import ID_RULE, check_count, check_id, check_length, check_range, quoted
 
@@ -74,12 +75,18 @@ class DedupBackend:
 
 
 class DedupServicer(dedup_pb2_grpc.DedupServiceServicer):
-    def __init__(self, backend: Resource[DedupBackend]) -> None:
+    def __init__(self, backend: Resource[DedupBackend], shard: Shard | None = None) -> None:
         self._backend = backend
+        self._shard = shard  # one of several shards: it serves only the namespaces it owns
+
+    def _check_owned(self, namespace: str) -> None:
+        if self._shard is not None:
+            self._shard.check_owns(namespace, current_principal().tenant)
 
     async def FilterBatch(self, request: dedup_pb2.FilterBatchRequest, context: grpc.aio.ServicerContext) -> dedup_pb2.FilterBatchResponse:
         diversity = self._backend.get().diversity
         ids, texts, threshold = parse_filter_batch(request)
+        self._check_owned(request.namespace)
         result = await diversity.filter_batch(request.namespace, ids, texts, threshold, request.batch_id, request.dry_run)
         return dedup_pb2.FilterBatchResponse(
             verdicts=[
@@ -93,6 +100,7 @@ class DedupServicer(dedup_pb2_grpc.DedupServiceServicer):
     ) -> dedup_pb2.GetNamespaceResponse:
         backend = self._backend.get()
         check_namespace("namespace", request.namespace)
+        self._check_owned(request.namespace)
         size, kind = await asyncio.to_thread(backend.diversity.describe, request.namespace)
         description = backend.embedder.description
         return dedup_pb2.GetNamespaceResponse(
@@ -104,12 +112,13 @@ class DedupServicer(dedup_pb2_grpc.DedupServiceServicer):
     ) -> dedup_pb2.ShareNamespaceResponse:
         diversity = self._backend.get().diversity
         namespace, tenant = parse_share(request)
+        self._check_owned(namespace)
         tenants = await asyncio.to_thread(diversity.share, namespace, tenant)
         return dedup_pb2.ShareNamespaceResponse(tenants=tenants)
 
 
 def dedup_component(
-    load_embedder: Callable[[], Awaitable[Embedder]], data_dir: Path, settings: NamespaceSettings | None = None
+    load_embedder: Callable[[], Awaitable[Embedder]], data_dir: Path, settings: NamespaceSettings | None = None, shard: Shard | None = None
 ) -> Component:
     async def open_backend() -> DedupBackend:
         embedder = await load_embedder()
@@ -118,4 +127,4 @@ def dedup_component(
         return DedupBackend(embedder, namespaces, DiversityFilter(embedder, namespaces))
 
     backend = Resource("the embedder", open_backend)
-    return Component(SERVICE_NAME, DedupServicer(backend), dedup_pb2_grpc.add_DedupServiceServicer_to_server, backend)
+    return Component(SERVICE_NAME, DedupServicer(backend, shard), dedup_pb2_grpc.add_DedupServiceServicer_to_server, backend)

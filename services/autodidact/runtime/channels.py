@@ -5,7 +5,9 @@ caller sets none), UNAVAILABLE is retried with backoff through the service
 config (never other codes: most of our methods are not idempotent), and calls
 are balanced round_robin over every address the name resolves to (a headless
 Kubernetes Service gives one per pod; HTTP/2 connections defeat kube-proxy
-balancing). The caller's request id travels along in x-request-id.
+balancing). The caller's request id travels along in x-request-id, and, while
+tracing is on, each call is a CLIENT span whose context travels in W3C
+`traceparent` (runtime/tracing.py).
 
 Credentials: one process has one identity. The CLI sets it once at start
 (`set_default_client_credentials`) and every channel created without explicit
@@ -17,6 +19,7 @@ it acts for in the on-behalf-of header, which servers honour for services only.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,8 @@ from typing import Any
 import grpc
 import structlog
 
-from autodidact.runtime.interceptors import REQUEST_ID_HEADER
+from autodidact.runtime import tracing
+from autodidact.runtime.interceptors import EXEMPT_PREFIXES, REQUEST_ID_HEADER
 from autodidact.runtime.principal import ANONYMOUS, ON_BEHALF_OF_HEADER, current_principal
 from autodidact.runtime.settings import CLIENT_KEEPALIVE_OPTIONS, MIB
 
@@ -109,7 +113,8 @@ def default_client_credentials() -> ClientCredentials | None:
 
 class _OutgoingMetadata:
     """Adds to outgoing calls the current request id (bound by the server
-    interceptor), the bearer token, and the tenant the call acts for. Metadata
+    interceptor), the bearer token, and the tenant the call acts for, and
+    makes each call but health checks a span of the current trace. Metadata
     the caller set itself are left as they are."""
 
     def __init__(self, credentials: ClientCredentials | None = None) -> None:
@@ -128,28 +133,36 @@ class _OutgoingMetadata:
             metadata.add(ON_BEHALF_OF_HEADER, principal.tenant)
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
 
+    async def _start(self, details: grpc.aio.ClientCallDetails, start: Callable[[grpc.aio.ClientCallDetails], Awaitable[Any]]) -> Any:
+        """Starts the call (`start` with the details it is to carry)."""
+        details = self._with_metadata(details)
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        if not tracing.enabled() or method.startswith(EXEMPT_PREFIXES):
+            return await start(details)
+        return await tracing.client_call(details, start)
+
 
 # grpc.aio files each interceptor under the first kind of call it implements
 # (an if/elif on its classes), so one object implementing all four would see
 # unary-unary calls only: each kind gets its own.
 class _UnaryUnaryMetadata(_OutgoingMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_metadata(details), request)
+        return await self._start(details, lambda details: continuation(details, request))
 
 
 class _UnaryStreamMetadata(_OutgoingMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_metadata(details), request)
+        return await self._start(details, lambda details: continuation(details, request))
 
 
 class _StreamUnaryMetadata(_OutgoingMetadata, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._with_metadata(details), request_iterator)
+        return await self._start(details, lambda details: continuation(details, request_iterator))
 
 
 class _StreamStreamMetadata(_OutgoingMetadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._with_metadata(details), request_iterator)
+        return await self._start(details, lambda details: continuation(details, request_iterator))
 
 
 def create_channel(

@@ -1,5 +1,6 @@
-"""Server interceptors: request ids, metrics, authentication (runtime/auth.py
-does the checking), and the one place where domain errors become status codes.
+"""Server interceptors: request ids, traces (runtime/tracing.py makes the
+spans), metrics, authentication (runtime/auth.py does the checking), and the
+one place where domain errors become status codes.
 
 A grpc.aio interceptor sees only the method name before the call. To act
 around the call itself, each interceptor supplies an async context manager
@@ -21,6 +22,7 @@ import grpc
 import structlog
 
 from autodidact import errors
+from autodidact.runtime import tracing
 from autodidact.runtime.auth import AuditScope, Authenticator, AuthSettings, audit_request, audited, required_role, write_audit_line
 from autodidact.runtime.metrics import RPC_LATENCY, RPC_REQUESTS
 from autodidact.runtime.principal import NOBODY, Principal, acting_as
@@ -112,6 +114,35 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         return _wrap_handler(await continuation(details), around)
 
 
+class TracingInterceptor(grpc.aio.ServerInterceptor):
+    """A SERVER span around each call, child of the caller's span, naming the
+    request id and ending with the call's status code. Health checks and
+    reflection are not traced (probes would fill the traces); nothing at all
+    is done while tracing is off."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or not tracing.enabled() or details.method.startswith(EXEMPT_PREFIXES):
+            return handler
+        # Binary ("-bin") metadata carry bytes; the trace context is text.
+        metadata = {key: value for key, value in details.invocation_metadata or () if isinstance(value, str)}
+
+        @contextlib.asynccontextmanager
+        async def around(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+            request_id = structlog.contextvars.get_contextvars().get("request_id")
+            with tracing.server_span(details.method, metadata, request_id) as finish:
+                failure: BaseException | None = None
+                try:
+                    yield
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    finish(_code_of(failure, context))
+
+        return _wrap_handler(handler, around)
+
+
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every RPC by method and final status code, and times it."""
 
@@ -158,7 +189,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _code_of(failure: BaseException | None, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status a call ends with, seen from inside the ErrorInterceptor (which maps domain errors later)."""
+    """The status a call ends with, from what escaped its handler: inside the ErrorInterceptor a domain
+    error not yet mapped, outside it (the tracing interceptor) the AbortError that mapping raised."""
     if isinstance(failure, errors.AutodidactError):
         return STATUS_OF_ERROR.get(type(failure), grpc.StatusCode.INTERNAL)
     if isinstance(failure, asyncio.CancelledError):
@@ -315,13 +347,15 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
 
 
 def server_interceptors(max_calls: int = 32, max_streams: int = 64, auth: AuthSettings | None = None) -> list[grpc.aio.ServerInterceptor]:
-    """Outermost first: the request id is bound before metrics and errors run;
+    """Outermost first: the request id is bound before the others run, and the
+    span opened before metrics and errors, so it sees the final status code;
     errors maps what authentication, the limits and the decoder raise.
     Authentication comes before the limits, so calls it refuses take no slot.
     `auth` None: no authentication interceptor at all (every call ANONYMOUS, no audit lines)."""
     authentication: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(auth)] if auth is not None else []
     return [
         RequestIdInterceptor(),
+        TracingInterceptor(),
         MetricsInterceptor(),
         ErrorInterceptor(),
         *authentication,

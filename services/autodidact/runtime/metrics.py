@@ -6,7 +6,7 @@ metrics (tokens, samples) by the services that produce the data.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RPC_REQUESTS = Counter(
     "autodidact_rpc_requests_total",
@@ -26,6 +26,13 @@ STAGE_DECISIONS = Counter(
     "autodidact_stage_decisions_total",
     "Candidates decided by recipe stages, by outcome ('kept' or the filter that dropped).",
     ["stage", "outcome"],
+)
+# Jobs running together share the label: it shows the limit the last of them moved to,
+# which, as they call the same services, tells the same story.
+STAGE_CONCURRENCY_LIMIT = Gauge(
+    "autodidact_stage_concurrency_limit",
+    "A recipe stage's adaptive limit on concurrent computations (coordinator/concurrency.py), as last set by a job.",
+    ["stage"],
 )
 SCORED_TOKENS = Counter("autodidact_scored_tokens_total", "Tokens the scorer's model evaluated, by method.", ["method"])
 TOOL_CALL_DECISIONS = Counter("autodidact_tool_call_decisions_total", "Toolformer candidate calls judged by the scorer.", ["outcome"])

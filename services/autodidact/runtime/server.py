@@ -6,9 +6,9 @@ needs: runtime/component.py) on one port, with:
   backend is loaded, SERVING after; the overall status ("") turns SERVING once
   every component is;
 - reflection, so outside clients (grpcurl) can list and call methods;
-- the request-id, metrics, error and authentication interceptors (the last
-  only when the settings carry an AuthSettings), and TLS when they name a
-  certificate;
+- the request-id, tracing (spans only once runtime/tracing.py is configured),
+  metrics, error and authentication interceptors (the last only when the
+  settings carry an AuthSettings), and TLS when they name a certificate;
 - explicit message size limits, keepalive, and bounds on calls and on
   streams in progress (health and reflection exempt: runtime/interceptors.py);
 - graceful shutdown: health goes NOT_SERVING (health Watch streams then end),

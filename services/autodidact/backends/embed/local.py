@@ -5,11 +5,19 @@ a hub (the model loads from its folder with local_files_only). HF_HUB_OFFLINE is
 deliberately not set here: it is process-wide, and huggingface_hub then refuses
 every request, TGI's included, in a process that also talks to a TGI server.
 
-Speed. On CPUs with AVX-512 BF16 the encoder runs under bf16 autocast: 2.8x
-the fp32 rate on 2 cores, with embeddings at cosine 0.99998 (mean) to the fp32
-ones. Casting the whole model to bf16 was no faster and drifted more (0.998),
-and dynamic int8 quantization drifted far more (0.94 per-tensor, 0.97
-per-channel), so neither is used. See docs/benchmarks.md.
+Speed. Two runtimes run the same bundled weights:
+- "openvino" (the default where the openvino and onnx packages are installed,
+  see openvino_runtime.py): the model exported to ONNX at load time, run on
+  one OpenVINO stream per core, bf16 where the CPU has AVX-512 BF16/AMX.
+  1.3x torch's rate on one core, and on 2 cores it keeps scaling where torch's
+  per-layer thread synchronisation does not; its keep/drop decisions agree
+  with the fp32 embedder's on 99.9%+ of the 50,000-candidate growth run.
+- "torch": sentence-transformers; on CPUs with AVX-512 BF16 under bf16
+  autocast (2.8x the fp32 rate, cosine 0.99998 to the fp32 embeddings).
+Casting the whole model to bf16 was no faster and drifted more (0.998), and
+dynamic int8 quantization (torch or ONNX Runtime) drifted far more (cosine
+0.94) and was no faster than bf16 on AMX, so neither is used. See
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 
 from autodidact.backends.embed.base import EmbedderDescription
+from autodidact.backends.embed.openvino_runtime import OpenVinoEncoder, openvino_available
 from autodidact.errors import FailedPrecondition
 
 
@@ -52,19 +61,25 @@ def _cpu_has_bf16() -> bool:
 class LocalEmbedderSettings:
     # A sentence-transformers model folder; None means the bundled all-MiniLM-L6-v2.
     model_dir: str | None = None
-    # torch threads; 0 means every core. torch's own default was 5x slower on 2 cores.
+    # Cores to use (torch threads, or OpenVINO single-core streams); 0 means every core.
+    # torch's own default was 5x slower on 2 cores.
     threads: int = 0
     # Texts per forward pass. 32 was fastest for instruction-length texts.
     batch_size: int = 32
     # "auto": bf16 autocast where the CPU has AVX-512 BF16, fp32 elsewhere.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # "auto": OpenVINO where it is installed, torch elsewhere.
+    runtime: Literal["auto", "torch", "openvino"] = "auto"
 
 
 class LocalEmbedder:
     """Embedder port adapter; build it with `await LocalEmbedder.load(settings)`."""
 
-    def __init__(self, model: Any, settings: LocalEmbedderSettings, model_dir: Path, bf16: bool) -> None:
+    def __init__(
+        self, model: Any, settings: LocalEmbedderSettings, model_dir: Path, bf16: bool, encoder: OpenVinoEncoder | None = None
+    ) -> None:
         self._model = model
+        self._encoder = encoder
         self._settings = settings
         self._bf16 = bf16
         # One thread: torch already uses every core for one batch.
@@ -90,7 +105,19 @@ class LocalEmbedder:
         model_dir = Path(settings.model_dir) if settings.model_dir else bundled_model_dir()
         model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
         bf16 = settings.precision == "bf16" or (settings.precision == "auto" and _cpu_has_bf16())
-        return cls(model, settings, model_dir, bf16)
+        encoder = None
+        if settings.runtime == "openvino" or (settings.runtime == "auto" and openvino_available()):
+            if not openvino_available():
+                raise FailedPrecondition("runtime 'openvino' needs the openvino and onnx packages: pip install openvino onnx")
+            encoder = OpenVinoEncoder(model, settings.threads or os.cpu_count() or 1, settings.precision)
+        return cls(model, settings, model_dir, bf16, encoder)
+
+    @property
+    def runtime(self) -> str:
+        """The runtime and precision the encoder runs at, e.g. "openvino/bf16"."""
+        if self._encoder is not None:
+            return f"openvino/{self._encoder.precision}"
+        return "torch/bf16-autocast" if self._bf16 else "torch/fp32"
 
     @property
     def description(self) -> EmbedderDescription:
@@ -101,15 +128,20 @@ class LocalEmbedder:
         return await loop.run_in_executor(self._executor, self._embed_sync, texts)
 
     def _embed_sync(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        precision = torch.autocast("cpu", dtype=torch.bfloat16) if self._bf16 else contextlib.nullcontext()
-        with torch.inference_mode(), precision:
-            vectors = self._model.encode(texts, batch_size=self._settings.batch_size, convert_to_tensor=True, show_progress_bar=False)
-        vectors = vectors.float().numpy()
+        encoder = self._encoder
+        vectors = encoder.encode(texts, self._settings.batch_size) if encoder is not None else self._embed_torch(texts)
         # Normalised after the cast to fp32, so every row has norm 1 to float32 precision.
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def _embed_torch(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        # sentence-transformers sorts each call's texts by length (less padding) and restores their order.
+        precision = torch.autocast("cpu", dtype=torch.bfloat16) if self._bf16 else contextlib.nullcontext()
+        with torch.inference_mode(), precision:
+            vectors = self._model.encode(texts, batch_size=self._settings.batch_size, convert_to_tensor=True, show_progress_bar=False)
+        return np.asarray(vectors.float().numpy(), dtype=np.float32)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._executor.shutdown, wait=True)

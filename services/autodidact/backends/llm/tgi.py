@@ -20,7 +20,7 @@ import json
 from typing import Any
 
 from huggingface_hub import AsyncInferenceClient, TextGenerationInputGrammarType
-from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, TextGenerationError, ValidationError
+from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, OverloadedError, TextGenerationError, ValidationError
 
 from autodidact.backends.llm._offsets import scores_after_context
 from autodidact.backends.llm.base import (
@@ -72,12 +72,14 @@ class TgiLLM:
                 raise Retryable(str(exc)) from exc
             except ValidationError as exc:  # TGI's typed refusal of the request (HTTP 422)
                 raise Refused(422, str(exc)[:500]) from exc
-            except TextGenerationError as exc:  # overloaded (429), or generation failed on the server
+            except OverloadedError as exc:  # TGI's 429: its queue is full
+                raise Retryable(f"{type(exc).__name__}: {exc}", overloaded=True) from exc
+            except TextGenerationError as exc:  # generation failed on the server
                 raise Retryable(f"{type(exc).__name__}: {exc}") from exc
             except HfHubHTTPError as exc:
                 status = exc.response.status_code if exc.response is not None else 0
                 if status in RETRYABLE_STATUS:
-                    raise Retryable(f"HTTP {status}: {exc}") from exc
+                    raise Retryable(f"HTTP {status}: {exc}", overloaded=status == 429) from exc
                 raise Refused(status, str(exc)[:500]) from exc
             except OSError as exc:  # connection refused, reset
                 raise Retryable(f"{type(exc).__name__}: {exc}") from exc

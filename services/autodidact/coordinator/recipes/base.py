@@ -18,18 +18,21 @@ The job fails only when more than its `max_error_fraction` of items errored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import hashlib
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import structlog
 
+from autodidact.coordinator.concurrency import AimdLimit, Slot
 from autodidact.coordinator.store import JobStore
 from autodidact.errors import AutodidactError, DeadlineExceeded, FailedPrecondition, Unavailable
-from autodidact.runtime.metrics import STAGE_DECISIONS
+from autodidact.runtime.metrics import STAGE_CONCURRENCY_LIMIT, STAGE_DECISIONS
 from autodidact.runtime.neighbours import is_transient, rpc_error_text
 
 if TYPE_CHECKING:
@@ -48,6 +51,18 @@ T = TypeVar("T")
 ERROR_FILTER = "error"
 DEFAULT_MAX_ERROR_FRACTION = 0.1
 MAX_ERROR_MESSAGES = 5  # how many the manifest quotes
+
+# Refusals that say "too many calls now": the server's bound on calls in progress
+# (RESOURCE_EXHAUSTED), a backend's HTTP 429 or a proxy shedding load (UNAVAILABLE).
+OVERLOAD_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE})
+# A call refused for overload while its stage's limit comes down retries after a
+# pause drawn up to this: it then waits in line for a slot under the lower limit,
+# so the pause only keeps the refused calls from retrying in step.
+OVERLOAD_RETRY_SECONDS = 0.05
+
+# The stage slot the running computation holds, set by JobContext.stage: `call`
+# reports to that stage's limit and lends the slot back while a refused call waits.
+_stage_slot: contextvars.ContextVar[Slot | None] = contextvars.ContextVar("stage_slot", default=None)
 
 
 class ServiceRefused(AutodidactError):
@@ -147,6 +162,7 @@ class JobContext:
         max_error_fraction: float = DEFAULT_MAX_ERROR_FRACTION,
         fresh: bool = False,
         key: str = "",
+        adaptive: bool = True,
     ) -> None:
         # The job's id names things the job makes (a dedup namespace, item ids); its key is
         # where the store keeps it ("<tenant>/<job_id>": ids are per tenant). Tests without
@@ -157,7 +173,10 @@ class JobContext:
         self.store = store
         self.services = services
         self.max_in_flight = max_in_flight
-        self._limits: dict[str, asyncio.Semaphore] = {}
+        # Each stage's limit adapts between 1 and max_in_flight; not adaptive, it stays at
+        # max_in_flight (a fixed bound: benchmarks compare the two).
+        self.adaptive = adaptive
+        self.limits: dict[str, AimdLimit] = {}
         self._on_change = on_change
         self.max_error_fraction = max_error_fraction
         self.items = 0  # items run through `item` (each_item's included)
@@ -170,9 +189,8 @@ class JobContext:
     async def stage(self, item_id: str, stage: str, compute: Callable[[], Awaitable[StageResult]]) -> StageResult:
         if not self.fresh and (stored := await self.stored(item_id, stage)) is not None:
             return _replayed(stored)
-        limit = self._limits.setdefault(stage, asyncio.Semaphore(self.max_in_flight))
         try:
-            async with limit:
+            async with self.limited(stage):
                 result = await compute()
         except ServiceRefused as exc:
             raise await self.drop_refused([item_id], stage, exc) from exc
@@ -183,6 +201,26 @@ class JobContext:
             assert stored is not None, "a result the store refused as a duplicate is there"
             return _replayed(stored)
         return result
+
+    @contextlib.asynccontextmanager
+    async def limited(self, stage: str) -> AsyncIterator[None]:
+        """Holds a slot of `stage`'s limit meanwhile: the service calls made inside
+        (`call`) raise or lower it. `stage` takes one per item; a batched stage
+        (replay.py) one per batch call."""
+        async with self._limit(stage).slot() as slot:
+            token = _stage_slot.set(slot)
+            try:
+                yield
+            finally:
+                _stage_slot.reset(token)
+
+    def _limit(self, stage: str) -> AimdLimit:
+        limit = self.limits.get(stage)
+        if limit is None:
+            gauge = STAGE_CONCURRENCY_LIMIT.labels(stage)
+            floor = 1 if self.adaptive else self.max_in_flight
+            limit = self.limits[stage] = AimdLimit(self.max_in_flight, floor=floor, on_change=gauge.set)
+        return limit
 
     async def job_value(self, key: str, compute: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """A value of the whole job (not of an item), computed once and stored:
@@ -286,19 +324,38 @@ class JobContext:
 
     async def call(self, rpc: Callable[[], Awaitable[T]], what: str) -> T:
         """Calls another service, waiting out transient failures (a restart,
-        a model still loading) with backoff for up to the patience period."""
+        a model still loading) with backoff for up to the patience period.
+
+        Under a stage (inside `stage`'s computation) the call reports to the
+        stage's limit: an answer raises it, an overload refusal lowers it, and
+        the refused call then retries within milliseconds, once a slot under
+        the lowered limit is free. Backoff (0.5 s doubling to 10 s) is for what
+        a lower limit cannot cure: the limit at its floor, or a timeout."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.services.patience_seconds
+        slot = _stage_slot.get()
         delay = 0.5
         while True:
+            decreases_at_start = slot.limit.decreases if slot is not None else 0
             try:
-                return await rpc()
+                result = await rpc()
             except grpc.aio.AioRpcError as exc:
                 if not is_transient(exc):
                     raise ServiceRefused(f"{what}: {rpc_error_text(exc)}") from exc
-                if loop.time() + delay > give_up_at:
+                soon = slot is not None and exc.code() in OVERLOAD_CODES and slot.limit.overloaded(decreases_at_start)
+                pause = random.uniform(0, OVERLOAD_RETRY_SECONDS) if soon else delay
+                if loop.time() + pause > give_up_at:
                     error = Unavailable if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED else DeadlineExceeded
                     raise error(f"{what}: {rpc_error_text(exc)} (gave up after {self.services.patience_seconds:g}s)") from exc
+                if soon:
+                    assert slot is not None
+                    log.debug("service overloaded; retrying under a lower limit", what=what, code=exc.code().name, limit=slot.limit.limit)
+                    await slot.lend_for(pause)
+                    continue
                 log.warning("service not answering; retrying", what=what, code=exc.code().name, retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+            else:
+                if slot is not None:
+                    slot.limit.succeeded()
+                return result

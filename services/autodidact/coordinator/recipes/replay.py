@@ -52,7 +52,8 @@ async def replay_batched(
     for start in range(0, len(pending), size):
         batch = pending[start : start + size]
         try:
-            computed = await compute(batch)
+            async with ctx.limited(stage):  # the batch's calls adapt the stage's concurrency, as single items' do
+                computed = await compute(batch)
         except ServiceRefused as exc:
             if not drop_refused:
                 raise
