@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install stubs lint bench clean kubectl postgresql
+.PHONY: demo test install stubs lint bench clean kubectl postgresql chromium
 
 ## llama-cpp-python is compiled from source for a portable x86-64 baseline
 ## (AVX2, FMA, F16C), not -march=native: a native build uses AMX where the CPU
@@ -46,13 +46,17 @@ kubectl:
 postgresql:
 	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq postgresql; }
 
+## Chromium, which the report tests drive headless over the DevTools protocol (Debian package).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; }
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	./scripts/demo.sh
 
 ## The CI command: lint first (seconds), then the suite (minutes).
-test: lint kubectl postgresql
+test: lint kubectl postgresql chromium
 	$(BIN)/pytest
 
 ## Protos (buf), Python lint and format (ruff), types (mypy); all configured in

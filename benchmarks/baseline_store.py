@@ -27,7 +27,7 @@ import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,6 +82,8 @@ class StageCounts:
     done: int
     kept: int
     dropped_by_filter: dict[str, int]
+    # Read by today's coordinator (items held for review); a benchmark job holds none.
+    kept_by_filter: dict[str, int] = field(default_factory=dict)
 
 
 class JobStore(Protocol):

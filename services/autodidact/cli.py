@@ -5,6 +5,7 @@ autodidact up [--base-port N]            host every implemented service, loopbac
                                          with a fresh session token in <data-dir>/session.token
 autodidact generate "PROMPT"             sample from a running generator
 autodidact run RECIPE.yaml               run a recipe as a job, with progress and a summary
+autodidact report JOB_ID                 a job's report (one self-contained HTML file), even while it runs
 autodidact token --tenant T --subject S --role R
                                          a new static token (stdout) and its auth-file entry (stderr)
 """
@@ -318,6 +319,25 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--json", action="store_true", help="print the response as JSON")
     _add_client_auth_args(generate)
 
+    report = commands.add_parser("report", help="write a job's report: one HTML file that needs no network to view")
+    report.add_argument("job_id")
+    report.add_argument("--target", default=f"localhost:{DEFAULT_PORTS['coordinator']}", help="the coordinator (default localhost:50050)")
+    report.add_argument("--out", type=Path, help="the HTML file to write (default JOB_ID-report.html)")
+    report.add_argument("--timeout", type=float, default=600, help="deadline of each call in seconds (default 600)")
+    _add_client_auth_args(report)
+
+    review = commands.add_parser("review", help="export a job's items awaiting review (Label Studio tasks), or submit decisions")
+    review.add_argument("job_id")
+    action = review.add_mutually_exclusive_group(required=True)
+    action.add_argument("--export", type=Path, metavar="TASKS_JSON", help="write the items awaiting review as Label Studio tasks")
+    action.add_argument(
+        "--submit", type=Path, metavar="FILE", help="send decisions: a Label Studio JSON export, or JSON lines of {item_id, kept, note}"
+    )
+    review.add_argument("--reviewer", default="", help="who decided, where the file does not say (default: your identity)")
+    review.add_argument("--target", default=f"localhost:{DEFAULT_PORTS['coordinator']}", help="the coordinator (default localhost:50050)")
+    review.add_argument("--timeout", type=float, default=60, help="deadline of each call in seconds (default 60)")
+    _add_client_auth_args(review)
+
     token = commands.add_parser("token", help="make a static bearer token: the token on stdout, its auth-file entry on stderr")
     token.add_argument("--tenant", required=True, help="the tenant the token acts for")
     token.add_argument("--subject", required=True, help="who holds it (named in audit lines)")
@@ -529,6 +549,69 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _report(args: argparse.Namespace) -> int:
+    """Builds the job's report here from GetJob and StreamSamples, so any job has one, a running one too."""
+    import grpc
+
+    from autodidact.coordinator.report import fetch_report
+    from autodidact.runtime.channels import create_channel
+    from autodidact.runtime.neighbours import rpc_error_text
+    from autodidact.v1 import coordinator_pb2_grpc
+
+    credentials = _client_credentials(args, args.target)
+    async with create_channel(args.target, timeout_seconds=args.timeout, credentials=credentials) as channel:
+        try:
+            text = await fetch_report(coordinator_pb2_grpc.CoordinatorServiceStub(channel), args.job_id, timeout=args.timeout)
+        except grpc.aio.AioRpcError as exc:
+            print(f"error: {rpc_error_text(exc)}", file=sys.stderr)
+            return 1
+    out = args.out or Path(f"{args.job_id}-report.html")
+    out.write_text(text, encoding="utf-8")
+    print(out)
+    return 0
+
+
+async def _review(args: argparse.Namespace) -> int:
+    """Review gates from the command line: out to Label Studio, decisions back (reviews.py)."""
+    import grpc
+
+    from autodidact import reviews
+    from autodidact.runtime.channels import create_channel
+    from autodidact.runtime.neighbours import rpc_error_text
+    from autodidact.v1 import coordinator_pb2_grpc
+
+    decisions = []
+    if args.submit:
+        try:
+            decisions = reviews.read_decisions(args.submit, args.reviewer)
+        except reviews.ReviewFileError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    credentials = _client_credentials(args, args.target)
+    async with create_channel(args.target, timeout_seconds=args.timeout, credentials=credentials) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        try:
+            if args.export:
+                tasks, last = await reviews.export_tasks(stub, args.job_id, args.timeout)
+                args.export.write_text(json.dumps(tasks, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+                config = args.export.with_name(args.export.stem + ".label-config.xml")
+                config.write_text(reviews.LABEL_CONFIG, encoding="utf-8")
+                deadline = (
+                    f"; unreviewed ones follow the job's policy at {last.deadline.ToDatetime():%Y-%m-%d %H:%M} UTC"
+                    if last.HasField("deadline")
+                    else ""
+                )
+                print(f"{len(tasks)} items awaiting review written to {args.export} (labeling config: {config}){deadline}")
+                return 0
+            outcomes, awaiting = await reviews.submit(stub, args.job_id, decisions, args.timeout)
+        except grpc.aio.AioRpcError as exc:
+            print(f"error: {rpc_error_text(exc)}", file=sys.stderr)
+            return 1
+    said = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items()))
+    print(f"{len(decisions)} decisions sent: {said}; {awaiting} items still awaiting review")
+    return 0
+
+
 async def _run(args: argparse.Namespace) -> int:
     from autodidact.backends.embed.local import LocalEmbedderSettings
     from autodidact.backends.llm.llamacpp import LlamaCppSettings
@@ -565,6 +648,10 @@ def main(argv: list[str] | None = None) -> int:
         return _token(args)
     if args.command == "generate":
         return asyncio.run(_generate(args))
+    if args.command == "report":
+        return asyncio.run(_report(args))
+    if args.command == "review":
+        return asyncio.run(_review(args))
     if args.command == "serve":
         names = [args.service]
     else:

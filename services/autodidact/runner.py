@@ -15,6 +15,7 @@ goes through the same upload, submit, watch and download.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from autodidact.client import wait_until_serving
 from autodidact.coordinator.inputs import CHUNK_BYTES, DATASET_PREFIX, INLINE_PREFIX, OBJECT_SCHEMES, file_sha256
 from autodidact.coordinator.jobs import EXPORT_NAME, validate_spec
 from autodidact.coordinator.recipes.registry import RECIPES
+from autodidact.progress import JobProgress
 from autodidact.runtime.channels import create_channel
 from autodidact.runtime.neighbours import is_transient, rpc_error_text
 from autodidact.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -177,18 +179,6 @@ async def download(stub: Any, job_id: str, file: coordinator_pb2.ExportedFile, d
     return target
 
 
-def _progress_line(job: coordinator_pb2.Job) -> str:
-    parts: list[str] = []
-    for stage in job.stages:
-        if stage.stage == "dataset" and stage.HasField("total"):
-            done = min(stage.kept, stage.total)
-            filled = int(20 * done / max(stage.total, 1))
-            parts.insert(0, f"[{'#' * filled}{'.' * (20 - filled)}] {done}/{stage.total} kept")
-        else:
-            parts.append(f"{stage.stage} {stage.kept}/{stage.done}")
-    return "  ".join(parts) or "starting"
-
-
 def summary_table(job: coordinator_pb2.Job) -> str:
     rows = [("stage", "decided", "kept", "dropped (by filter)")]
     for stage in job.stages:
@@ -214,6 +204,23 @@ def submission_outcome(submitted: coordinator_pb2.SubmitJobResponse) -> str:
     return "already running; following it"
 
 
+async def follow(stub: Any, job: coordinator_pb2.Job, job_id: str, show_progress: bool) -> coordinator_pb2.Job:
+    """Watches the job until it ends, showing its progress (bars on a terminal, plain lines elsewhere) unless told not to."""
+    with JobProgress() if show_progress else contextlib.nullcontext() as progress:
+        while job.state not in TERMINAL_STATES:
+            # Every call has a deadline, a watch too: a job that outlives one is watched again.
+            try:
+                async for event in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), timeout=WATCH_SECONDS):
+                    job = event.job
+                    if progress is not None:
+                        progress.update(job)
+            except grpc.aio.AioRpcError as exc:
+                if not is_transient(exc):  # a deadline, a restart, too many watchers: watch again
+                    raise
+                await asyncio.sleep(1)
+    return job
+
+
 async def run_job(target: str, job_id: str, prepared: Prepared, out: Path, show_progress: bool = True) -> int:
     """Uploads the recipe's local input files, submits the job, follows it, and downloads its dataset into `out`."""
     async with create_channel(target, timeout_seconds=60) as channel:
@@ -235,21 +242,7 @@ async def run_job(target: str, job_id: str, prepared: Prepared, out: Path, show_
             print(f"error: job refused: {rpc_error_text(exc)}", file=sys.stderr)
             return 2
         print(f"job {job_id}: {submission_outcome(submitted)}", file=sys.stderr)
-        job = submitted.job
-        tty = sys.stderr.isatty()
-        while job.state not in TERMINAL_STATES:
-            # Every call has a deadline, a watch too: a job that outlives one is watched again.
-            try:
-                async for event in stub.WatchJob(coordinator_pb2.WatchJobRequest(job_id=job_id), timeout=WATCH_SECONDS):
-                    job = event.job
-                    if show_progress:
-                        print(("\r" if tty else "") + _progress_line(job) + ("" if tty else "\n"), end="", file=sys.stderr, flush=True)
-            except grpc.aio.AioRpcError as exc:
-                if not is_transient(exc):  # a deadline, a restart, too many watchers: watch again
-                    raise
-                await asyncio.sleep(1)
-        if tty and show_progress:
-            print(file=sys.stderr)
+        job = await follow(stub, submitted.job, job_id, show_progress)
         state = coordinator_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
         print(f"\njob {job_id}: {state}")
         print(summary_table(job))
@@ -261,7 +254,7 @@ async def run_job(target: str, job_id: str, prepared: Prepared, out: Path, show_
         print(f"\nfiles (in {out}):")
         for file in exported.files:
             path = await download(stub, job_id, file, out)
-            print(f"  {path}" + (f"  ({file.rows} rows)" if file.kind not in ("manifest", "dataset_card") else ""))
+            print(f"  {path}" + (f"  ({file.rows} rows)" if file.kind not in ("manifest", "dataset_card", "report_html") else ""))
         return 0
 
 

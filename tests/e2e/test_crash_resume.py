@@ -132,6 +132,8 @@ def read_dataset(directory: Path) -> Dataset:
     """Every file the export wrote (as downloaded). The manifest is parsed,
     without what differs between two runs of one spec by design: when it was written."""
     files: Dataset = {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+    # The report is drawn from these files plus when and how long the job ran, which differ by design.
+    files.pop("report.html", None)
     manifest = json.loads(files.pop("manifest.json").decode())
     del manifest["exported_at"]
     files["manifest.json"] = manifest

@@ -25,6 +25,7 @@ import pytest_asyncio
 from autodidact.coordinator.recipes.formats import gsm8k_document
 from autodidact.runtime.channels import create_channel
 from autodidact.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from tests.browser import open_page
 from tests.conftest import GSM8K, SEED_TASKS, SVAMP
 from tests.lineage import assert_lineage_agrees, read_jsonl
 from tests.stack import download_export, start_stack, upload_file
@@ -197,3 +198,41 @@ async def test_an_item_a_service_refuses_is_dropped_with_filter_error_not_the_jo
     assert errors["count"] == 1 and errors["items"] == 3 and errors["fraction"] == pytest.approx(1 / 3)
     assert errors["max_error_fraction"] == 0.5 and "INVALID_ARGUMENT" in errors["messages"][0]
     assert any(r["kept"] for r in rows.values()), "the other prompts were not revised"
+
+
+# The score each recipe's filter decides by (recipe.deciding_scores), and so the report's one histogram.
+DECIDING_STAGE = {"self_instruct": "diversity", "toolformer": "filter", "self_consistency": "vote", "constitutional": "judge"}
+FUNNEL_JS = """Array.from(document.querySelectorAll('#funnel tr.stage'), r => ({
+  stage: r.dataset.stage, done: +r.dataset.done, kept: +r.dataset.kept,
+  droppedByFilter: Object.fromEntries(Array.from(
+    document.querySelectorAll('#funnel tr.filter'), f => [f.dataset.stage, f.dataset.filter, +f.dataset.dropped]
+  ).filter(f => f[0] === r.dataset.stage).map(f => [f[1], f[2]]))
+}))"""
+PLOTS_JS = "Array.from(document.querySelectorAll('figure.plot'), f => [f.dataset.scoreStage, f.querySelectorAll('svg').length])"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+async def test_the_exported_report_opens_offline_in_chromium_with_the_funnel_and_a_plot_per_score(finished, recipe, tmp_path):
+    from PIL import Image
+
+    _, out = succeeded(finished, recipe)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "report_html" in [f["kind"] for f in manifest["files"]], "the export lists no report"
+    stage = DECIDING_STAGE[recipe]
+    scored = any(d["stage"] == stage and "score" in d for row in read_jsonl(out / "lineage.jsonl") for d in row["lineage"])
+    with open_page(out / "report.html", width=1200, height=1600) as page:
+        funnel = page.evaluate(FUNNEL_JS)
+        plots = page.evaluate(PLOTS_JS)
+        without_scores = page.evaluate("Array.from(document.querySelectorAll('p.no-scores'), p => p.dataset.scoreStage)")
+        screenshot = page.screenshot(tmp_path / "report.png")
+        errors, external = page.console_errors, page.external_requests
+    assert errors == [], f"{recipe}: the report logged errors: {errors}"
+    assert external == [], f"{recipe}: the report requested {external}"
+    # The funnel's numbers are the manifest's stages (which are the job's).
+    assert funnel == [
+        {k: s.get(k, 0 if k != "droppedByFilter" else {}) for k in ("stage", "done", "kept", "droppedByFilter")} for s in manifest["stages"]
+    ]
+    assert (plots, without_scores) == (([[stage, 1]], []) if scored else ([], [stage]))
+    with Image.open(screenshot) as image:
+        assert image.format == "PNG" and image.size == (1200, 1600)
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or ()) > 50, "the screenshot is (nearly) blank"

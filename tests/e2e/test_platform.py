@@ -321,6 +321,11 @@ async def test_another_tenant_sees_nothing_of_a_tenants_jobs_and_datasets(stubs:
         "DownloadExport": coordinator.DownloadExport(
             coordinator_pb2.DownloadExportRequest(job_id="shared-name", name="manifest.json"), metadata=b
         ),
+        "ListReviews": coordinator.ListReviews(coordinator_pb2.ListReviewsRequest(job_id="shared-name"), metadata=b),
+        "SubmitReviews": coordinator.SubmitReviews(
+            coordinator_pb2.SubmitReviewsRequest(job_id="shared-name", reviews=[coordinator_pb2.ItemReview(item_id="p00000", kept=True)]),
+            metadata=b,
+        ),
         "GetDataset": coordinator.GetDataset(ref, metadata=b),
         "DeleteDataset": coordinator.DeleteDataset(coordinator_pb2.DeleteDatasetRequest(dataset_id=dataset.dataset_id), metadata=b),
     }

@@ -409,6 +409,8 @@ def test_objects_and_roles_by_method_name():
         "/autodidact.v1.CoordinatorService/SubmitJob": SUBMITTER,
         "/autodidact.v1.CoordinatorService/UploadDataset": SUBMITTER,
         "/autodidact.v1.CoordinatorService/DeleteDataset": SUBMITTER,
+        "/autodidact.v1.CoordinatorService/ListReviews": VIEWER,
+        "/autodidact.v1.CoordinatorService/SubmitReviews": SUBMITTER,
     }
     assert {method: required_role(method) for method in expected} == expected
 

@@ -1,5 +1,5 @@
 """Writes a job's dataset: JSONL and Parquet tables, the lineage of every
-candidate, a manifest and a dataset card. Files are written to a temporary
+candidate, a manifest, a dataset card and a report (report.py). Files are written to a temporary
 name and renamed, so a reader never sees half a file, and a failed write
 leaves no temporary file behind.
 
@@ -27,6 +27,7 @@ from autodidact.coordinator.inputs import file_sha256
 from autodidact.coordinator.protos import CANCELLED, max_error_fraction, state_name
 from autodidact.coordinator.recipes.base import ERROR_FILTER, MAX_ERROR_MESSAGES
 from autodidact.coordinator.records import ERRORS_KEY, SUMMARY_KEY, Record, dataset_members, iter_records
+from autodidact.coordinator.report import ReportBuilder
 from autodidact.coordinator.store import JobStore
 from autodidact.errors import Unavailable
 from autodidact.v1 import coordinator_pb2
@@ -155,11 +156,19 @@ def write_dataset_card(directory: Path, job_id: str, recipe: str, tables: dict[s
 class DatasetWriter:
     """The tables and lineage.jsonl of one export, written a chunk of records
     at a time to temporary files; `commit` renames every file into place,
-    `abort` removes them. Also tallies what the manifest reports of the records."""
+    `abort` removes them. Also tallies what the manifest reports of the records, and hands
+    each chunk's lineage rows to `on_lineage` (the report), so they are made once."""
 
-    def __init__(self, directory: Path, schemas: dict[str, pa.Schema], tables: Callable[[list[Record]], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        schemas: dict[str, pa.Schema],
+        tables: Callable[[list[Record]], dict[str, Any]],
+        on_lineage: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
         self.schemas = schemas
         self._tables = tables  # records -> {table name: (rows, schema)}
+        self._on_lineage = on_lineage
         self.rows = dict.fromkeys(schemas, 0)
         self.records = 0
         self.models: set[str] = set()
@@ -194,7 +203,10 @@ class DatasetWriter:
                 self._parquet[name].write_table(table)
                 _append_jsonl(self._jsonl[name], table.to_pylist())
                 self.rows[name] += table.num_rows
-        _append_jsonl(self._lineage, lineage_rows(records))
+        lineage = lineage_rows(records)
+        _append_jsonl(self._lineage, lineage)
+        if self._on_lineage is not None:
+            self._on_lineage(lineage)
         self.records += len(records)
         for record in records:
             for _, decision in record.lineage:
@@ -240,6 +252,13 @@ async def _chunks(records: AsyncIterator[Record], size: int) -> AsyncIterator[li
         yield chunk
 
 
+def write_report(directory: Path, report: ReportBuilder) -> Path:
+    path = directory / "report.html"
+    text = report.html()
+    _replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
+
+
 def _prepare(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     remove_temporary_files(directory)
@@ -270,15 +289,17 @@ async def write_dataset(
     store: JobStore, key: str, job: coordinator_pb2.Job, recipe: Recipe[Any], directory: Path
 ) -> list[coordinator_pb2.ExportedFile]:
     """Writes the job's dataset into `directory`: each table's JSONL and
-    Parquet, lineage.jsonl, the dataset card and the manifest (which lists
-    the others). `key` is the job's key in the store; `job` is the job as GetJob
-    reports it: its state and stage counts go into the manifest. A cancelled
-    job's tables hold what it finished."""
+    Parquet, lineage.jsonl, the dataset card, report.html and the manifest
+    (which lists the others). `key` is the job's key in the store; `job` is the
+    job as GetJob reports it: its state and stage counts go into the manifest
+    and the report's funnel. A cancelled job's tables hold what it finished."""
     partial = job.state == CANCELLED
     await asyncio.to_thread(_prepare, directory)
     belongs = await dataset_members(store, key, recipe)
     schemas = recipe.tables
-    writer = await asyncio.to_thread(DatasetWriter, directory, schemas, recipe.dataset_tables)
+    # Fed the lineage rows the writer makes from each chunk: the store is read once for both.
+    report = ReportBuilder.for_job(job, recipe)
+    writer = await asyncio.to_thread(DatasetWriter, directory, schemas, recipe.dataset_tables, report.add)
     try:
         records = iter_records(store, key, recipe.stages, recipe.final_stages, belongs)
         async for chunk in _chunks(records, RECORDS_PER_CHUNK):
@@ -296,6 +317,8 @@ async def write_dataset(
     tables = {name: (schema, writer.rows[name]) for name, schema in schemas.items()}
     card = await asyncio.to_thread(write_dataset_card, directory, job.id, recipe_name, tables, partial)
     files.append(await asyncio.to_thread(_file, card, "dataset_card"))
+    report_path = await asyncio.to_thread(write_report, directory, report)
+    files.append(await asyncio.to_thread(_file, report_path, "report_html"))
     errors = await store.get_value(key, ERRORS_KEY)
     if errors is None:  # a cancelled job wrote no error report: count what its lineage shows
         errors = {"count": writer.error_count, "items": writer.records, "messages": writer.error_messages}

@@ -54,7 +54,20 @@ from autodidact.coordinator.protos import (
     progress_stage,
     state_name,
 )
-from autodidact.coordinator.recipes.base import ERROR_FILTER, MAX_ERROR_MESSAGES, PLAN_KEY, JobContext, Services
+from autodidact.coordinator.recipes.base import (
+    ERROR_FILTER,
+    MAX_ERROR_MESSAGES,
+    PLAN_KEY,
+    REVIEW_FILTER,
+    REVIEW_KEY,
+    REVIEW_STAGE,
+    USAGE_KEY,
+    Decision,
+    JobContext,
+    ReviewGate,
+    Services,
+    StageResult,
+)
 from autodidact.coordinator.recipes.recipe import Recipe
 from autodidact.coordinator.recipes.registry import RECIPES
 from autodidact.coordinator.records import ERRORS_KEY, SUMMARY_KEY, Record
@@ -94,6 +107,16 @@ EXPORT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}\Z")
 DEFAULT_LEASE_SECONDS = 30.0
 # Jobs one claim takes at most: a replica coming up does not take every free job in one go.
 CLAIM_BATCH = 16
+# JobSpec.review.deadline_seconds: the default (a day) and the most (30 days).
+DEFAULT_REVIEW_DEADLINE_SECONDS = 86_400
+MAX_REVIEW_DEADLINE_SECONDS = 2_592_000
+# SubmitReviews: decisions per call, and the bounds of a reviewer's name, a note and an item id.
+MAX_REVIEWS_PER_CALL = 10_000
+MAX_REVIEWER_CHARS = 256
+MAX_NOTE_CHARS = 4096
+MAX_ITEM_ID_CHARS = 256
+# ListReviews reads the job's results from its page token on, this many at a time.
+REVIEW_SCAN_BATCH = 2048
 
 
 class JobChanges:
@@ -166,6 +189,26 @@ def check_recipe(spec: coordinator_pb2.JobSpec) -> Recipe[Any]:
     return RECIPES[recipe]
 
 
+def review_gate(spec: coordinator_pb2.JobSpec) -> ReviewGate | None:
+    """spec.review resolved and checked (InvalidArgument naming the field); None without a gate."""
+    review = spec.review
+    check_range("spec.review.band", review.band, 0.0, 100.0)
+    if review.deadline_seconds:
+        check_range("spec.review.deadline_seconds", review.deadline_seconds, 1, MAX_REVIEW_DEADLINE_SECONDS)
+    if not review.band:
+        return None
+    recipe = check_recipe(spec)
+    if not recipe.deciding_scores(getattr(spec, recipe.name)):
+        raise InvalidArgument(
+            "spec.review.band", f"the {recipe.name} recipe decides by no score with this spec: nothing to hold for review"
+        )
+    return ReviewGate(
+        band=review.band,
+        deadline_seconds=float(review.deadline_seconds or DEFAULT_REVIEW_DEADLINE_SECONDS),
+        keep_at_deadline=review.on_deadline == coordinator_pb2.REVIEW_POLICY_KEEP,
+    )
+
+
 def validate_spec(spec: coordinator_pb2.JobSpec, job_id: str, inputs_dir: Path | None) -> Any:
     """Checks a spec; returns the recipe's resolved parameters, its inputs read
     from their snapshots in `inputs_dir` (one file per input field), or, with
@@ -174,6 +217,7 @@ def validate_spec(spec: coordinator_pb2.JobSpec, job_id: str, inputs_dir: Path |
     recipe = check_recipe(spec)
     check_range("spec.max_in_flight", spec.max_in_flight or 4, 1, 256)
     check_range("spec.max_error_fraction", max_error_fraction(spec), 0.0, 1.0)
+    review_gate(spec)
     own = coordinator_pb2.JobSpec()
     own.CopyFrom(spec)
     fields = getattr(own, recipe.name)
@@ -532,6 +576,119 @@ class JobManager:
                 if last:
                     return
 
+    async def list_reviews(self, job_id: str, page_size: int, page_token: str) -> coordinator_pb2.ListReviewsResponse:
+        """The job's items awaiting review, in the order they were held, from the page token
+        (a cursor in the job's results) on: O(results read), never the whole job per page."""
+        size = page_size or 100
+        check_range("page_size", size, 1, 1000)
+        if page_token and not PAGE_TOKEN_PATTERN.match(page_token):
+            raise InvalidArgument("page_token", "is not a token from a previous ListReviews response")
+        row = await self._row(job_id)
+        spec = coordinator_pb2.JobSpec.FromString(row.spec)
+        recipe = recipe_of(spec)
+        gated = {score.stage for score in recipe.deciding_scores(getattr(spec, recipe.name))}
+        cursor = int(page_token) if page_token else 0
+        response = coordinator_pb2.ListReviewsResponse()
+        found: list[tuple[str, StageResult, int]] = []  # (item, its held result, the cursor just past it)
+        while len(found) <= size:
+            rows = await self._store.results_since(row.id, cursor, REVIEW_SCAN_BATCH)
+            held = [(at, item_id, StageResult.from_json(value)) for at, item_id, stage, value in rows if stage in gated]
+            held = [(at, item_id, result) for at, item_id, result in held if result.decision and result.decision.filter == REVIEW_FILTER]
+            decided = await self._store.get_results(row.id, [item_id for _, item_id, _ in held], REVIEW_STAGE)
+            found += [(item_id, result, at) for at, item_id, result in held if item_id not in decided]
+            if len(rows) < REVIEW_SCAN_BATCH:
+                break
+            cursor = rows[-1][0]
+        page = found[:size]
+        if len(found) > size:
+            response.next_page_token = str(page[-1][2])
+        data = await self._item_data(row.id, recipe.stages, [item_id for item_id, _, _ in page])
+        for item_id, result, _ in page:
+            assert result.decision is not None and result.decision.score is not None
+            hold = result.data.get("review_hold", {})
+            item = response.items.add(
+                item_id=item_id,
+                stage=next(stage for stage in recipe.stages if stage in gated),
+                score=result.decision.score,
+                threshold=hold.get("threshold", 0.0),
+                proposed_kept=hold.get("proposed_kept", True),
+                reason=hold.get("reason", result.decision.reason),
+            )
+            item.data.update(data.get(item_id, {}))
+        opened = await self._store.get_value(row.id, REVIEW_KEY)
+        if opened is not None:
+            gate = review_gate(spec)
+            assert gate is not None, "only a job with a review gate waits for reviews"
+            response.deadline.FromNanoseconds(int((opened["opened_at"] + gate.deadline_seconds) * 1e9))
+        return response
+
+    async def _item_data(self, key: str, stages: tuple[str, ...], item_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Each item's fields so far, merged over its stages as a record's are (one read per stage)."""
+        data: dict[str, dict[str, Any]] = {item_id: {} for item_id in item_ids}
+        for stage in stages:
+            for item_id, value in (await self._store.get_results(key, item_ids, stage)).items():
+                data[item_id].update({k: v for k, v in value["data"].items() if k not in ("raw", "review_hold")})
+        return data
+
+    async def submit_reviews(self, job_id: str, reviews: list[coordinator_pb2.ItemReview]) -> coordinator_pb2.SubmitReviewsResponse:
+        """Stores each person's decision at REVIEW_STAGE, where the job (on whichever replica
+        holds it) finds it; the first decision about an item stands."""
+        if not 1 <= len(reviews) <= MAX_REVIEWS_PER_CALL:
+            raise InvalidArgument("reviews", f"must hold 1 to {MAX_REVIEWS_PER_CALL:,} decisions, got {len(reviews):,}")
+        subject = current_principal().subject
+        seen: set[str] = set()
+        for i, review in enumerate(reviews):
+            if not review.item_id or len(review.item_id) > MAX_ITEM_ID_CHARS:
+                raise InvalidArgument(f"reviews[{i}].item_id", f"must be 1 to {MAX_ITEM_ID_CHARS} characters, an id ListReviews gave")
+            if review.item_id in seen:
+                raise InvalidArgument(f"reviews[{i}].item_id", f"{review.item_id!r} is decided twice in this call")
+            seen.add(review.item_id)
+            if len(review.reviewer) > MAX_REVIEWER_CHARS or any(ch < " " for ch in review.reviewer):
+                raise InvalidArgument(f"reviews[{i}].reviewer", f"must be at most {MAX_REVIEWER_CHARS} characters, no control characters")
+            if len(review.note) > MAX_NOTE_CHARS:
+                raise InvalidArgument(f"reviews[{i}].note", f"must be at most {MAX_NOTE_CHARS:,} characters, got {len(review.note):,}")
+        row = await self._row(job_id)
+        spec = coordinator_pb2.JobSpec.FromString(row.spec)
+        recipe = recipe_of(spec)
+        if review_gate(spec) is None:
+            raise FailedPrecondition(f"job {job_id!r} has no review gate (spec.review.band); nothing of it awaits review")
+        key = row.id
+        ids = [review.item_id for review in reviews]
+        held: dict[str, dict[str, Any]] = {}
+        for score in recipe.deciding_scores(getattr(spec, recipe.name)):
+            held.update(await self._store.get_results(key, ids, score.stage))
+        decided = await self._store.get_results(key, ids, REVIEW_STAGE)
+        response = coordinator_pb2.SubmitReviewsResponse()
+        for review in reviews:
+            result = response.results.add(item_id=review.item_id)
+            hold = held.get(review.item_id)
+            if hold is None or (hold.get("decision") or {}).get("filter") != REVIEW_FILTER:
+                result.outcome = coordinator_pb2.REVIEW_OUTCOME_NOT_AWAITING
+                continue
+            stored = decided.get(review.item_id)
+            if stored is None:
+                reviewer = review.reviewer or subject
+                note = review.note
+                decision = Decision(
+                    review.kept,
+                    "" if review.kept else "human_review",
+                    reason=f"{'kept' if review.kept else 'dropped'} by {reviewer}" + (f": {note}" if note else ""),
+                    decided_by="human",
+                    reviewer=reviewer,
+                    note=note,
+                )
+                value = StageResult(decision=decision).to_json()
+                if await self._store.put_result(key, review.item_id, REVIEW_STAGE, value, kept=review.kept, filter_=decision.filter):
+                    result.outcome = coordinator_pb2.REVIEW_OUTCOME_RECORDED
+                    continue
+                stored = await self._store.get_result(key, review.item_id, REVIEW_STAGE)  # decided meanwhile: that one stands
+            assert stored is not None
+            result.outcome = coordinator_pb2.REVIEW_OUTCOME_ALREADY_DECIDED
+            result.kept = bool(stored["decision"]["kept"])
+        self._changes.notify(key)
+        response.awaiting_review = (await self._job_message(row)).awaiting_review
+        return response
+
     # --- internals ---
 
     async def _row(self, job_id: str) -> JobRow:
@@ -557,6 +714,15 @@ class JobManager:
             total = self._planned_items.get(row.id, recipe.target(getattr(spec, recipe.name)))
         job = job_message(row, spec, recipe, counts, total)
         job.id = split_key(row.id)[1]
+        held = sum(c.kept_by_filter.get(REVIEW_FILTER, 0) for c in counts)
+        if held:
+            reviewed = next((c.done for c in counts if c.stage == REVIEW_STAGE), 0)
+            job.awaiting_review = max(0, held - reviewed)
+        usage = await self._store.get_value(row.id, USAGE_KEY)
+        if usage is not None:
+            job.usage.prompt_tokens = usage["prompt_tokens"]
+            job.usage.completion_tokens = usage["completion_tokens"]
+            job.usage.run_seconds = usage["run_seconds"]
         if row.id not in self._inputs:
             stored = await self._store.get_value(row.id, INPUTS_KEY)
             if stored is None:
@@ -565,13 +731,18 @@ class JobManager:
         job.inputs.extend(self._inputs[row.id])
         return job
 
-    async def _write_dataset(self, row: JobRow) -> list[coordinator_pb2.ExportedFile]:
+    async def _write_dataset(self, row: JobRow, ending: int | None = None) -> list[coordinator_pb2.ExportedFile]:
+        """Exports the job; `ending` is the state the job takes once this export is written
+        (SUCCEEDED at the end of a run), which its manifest and report then say."""
         spec = coordinator_pb2.JobSpec.FromString(row.spec)
         tenant, job_id = split_key(row.id)
         directory = self._storage.dataset_dir(tenant, job_id)
+        job = await self._job_message(row)
+        if ending is not None:
+            job.state = ending  # type: ignore[assignment]
         # One export of a job at a time: two would remove each other's temporary files.
         async with self._exporting.setdefault(row.id, asyncio.Lock()):
-            files = await export.write_dataset(self._store, row.id, await self._job_message(row), recipe_of(spec), directory)
+            files = await export.write_dataset(self._store, row.id, job, recipe_of(spec), directory)
         await self._published(tenant, job_id, files)
         return files
 
@@ -632,8 +803,14 @@ class JobManager:
                     max_error_fraction(spec),
                     fresh=not await self._store.has_results(key),
                     key=key,
+                    review=review_gate(spec),
+                    usage=await self._store.get_value(key, USAGE_KEY),
                 )
-                summary = await recipe_of(spec).run(ctx, params)
+                try:
+                    summary = await recipe_of(spec).run(ctx, params)
+                finally:  # what this run spent, however it ended (a cancel included)
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(ctx.flush_usage())
                 ctx.check_error_budget()  # each_item checked its own; this covers items run through ctx.item
                 errors = {"count": len(ctx.errors), "items": ctx.items, "messages": ctx.errors[:MAX_ERROR_MESSAGES]}
                 await self._store.put_value(key, ERRORS_KEY, errors)
@@ -641,7 +818,7 @@ class JobManager:
                 # The dataset is written before the job says SUCCEEDED: a failed write fails the job
                 # visibly, and a crash in between resumes the job, which replays and writes again.
                 try:
-                    await self._write_dataset(await self._row(job_id))
+                    await self._write_dataset(await self._row(job_id), SUCCEEDED)
                 except OSError as exc:  # a full disk, a file in the way: named by file, never by server path
                     name = Path(exc.filename).name if exc.filename else "its folder"
                     raise Unavailable(f"the dataset could not be written ({exc.strerror or type(exc).__name__}: {name})") from exc

@@ -73,7 +73,14 @@ def record_message(record: Record) -> coordinator_pb2.JobRecord:
     message = coordinator_pb2.JobRecord(item_id=record.item_id, kept=record.kept, data=data)
     for stage, decision in record.lineage:
         entry = message.lineage.add(
-            stage=stage, kept=decision.kept, filter=decision.filter, reason=decision.reason, template_version=decision.template_version
+            stage=stage,
+            kept=decision.kept,
+            filter=decision.filter,
+            reason=decision.reason,
+            template_version=decision.template_version,
+            decided_by=decision.decided_by,
+            reviewer=decision.reviewer,
+            note=decision.note,
         )
         if decision.score is not None:
             entry.score = decision.score

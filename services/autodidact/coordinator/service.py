@@ -215,6 +215,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         await asyncio.to_thread(storage.delete, current_principal().tenant, request.dataset_id)
         return coordinator_pb2.DeleteDatasetResponse()
 
+    async def ListReviews(
+        self, request: coordinator_pb2.ListReviewsRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.ListReviewsResponse:
+        return await self._manager().list_reviews(request.job_id, request.page_size, request.page_token)
+
+    async def SubmitReviews(
+        self, request: coordinator_pb2.SubmitReviewsRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.SubmitReviewsResponse:
+        return await self._manager().submit_reviews(request.job_id, list(request.reviews))
+
     async def RetryJob(
         self, request: coordinator_pb2.RetryJobRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.RetryJobResponse:

@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -132,6 +132,8 @@ class StageCounts:
     done: int
     kept: int
     dropped_by_filter: dict[str, int]
+    # Kept decisions that name a filter, by filter: items a review gate holds (recipes/base.py, REVIEW_FILTER).
+    kept_by_filter: dict[str, int] = field(default_factory=dict)
 
 
 class JobStore(Protocol):
@@ -663,13 +665,16 @@ def counts_by_stage(rows: Sequence[tuple[str, str, int, int]]) -> list[StageCoun
     done: dict[str, int] = {}
     kept: dict[str, int] = {}
     dropped: dict[str, dict[str, int]] = {}
+    flagged: dict[str, dict[str, int]] = {}
     for stage, filter_, stage_done, stage_kept in rows:
         done[stage] = done.get(stage, 0) + stage_done
         kept[stage] = kept.get(stage, 0) + stage_kept
         by_filter = dropped.setdefault(stage, {})
         if stage_done > stage_kept:
             by_filter[filter_] = stage_done - stage_kept
-    return [StageCounts(stage, done[stage], kept[stage], dropped[stage]) for stage in done]
+        if filter_ and stage_kept:
+            flagged.setdefault(stage, {})[filter_] = stage_kept
+    return [StageCounts(stage, done[stage], kept[stage], dropped[stage], flagged.get(stage, {})) for stage in done]
 
 
 def _results_page(db: sqlite3.Connection, job_id: str, after: str | None) -> tuple[list[tuple[str, str, dict[str, Any]]], str | None]:

@@ -16,6 +16,17 @@ import structlog
 _configured = False
 
 
+class _Stderr:
+    """Whatever sys.stderr is when a line is written, not when logging was configured: a
+    progress display (progress.py) or a test's capture may replace it meanwhile."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     global _configured
     if _configured:
@@ -38,6 +49,6 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(_Stderr()),  # type: ignore[arg-type]  # a file in all but name
         cache_logger_on_first_use=True,
     )

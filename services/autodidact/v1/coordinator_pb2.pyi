@@ -24,6 +24,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ReviewPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReviewPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReviewPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVIEW_POLICY_UNSPECIFIED: _ReviewPolicy.ValueType  # 0
+    """Not set: drop."""
+    REVIEW_POLICY_DROP: _ReviewPolicy.ValueType  # 1
+    """Drop them (filter "review_deadline")."""
+    REVIEW_POLICY_KEEP: _ReviewPolicy.ValueType  # 2
+    """Keep them."""
+
+class ReviewPolicy(_ReviewPolicy, metaclass=_ReviewPolicyEnumTypeWrapper):
+    """What happens to items nobody reviewed by the job's review deadline."""
+
+REVIEW_POLICY_UNSPECIFIED: ReviewPolicy.ValueType  # 0
+"""Not set: drop."""
+REVIEW_POLICY_DROP: ReviewPolicy.ValueType  # 1
+"""Drop them (filter "review_deadline")."""
+REVIEW_POLICY_KEEP: ReviewPolicy.ValueType  # 2
+"""Keep them."""
+Global___ReviewPolicy: _TypeAlias = ReviewPolicy  # noqa: Y015
+
 class _JobState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -83,6 +107,38 @@ DATASET_FORMAT_JSONL: DatasetFormat.ValueType  # 1
 DATASET_FORMAT_JSON: DatasetFormat.ValueType  # 2
 """One JSON document (a list)."""
 Global___DatasetFormat: _TypeAlias = DatasetFormat  # noqa: Y015
+
+class _ReviewOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReviewOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReviewOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REVIEW_OUTCOME_UNSPECIFIED: _ReviewOutcome.ValueType  # 0
+    """Not set; never sent by a server."""
+    REVIEW_OUTCOME_RECORDED: _ReviewOutcome.ValueType  # 1
+    """Recorded: the item's lineage says so."""
+    REVIEW_OUTCOME_ALREADY_DECIDED: _ReviewOutcome.ValueType  # 2
+    """The item was decided before (by a person or the deadline); that
+    decision stands.
+    """
+    REVIEW_OUTCOME_NOT_AWAITING: _ReviewOutcome.ValueType  # 3
+    """The job has no item of this id awaiting review."""
+
+class ReviewOutcome(_ReviewOutcome, metaclass=_ReviewOutcomeEnumTypeWrapper):
+    """What SubmitReviews did with one decision."""
+
+REVIEW_OUTCOME_UNSPECIFIED: ReviewOutcome.ValueType  # 0
+"""Not set; never sent by a server."""
+REVIEW_OUTCOME_RECORDED: ReviewOutcome.ValueType  # 1
+"""Recorded: the item's lineage says so."""
+REVIEW_OUTCOME_ALREADY_DECIDED: ReviewOutcome.ValueType  # 2
+"""The item was decided before (by a person or the deadline); that
+decision stands.
+"""
+REVIEW_OUTCOME_NOT_AWAITING: ReviewOutcome.ValueType  # 3
+"""The job has no item of this id awaiting review."""
+Global___ReviewOutcome: _TypeAlias = ReviewOutcome  # noqa: Y015
 
 @_typing.final
 class SelfInstructSpec(_message.Message):
@@ -421,6 +477,7 @@ class JobSpec(_message.Message):
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     MAX_ERROR_FRACTION_FIELD_NUMBER: _builtins.int
     INLINE_INPUTS_FIELD_NUMBER: _builtins.int
+    REVIEW_FIELD_NUMBER: _builtins.int
     seed: _builtins.int
     """Base seed of every sample the job draws; the same spec and seed produce
     the same dataset on the same model. Default 0.
@@ -455,6 +512,12 @@ class JobSpec(_message.Message):
         characters of [A-Za-z0-9_.-]; all of them together at most 4 MiB.
         """
 
+    @_builtins.property
+    def review(self) -> Global___ReviewSpec:
+        """Sends the items the filters were unsure about to people (docs/jobs.md,
+        "Review gates"). Default: none; every decision is the filters'.
+        """
+
     def __init__(
         self,
         *,
@@ -466,10 +529,11 @@ class JobSpec(_message.Message):
         max_in_flight: _builtins.int = ...,
         max_error_fraction: _builtins.float | None = ...,
         inline_inputs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        review: Global___ReviewSpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_fraction", b"_max_error_fraction", "constitutional", b"constitutional", "max_error_fraction", b"max_error_fraction", "recipe", b"recipe", "self_consistency", b"self_consistency", "self_instruct", b"self_instruct", "toolformer", b"toolformer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_fraction", b"_max_error_fraction", "constitutional", b"constitutional", "max_error_fraction", b"max_error_fraction", "recipe", b"recipe", "review", b"review", "self_consistency", b"self_consistency", "self_instruct", b"self_instruct", "toolformer", b"toolformer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_fraction", b"_max_error_fraction", "constitutional", b"constitutional", "inline_inputs", b"inline_inputs", "max_error_fraction", b"max_error_fraction", "max_in_flight", b"max_in_flight", "recipe", b"recipe", "seed", b"seed", "self_consistency", b"self_consistency", "self_instruct", b"self_instruct", "toolformer", b"toolformer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_fraction", b"_max_error_fraction", "constitutional", b"constitutional", "inline_inputs", b"inline_inputs", "max_error_fraction", b"max_error_fraction", "max_in_flight", b"max_in_flight", "recipe", b"recipe", "review", b"review", "seed", b"seed", "self_consistency", b"self_consistency", "self_instruct", b"self_instruct", "toolformer", b"toolformer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_error_fraction: _TypeAlias = _typing.Literal["max_error_fraction"]  # noqa: Y015
     _WhichOneofArgType__max_error_fraction: _TypeAlias = _typing.Literal["_max_error_fraction", b"_max_error_fraction"]  # noqa: Y015
@@ -481,6 +545,43 @@ class JobSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_recipe) -> _WhichOneofReturnType_recipe | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class ReviewSpec(_message.Message):
+    """A review gate: items whose deciding score (similarity, L⁻ − L⁺ gain, vote
+    share, preference margin) lies within `band` of the recipe's threshold wait
+    for a person's decision while the rest of the job goes on.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BAND_FIELD_NUMBER: _builtins.int
+    DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    ON_DEADLINE_FIELD_NUMBER: _builtins.int
+    band: _builtins.float
+    """The band's half-width, in the score's units. 0 (the default) turns
+    review off. Bounds [0, 100].
+    """
+    deadline_seconds: _builtins.int
+    """Seconds the job waits for decisions, counted from when its first item
+    entered review. Default 86,400 (a day). Bounds [1, 2,592,000].
+    """
+    on_deadline: Global___ReviewPolicy.ValueType
+    """What happens to items still unreviewed at the deadline. Default drop."""
+    def __init__(
+        self,
+        *,
+        band: _builtins.float = ...,
+        deadline_seconds: _builtins.int = ...,
+        on_deadline: Global___ReviewPolicy.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["band", b"band", "deadline_seconds", b"deadline_seconds", "on_deadline", b"on_deadline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewSpec: _TypeAlias = ReviewSpec  # noqa: Y015
 
 @_typing.final
 class JobInput(_message.Message):
@@ -592,12 +693,16 @@ class Job(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    AWAITING_REVIEW_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The client-chosen id."""
     state: Global___JobState.ValueType
     """Where it is."""
     error: _builtins.str
     """Why it failed, when it did."""
+    awaiting_review: _builtins.int
+    """Items waiting for a person's decision (JobSpec.review)."""
     @_builtins.property
     def spec(self) -> Global___JobSpec:
         """What it does."""
@@ -618,6 +723,10 @@ class Job(_message.Message):
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobInput]:
         """Its inputs, as snapshotted at submit."""
 
+    @_builtins.property
+    def usage(self) -> Global___JobUsage:
+        """What the job's runs spent so far."""
+
     def __init__(
         self,
         *,
@@ -629,14 +738,46 @@ class Job(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         inputs: _abc.Iterable[Global___JobInput] | None = ...,
+        awaiting_review: _builtins.int = ...,
+        usage: Global___JobUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "spec", b"spec", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "spec", b"spec", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "error", b"error", "id", b"id", "inputs", b"inputs", "spec", b"spec", "stages", b"stages", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["awaiting_review", b"awaiting_review", "created_at", b"created_at", "error", b"error", "id", b"id", "inputs", b"inputs", "spec", b"spec", "stages", b"stages", "state", b"state", "updated_at", b"updated_at", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class JobUsage(_message.Message):
+    """What a job's runs spent: tokens of its model calls and time running."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    RUN_SECONDS_FIELD_NUMBER: _builtins.int
+    prompt_tokens: _builtins.int
+    """Prompt tokens the generator evaluated."""
+    completion_tokens: _builtins.int
+    """Tokens the generator produced."""
+    run_seconds: _builtins.float
+    """Seconds the job ran, over all its runs (resumes included)."""
+    def __init__(
+        self,
+        *,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        run_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "run_seconds", b"run_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobUsage: _TypeAlias = JobUsage  # noqa: Y015
 
 @_typing.final
 class SubmitJobRequest(_message.Message):
@@ -908,12 +1049,18 @@ class StageDecision(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    REVIEWER_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     stage: _builtins.str
     """The stage, e.g. "diversity"."""
     kept: _builtins.bool
     """True when the stage kept the item."""
     filter: _builtins.str
-    """The filter that dropped it, e.g. "too_short", "similarity"; empty when kept."""
+    """The filter that dropped it, e.g. "too_short", "similarity"; empty when
+    kept, except "review" on a kept decision that held the item for review
+    (its score lay within JobSpec.review.band of the threshold).
+    """
     score: _builtins.float
     """The score the decision rests on (similarity, L⁻ − L⁺, vote share), when any."""
     reason: _builtins.str
@@ -922,6 +1069,14 @@ class StageDecision(_message.Message):
     """Version of the prompt template used."""
     seed: _builtins.int
     """Seed of the sample this item came from."""
+    decided_by: _builtins.str
+    """Who decided: empty for a filter, "human" for a person's review,
+    "deadline" for the review deadline's policy.
+    """
+    reviewer: _builtins.str
+    """With decided_by "human": the person (as SubmitReviews named them)."""
+    note: _builtins.str
+    """With decided_by "human": their note."""
     @_builtins.property
     def model(self) -> _common_pb2.ModelInfo:
         """The model used, when the stage used one."""
@@ -937,10 +1092,13 @@ class StageDecision(_message.Message):
         model: _common_pb2.ModelInfo | None = ...,
         template_version: _builtins.str = ...,
         seed: _builtins.int | None = ...,
+        decided_by: _builtins.str = ...,
+        reviewer: _builtins.str = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "_seed", b"_seed", "model", b"model", "score", b"score", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "_seed", b"_seed", "filter", b"filter", "kept", b"kept", "model", b"model", "reason", b"reason", "score", b"score", "seed", b"seed", "stage", b"stage", "template_version", b"template_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "_seed", b"_seed", "decided_by", b"decided_by", "filter", b"filter", "kept", b"kept", "model", b"model", "note", b"note", "reason", b"reason", "reviewer", b"reviewer", "score", b"score", "seed", b"seed", "stage", b"stage", "template_version", b"template_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
     _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015
@@ -1537,3 +1695,237 @@ class DeleteDatasetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteDatasetResponse: _TypeAlias = DeleteDatasetResponse  # noqa: Y015
+
+@_typing.final
+class ListReviewsRequest(_message.Message):
+    """Request of ListReviews."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job's id. Required."""
+    page_size: _builtins.int
+    """Most items to return. Default 100. Bounds [1, 1000]."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token. Default: the first page."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReviewsRequest: _TypeAlias = ListReviewsRequest  # noqa: Y015
+
+@_typing.final
+class ReviewItem(_message.Message):
+    """An item awaiting review."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    PROPOSED_KEPT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    item_id: _builtins.str
+    """The item's id, as SubmitReviews takes it."""
+    stage: _builtins.str
+    """The stage whose decision is reviewed, e.g. "diversity"."""
+    score: _builtins.float
+    """The deciding score."""
+    threshold: _builtins.float
+    """The recipe's threshold for it."""
+    proposed_kept: _builtins.bool
+    """What the filter decided: true when it kept the item."""
+    reason: _builtins.str
+    """The filter's reason."""
+    @_builtins.property
+    def data(self) -> _struct_pb2.Struct:
+        """What a person reads to decide: the item's fields."""
+
+    def __init__(
+        self,
+        *,
+        item_id: _builtins.str = ...,
+        stage: _builtins.str = ...,
+        score: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        proposed_kept: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        data: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "item_id", b"item_id", "proposed_kept", b"proposed_kept", "reason", b"reason", "score", b"score", "stage", b"stage", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReviewItem: _TypeAlias = ReviewItem  # noqa: Y015
+
+@_typing.final
+class ListReviewsResponse(_message.Message):
+    """Response of ListReviews."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass to get the next page; empty on the last."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReviewItem]:
+        """The items, oldest first."""
+
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp:
+        """When unreviewed items follow the job's on_deadline policy; unset until
+        an item entered review.
+        """
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___ReviewItem] | None = ...,
+        next_page_token: _builtins.str = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "items", b"items", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReviewsResponse: _TypeAlias = ListReviewsResponse  # noqa: Y015
+
+@_typing.final
+class ItemReview(_message.Message):
+    """One person's decision about one item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    REVIEWER_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    item_id: _builtins.str
+    """The item, as ListReviews named it. Required."""
+    kept: _builtins.bool
+    """True to keep it in the dataset, false to drop it."""
+    reviewer: _builtins.str
+    """Who decided, 1 to 256 characters. Default: the caller's identity."""
+    note: _builtins.str
+    """Why, at most 4,096 characters."""
+    def __init__(
+        self,
+        *,
+        item_id: _builtins.str = ...,
+        kept: _builtins.bool = ...,
+        reviewer: _builtins.str = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_id", b"item_id", "kept", b"kept", "note", b"note", "reviewer", b"reviewer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ItemReview: _TypeAlias = ItemReview  # noqa: Y015
+
+@_typing.final
+class SubmitReviewsRequest(_message.Message):
+    """Request of SubmitReviews."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    REVIEWS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """The job's id. Required."""
+    @_builtins.property
+    def reviews(self) -> _containers.RepeatedCompositeFieldContainer[Global___ItemReview]:
+        """The decisions, 1 to 10,000 of them, each item at most once."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        reviews: _abc.Iterable[Global___ItemReview] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reviews", b"reviews"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitReviewsRequest: _TypeAlias = SubmitReviewsRequest  # noqa: Y015
+
+@_typing.final
+class ItemReviewResult(_message.Message):
+    """One decision's outcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEM_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
+    item_id: _builtins.str
+    """The item."""
+    outcome: Global___ReviewOutcome.ValueType
+    """What happened."""
+    kept: _builtins.bool
+    """With ALREADY_DECIDED: the decision that stands."""
+    def __init__(
+        self,
+        *,
+        item_id: _builtins.str = ...,
+        outcome: Global___ReviewOutcome.ValueType = ...,
+        kept: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item_id", b"item_id", "kept", b"kept", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ItemReviewResult: _TypeAlias = ItemReviewResult  # noqa: Y015
+
+@_typing.final
+class SubmitReviewsResponse(_message.Message):
+    """Response of SubmitReviews."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    AWAITING_REVIEW_FIELD_NUMBER: _builtins.int
+    awaiting_review: _builtins.int
+    """Items of the job still awaiting review after this call."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ItemReviewResult]:
+        """One per review, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ItemReviewResult] | None = ...,
+        awaiting_review: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["awaiting_review", b"awaiting_review", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitReviewsResponse: _TypeAlias = SubmitReviewsResponse  # noqa: Y015

@@ -104,6 +104,16 @@ class CoordinatorServiceStub:
                 request_serializer=autodidact_dot_v1_dot_coordinator__pb2.DeleteDatasetRequest.SerializeToString,
                 response_deserializer=autodidact_dot_v1_dot_coordinator__pb2.DeleteDatasetResponse.FromString,
                 _registered_method=True)
+        self.ListReviews = channel.unary_unary(
+                '/autodidact.v1.CoordinatorService/ListReviews',
+                request_serializer=autodidact_dot_v1_dot_coordinator__pb2.ListReviewsRequest.SerializeToString,
+                response_deserializer=autodidact_dot_v1_dot_coordinator__pb2.ListReviewsResponse.FromString,
+                _registered_method=True)
+        self.SubmitReviews = channel.unary_unary(
+                '/autodidact.v1.CoordinatorService/SubmitReviews',
+                request_serializer=autodidact_dot_v1_dot_coordinator__pb2.SubmitReviewsRequest.SerializeToString,
+                response_deserializer=autodidact_dot_v1_dot_coordinator__pb2.SubmitReviewsResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -214,6 +224,23 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListReviews(self, request, context):
+        """The job's items awaiting review (JobSpec.review), oldest first, with what
+        its filter proposed and the fields a person reads to decide.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitReviews(self, request, context):
+        """Records people's decisions about items awaiting review, each in the
+        item's lineage (stage "review", decided_by "human"). An item's first
+        decision stands: each outcome says whether this call recorded it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -281,6 +308,16 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.DeleteDataset,
                     request_deserializer=autodidact_dot_v1_dot_coordinator__pb2.DeleteDatasetRequest.FromString,
                     response_serializer=autodidact_dot_v1_dot_coordinator__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
+            'ListReviews': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReviews,
+                    request_deserializer=autodidact_dot_v1_dot_coordinator__pb2.ListReviewsRequest.FromString,
+                    response_serializer=autodidact_dot_v1_dot_coordinator__pb2.ListReviewsResponse.SerializeToString,
+            ),
+            'SubmitReviews': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitReviews,
+                    request_deserializer=autodidact_dot_v1_dot_coordinator__pb2.SubmitReviewsRequest.FromString,
+                    response_serializer=autodidact_dot_v1_dot_coordinator__pb2.SubmitReviewsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -639,6 +676,60 @@ class CoordinatorService:
             '/autodidact.v1.CoordinatorService/DeleteDataset',
             autodidact_dot_v1_dot_coordinator__pb2.DeleteDatasetRequest.SerializeToString,
             autodidact_dot_v1_dot_coordinator__pb2.DeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReviews(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autodidact.v1.CoordinatorService/ListReviews',
+            autodidact_dot_v1_dot_coordinator__pb2.ListReviewsRequest.SerializeToString,
+            autodidact_dot_v1_dot_coordinator__pb2.ListReviewsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitReviews(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/autodidact.v1.CoordinatorService/SubmitReviews',
+            autodidact_dot_v1_dot_coordinator__pb2.SubmitReviewsRequest.SerializeToString,
+            autodidact_dot_v1_dot_coordinator__pb2.SubmitReviewsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -79,6 +79,15 @@ class CoordinatorServiceStub:
     """The tenant's uploaded datasets, newest first."""
     DeleteDataset: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.DeleteDatasetRequest, _coordinator_pb2.DeleteDatasetResponse]
     """Deletes an uploaded dataset. Jobs that used it keep their own snapshot."""
+    ListReviews: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListReviewsRequest, _coordinator_pb2.ListReviewsResponse]
+    """The job's items awaiting review (JobSpec.review), oldest first, with what
+    its filter proposed and the fields a person reads to decide.
+    """
+    SubmitReviews: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitReviewsRequest, _coordinator_pb2.SubmitReviewsResponse]
+    """Records people's decisions about items awaiting review, each in the
+    item's lineage (stage "review", decided_by "human"). An item's first
+    decision stands: each outcome says whether this call recorded it.
+    """
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -131,6 +140,15 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """The tenant's uploaded datasets, newest first."""
     DeleteDataset: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.DeleteDatasetRequest, _coordinator_pb2.DeleteDatasetResponse]  # type: ignore[assignment]
     """Deletes an uploaded dataset. Jobs that used it keep their own snapshot."""
+    ListReviews: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListReviewsRequest, _coordinator_pb2.ListReviewsResponse]  # type: ignore[assignment]
+    """The job's items awaiting review (JobSpec.review), oldest first, with what
+    its filter proposed and the fields a person reads to decide.
+    """
+    SubmitReviews: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitReviewsRequest, _coordinator_pb2.SubmitReviewsResponse]  # type: ignore[assignment]
+    """Records people's decisions about items awaiting review, each in the
+    item's lineage (stage "review", decided_by "human"). An item's first
+    decision stands: each outcome says whether this call recorded it.
+    """
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """The only entry point for platform clients: jobs that run recipes against the
@@ -258,5 +276,26 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.DeleteDatasetResponse, _abc.Awaitable[_coordinator_pb2.DeleteDatasetResponse]]:
         """Deletes an uploaded dataset. Jobs that used it keep their own snapshot."""
+
+    @_abc_1.abstractmethod
+    def ListReviews(
+        self,
+        request: _coordinator_pb2.ListReviewsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListReviewsResponse, _abc.Awaitable[_coordinator_pb2.ListReviewsResponse]]:
+        """The job's items awaiting review (JobSpec.review), oldest first, with what
+        its filter proposed and the fields a person reads to decide.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitReviews(
+        self,
+        request: _coordinator_pb2.SubmitReviewsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.SubmitReviewsResponse, _abc.Awaitable[_coordinator_pb2.SubmitReviewsResponse]]:
+        """Records people's decisions about items awaiting review, each in the
+        item's lineage (stage "review", decided_by "human"). An item's first
+        decision stands: each outcome says whether this call recorded it.
+        """
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

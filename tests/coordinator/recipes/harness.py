@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from autodidact.coordinator.recipes.base import JobContext, Services, StageResult
+from autodidact.coordinator.recipes.base import JobContext, ReviewGate, Services, StageResult
 from autodidact.coordinator.recipes.recipe import Recipe
 from autodidact.coordinator.records import Record, job_records
 from autodidact.coordinator.store import JobStore, SqliteJobStore
@@ -19,8 +19,14 @@ JOB = "job"
 SEED = 7
 
 
-def job_context(store: JobStore, services: dict[str, Any], max_in_flight: int = 2, max_error_fraction: float = 0.1) -> JobContext:
-    """The context of job JOB over `store`, calling the given service DOUBLES (None for the others)."""
+def job_context(
+    store: JobStore,
+    services: dict[str, Any],
+    max_in_flight: int = 2,
+    max_error_fraction: float = 0.1,
+    review: ReviewGate | None = None,
+) -> JobContext:
+    """The context of job JOB over `store`, calling the given service DOUBLES (None for the others), with `review` as its review gate."""
 
     def double(name: str) -> Any:
         # A DOUBLE duck-types its service's stub, so it is passed untyped; None where the recipe must not call that service.
@@ -33,7 +39,7 @@ def job_context(store: JobStore, services: dict[str, Any], max_in_flight: int = 
         tool_executor=double("tool_executor"),
         critic=double("critic"),
     )
-    return JobContext(JOB, SEED, store, stubs, max_in_flight, lambda: None, max_error_fraction)
+    return JobContext(JOB, SEED, store, stubs, max_in_flight, lambda: None, max_error_fraction, review=review)
 
 
 def run_recipe(
@@ -43,11 +49,12 @@ def run_recipe(
     params: Any,
     max_in_flight: int = 2,
     max_error_fraction: float = 0.1,
+    review: ReviewGate | None = None,
 ) -> tuple[dict[str, Any], JobStore]:
-    """Runs `recipe` once on a fresh store; returns its summary and the store."""
+    """Runs `recipe` once on a fresh store (with `review` as its review gate); returns its summary and the store."""
     store = SqliteJobStore(tmp_path / "jobs.sqlite")
     asyncio.run(store.create_job(JOB, b"", "hash", 1))
-    summary = asyncio.run(recipe.run(job_context(store, services, max_in_flight, max_error_fraction), params))
+    summary = asyncio.run(recipe.run(job_context(store, services, max_in_flight, max_error_fraction, review), params))
     return summary, store
 
 

@@ -13,6 +13,16 @@ A service that refuses one item (INVALID_ARGUMENT, say: not a transient
 failure) drops that item, not the job: `stage` stores a drop with filter
 `error` and the service's message, and `each_item` (or `item`) counts it.
 The job fails only when more than its `max_error_fraction` of items errored.
+
+A review gate (JobSpec.review) puts people on the items the filters were
+unsure about. A stage whose deciding score lies within the band of its
+threshold records a kept decision naming REVIEW_FILTER (`held`), so the item
+goes on through the recipe; before its final decision the recipe asks
+`review`, which waits for the decision stored at REVIEW_STAGE: a person's
+(SubmitReviews) or, at the job's review deadline, its policy's. A waiting
+item gives its each_item slot back, so the rest of the job goes on. The
+decision is in the store before anyone is told, so a crash loses none: the
+resumed job replays to the same `review` and finds it there.
 """
 
 from __future__ import annotations
@@ -22,8 +32,9 @@ import contextlib
 import contextvars
 import hashlib
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -34,6 +45,7 @@ from autodidact.coordinator.store import JobStore
 from autodidact.errors import AutodidactError, DeadlineExceeded, FailedPrecondition, Unavailable
 from autodidact.runtime.metrics import STAGE_CONCURRENCY_LIMIT, STAGE_DECISIONS
 from autodidact.runtime.neighbours import is_transient, rpc_error_text
+from autodidact.v1 import common_pb2
 
 if TYPE_CHECKING:
     # The async stubs exist only in the mypy-protobuf .pyi files: a stub built on an aio channel is one, and its calls
@@ -59,6 +71,21 @@ OVERLOAD_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.
 # pause drawn up to this: it then waits in line for a slot under the lower limit,
 # so the pause only keeps the refused calls from retrying in step.
 OVERLOAD_RETRY_SECONDS = 0.05
+
+# Review gates: a kept decision naming REVIEW_FILTER holds its item for review; the
+# decision about it is stored at REVIEW_STAGE; REVIEW_KEY (a job-level value) says when
+# the job first waited for one, which its deadline counts from.
+REVIEW_FILTER = "review"
+REVIEW_STAGE = "review"
+REVIEW_KEY = "review"
+# How often a job waiting for reviews reads the store for decisions (made on any replica).
+REVIEW_POLL_SECONDS = 1.0
+# The job-level value of what the job's runs spent (tokens, seconds), rewritten at most this often.
+USAGE_KEY = "usage"
+USAGE_FLUSH_SECONDS = 5.0
+
+# The each_item slots the running item holds, which `review` gives back while it waits.
+_item_slots: contextvars.ContextVar[asyncio.Semaphore | None] = contextvars.ContextVar("item_slots", default=None)
 
 # The stage slot the running computation holds, set by JobContext.stage: `call`
 # reports to that stage's limit and lends the slot back while a refused call waits.
@@ -99,6 +126,25 @@ class Decision:
     model: str = ""
     template_version: str = ""
     seed: int | None = None
+    # Who decided: "" for a filter, "human" for a person's review, "deadline" for a review deadline's policy.
+    decided_by: str = ""
+    reviewer: str = ""  # with "human": who
+    note: str = ""  # with "human": why
+
+
+@dataclass(frozen=True)
+class ReviewGate:
+    """JobSpec.review, resolved: which scores are held for people, and until when."""
+
+    band: float
+    deadline_seconds: float
+    keep_at_deadline: bool
+
+    def at_deadline(self) -> Decision:
+        unreviewed = "nobody reviewed it by the job's review deadline; the job's policy"
+        if self.keep_at_deadline:
+            return Decision(True, reason=f"{unreviewed} keeps it", decided_by="deadline")
+        return Decision(False, "review_deadline", reason=f"{unreviewed} drops it", decided_by="deadline")
 
 
 @dataclass(frozen=True)
@@ -163,6 +209,8 @@ class JobContext:
         fresh: bool = False,
         key: str = "",
         adaptive: bool = True,
+        review: ReviewGate | None = None,
+        usage: dict[str, Any] | None = None,
     ) -> None:
         # The job's id names things the job makes (a dedup namespace, item ids); its key is
         # where the store keeps it ("<tenant>/<job_id>": ids are per tenant). Tests without
@@ -185,6 +233,15 @@ class JobContext:
         # without first asking the store (nothing there to replay), which halves
         # a fresh job's store round trips. A resumed job reads before computing.
         self.fresh = fresh
+        self.review_gate = review
+        self._awaiting_review: dict[str, asyncio.Future[Decision]] = {}
+        self._review_poller: asyncio.Task[None] | None = None
+        # What earlier runs spent (the stored USAGE_KEY value), and this run's tokens and start.
+        self._usage_before = {"prompt_tokens": 0, "completion_tokens": 0, "run_seconds": 0.0, **(usage or {})}
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._started = time.monotonic()
+        self._usage_due = self._started + USAGE_FLUSH_SECONDS
 
     async def stage(self, item_id: str, stage: str, compute: Callable[[], Awaitable[StageResult]]) -> StageResult:
         if not self.fresh and (stored := await self.stored(item_id, stage)) is not None:
@@ -271,29 +328,152 @@ class JobContext:
         once, after storing the job's plan (its dataset size, for progress).
         Stops starting items once the error budget is certainly spent.
 
-        max_in_flight workers take the items in index order, so a job of a
-        million items holds max_in_flight coroutines, not a million. An error
-        that is not an item's own (a service gone for good) stops the other
-        workers and reaches the caller."""
+        Items start in index order, each taking one of max_in_flight slots, so a
+        job of a million items holds max_in_flight coroutines, not a million; an
+        item waiting for a review (`review`) gives its slot back meanwhile. An
+        error that is not an item's own (a service gone for good) stops the other
+        items and reaches the caller."""
         await self.store.put_value(self.key, PLAN_KEY, {"dataset_items": count})
         kept = [False] * count
-        indexes = iter(range(count))  # shared: each index is taken by one worker
+        slots = asyncio.Semaphore(max(1, self.max_in_flight))
+        running: set[asyncio.Task[None]] = set()
+        failures: list[BaseException] = []
 
-        async def worker() -> None:
-            for index in indexes:
-                if self._over_budget(count):
-                    return  # the job fails below; no use starting more work
+        async def one(index: int) -> None:
+            _item_slots.set(slots)
+            try:
                 kept[index] = await self.item(work(index))
+            finally:
+                slots.release()
 
-        workers = [asyncio.create_task(worker()) for _ in range(max(1, min(self.max_in_flight, count)))]
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            if not task.cancelled() and (error := task.exception()) is not None and not failures:
+                failures.append(error)
+                for other in running:
+                    other.cancel()
+
         try:
-            await asyncio.gather(*workers)
+            for index in range(count):
+                await slots.acquire()
+                if failures or self._over_budget(count):
+                    slots.release()
+                    break  # the job fails below; no use starting more work
+                task = asyncio.create_task(one(index))
+                running.add(task)
+                task.add_done_callback(finished)
+            await asyncio.gather(*running, return_exceptions=True)
         except BaseException:
-            for task in workers:
+            for task in running:
                 task.cancel()
             raise
+        if failures:
+            raise failures[0]
         self.check_error_budget(count)
         return kept
+
+    def held(self, result: StageResult, distance: float, threshold: float) -> StageResult:
+        """`result` as its stage records it. With a review gate, a decision whose score lies
+        within the band of its threshold (`distance` from it) holds the item for review:
+        kept, naming REVIEW_FILTER, so the item goes on through the recipe, with the
+        filter's own verdict in its reason and under data["review_hold"] (ListReviews shows it)."""
+        decision = result.decision
+        gate = self.review_gate
+        if gate is None or decision is None or decision.filter == ERROR_FILTER or abs(distance) > gate.band:
+            return result
+        verdict = "keep it" if decision.kept else f"drop it ({decision.filter})"
+        reason = f"held for review (within {gate.band:g} of {threshold:g}); alone, the filter would {verdict}: {decision.reason}"
+        hold = {"proposed_kept": decision.kept, "filter": decision.filter, "threshold": threshold, "reason": decision.reason}
+        return StageResult({**result.data, "review_hold": hold}, replace(decision, kept=True, filter=REVIEW_FILTER, reason=reason))
+
+    async def review(self, item_id: str) -> Decision:
+        """The decision about an item `held` for review: a person's, or at the job's review
+        deadline its policy's. Waits without holding the item's each_item slot."""
+        return (await self.reviews([item_id]))[0]
+
+    async def reviews(self, item_ids: Sequence[str]) -> list[Decision]:
+        """`review` of several items of one dataset item (a document's calls), in order:
+        its each_item slot is given back once for all of them."""
+        stored = await self.stored_many(item_ids, REVIEW_STAGE)
+        waiting: dict[str, asyncio.Future[Decision]] = {}
+        for item_id in item_ids:
+            if item_id not in stored and item_id not in waiting:
+                future = self._awaiting_review.get(item_id)
+                if future is None:
+                    future = self._awaiting_review[item_id] = asyncio.get_running_loop().create_future()
+                waiting[item_id] = future
+        if waiting:
+            if self._review_poller is None or self._review_poller.done():
+                self._review_poller = asyncio.create_task(self._poll_reviews(), name=f"reviews of {self.key}")
+            slots = _item_slots.get()
+            if slots is not None:
+                slots.release()
+            try:
+                await asyncio.gather(*(asyncio.shield(future) for future in waiting.values()))
+            finally:
+                if slots is not None:
+                    await slots.acquire()
+        decided = {item_id: result.decision for item_id, result in stored.items() if result.decision is not None}
+        decided |= {item_id: future.result() for item_id, future in waiting.items()}
+        return [decided[item_id] for item_id in item_ids]
+
+    async def _poll_reviews(self) -> None:
+        """Hands each waiting item its decision once one is stored (by any replica), and at
+        the deadline stores the policy's for the rest. One read per poll for all of them."""
+        assert self.review_gate is not None, "only a job with a review gate holds items"
+
+        async def opened() -> dict[str, Any]:
+            return {"opened_at": time.time()}
+
+        try:
+            deadline = (await self.job_value(REVIEW_KEY, opened))["opened_at"] + self.review_gate.deadline_seconds
+            while self._awaiting_review:
+                for item_id, result in (await self.stored_many(list(self._awaiting_review), REVIEW_STAGE)).items():
+                    if result.decision is not None:
+                        self._hand_review(item_id, result.decision)
+                if self._awaiting_review and time.time() >= deadline:
+                    for item_id in list(self._awaiting_review):
+                        decision = self.review_gate.at_deadline()
+                        if not await self.record(item_id, REVIEW_STAGE, StageResult(decision=decision)):
+                            stored = await self.stored(item_id, REVIEW_STAGE)  # a person decided first: theirs stands
+                            decision = stored.decision if stored is not None and stored.decision is not None else decision
+                        self._hand_review(item_id, decision)
+                await asyncio.sleep(min(REVIEW_POLL_SECONDS, max(0.01, deadline - time.time())))
+        except Exception as exc:  # the store gone: every waiting item's work fails with it
+            for future in self._awaiting_review.values():
+                if not future.done():
+                    future.set_exception(exc)
+            self._awaiting_review.clear()
+            raise
+
+    def _hand_review(self, item_id: str, decision: Decision) -> None:
+        future = self._awaiting_review.pop(item_id, None)
+        if future is not None and not future.done():
+            future.set_result(decision)
+
+    async def close_review(self, item_id: str, decision: Decision) -> Decision:
+        """Ends the review of a held item the job no longer needs (past its target): stores
+        `decision` at REVIEW_STAGE unless someone decided first; returns the one that stands."""
+        if await self.record(item_id, REVIEW_STAGE, StageResult(decision=decision)):
+            return decision
+        stored = await self.stored(item_id, REVIEW_STAGE)
+        return stored.decision if stored is not None and stored.decision is not None else decision
+
+    def usage(self) -> dict[str, Any]:
+        """What the job's runs spent, this one's so far included (the USAGE_KEY value)."""
+        before = self._usage_before
+        return {
+            "prompt_tokens": before["prompt_tokens"] + self.prompt_tokens,
+            "completion_tokens": before["completion_tokens"] + self.completion_tokens,
+            "run_seconds": round(before["run_seconds"] + time.monotonic() - self._started, 3),
+        }
+
+    async def flush_usage(self) -> None:
+        """Stores usage() (values are write-once: the old one goes first; a crash between
+        the two loses the figure, never the job's data)."""
+        self._usage_due = time.monotonic() + USAGE_FLUSH_SECONDS
+        await self.store.delete_value(self.key, USAGE_KEY)
+        await self.store.put_value(self.key, USAGE_KEY, self.usage())
 
     async def record(self, item_id: str, stage: str, result: StageResult) -> bool:
         """Stores a result computed outside `stage` (several items decided by one
@@ -311,6 +491,8 @@ class JobContext:
             if decision is not None:
                 STAGE_DECISIONS.labels(stage, "kept" if decision.kept else decision.filter).inc()
             self._on_change()
+            if time.monotonic() >= self._usage_due:
+                await self.flush_usage()
         return written
 
     async def stored(self, item_id: str, stage: str) -> StageResult | None:
@@ -358,4 +540,8 @@ class JobContext:
             else:
                 if slot is not None:
                     slot.limit.succeeded()
+                usage = getattr(result, "usage", None)
+                if isinstance(usage, common_pb2.Usage):  # a generation: its tokens are the job's cost
+                    self.prompt_tokens += usage.prompt_tokens
+                    self.completion_tokens += usage.completion_tokens
                 return result

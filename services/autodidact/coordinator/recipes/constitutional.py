@@ -25,17 +25,17 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed, ready
+from autodidact.coordinator.recipes.base import REVIEW_FILTER, Decision, JobContext, StageResult, derive_seed, ready
 from autodidact.coordinator.recipes.formats import check_item_count, json_lines, read_input
 from autodidact.coordinator.recipes.ids import PromptId
-from autodidact.coordinator.recipes.recipe import Recipe
+from autodidact.coordinator.recipes.recipe import DecidingScore, Recipe
 from autodidact.coordinator.records import Record
 from autodidact.errors import InvalidArgument
 from autodidact.generator.requests import sampling_with_defaults
 from autodidact.v1 import common_pb2, coordinator_pb2, critic_pb2
 from autodidact.validation import check_range
 
-STAGES = ("revise", "judge", "dataset")
+STAGES = ("revise", "judge", "review", "dataset")
 # One item per prompt, one critic call each: a million is the scale the
 # control-plane benchmark (benchmarks/control_plane.py) runs a job at.
 MAX_PROMPTS = 1_000_000
@@ -78,6 +78,15 @@ class Constitutional(Recipe["ConstitutionalParams"]):
 
     def item_count(self, params: ConstitutionalParams) -> int:
         return len(params.prompts)
+
+    def deciding_scores(self, spec: coordinator_pb2.ConstitutionalSpec) -> tuple[DecidingScore, ...]:
+        if not spec.judged_pairs:
+            return ()
+        if spec.HasField("min_margin"):
+            margin = round(spec.min_margin, 6)
+        else:
+            margin = DEFAULT_MIN_MARGIN_COT if spec.chain_of_thought else DEFAULT_MIN_MARGIN
+        return (DecidingScore("judge", "judge's probability that the revision is better", (0.5 - margin, 0.5 + margin), "outside"),)
 
     def belongs(self, summary: dict[str, Any]) -> Callable[[str], bool]:
         return PromptId.matches
@@ -159,6 +168,8 @@ class ConstitutionalRun:
             )
             if judged.decision and not judged.decision.kept:
                 return False  # undecided: its drop is the prompt's final decision
+            if judged.decision and judged.decision.filter == REVIEW_FILTER and not (await self.ctx.review(item)).kept:
+                return False  # a person (or the review deadline) dropped it: that is its final decision
         decision = Decision(True) if changed else Decision(False, "unrevised", reason="the revisions left the response as it was")
         stored = await self.ctx.stage(item, "dataset", ready(StageResult(decision=decision)))
         return bool(stored.decision and stored.decision.kept)
@@ -211,7 +222,10 @@ class ConstitutionalRun:
             decision = Decision(False, "undecided", score=p, reason=f"{label}: within {self.params.min_margin:g} of 0.5", seed=seed)
         else:
             decision = Decision(True, score=p, reason=f"{label}: {'revision' if p >= 0.5 else 'initial response'} preferred", seed=seed)
-        return StageResult({"probability_revision_better": p, "judge_principle": response.principle}, decision)
+        # The review band is measured from the nearer edge of the undecided zone, 0.5 ± min_margin.
+        edge = 0.5 + self.params.min_margin if p >= 0.5 else 0.5 - self.params.min_margin
+        result = StageResult({"probability_revision_better": p, "judge_principle": response.principle}, decision)
+        return self.ctx.held(result, p - edge, edge)
 
 
 # --- export ---

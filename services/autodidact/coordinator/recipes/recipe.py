@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 import pyarrow as pa
@@ -34,6 +35,18 @@ P = TypeVar("P")
 SERVICES = ("generator", "dedup", "scorer", "tool_executor", "critic")
 # (spec field path, prompt text, max_tokens): a prompt known at submit.
 PromptCheck = tuple[str, str, int]
+
+
+@dataclass(frozen=True)
+class DecidingScore:
+    """A score a filter decides by, as the job report plots it (a histogram with the job's
+    thresholds drawn) and as a review gate measures its band: the `score` of `stage`'s
+    decisions, compared against `thresholds` (several when tools or sides differ)."""
+
+    stage: str
+    label: str  # what the score is, in words, e.g. "similarity to the nearest kept instruction"
+    thresholds: tuple[float, ...]
+    keeps: str  # which side is kept, in words, e.g. "below", "at or above", "at least this far from 0.5"
 
 
 class Recipe(ABC, Generic[P]):
@@ -84,6 +97,11 @@ class Recipe(ABC, Generic[P]):
         """How many dataset items the job aims at, for progress, when the spec
         says; None when only the run knows (each_item then stores the plan)."""
         return None
+
+    def deciding_scores(self, spec: Any) -> tuple[DecidingScore, ...]:
+        """The scores this recipe's filters decide by, with the thresholds `spec` (spec.<name>,
+        defaults not yet filled in) sets: read from the spec alone, so a client can say too."""
+        return ()
 
     def prompts(self, params: P) -> Iterable[PromptCheck]:
         """The prompts known at submit, checked against the generator's context then."""

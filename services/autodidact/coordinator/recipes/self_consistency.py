@@ -27,10 +27,10 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from autodidact.coordinator.recipes.base import Decision, JobContext, StageResult, derive_seed
+from autodidact.coordinator.recipes.base import REVIEW_FILTER, Decision, JobContext, StageResult, derive_seed
 from autodidact.coordinator.recipes.formats import check_item_count, json_lines, read_input
 from autodidact.coordinator.recipes.ids import PathId, QuestionId
-from autodidact.coordinator.recipes.recipe import PromptCheck, Recipe
+from autodidact.coordinator.recipes.recipe import DecidingScore, PromptCheck, Recipe
 from autodidact.coordinator.records import Record
 from autodidact.errors import InvalidArgument
 from autodidact.generator.requests import sampling_with_defaults
@@ -39,7 +39,7 @@ from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2, scorer_pb2
 from autodidact.validation import check_range
 
 # A path's only (and final) stage is "agreement"; a question's final one is "dataset".
-STAGES = ("paths", "vote", "agreement", "dataset")
+STAGES = ("paths", "vote", "review", "agreement", "dataset")
 TEMPLATE_VERSION = "self_consistency/v1"
 MAX_QUESTIONS = 100_000
 SAMPLES_PER_CALL = 64  # the generator's default bound on n
@@ -76,6 +76,9 @@ class SelfConsistency(Recipe["SelfConsistencyParams"]):
 
     def item_count(self, params: SelfConsistencyParams) -> int:
         return len(params.questions)
+
+    def deciding_scores(self, spec: coordinator_pb2.SelfConsistencySpec) -> tuple[DecidingScore, ...]:
+        return (DecidingScore("vote", "vote share of the winning answer", (spec.min_confidence,), "at or above"),)
 
     def prompts(self, params: SelfConsistencyParams) -> Iterable[PromptCheck]:
         """The longest question's chain-of-thought prompt: if it fits, every question's does."""
@@ -227,8 +230,15 @@ class SelfConsistencyRun:
         voted = verdict.decision
         assert voted is not None
         winner, confidence = verdict.data["winner"], verdict.data["confidence"]
-        final = None  # the question's decision at "dataset"; none when the vote dropped it
-        if voted.kept:
+        final = None  # the question's decision at "dataset"; none when the vote or a review dropped it
+        ending = None  # what ended the question, for its paths: `final`, or a review's drop
+        if voted.filter == REVIEW_FILTER:  # its vote share was within the review band of min_confidence
+            reviewed = await self.ctx.review(item)
+            if reviewed.kept:
+                final = Decision(True, score=confidence, reason=f"{confidence:.2f} of answers agree on {_quote(winner)}; {reviewed.reason}")
+            else:
+                ending = reviewed
+        elif voted.kept:
             if confidence < self.params.min_confidence:
                 final = Decision(
                     False,
@@ -241,7 +251,7 @@ class SelfConsistencyRun:
         # Paths first, then the question: a restart in between records the rest (each decision is a pure function of stored results).
         for number, (path, answer) in enumerate(zip(sampled.data["paths"], verdict.data["answers"], strict=True)):
             path_item = str(question_id.path(number))
-            decision = self._path_decision(answer, winner, confidence, voted, final)
+            decision = self._path_decision(answer, winner, confidence, voted, final or ending)
             if await self.ctx.stored(path_item, "agreement") is None:
                 data = {"question": question.text, "path": path["text"], "answer": answer, "seed": path["seed"], "confidence": confidence}
                 await self.ctx.record(path_item, "agreement", StageResult(data, decision))
@@ -311,8 +321,9 @@ class SelfConsistencyRun:
             )
         else:
             decision = Decision(True, score=response.confidence, reason=counts)
-        return StageResult(
+        result = StageResult(
             {
+                "question": question.text,  # what a person reviewing the vote reads first
                 "winner": response.winner if decision.kept else "",
                 "confidence": response.confidence if decision.kept else 0.0,
                 "answers": [v.answer for v in response.votes],
@@ -320,6 +331,10 @@ class SelfConsistencyRun:
             },
             decision,
         )
+        # Only a winner's share is measured against min_confidence (and so held for review near it).
+        if not decision.kept:
+            return result
+        return self.ctx.held(result, response.confidence - self.params.min_confidence, self.params.min_confidence)
 
 
 def _quote(answer: str) -> str:

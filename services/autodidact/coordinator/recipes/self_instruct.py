@@ -50,10 +50,10 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from autodidact.coordinator.recipes.base import ERROR_FILTER, Decision, JobContext, StageResult, derive_rng, derive_seed
+from autodidact.coordinator.recipes.base import ERROR_FILTER, REVIEW_FILTER, Decision, JobContext, StageResult, derive_rng, derive_seed
 from autodidact.coordinator.recipes.formats import check_item_count, json_lines, read_input
 from autodidact.coordinator.recipes.ids import CandidateId, RoundId
-from autodidact.coordinator.recipes.recipe import Recipe
+from autodidact.coordinator.recipes.recipe import DecidingScore, Recipe
 from autodidact.coordinator.recipes.replay import replay_batched
 from autodidact.coordinator.records import Record
 from autodidact.dedup.defaults import DEFAULT_THRESHOLD, is_namespace_reference
@@ -63,10 +63,10 @@ from autodidact.v1 import common_pb2, coordinator_pb2, dedup_pb2, generator_pb2
 from autodidact.validation import check_range
 
 TEMPLATE_VERSION = "self_instruct/v1"
-STAGES = ("generate_instructions", "heuristics", "diversity", "classify", "instances", "dataset")
+STAGES = ("generate_instructions", "heuristics", "diversity", "review", "classify", "instances", "dataset")
 # Stages where a candidate can be dropped before the dataset (at classify only
 # by an error: a service refused it).
-DROPPING_STAGES = ("generate_instructions", "heuristics", "diversity", "classify", "instances")
+DROPPING_STAGES = ("generate_instructions", "heuristics", "diversity", "review", "classify", "instances")
 SEED_POOL_KEY = "seed_pool"
 # Where the job notes the round that reached the target, before closing later rounds.
 CLOSED_KEY = "closed"
@@ -111,6 +111,10 @@ class SelfInstruct(Recipe["SelfInstructParams"]):
 
     def target(self, spec: coordinator_pb2.SelfInstructSpec) -> int | None:
         return spec.target_instructions
+
+    def deciding_scores(self, spec: coordinator_pb2.SelfInstructSpec) -> tuple[DecidingScore, ...]:
+        threshold = spec.similarity_threshold if spec.HasField("similarity_threshold") else DEFAULT_THRESHOLD
+        return (DecidingScore("diversity", "cosine similarity to the nearest kept instruction", (threshold,), "below"),)
 
     async def run(self, ctx: JobContext, params: SelfInstructParams) -> dict[str, Any]:
         # Rounds in flight: the window a round's prompt looks back past (see the module's docstring).
@@ -371,6 +375,8 @@ class SelfInstructRun:
         self.params = params
         self.window = rounds_in_flight
         self._kept_by_diversity: dict[int, list[str]] = {}
+        # Each round's candidates held for review (candidate, instruction): they wait at the end of the run.
+        self._held_by_round: dict[int, list[tuple[str, str]]] = {}
         self._diversity_turn: dict[int, asyncio.Event] = {}
         self._human = [t.instruction for t in params.seed_tasks]
 
@@ -402,8 +408,12 @@ class SelfInstructRun:
         # ended as over_target would gain later decisions), so the close is noted first.
         await self.ctx.store.put_value(self.ctx.key, CLOSED_KEY, {"last_round": last_round})
         for position, item_id in enumerate(finished):
-            within = position < self.params.target
-            await self.ctx.record(item_id, "dataset", StageResult(decision=Decision(True) if within else await self._over_target(item_id)))
+            decision = Decision(True) if position < self.params.target else await self._over_target(item_id)
+            await self.ctx.record(item_id, "dataset", StageResult(decision=decision))
+        # Candidates held for review (in the rounds that counted) wait for it now, all at once. They
+        # did not count towards the target: one a person keeps gets its instances and joins the dataset.
+        held = [pair for round_ in range(last_round + 1) for pair in self._held_by_round.get(round_, [])]
+        kept_on_review = sum(await asyncio.gather(*(self._conclude_held(candidate, instruction) for candidate, instruction in held)))
         # Rounds started but not needed (the rounds started are always 0 .. last_round + window - 1,
         # also across a restart): every candidate they produced ends here, dropped unless it already was.
         for round_ in range(last_round + 1, min(last_round + self.window, self.params.max_rounds)):
@@ -411,8 +421,10 @@ class SelfInstructRun:
         return {
             "last_round": last_round,
             "rounds": last_round + 1,
-            "kept": min(len(finished), self.params.target),
+            "kept": min(len(finished), self.params.target) + kept_on_review,
             "target_reached": len(finished) >= self.params.target,
+            "held_for_review": len(held),
+            "kept_on_review": kept_on_review,
         }
 
     async def _round(self, round_: int) -> list[str]:
@@ -452,10 +464,30 @@ class SelfInstructRun:
         if round_ > 0:
             await self._diversity_turn[round_ - 1].wait()
         diverse = await self._diversity(item, survivors)
-        self._kept_by_diversity[round_] = [instruction for _, instruction in diverse]
+        self._kept_by_diversity[round_] = [instruction for _, instruction, _ in diverse]
         self._diversity_turn[round_].set()
-        outcomes = await asyncio.gather(*(self.ctx.item(self._instances(candidate, instruction)) for candidate, instruction in diverse))
-        return [candidate for (candidate, _), kept in zip(diverse, outcomes, strict=True) if kept]
+        # A held candidate waits for its review at the end of the run, before its instances: the
+        # round, and the count towards the target, go on without it.
+        self._held_by_round[round_] = [(candidate, instruction) for candidate, instruction, held in diverse if held]
+        ready = [(candidate, instruction) for candidate, instruction, held in diverse if not held]
+        outcomes = await asyncio.gather(*(self.ctx.item(self._instances(candidate, instruction)) for candidate, instruction in ready))
+        return [candidate for (candidate, _), kept in zip(ready, outcomes, strict=True) if kept]
+
+    async def _held(self, candidate: str) -> bool:
+        """Whether the diversity filter held the candidate for review (its similarity was within the band)."""
+        diversity = await self.ctx.stored(candidate, "diversity")
+        return diversity is not None and diversity.decision is not None and diversity.decision.filter == REVIEW_FILTER
+
+    async def _conclude_held(self, candidate: str, instruction: str) -> bool:
+        """A held candidate after its review: a drop is its final decision; kept, it gets its
+        instances (which may still drop it) and joins the dataset. True when it did."""
+        if not (await self.ctx.review(candidate)).kept:
+            return False
+        if not await self.ctx.item(self._instances(candidate, instruction)):
+            return False
+        if await self.ctx.stored(candidate, "dataset") is None:
+            await self.ctx.record(candidate, "dataset", StageResult(decision=Decision(True, reason="kept on review")))
+        return True
 
     async def _end_open_candidates(self, round_: int, decision: Callable[[str], Awaitable[Decision]]) -> None:
         """Gives every candidate of the round still without a final decision its
@@ -465,7 +497,11 @@ class SelfInstructRun:
             return  # never sampled, or the generation itself errored (that row is the round's)
         for candidate, _, _ in await self._candidates(round_, generated):
             if await self.ctx.stored(candidate, "dataset") is None and not await self._dropped(candidate):
-                await self.ctx.record(candidate, "dataset", StageResult(decision=await decision(candidate)))
+                ending = await decision(candidate)
+                # A held candidate's open review closes with the same drop (a decision made first stands).
+                if await self._held(candidate) and not (await self.ctx.close_review(candidate, ending)).kept:
+                    continue
+                await self.ctx.record(candidate, "dataset", StageResult(decision=ending))
 
     async def _candidates(self, round_: int, generated: StageResult) -> list[tuple[str, str, bool]]:
         """Each instruction the round's sample listed, as a candidate: its first
@@ -546,7 +582,7 @@ class SelfInstructRun:
             {"prompt_instructions": instructions, "text": sample.text, "finish_reason": finish, "model": response.model.model, "seed": seed}
         )
 
-    async def _diversity(self, item: str, survivors: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    async def _diversity(self, item: str, survivors: list[tuple[str, str]]) -> list[tuple[str, str, bool]]:
         """The round's survivors through the dedup service, as one idempotent batch:
         a resumed round sends the whole batch again (same batch id), so the
         namespace holds what an uninterrupted run put there. A refusal is the
@@ -565,7 +601,8 @@ class SelfInstructRun:
             ]
 
         decided = await replay_batched(self.ctx, "diversity", survivors, lambda pair: pair[0], dedup, whole_batch=True, drop_refused=False)
-        return [pair for pair, result in decided if result.decision and result.decision.kept]
+        # (candidate, instruction, held for review) of each one the filter kept.
+        return [(*pair, result.decision.filter == REVIEW_FILTER) for pair, result in decided if result.decision and result.decision.kept]
 
     def _diversity_outcome(self, instruction: str, verdict: dedup_pb2.DedupVerdict) -> StageResult:
         nearest = _readable_id(verdict.nearest_id, self.ctx.job_id)
@@ -576,7 +613,8 @@ class SelfInstructRun:
             score=round(verdict.similarity, 6),
             reason=reason if verdict.kept else f"{reason}: {quote(instruction)}",
         )
-        return StageResult({"nearest": nearest}, decision)
+        # A similarity within the review band of the threshold is held for a person.
+        return self.ctx.held(StageResult({"nearest": nearest}, decision), verdict.similarity - self.params.threshold, self.params.threshold)
 
     async def _instances(self, candidate: str, instruction: str) -> bool:
         classified = await self.ctx.stage(candidate, "classify", lambda: self._classify(candidate, instruction))

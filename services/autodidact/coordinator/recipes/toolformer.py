@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from autodidact.coordinator.recipes.base import (
     ERROR_FILTER,
+    REVIEW_FILTER,
     Decision,
     ItemFailed,
     JobContext,
@@ -39,7 +40,7 @@ from autodidact.coordinator.recipes.base import (
 )
 from autodidact.coordinator.recipes.formats import check_item_count, gsm8k_document, json_lines, read_input
 from autodidact.coordinator.recipes.ids import CallId, DocumentId, PositionId, ToolItemId, toolformer_id
-from autodidact.coordinator.recipes.recipe import Recipe
+from autodidact.coordinator.recipes.recipe import DecidingScore, Recipe
 from autodidact.coordinator.recipes.replay import replay_batched
 from autodidact.coordinator.records import Record
 from autodidact.errors import InvalidArgument
@@ -48,7 +49,7 @@ from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2, scorer_pb2
 from autodidact.validation import check_range
 
 # A candidate call's last stage is "splice"; a document's is "dataset".
-STAGES = ("prefilter", "positions", "sample_call", "execute", "filter", "splice", "dataset")
+STAGES = ("prefilter", "positions", "sample_call", "execute", "filter", "review", "splice", "dataset")
 MAX_DOCUMENTS = 100_000
 MAX_DOCUMENT_CHARS = 16_384
 MAX_CALL_TOKENS = 48
@@ -147,6 +148,14 @@ class Toolformer(Recipe["ToolformerParams"]):
 
     def item_count(self, params: ToolformerParams) -> int:
         return len(params.documents)
+
+    def deciding_scores(self, spec: coordinator_pb2.ToolformerSpec) -> tuple[DecidingScore, ...]:
+        if spec.HasField("filter_threshold"):
+            thresholds = {spec.filter_threshold}
+        else:  # each tool's default τf
+            thresholds = {float(TOOL_DEFAULTS.get(name, DEFAULTS)["filter_threshold"]) for name in spec.tools}
+            thresholds = thresholds or {DEFAULTS["filter_threshold"]}
+        return (DecidingScore("filter", "L⁻ − L⁺: the loss the call's result saves", tuple(sorted(thresholds)), "at or above"),)
 
     def belongs(self, summary: dict[str, Any]) -> Callable[[str], bool]:
         return lambda item_id: item_id.startswith(DocumentId.PREFIX)  # a document and every part of it
@@ -361,8 +370,13 @@ class ToolformerRun:
             for tool in self.params.tools:
                 kept_calls += await self._tool(doc_id.tool(tool.tool), document, tool)
         except ItemFailed as exc:
-            await self._end_in_error(doc_id, exc)
+            await self._end_in_error(doc_id, exc, kept_calls)
             raise  # counted against the job's error budget by ctx.each_item
+        # Calls held for review wait for their decisions (the document's slot is free meanwhile);
+        # one a person or the deadline dropped ends there and competes for no position.
+        held = [call["item"] for call in kept_calls if call["held"]]
+        dropped_on_review = {item for item, decision in zip(held, await self.ctx.reviews(held), strict=True) if not decision.kept}
+        kept_calls = [call for call in kept_calls if call["item"] not in dropped_on_review]
         # One call per position: the one that lowered the loss most.
         best: dict[int, dict[str, Any]] = {}
         for call in kept_calls:
@@ -385,7 +399,7 @@ class ToolformerRun:
             "document_id": document.id,
             "text": augmented,
             "original_text": document.text,
-            "calls": [{k: v for k, v in c.items() if k != "item"} for c in chosen],
+            "calls": [{k: v for k, v in c.items() if k not in ("item", "held")} for c in chosen],
         }
         decision = (
             Decision(True, score=len(chosen), reason=f"{len(chosen)} calls spliced")
@@ -396,10 +410,17 @@ class ToolformerRun:
             await self.ctx.record(item, "dataset", StageResult(data, decision))
         return bool(chosen)
 
-    async def _end_in_error(self, doc_id: DocumentId, exc: ItemFailed) -> None:
-        """A service refused part of this document's work: the document and its
-        (document, tool) items end with filter `error` (their calls already did)."""
+    async def _end_in_error(self, doc_id: DocumentId, exc: ItemFailed, passed: list[dict[str, Any]]) -> None:
+        """A service refused part of this document's work: the document, its (document, tool)
+        items and the calls of earlier tools that passed the filter (`passed`) end with filter
+        `error` (the calls it refused already did). A held call's open review closes with it."""
         error = Decision(False, ERROR_FILTER, reason=str(exc))
+        for call in passed:
+            if await self.ctx.stored(call["item"], "splice") is not None:
+                continue
+            if call["held"] and not (await self.ctx.close_review(call["item"], error)).kept:
+                continue  # the error (or a person's drop) at review is its final decision
+            await self.ctx.record(call["item"], "splice", StageResult(decision=error))
         item = str(doc_id)
         for tool in self.params.tools:
             tool_item = str(doc_id.tool(tool.tool))
@@ -584,7 +605,9 @@ class ToolformerRun:
                 lambda: self.ctx.services.scorer.FilterToolCalls(request, timeout=CALL_TIMEOUT_SECONDS), "scorer (filter)"
             )
             by_id = {decision.id: decision for decision in response.decisions}
-            return [filter_outcome(by_id[c["item"]], tool.filter_threshold, response.model.model) for c in batch]
+            outcomes = [filter_outcome(by_id[c["item"]], tool.filter_threshold, response.model.model) for c in batch]
+            # A call whose L⁻ − L⁺ lies within the review band of τf is held for a person.
+            return [self.ctx.held(outcome, _score(outcome) - tool.filter_threshold, tool.filter_threshold) for outcome in outcomes]
 
         kept = []
         for candidate, verdict in await replay_batched(self.ctx, "filter", executed, lambda c: c["item"], score):
@@ -601,9 +624,15 @@ class ToolformerRun:
                         "gain": verdict.decision.score,
                         "loss_plus": verdict.data["loss_plus"],
                         "loss_minus": verdict.data["loss_minus"],
+                        "held": verdict.decision.filter == REVIEW_FILTER,
                     }
                 )
         return kept
+
+
+def _score(result: StageResult) -> float:
+    assert result.decision is not None and result.decision.score is not None, "a filter decision always carries its gain"
+    return result.decision.score
 
 
 def execution_outcome(candidate: dict[str, Any], result: tool_executor_pb2.ToolResult) -> StageResult:
