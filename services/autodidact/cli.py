@@ -583,7 +583,7 @@ async def _review(args: argparse.Namespace) -> int:
     decisions = []
     if args.submit:
         try:
-            decisions = reviews.read_decisions(args.submit, args.reviewer)
+            decisions = reviews.read_decisions(args.submit, args.reviewer, args.job_id)
         except reviews.ReviewFileError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -8,6 +8,7 @@ plain line per WatchJob event, the format scripts and logs have always read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -121,11 +122,17 @@ class StderrRelay:
     def _relay(self, console: Console) -> None:
         with os.fdopen(self._read, "rb") as pipe:
             for line in pipe:
-                console.print(Text.from_ansi(line.decode(self._encoding, "replace").rstrip("\n")), soft_wrap=True)
+                try:
+                    console.print(Text.from_ansi(line.decode(self._encoding, "replace").rstrip("\n")), soft_wrap=True)
+                except Exception:  # the terminal went away (a dropped SSH session): keep draining, or writers to fd 2 block
+                    with contextlib.suppress(OSError):
+                        os.write(self.terminal.fileno(), line)  # closed only once this thread ended
 
     def stop(self) -> None:
-        sys.stderr.flush()
-        os.dup2(self._saved, self._fd)  # closes the pipe's last writer: the thread reads the rest, then the end
+        try:
+            sys.stderr.flush()
+        finally:
+            os.dup2(self._saved, self._fd)  # closes the pipe's last writer: the thread reads the rest, then the end
         os.close(self._saved)
         if self._thread is not None:
             # A child process that inherited the pipe keeps it open: the thread then ends with the process.

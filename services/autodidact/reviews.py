@@ -8,8 +8,9 @@ a prediction to start from), with the labeling config those tasks expect.
 In: a Label Studio JSON export of those tasks (each task's latest annotation
 that was not cancelled: a "keep" or "drop" choice and an optional note), or
 JSON lines of {"item_id", "kept", "reviewer"?, "note"?}; sent with
-SubmitReviews in batches. Both formats are read whole and checked before
-anything is sent, so a bad file sends nothing.
+SubmitReviews in batches. Both formats are read whole and checked against
+the server's rules (the job's own tasks, each item once, the bounds of a
+note and a reviewer) before anything is sent, so a bad file sends nothing.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ LABEL_CONFIG = """<View>
 SUBMIT_BATCH = 1000
 # Characters of one field's value in a task's text.
 FIELD_CHARS = 4000
+# SubmitReviews' bounds (coordinator/jobs.py), checked here before anything is sent.
+MAX_ITEM_ID_CHARS, MAX_REVIEWER_CHARS, MAX_NOTE_CHARS = 256, 256, 4096
 
 
 class ReviewFileError(ValueError):
@@ -85,9 +88,11 @@ def label_studio_task(item: coordinator_pb2.ReviewItem, job_id: str) -> dict[str
     }
 
 
-def read_decisions(path: Path, reviewer: str) -> list[Decided]:
-    """The decisions in a Label Studio export (a JSON list of tasks) or a JSON-lines file.
-    `reviewer` names whoever decided where the file does not (empty: the caller's identity)."""
+def read_decisions(path: Path, reviewer: str, job_id: str) -> list[Decided]:
+    """The decisions in a Label Studio export (a JSON list of tasks) or a JSON-lines file,
+    checked. `reviewer` names whoever decided where the file does not (empty: the caller's
+    identity); a Label Studio task of another job than `job_id` is refused (item ids repeat
+    across jobs of a recipe)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -97,20 +102,34 @@ def read_decisions(path: Path, reviewer: str) -> list[Decided]:
             tasks = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ReviewFileError(f"{path}: not JSON ({exc})") from None
-        decisions = list(_from_label_studio(tasks, reviewer))
+        decisions = list(_from_label_studio(tasks, reviewer, job_id))
     else:
         decisions = list(_from_json_lines(text, reviewer))
     if not decisions:
         raise ReviewFileError(f"{path}: holds no decision (a Label Studio export with annotations, or JSON lines)")
+    seen: set[str] = set()
+    for decision in decisions:
+        where = f"{path}: item {decision.item_id!r}"
+        if not decision.item_id or len(decision.item_id) > MAX_ITEM_ID_CHARS:
+            raise ReviewFileError(f"{where}: an item id is 1 to {MAX_ITEM_ID_CHARS} characters")
+        if decision.item_id in seen:
+            raise ReviewFileError(f"{where} is decided twice")
+        seen.add(decision.item_id)
+        if len(decision.reviewer) > MAX_REVIEWER_CHARS or not decision.reviewer.isprintable():
+            raise ReviewFileError(f"{where}: the reviewer is at most {MAX_REVIEWER_CHARS} printable characters")
+        if len(decision.note) > MAX_NOTE_CHARS:
+            raise ReviewFileError(f"{where}: the note is at most {MAX_NOTE_CHARS:,} characters, got {len(decision.note):,}")
     return decisions
 
 
-def _from_label_studio(tasks: Any, reviewer: str) -> Iterator[Decided]:
+def _from_label_studio(tasks: Any, reviewer: str, job_id: str) -> Iterator[Decided]:
     if not isinstance(tasks, list):
         raise ReviewFileError("a Label Studio export is a JSON list of tasks")
     for number, task in enumerate(tasks, 1):
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict) or not isinstance(task["data"].get("item_id"), str):
             raise ReviewFileError(f"task {number}: has no data.item_id (export the tasks `autodidact review --export` wrote)")
+        if task["data"].get("job_id", job_id) != job_id:
+            raise ReviewFileError(f"task {number}: is of job {task['data']['job_id']!r}, not {job_id!r}")
         done = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
         if not done:
             continue  # not annotated yet: it stays awaiting review
@@ -156,7 +175,7 @@ async def export_tasks(stub: Any, job_id: str, timeout: float) -> tuple[list[dic
     tasks: list[dict[str, Any]] = []
     token = ""
     while True:
-        page = await stub.ListReviews(coordinator_pb2.ListReviewsRequest(job_id=job_id, page_size=1000, page_token=token), timeout=timeout)
+        page = await stub.ListReviews(coordinator_pb2.ListReviewsRequest(job_id=job_id, page_size=200, page_token=token), timeout=timeout)
         tasks += [label_studio_task(item, job_id) for item in page.items]
         token = page.next_page_token
         if not token:

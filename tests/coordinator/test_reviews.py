@@ -33,6 +33,7 @@ from autodidact.coordinator.recipes.base import (
     ReviewGate,
     Services,
     StageResult,
+    decide_reviews,
 )
 from autodidact.coordinator.recipes.recipe import DecidingScore, Recipe
 from autodidact.coordinator.records import Record
@@ -310,21 +311,27 @@ def test_label_studio_tasks_and_their_exports_round_trip(tmp_path: Path) -> None
     unannotated = {"id": 2, "data": {**task["data"], "item_id": "q00002"}, "annotations": []}
     cancelled = {"id": 3, "data": {**task["data"], "item_id": "q00003"}, "annotations": [{**annotation, "was_cancelled": True}]}
     exported.write_text(json.dumps([{"id": 1, **task, "annotations": [annotation]}, unannotated, cancelled]))
-    assert reviews.read_decisions(exported, "") == [reviews.Decided("q00001", True, "ann@example.com", "fine")]
-    assert reviews.read_decisions(exported, "bob")[0].reviewer == "bob"
+    assert reviews.read_decisions(exported, "", "job") == [reviews.Decided("q00001", True, "ann@example.com", "fine")]
+    assert reviews.read_decisions(exported, "bob", "job")[0].reviewer == "bob"
+    with pytest.raises(reviews.ReviewFileError, match="task 1: is of job 'job', not 'other'"):
+        reviews.read_decisions(exported, "", "other")
 
     lines = tmp_path / "decisions.jsonl"
     lines.write_text('{"item_id": "a", "kept": false, "note": "dup"}\n\n{"item_id": "b", "kept": true, "reviewer": "cy"}\n')
-    assert reviews.read_decisions(lines, "dee") == [reviews.Decided("a", False, "dee", "dup"), reviews.Decided("b", True, "cy", "")]
+    assert reviews.read_decisions(lines, "dee", "job") == [reviews.Decided("a", False, "dee", "dup"), reviews.Decided("b", True, "cy", "")]
     for bad, message in [
         ('{"item_id": "a", "kept": "yes"}\n', "line 1"),
         ("[1, 2]", "task 1"),
         ('[{"data": {"item_id": "a"}, "annotations": [{"result": []}]}]', "neither keep nor drop"),
         ("", "holds no decision"),
+        ('{"item_id": "a", "kept": true}\n{"item_id": "a", "kept": false}\n', "item 'a' is decided twice"),
+        ('{"item_id": "a", "kept": true, "note": "' + "n" * 4097 + '"}\n', "the note is at most 4,096 characters"),
+        ('{"item_id": "a", "kept": true, "reviewer": "a\\tb"}\n', "printable characters"),
+        ('{"item_id": "", "kept": true}\n', "1 to 256 characters"),
     ]:
         lines.write_text(bad)
         with pytest.raises(reviews.ReviewFileError, match=message.replace("(", r"\(")):
-            reviews.read_decisions(lines, "")
+            reviews.read_decisions(lines, "", "job")
 
 
 async def test_a_waiting_item_gives_its_slot_back(tmp_path: Path) -> None:
@@ -347,7 +354,30 @@ async def test_a_waiting_item_gives_its_slot_back(tmp_path: Path) -> None:
     while finished != [1, 2, 3]:
         assert time.monotonic() - started < 5, f"the other items did not go on: {finished}"
         await asyncio.sleep(0.01)
-    await store.put_result("j", "i0", REVIEW_STAGE, StageResult(decision=Decision(True, decided_by="human")).to_json(), kept=True)
+    await decide_reviews(store, "j", {"i0": Decision(True, decided_by="human")})  # as SubmitReviews stores it
     assert await asyncio.wait_for(running, 5) == [True, True, True, True]
     assert finished == [1, 2, 3, 0]
+    await store.close()
+
+
+async def test_a_stopped_run_leaves_no_review_poll_behind(tmp_path: Path) -> None:
+    """A run cancelled while items wait (a cancel, a lost lease) closes its context: nothing
+    it left decides those items later, so a retried run or another replica meets them undecided."""
+    store = SqliteJobStore(tmp_path / "jobs.sqlite")
+    services = Services(None, None, None, None, None)  # type: ignore[arg-type]
+    ctx = JobContext("j", 0, store, services, 2, lambda: None, review=ReviewGate(1.0, 0.3, False))
+
+    async def item(index: int) -> bool:
+        return (await ctx.review(f"i{index}")).kept
+
+    running = asyncio.create_task(ctx.each_item(2, item))
+    while len(ctx._awaiting_review) < 2:
+        await asyncio.sleep(0.01)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    ctx.close()
+    await asyncio.sleep(0.6)  # past the 0.3 s deadline a leftover poll would have decided them
+    assert await store.get_results("j", ["i0", "i1"], REVIEW_STAGE) == {}
+    assert await store.get_values("j", ["review/i0", "review/i1"]) == {}
     await store.close()

@@ -127,6 +127,17 @@ async def test_job_values_are_written_once_until_deleted(tmp_path: Path, open_st
     await store.close()
 
 
+async def test_many_job_values_are_read_at_once(tmp_path: Path, open_store: OpenStore) -> None:
+    store = open_store(tmp_path)
+    for number in range(1200):  # more than one query's worth of keys
+        await store.put_value("job", f"review/i{number:04d}", {"n": number})
+    await store.put_value("other", "review/i0001", {"n": -1})
+    wanted = [f"review/i{number:04d}" for number in (1, 1, 700, 1199, 1200)]
+    assert await store.get_values("job", wanted) == {"review/i0001": {"n": 1}, "review/i0700": {"n": 700}, "review/i1199": {"n": 1199}}
+    assert await store.get_values("job", []) == {} and await store.get_values("nobody", wanted) == {}
+    await store.close()
+
+
 async def test_stage_counts_match_the_results_after_writes_and_deletes(tmp_path: Path, open_store: OpenStore) -> None:
     store = open_store(tmp_path)
     rows: list[tuple[str, str, int | None, str]] = []

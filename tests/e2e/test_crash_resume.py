@@ -136,6 +136,7 @@ def read_dataset(directory: Path) -> Dataset:
     files.pop("report.html", None)
     manifest = json.loads(files.pop("manifest.json").decode())
     del manifest["exported_at"]
+    manifest["files"] = [entry for entry in manifest["files"] if entry["kind"] != "report_html"]
     files["manifest.json"] = manifest
     return files
 

@@ -138,6 +138,8 @@ async def round_trip(coordinator: Service, tmp_path: Path, kill: bool) -> None:
     if kill:
         coordinator.kill()  # the decision was acknowledged: it must survive
         coordinator.start()
+        async with create_channel(coordinator.target, timeout_seconds=60) as channel:
+            await wait_until_serving(channel, timeout=120)
     assert "1 already decided" in cli("--submit", str(first), *target, "--timeout", "120")
     assert f"{len(held) - 1} recorded; 0 items still awaiting review" in cli("--submit", str(rest), *target)
 

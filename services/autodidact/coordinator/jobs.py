@@ -26,6 +26,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -58,6 +59,7 @@ from autodidact.coordinator.recipes.base import (
     ERROR_FILTER,
     MAX_ERROR_MESSAGES,
     PLAN_KEY,
+    REVIEW_DECISION_PREFIX,
     REVIEW_FILTER,
     REVIEW_KEY,
     REVIEW_STAGE,
@@ -67,6 +69,8 @@ from autodidact.coordinator.recipes.base import (
     ReviewGate,
     Services,
     StageResult,
+    decide_reviews,
+    review_key,
 )
 from autodidact.coordinator.recipes.recipe import Recipe
 from autodidact.coordinator.recipes.registry import RECIPES
@@ -115,8 +119,10 @@ MAX_REVIEWS_PER_CALL = 10_000
 MAX_REVIEWER_CHARS = 256
 MAX_NOTE_CHARS = 4096
 MAX_ITEM_ID_CHARS = 256
-# ListReviews reads the job's results from its page token on, this many at a time.
+# ListReviews reads the job's results from its page token on, this many at a time, and shows
+# each field of an item cut to this many characters.
 REVIEW_SCAN_BATCH = 2048
+REVIEW_FIELD_CHARS = 2000
 
 
 class JobChanges:
@@ -594,7 +600,11 @@ class JobManager:
             rows = await self._store.results_since(row.id, cursor, REVIEW_SCAN_BATCH)
             held = [(at, item_id, StageResult.from_json(value)) for at, item_id, stage, value in rows if stage in gated]
             held = [(at, item_id, result) for at, item_id, result in held if result.decision and result.decision.filter == REVIEW_FILTER]
-            decided = await self._store.get_results(row.id, [item_id for _, item_id, _ in held], REVIEW_STAGE)
+            ids = [item_id for _, item_id, _ in held]
+            decided = set(await self._store.get_results(row.id, ids, REVIEW_STAGE))
+            decided |= {
+                key.removeprefix(REVIEW_DECISION_PREFIX) for key in await self._store.get_values(row.id, [review_key(i) for i in ids])
+            }
             found += [(item_id, result, at) for at, item_id, result in held if item_id not in decided]
             if len(rows) < REVIEW_SCAN_BATCH:
                 break
@@ -623,11 +633,12 @@ class JobManager:
         return response
 
     async def _item_data(self, key: str, stages: tuple[str, ...], item_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Each item's fields so far, merged over its stages as a record's are (one read per stage)."""
+        """Each item's fields so far, merged over its stages as a record's are (one read per stage),
+        each cut to REVIEW_FIELD_CHARS: a page of a thousand items stays well within a message."""
         data: dict[str, dict[str, Any]] = {item_id: {} for item_id in item_ids}
         for stage in stages:
             for item_id, value in (await self._store.get_results(key, item_ids, stage)).items():
-                data[item_id].update({k: v for k, v in value["data"].items() if k not in ("raw", "review_hold")})
+                data[item_id].update({k: _cut(v) for k, v in value["data"].items() if k not in ("raw", "review_hold")})
         return data
 
     async def submit_reviews(self, job_id: str, reviews: list[coordinator_pb2.ItemReview]) -> coordinator_pb2.SubmitReviewsResponse:
@@ -635,7 +646,6 @@ class JobManager:
         holds it) finds it; the first decision about an item stands."""
         if not 1 <= len(reviews) <= MAX_REVIEWS_PER_CALL:
             raise InvalidArgument("reviews", f"must hold 1 to {MAX_REVIEWS_PER_CALL:,} decisions, got {len(reviews):,}")
-        subject = current_principal().subject
         seen: set[str] = set()
         for i, review in enumerate(reviews):
             if not review.item_id or len(review.item_id) > MAX_ITEM_ID_CHARS:
@@ -643,8 +653,8 @@ class JobManager:
             if review.item_id in seen:
                 raise InvalidArgument(f"reviews[{i}].item_id", f"{review.item_id!r} is decided twice in this call")
             seen.add(review.item_id)
-            if len(review.reviewer) > MAX_REVIEWER_CHARS or any(ch < " " for ch in review.reviewer):
-                raise InvalidArgument(f"reviews[{i}].reviewer", f"must be at most {MAX_REVIEWER_CHARS} characters, no control characters")
+            if len(review.reviewer) > MAX_REVIEWER_CHARS or not review.reviewer.isprintable():
+                raise InvalidArgument(f"reviews[{i}].reviewer", f"must be at most {MAX_REVIEWER_CHARS} printable characters")
             if len(review.note) > MAX_NOTE_CHARS:
                 raise InvalidArgument(f"reviews[{i}].note", f"must be at most {MAX_NOTE_CHARS:,} characters, got {len(review.note):,}")
         row = await self._row(job_id)
@@ -653,40 +663,50 @@ class JobManager:
         if review_gate(spec) is None:
             raise FailedPrecondition(f"job {job_id!r} has no review gate (spec.review.band); nothing of it awaits review")
         key = row.id
+        awaiting_before = (await self._job_message(row)).awaiting_review
         ids = [review.item_id for review in reviews]
         held: dict[str, dict[str, Any]] = {}
         for score in recipe.deciding_scores(getattr(spec, recipe.name)):
             held.update(await self._store.get_results(key, ids, score.stage))
-        decided = await self._store.get_results(key, ids, REVIEW_STAGE)
+        earlier = await self._store.get_values(key, [review_key(item_id) for item_id in ids])
+        # Decisions are write-once job values, never the job's results: those only the replica
+        # holding the job writes (it copies each decision into the item's lineage when it sees it).
+        subject = current_principal().subject  # who decided, where the call does not say
+        proposed: dict[str, Decision] = {}
+        for review in reviews:
+            hold = held.get(review.item_id)
+            if hold is None or (hold.get("decision") or {}).get("filter") != REVIEW_FILTER or review_key(review.item_id) in earlier:
+                continue
+            reviewer = review.reviewer or subject
+            proposed[review.item_id] = Decision(
+                review.kept,
+                "" if review.kept else "human_review",
+                reason=f"{'kept' if review.kept else 'dropped'} by {reviewer}" + (f": {review.note}" if review.note else ""),
+                decided_by="human",
+                reviewer=reviewer,
+                note=review.note,
+            )
+        stood = await decide_reviews(self._store, key, proposed)
         response = coordinator_pb2.SubmitReviewsResponse()
+        recorded = 0
         for review in reviews:
             result = response.results.add(item_id=review.item_id)
-            hold = held.get(review.item_id)
-            if hold is None or (hold.get("decision") or {}).get("filter") != REVIEW_FILTER:
+            if review.item_id in stood:
+                decision, ours = stood[review.item_id]
+            elif review_key(review.item_id) in earlier:
+                decision, ours = Decision(**earlier[review_key(review.item_id)]["decision"]), False
+            else:
                 result.outcome = coordinator_pb2.REVIEW_OUTCOME_NOT_AWAITING
                 continue
-            stored = decided.get(review.item_id)
-            if stored is None:
-                reviewer = review.reviewer or subject
-                note = review.note
-                decision = Decision(
-                    review.kept,
-                    "" if review.kept else "human_review",
-                    reason=f"{'kept' if review.kept else 'dropped'} by {reviewer}" + (f": {note}" if note else ""),
-                    decided_by="human",
-                    reviewer=reviewer,
-                    note=note,
-                )
-                value = StageResult(decision=decision).to_json()
-                if await self._store.put_result(key, review.item_id, REVIEW_STAGE, value, kept=review.kept, filter_=decision.filter):
-                    result.outcome = coordinator_pb2.REVIEW_OUTCOME_RECORDED
-                    continue
-                stored = await self._store.get_result(key, review.item_id, REVIEW_STAGE)  # decided meanwhile: that one stands
-            assert stored is not None
-            result.outcome = coordinator_pb2.REVIEW_OUTCOME_ALREADY_DECIDED
-            result.kept = bool(stored["decision"]["kept"])
+            if ours:
+                result.outcome = coordinator_pb2.REVIEW_OUTCOME_RECORDED
+                recorded += 1
+            else:
+                result.outcome = coordinator_pb2.REVIEW_OUTCOME_ALREADY_DECIDED
+                result.kept = decision.kept
         self._changes.notify(key)
-        response.awaiting_review = (await self._job_message(row)).awaiting_review
+        # Counted before this call's decisions were written, so none of them was copied yet.
+        response.awaiting_review = max(0, awaiting_before - recorded)
         return response
 
     # --- internals ---
@@ -808,7 +828,8 @@ class JobManager:
                 )
                 try:
                     summary = await recipe_of(spec).run(ctx, params)
-                finally:  # what this run spent, however it ended (a cancel included)
+                finally:  # what this run spent, however it ended (a cancel included); no review poll outlives it
+                    ctx.close()
                     with contextlib.suppress(Exception):
                         await asyncio.shield(ctx.flush_usage())
                 ctx.check_error_budget()  # each_item checked its own; this covers items run through ctx.item
@@ -841,6 +862,16 @@ class JobManager:
         log.warning("job failed", error=message)
         await self._store.set_state(key, FAILED, message)
         self._changes.notify(key)
+
+
+def _cut(value: Any) -> Any:
+    """A field as ListReviews shows it: a long text, list or mapping cut to REVIEW_FIELD_CHARS characters (as JSON text)."""
+    if isinstance(value, str):
+        return value if len(value) <= REVIEW_FIELD_CHARS else value[: REVIEW_FIELD_CHARS - 1] + "…"
+    if isinstance(value, list | dict):
+        text = json.dumps(value, ensure_ascii=False)
+        return value if len(text) <= REVIEW_FIELD_CHARS else text[: REVIEW_FIELD_CHARS - 1] + "…"
+    return value
 
 
 def _install(staging: Path, inputs_dir: Path, digest: str) -> None:

@@ -449,6 +449,21 @@ class PostgresJobStore:
     async def get_value(self, job_id: str, key: str) -> dict[str, Any] | None:
         return await self._read(_value("SELECT value FROM job_values WHERE job_id = %s AND key = %s", (job_id, key)))
 
+    async def get_values(self, job_id: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """{key: value} of the keys that have a value, in one read."""
+        wanted = list(dict.fromkeys(keys))
+
+        async def read(db: Connection) -> dict[str, dict[str, Any]]:
+            found: dict[str, dict[str, Any]] = {}
+            for start in range(0, len(wanted), IDS_PER_QUERY):
+                rows = await db.execute(
+                    "SELECT key, value FROM job_values WHERE job_id = %s AND key = ANY(%s)", (job_id, wanted[start : start + IDS_PER_QUERY])
+                )
+                found.update([(key, decode_value(value)) async for key, value in rows])
+            return found
+
+        return await self._read(read) if wanted else {}
+
     async def put_value(self, job_id: str, key: str, value: dict[str, Any]) -> None:
         async def insert(db: Connection) -> None:
             await db.execute(

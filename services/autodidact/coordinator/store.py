@@ -171,6 +171,7 @@ class JobStore(Protocol):
     async def results_since(self, job_id: str, after: int, limit: int) -> list[tuple[int, str, str, dict[str, Any]]]: ...
     async def stage_counts(self, job_id: str) -> list[StageCounts]: ...
     async def get_value(self, job_id: str, key: str) -> dict[str, Any] | None: ...
+    async def get_values(self, job_id: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]: ...
     async def put_value(self, job_id: str, key: str, value: dict[str, Any]) -> None: ...
     async def delete_value(self, job_id: str, key: str) -> None: ...
     async def close(self) -> None: ...
@@ -646,6 +647,22 @@ class SqliteJobStore:
 
     async def get_value(self, job_id: str, key: str) -> dict[str, Any] | None:
         return await self._read(_value("SELECT value FROM job_values WHERE job_id = ? AND key = ?", (job_id, key)))
+
+    async def get_values(self, job_id: str, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """{key: value} of the keys that have a value, in one read."""
+        wanted = list(dict.fromkeys(keys))
+
+        def read(db: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+            found: dict[str, dict[str, Any]] = {}
+            for start in range(0, len(wanted), IDS_PER_QUERY):
+                chunk = wanted[start : start + IDS_PER_QUERY]
+                rows = db.execute(
+                    f"SELECT key, value FROM job_values WHERE job_id = ? AND key IN ({','.join('?' * len(chunk))})", (job_id, *chunk)
+                )
+                found.update((key, decode_value(value)) for key, value in rows)
+            return found
+
+        return await self._read(read) if wanted else {}
 
     async def put_value(self, job_id: str, key: str, value: dict[str, Any]) -> None:
         await self._write(

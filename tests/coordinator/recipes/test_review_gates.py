@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from autodidact.coordinator.recipes.base import REVIEW_FILTER, REVIEW_STAGE, Decision, JobContext, ReviewGate, StageResult
+from autodidact.coordinator.recipes.base import REVIEW_FILTER, REVIEW_STAGE, Decision, JobContext, ReviewGate, StageResult, decide_reviews
 from autodidact.coordinator.recipes.constitutional import Constitutional, ConstitutionalParams
 from autodidact.coordinator.recipes.ids import DocumentId
 from autodidact.coordinator.recipes.recipe import Recipe
@@ -64,7 +64,7 @@ async def held_at(store: JobStore, stage: str) -> set[str]:
 class Person:
     """Plays the reviewer: waits until every item it decides is held at `stage` and its job
     is waiting for the review (so the wait itself is exercised, not only a stored decision
-    found at once), then stores its decisions at REVIEW_STAGE, as SubmitReviews does."""
+    found at once), then stores its decisions as SubmitReviews does (decide_reviews)."""
 
     stage: str
     decisions: dict[str, bool]
@@ -81,9 +81,8 @@ class Person:
             assert time.monotonic() < give_up, f"never held and waiting: {sorted(wanted - (held & waiting))}; held {sorted(held)}"
             await asyncio.sleep(0.01)
         self.held_when_deciding = held
-        for item_id, kept in self.decisions.items():
-            value = StageResult(decision=human(kept)).to_json()
-            assert await store.put_result(JOB, item_id, REVIEW_STAGE, value, kept=kept, filter_="" if kept else "human_review")
+        decided = await decide_reviews(store, JOB, {item_id: human(kept) for item_id, kept in self.decisions.items()})
+        assert all(ours for _, ours in decided.values())
 
 
 def run_reviewed(

@@ -18,11 +18,16 @@ A review gate (JobSpec.review) puts people on the items the filters were
 unsure about. A stage whose deciding score lies within the band of its
 threshold records a kept decision naming REVIEW_FILTER (`held`), so the item
 goes on through the recipe; before its final decision the recipe asks
-`review`, which waits for the decision stored at REVIEW_STAGE: a person's
-(SubmitReviews) or, at the job's review deadline, its policy's. A waiting
-item gives its each_item slot back, so the rest of the job goes on. The
-decision is in the store before anyone is told, so a crash loses none: the
-resumed job replays to the same `review` and finds it there.
+`review`, which waits for the item's decision: a person's (SubmitReviews)
+or, at the job's review deadline, its policy's. A waiting item gives its
+each_item slot back, so the rest of the job goes on.
+
+Whoever decides writes a write-once job value (`decide_review`), on any
+replica; the first decision stands. Only the job's holder copies it into the
+item's results (REVIEW_STAGE): a job's results have one writer, which keeps
+their cursors in commit order (postgres_store.py). The decision is in the
+store before anyone is told, so a crash loses none: the resumed job replays
+to the same `review` and finds it there.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ import asyncio
 import contextlib
 import contextvars
 import hashlib
+import math
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -78,6 +85,8 @@ OVERLOAD_RETRY_SECONDS = 0.05
 REVIEW_FILTER = "review"
 REVIEW_STAGE = "review"
 REVIEW_KEY = "review"
+# Each item's decision, as whoever made it wrote it: the job value "review/<item id>".
+REVIEW_DECISION_PREFIX = "review/"
 # How often a job waiting for reviews reads the store for decisions (made on any replica).
 REVIEW_POLL_SECONDS = 1.0
 # The job-level value of what the job's runs spent (tokens, seconds), rewritten at most this often.
@@ -145,6 +154,24 @@ class ReviewGate:
         if self.keep_at_deadline:
             return Decision(True, reason=f"{unreviewed} keeps it", decided_by="deadline")
         return Decision(False, "review_deadline", reason=f"{unreviewed} drops it", decided_by="deadline")
+
+
+def review_key(item_id: str) -> str:
+    return REVIEW_DECISION_PREFIX + item_id
+
+
+async def decide_reviews(store: JobStore, key: str, decisions: dict[str, Decision]) -> dict[str, tuple[Decision, bool]]:
+    """Stores each item's decision unless one was made first; {item: (the decision that
+    stands, True when it is the one given here)}. Write-once values: a person on one replica
+    and the deadline on another cannot both win. A token tells ours from an equal one."""
+    tokens = {item_id: uuid.uuid4().hex for item_id in decisions}
+    for item_id, decision in decisions.items():
+        await store.put_value(key, review_key(item_id), {"decision": dict(vars(decision)), "token": tokens[item_id]})
+    stood = await store.get_values(key, [review_key(item_id) for item_id in decisions])
+    return {
+        item_id: (Decision(**stood[review_key(item_id)]["decision"]), stood[review_key(item_id)]["token"] == tokens[item_id])
+        for item_id in decisions
+    }
 
 
 @dataclass(frozen=True)
@@ -379,7 +406,7 @@ class JobContext:
         filter's own verdict in its reason and under data["review_hold"] (ListReviews shows it)."""
         decision = result.decision
         gate = self.review_gate
-        if gate is None or decision is None or decision.filter == ERROR_FILTER or abs(distance) > gate.band:
+        if gate is None or decision is None or decision.filter == ERROR_FILTER or not math.isfinite(distance) or abs(distance) > gate.band:
             return result
         verdict = "keep it" if decision.kept else f"drop it ({decision.filter})"
         reason = f"held for review (within {gate.band:g} of {threshold:g}); alone, the filter would {verdict}: {decision.reason}"
@@ -394,10 +421,10 @@ class JobContext:
     async def reviews(self, item_ids: Sequence[str]) -> list[Decision]:
         """`review` of several items of one dataset item (a document's calls), in order:
         its each_item slot is given back once for all of them."""
-        stored = await self.stored_many(item_ids, REVIEW_STAGE)
+        decided = await self._decided(item_ids)
         waiting: dict[str, asyncio.Future[Decision]] = {}
         for item_id in item_ids:
-            if item_id not in stored and item_id not in waiting:
+            if item_id not in decided and item_id not in waiting:
                 future = self._awaiting_review.get(item_id)
                 if future is None:
                     future = self._awaiting_review[item_id] = asyncio.get_running_loop().create_future()
@@ -410,16 +437,36 @@ class JobContext:
                 slots.release()
             try:
                 await asyncio.gather(*(asyncio.shield(future) for future in waiting.values()))
+            except asyncio.CancelledError:
+                for item_id, future in waiting.items():  # nobody waits for them any more: the poller lets them go
+                    if not future.done() and self._awaiting_review.get(item_id) is future:
+                        del self._awaiting_review[item_id]
+                raise
             finally:
                 if slots is not None:
                     await slots.acquire()
-        decided = {item_id: result.decision for item_id, result in stored.items() if result.decision is not None}
-        decided |= {item_id: future.result() for item_id, future in waiting.items()}
+            decided |= {item_id: future.result() for item_id, future in waiting.items()}
         return [decided[item_id] for item_id in item_ids]
+
+    async def _decided(self, item_ids: Sequence[str]) -> dict[str, Decision]:
+        """The items already decided: in their results, or as a decision value not yet copied there."""
+        decided = {item_id: r.decision for item_id, r in (await self.stored_many(item_ids, REVIEW_STAGE)).items() if r.decision}
+        rest = [item_id for item_id in item_ids if item_id not in decided]
+        for item_id, value in (await self.store.get_values(self.key, [review_key(item_id) for item_id in rest])).items():
+            decided[item_id.removeprefix(REVIEW_DECISION_PREFIX)] = await self._copy_review(
+                item_id.removeprefix(REVIEW_DECISION_PREFIX), value
+            )
+        return decided
+
+    async def _copy_review(self, item_id: str, value: dict[str, Any]) -> Decision:
+        """Copies a decision value into the item's results (its lineage); the holder alone does."""
+        decision = Decision(**value["decision"])
+        await self.record(item_id, REVIEW_STAGE, StageResult(decision=decision))
+        return decision
 
     async def _poll_reviews(self) -> None:
         """Hands each waiting item its decision once one is stored (by any replica), and at
-        the deadline stores the policy's for the rest. One read per poll for all of them."""
+        the deadline decides the rest by the job's policy. One read per poll for all of them."""
         assert self.review_gate is not None, "only a job with a review gate holds items"
 
         async def opened() -> dict[str, Any]:
@@ -428,15 +475,14 @@ class JobContext:
         try:
             deadline = (await self.job_value(REVIEW_KEY, opened))["opened_at"] + self.review_gate.deadline_seconds
             while self._awaiting_review:
-                for item_id, result in (await self.stored_many(list(self._awaiting_review), REVIEW_STAGE)).items():
-                    if result.decision is not None:
-                        self._hand_review(item_id, result.decision)
+                keys = [review_key(item_id) for item_id in self._awaiting_review]
+                for key, value in (await self.store.get_values(self.key, keys)).items():
+                    item_id = key.removeprefix(REVIEW_DECISION_PREFIX)
+                    self._hand_review(item_id, await self._copy_review(item_id, value))
                 if self._awaiting_review and time.time() >= deadline:
-                    for item_id in list(self._awaiting_review):
-                        decision = self.review_gate.at_deadline()
-                        if not await self.record(item_id, REVIEW_STAGE, StageResult(decision=decision)):
-                            stored = await self.stored(item_id, REVIEW_STAGE)  # a person decided first: theirs stands
-                            decision = stored.decision if stored is not None and stored.decision is not None else decision
+                    unreviewed = dict.fromkeys(self._awaiting_review, self.review_gate.at_deadline())
+                    for item_id, (decision, _) in (await decide_reviews(self.store, self.key, unreviewed)).items():
+                        await self.record(item_id, REVIEW_STAGE, StageResult(decision=decision))
                         self._hand_review(item_id, decision)
                 await asyncio.sleep(min(REVIEW_POLL_SECONDS, max(0.01, deadline - time.time())))
         except Exception as exc:  # the store gone: every waiting item's work fails with it
@@ -452,12 +498,16 @@ class JobContext:
             future.set_result(decision)
 
     async def close_review(self, item_id: str, decision: Decision) -> Decision:
-        """Ends the review of a held item the job no longer needs (past its target): stores
-        `decision` at REVIEW_STAGE unless someone decided first; returns the one that stands."""
-        if await self.record(item_id, REVIEW_STAGE, StageResult(decision=decision)):
-            return decision
-        stored = await self.stored(item_id, REVIEW_STAGE)
-        return stored.decision if stored is not None and stored.decision is not None else decision
+        """Ends the review of a held item the job no longer needs (past its target, errored):
+        `decision` decides it unless someone decided first; returns the one that stands."""
+        (stood, _) = (await decide_reviews(self.store, self.key, {item_id: decision}))[item_id]
+        await self.record(item_id, REVIEW_STAGE, StageResult(decision=stood))
+        return stood
+
+    def close(self) -> None:
+        """Stops the review poll: the run is over (finished, failed, cancelled, or its lease lost)."""
+        if self._review_poller is not None:
+            self._review_poller.cancel()
 
     def usage(self) -> dict[str, Any]:
         """What the job's runs spent, this one's so far included (the USAGE_KEY value)."""
