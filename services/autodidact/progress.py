@@ -96,11 +96,11 @@ class StderrRelay:
 
     rich moves the cursor up over its last frame to draw the next one, so a
     line written to the terminal behind its back is overwritten or leaves a
-    torn frame. Services running in this process log to stderr through
-    structlog, which holds the stream it was configured with (rich's own
-    redirection of sys.stderr never sees it), and C libraries (llama.cpp,
-    gRPC core) write to the descriptor itself: so the descriptor goes to a
-    pipe, and a thread prints each line through the bars' console.
+    torn frame. C libraries in this process (llama.cpp, gRPC core) and the
+    sandbox's child processes write to the descriptor itself, where rich's own
+    redirection of sys.stderr cannot see them: so the descriptor goes to a
+    pipe, and a thread prints each line through the bars' console (the
+    services' structlog lines, written to sys.stderr, arrive the same way).
     """
 
     def __init__(self, fd: int = 2, encoding: str = "utf-8") -> None:

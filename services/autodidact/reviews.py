@@ -24,6 +24,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from autodidact.v1 import coordinator_pb2
+from autodidact.validation import MAX_REVIEW_ITEM_ID_CHARS, MAX_REVIEW_NOTE_CHARS, MAX_REVIEWER_CHARS
 
 # What the tasks' labeling config names: a choice and a note about the item's text.
 LABEL_CONFIG = """<View>
@@ -40,8 +41,6 @@ LABEL_CONFIG = """<View>
 SUBMIT_BATCH = 1000
 # Characters of one field's value in a task's text.
 FIELD_CHARS = 4000
-# SubmitReviews' bounds (coordinator/jobs.py), checked here before anything is sent.
-MAX_ITEM_ID_CHARS, MAX_REVIEWER_CHARS, MAX_NOTE_CHARS = 256, 256, 4096
 
 
 class ReviewFileError(ValueError):
@@ -110,15 +109,15 @@ def read_decisions(path: Path, reviewer: str, job_id: str) -> list[Decided]:
     seen: set[str] = set()
     for decision in decisions:
         where = f"{path}: item {decision.item_id!r}"
-        if not decision.item_id or len(decision.item_id) > MAX_ITEM_ID_CHARS:
-            raise ReviewFileError(f"{where}: an item id is 1 to {MAX_ITEM_ID_CHARS} characters")
+        if not decision.item_id or len(decision.item_id) > MAX_REVIEW_ITEM_ID_CHARS:
+            raise ReviewFileError(f"{where}: an item id is 1 to {MAX_REVIEW_ITEM_ID_CHARS} characters")
         if decision.item_id in seen:
             raise ReviewFileError(f"{where} is decided twice")
         seen.add(decision.item_id)
         if len(decision.reviewer) > MAX_REVIEWER_CHARS or not decision.reviewer.isprintable():
             raise ReviewFileError(f"{where}: the reviewer is at most {MAX_REVIEWER_CHARS} printable characters")
-        if len(decision.note) > MAX_NOTE_CHARS:
-            raise ReviewFileError(f"{where}: the note is at most {MAX_NOTE_CHARS:,} characters, got {len(decision.note):,}")
+        if len(decision.note) > MAX_REVIEW_NOTE_CHARS:
+            raise ReviewFileError(f"{where}: the note is at most {MAX_REVIEW_NOTE_CHARS:,} characters, got {len(decision.note):,}")
     return decisions
 
 

@@ -22,6 +22,12 @@ ID_PATTERN = re.compile(r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 ID_RULE = "must be 1 to 128 characters of A-Z a-z 0-9 _ . -, starting with a letter or digit, without '..'"
 
 
+# SubmitReviews' bounds on one decision, which `autodidact review` checks a file against before sending.
+MAX_REVIEW_ITEM_ID_CHARS = 256
+MAX_REVIEWER_CHARS = 256
+MAX_REVIEW_NOTE_CHARS = 4096
+
+
 def shorten(text: str, limit: int = QUOTE_CHARS) -> str:
     """`text` cut to `limit` characters, saying how long it was when cut."""
     if len(text) <= limit:

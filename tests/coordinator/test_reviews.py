@@ -41,6 +41,7 @@ from autodidact.coordinator.storage import TenantStorage
 from autodidact.coordinator.store import SqliteJobStore
 from autodidact.errors import FailedPrecondition, InvalidArgument
 from autodidact.v1 import coordinator_pb2
+from autodidact.validation import MAX_REVIEW_NOTE_CHARS
 from tests.coordinator.test_jobs import DoubleGenerator, dataset
 from tests.lineage import assert_lineage_agrees, read_jsonl
 
@@ -242,7 +243,7 @@ async def test_bad_reviews_are_refused_naming_the_field(tmp_path: Path) -> None:
         ([review("i04", True), review("i04", False)], "reviews[1].item_id"),
         ([review("", True)], "reviews[0].item_id"),
         ([review("i04", True, reviewer="a\nb")], "reviews[0].reviewer"),
-        ([review("i04", True, note="n" * (jobs.MAX_NOTE_CHARS + 1))], "reviews[0].note"),
+        ([review("i04", True, note="n" * (MAX_REVIEW_NOTE_CHARS + 1))], "reviews[0].note"),
     ]
     for sent, field in cases:
         with pytest.raises(InvalidArgument) as refused:

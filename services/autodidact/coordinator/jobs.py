@@ -83,7 +83,13 @@ from autodidact.runtime import tracing
 from autodidact.runtime.neighbours import rpc_error_text
 from autodidact.runtime.principal import SUBMITTER, Principal, acting_as, current_principal
 from autodidact.v1 import common_pb2, coordinator_pb2, generator_pb2
-from autodidact.validation import check_id, check_range
+from autodidact.validation import (
+    MAX_REVIEW_ITEM_ID_CHARS,
+    MAX_REVIEW_NOTE_CHARS,
+    MAX_REVIEWER_CHARS,
+    check_id,
+    check_range,
+)
 
 log = structlog.get_logger("autodidact.jobs")
 
@@ -114,11 +120,8 @@ CLAIM_BATCH = 16
 # JobSpec.review.deadline_seconds: the default (a day) and the most (30 days).
 DEFAULT_REVIEW_DEADLINE_SECONDS = 86_400
 MAX_REVIEW_DEADLINE_SECONDS = 2_592_000
-# SubmitReviews: decisions per call, and the bounds of a reviewer's name, a note and an item id.
+# SubmitReviews: decisions per call (the bounds of one decision are in validation.py).
 MAX_REVIEWS_PER_CALL = 10_000
-MAX_REVIEWER_CHARS = 256
-MAX_NOTE_CHARS = 4096
-MAX_ITEM_ID_CHARS = 256
 # ListReviews reads the job's results from its page token on, this many at a time, and shows
 # each field of an item cut to this many characters.
 REVIEW_SCAN_BATCH = 2048
@@ -642,21 +645,26 @@ class JobManager:
         return data
 
     async def submit_reviews(self, job_id: str, reviews: list[coordinator_pb2.ItemReview]) -> coordinator_pb2.SubmitReviewsResponse:
-        """Stores each person's decision at REVIEW_STAGE, where the job (on whichever replica
-        holds it) finds it; the first decision about an item stands."""
+        """Stores each person's decision as the item's decision value (decide_reviews), where the
+        job, on whichever replica holds it, finds it and copies it into the item's lineage; the
+        first decision about an item stands."""
         if not 1 <= len(reviews) <= MAX_REVIEWS_PER_CALL:
             raise InvalidArgument("reviews", f"must hold 1 to {MAX_REVIEWS_PER_CALL:,} decisions, got {len(reviews):,}")
         seen: set[str] = set()
         for i, review in enumerate(reviews):
-            if not review.item_id or len(review.item_id) > MAX_ITEM_ID_CHARS:
-                raise InvalidArgument(f"reviews[{i}].item_id", f"must be 1 to {MAX_ITEM_ID_CHARS} characters, an id ListReviews gave")
+            if not review.item_id or len(review.item_id) > MAX_REVIEW_ITEM_ID_CHARS:
+                raise InvalidArgument(
+                    f"reviews[{i}].item_id", f"must be 1 to {MAX_REVIEW_ITEM_ID_CHARS} characters, an id ListReviews gave"
+                )
             if review.item_id in seen:
                 raise InvalidArgument(f"reviews[{i}].item_id", f"{review.item_id!r} is decided twice in this call")
             seen.add(review.item_id)
             if len(review.reviewer) > MAX_REVIEWER_CHARS or not review.reviewer.isprintable():
                 raise InvalidArgument(f"reviews[{i}].reviewer", f"must be at most {MAX_REVIEWER_CHARS} printable characters")
-            if len(review.note) > MAX_NOTE_CHARS:
-                raise InvalidArgument(f"reviews[{i}].note", f"must be at most {MAX_NOTE_CHARS:,} characters, got {len(review.note):,}")
+            if len(review.note) > MAX_REVIEW_NOTE_CHARS:
+                raise InvalidArgument(
+                    f"reviews[{i}].note", f"must be at most {MAX_REVIEW_NOTE_CHARS:,} characters, got {len(review.note):,}"
+                )
         row = await self._row(job_id)
         spec = coordinator_pb2.JobSpec.FromString(row.spec)
         recipe = recipe_of(spec)

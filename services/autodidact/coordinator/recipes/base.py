@@ -451,18 +451,25 @@ class JobContext:
     async def _decided(self, item_ids: Sequence[str]) -> dict[str, Decision]:
         """The items already decided: in their results, or as a decision value not yet copied there."""
         decided = {item_id: r.decision for item_id, r in (await self.stored_many(item_ids, REVIEW_STAGE)).items() if r.decision}
-        rest = [item_id for item_id in item_ids if item_id not in decided]
-        for item_id, value in (await self.store.get_values(self.key, [review_key(item_id) for item_id in rest])).items():
-            decided[item_id.removeprefix(REVIEW_DECISION_PREFIX)] = await self._copy_review(
-                item_id.removeprefix(REVIEW_DECISION_PREFIX), value
-            )
-        return decided
+        return decided | await self._copy_decisions([item_id for item_id in item_ids if item_id not in decided])
 
-    async def _copy_review(self, item_id: str, value: dict[str, Any]) -> Decision:
-        """Copies a decision value into the item's results (its lineage); the holder alone does."""
-        decision = Decision(**value["decision"])
-        await self.record(item_id, REVIEW_STAGE, StageResult(decision=decision))
-        return decision
+    async def _copy_decisions(self, item_ids: Sequence[str]) -> dict[str, Decision]:
+        """The decision values of those of `item_ids` someone decided, each copied into the item's
+        results (its lineage): the holder alone writes them there. One read for all of them."""
+        copied = {}
+        for key, value in (await self.store.get_values(self.key, [review_key(item_id) for item_id in item_ids])).items():
+            item_id = key.removeprefix(REVIEW_DECISION_PREFIX)
+            copied[item_id] = Decision(**value["decision"])
+            await self.record(item_id, REVIEW_STAGE, StageResult(decision=copied[item_id]))
+        return copied
+
+    async def _settle(self, decisions: dict[str, Decision]) -> dict[str, Decision]:
+        """Decides each item by `decisions` unless someone decided it first, and copies the
+        decision that stands into the item's results; {item: the decision that stands}."""
+        stood = {item_id: decision for item_id, (decision, _) in (await decide_reviews(self.store, self.key, decisions)).items()}
+        for item_id, decision in stood.items():
+            await self.record(item_id, REVIEW_STAGE, StageResult(decision=decision))
+        return stood
 
     async def _poll_reviews(self) -> None:
         """Hands each waiting item its decision once one is stored (by any replica), and at
@@ -475,14 +482,11 @@ class JobContext:
         try:
             deadline = (await self.job_value(REVIEW_KEY, opened))["opened_at"] + self.review_gate.deadline_seconds
             while self._awaiting_review:
-                keys = [review_key(item_id) for item_id in self._awaiting_review]
-                for key, value in (await self.store.get_values(self.key, keys)).items():
-                    item_id = key.removeprefix(REVIEW_DECISION_PREFIX)
-                    self._hand_review(item_id, await self._copy_review(item_id, value))
+                for item_id, decision in (await self._copy_decisions(list(self._awaiting_review))).items():
+                    self._hand_review(item_id, decision)
                 if self._awaiting_review and time.time() >= deadline:
                     unreviewed = dict.fromkeys(self._awaiting_review, self.review_gate.at_deadline())
-                    for item_id, (decision, _) in (await decide_reviews(self.store, self.key, unreviewed)).items():
-                        await self.record(item_id, REVIEW_STAGE, StageResult(decision=decision))
+                    for item_id, decision in (await self._settle(unreviewed)).items():
                         self._hand_review(item_id, decision)
                 await asyncio.sleep(min(REVIEW_POLL_SECONDS, max(0.01, deadline - time.time())))
         except Exception as exc:  # the store gone: every waiting item's work fails with it
@@ -500,9 +504,7 @@ class JobContext:
     async def close_review(self, item_id: str, decision: Decision) -> Decision:
         """Ends the review of a held item the job no longer needs (past its target, errored):
         `decision` decides it unless someone decided first; returns the one that stands."""
-        (stood, _) = (await decide_reviews(self.store, self.key, {item_id: decision}))[item_id]
-        await self.record(item_id, REVIEW_STAGE, StageResult(decision=stood))
-        return stood
+        return (await self._settle({item_id: decision}))[item_id]
 
     def close(self) -> None:
         """Stops the review poll: the run is over (finished, failed, cancelled, or its lease lost)."""
